@@ -1,0 +1,44 @@
+"""`python -m embedded_triton --repository model_repository`: serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedded_triton", description="Run the embedded tritonserver.")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for readiness")
+    args = p.parse_args(argv)
+    if not args.repository.is_dir():
+        print(f"error: no model repository at {args.repository}", file=sys.stderr)
+        return 2
+    server = TritonServer(args.repository, ports=TritonPorts(args.http_port, args.grpc_port, args.metrics_port))
+    try:
+        server.start(args.timeout_s)
+    except TritonNotReady as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if server.process is None or server.process.poll() is not None:
+            print("error: tritonserver exited", file=sys.stderr)
+            return 1
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The embedded Triton process; see the package docstring."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+
+class TritonNotReady(RuntimeError):
+    """tritonserver exited or did not become ready in time; the message carries its log tail."""
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        """Three ports the OS says are free now (for tests running side by side)."""
+        socks = [socket.socket() for _ in range(3)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            http, grpc, metrics = (s.getsockname()[1] for s in socks)
+        finally:
+            for s in socks:
+                s.close()
+        return cls(http, grpc, metrics)
+
+
+@dataclass(frozen=True)
+class WheelLayout:
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+
+def find_wheel() -> WheelLayout:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonNotReady("the nvidia-pytriton wheel is not installed (pip install nvidia-pytriton)")
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    layout = WheelLayout(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
+        libs=root.parent.parent / "nvidia_pytriton.libs",
+    )
+    for path in (layout.binary, layout.python_backend, layout.stub, layout.libs):
+        if not path.exists():
+            raise TritonNotReady(f"nvidia-pytriton wheel is missing {path}")
+    return layout
+
+
+def _backend_dir(layout: WheelLayout, work: Path) -> Path:
+    """<work>/backends/python = the wheel's Python backend + the stub for this Python."""
+    target = work / "backends" / "python"
+    if not (target / "triton_python_backend_stub").exists():
+        tmp = work / "backends" / f".python-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(layout.python_backend, tmp, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(layout.stub, tmp / "triton_python_backend_stub")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return work / "backends"
+
+
+class TritonServer:
+    """A tritonserver child process. Use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        ports: TritonPorts | None = None,
+        work_dir: Path | None = None,
+        log_path: Path | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.ports = ports or TritonPorts()
+        self.work_dir = Path(work_dir or Path.home() / ".cache" / "gpt2-serving" / "triton").resolve()
+        self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: object = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        layout = find_wheel()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        backends = _backend_dir(layout, self.work_dir)
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(layout.libs), env.get("LD_LIBRARY_PATH")]))
+        # The Python backend stub runs the first `python3` on PATH: make it this interpreter's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.update(self.env)
+        args = [
+            str(layout.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-metrics=true",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+        return args, env
+
+    def start(self, timeout_s: float = 120.0) -> TritonServer:
+        args, env = self.command()
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+            out = self._log_file
+        else:
+            out = None
+        self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # type: ignore[arg-type]
+        self.wait_ready(timeout_s)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonNotReady(f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TritonNotReady(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return "(no log file)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole group: server and its backend stubs
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType | None) -> None:
+        self.stop()

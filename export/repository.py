@@ -1,0 +1,125 @@
+"""Write a model version into a Triton model repository, atomically.
+
+Layout: <repository>/<name>/config.pbtxt and <repository>/<name>/<version>/ holding model.onnx,
+model.py + engine.py (the Python-backend model), tokenizer/ and metadata.json. A version is
+assembled in a hidden staging directory next to its final place and renamed into place in one
+step, so Triton (or a reader) never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUNTIME_DIR = Path(__file__).parent / "runtime"
+RUNTIME_FILES = ("model.py", "engine.py")
+
+
+class RepositoryError(ValueError):
+    """The repository cannot be written (not writable, version taken, ...)."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Settings written into config.pbtxt; each can be overridden at serve time (GPT2_<KEY>)."""
+
+    kv_capacity: int = 64
+    idle_timeout_s: float = 60.0
+    default_window: int = 64
+    max_batch_size: int = 1024
+    serve_versions: int = 1
+    device: str = "auto"
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def check_writable(repository: Path) -> None:
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=repository, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise RepositoryError(f"repository {repository} is not writable: {err.strerror or err}") from err
+
+
+def config_pbtxt(name: str, serving: ServingConfig) -> str:
+    params = {
+        "kv_capacity": serving.kv_capacity,
+        "idle_timeout_s": serving.idle_timeout_s,
+        "default_window": serving.default_window,
+        "device": serving.device,
+    }
+    parameters = "\n".join(
+        f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()
+    )
+    return f"""# Written by `python -m export`; see docs/architecture.md for the contract.
+name: "{name}"
+backend: "python"
+max_batch_size: {serving.max_batch_size}
+version_policy: {{ latest {{ num_versions: {serving.serve_versions} }} }}
+dynamic_batching {{ }}
+instance_group [ {{ count: 1, kind: KIND_MODEL }} ]
+input [
+  {{ name: "SEQUENCE_ID" data_type: TYPE_UINT64 dims: [ 1 ] }},
+  {{ name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }},
+  {{ name: "LENGTH" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "START" data_type: TYPE_BOOL dims: [ 1 ] }},
+  {{ name: "END" data_type: TYPE_BOOL dims: [ 1 ] }},
+  {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
+output [
+  {{ name: "TOPK_LOGITS" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "TOPK_IDS" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "LOGSUMEXP" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "LOGITS" data_type: TYPE_FP32 dims: [ -1 ] }}
+]
+{parameters}
+"""
+
+
+def write_version(
+    repository: Path,
+    name: str,
+    version: int | None,
+    *,
+    onnx_path: Path,
+    tokenizer_dir: Path,
+    metadata: dict[str, Any],
+    serving: ServingConfig,
+    extra_files: list[Path] | None = None,
+) -> Path:
+    """Install one version; returns its directory. Nothing is left behind on failure."""
+    check_writable(repository)
+    model_dir = repository / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise RepositoryError(f"{final} already exists; pick another --version")
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        shutil.copy2(onnx_path, staging / "model.onnx")
+        for extra in extra_files or []:
+            shutil.copy2(extra, staging / extra.name)
+        for file in RUNTIME_FILES:
+            shutil.copy2(RUNTIME_DIR / file, staging / file)
+        shutil.copytree(tokenizer_dir, staging / "tokenizer")
+        (staging / "metadata.json").write_text(json.dumps({**metadata, "version": version}, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes it private; Triton and the gateway must read it
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    config = model_dir / "config.pbtxt"
+    tmp = config.with_suffix(".pbtxt.tmp")
+    tmp.write_text(config_pbtxt(name, serving))
+    os.replace(tmp, config)
+    return final
