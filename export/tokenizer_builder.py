@@ -47,10 +47,90 @@ _TOKENIZER_CLASS = "GPT2Tokenizer"
 # Corpus
 # ---------------------------------------------------------------------------------------------
 
-_EN_SUBJECTS = ["The cat", "A small dog", "My neighbour", "The old engineer", "Our team", "The teacher", "Every student", "The server", "This function", "The weather", "Alice", "Bob", "The city", "A young girl", "The committee", "Nobody", "The river", "Your browser", "The model", "The market"]
-_EN_VERBS = ["runs", "jumps over", "writes", "reads", "builds", "watches", "finds", "loves", "ignores", "explains", "returns", "computes", "opens", "closes", "visits", "remembers", "sends", "receives", "carries", "paints"]
-_EN_OBJECTS = ["the lazy fox", "a long letter", "the red house", "three new books", "the final report", "an empty box", "the mountain road", "a cup of coffee", "the error message", "the old bridge", "a bright idea", "the evening news", "every request", "the last train", "a quiet garden", "the main branch", "a strange noise", "the first chapter", "our shared memory", "the answer"]
-_EN_TAILS = ["every morning", "before lunch", "in the park", "without a word", "at night", "on Monday", "as usual", "again and again", "for the first time", "with great care", "near the station", "after the meeting", "in 2023", "quite slowly", "under the table", "because it rained"]
+_EN_SUBJECTS = [
+    "The cat",
+    "A small dog",
+    "My neighbour",
+    "The old engineer",
+    "Our team",
+    "The teacher",
+    "Every student",
+    "The server",
+    "This function",
+    "The weather",
+    "Alice",
+    "Bob",
+    "The city",
+    "A young girl",
+    "The committee",
+    "Nobody",
+    "The river",
+    "Your browser",
+    "The model",
+    "The market",
+]
+_EN_VERBS = [
+    "runs",
+    "jumps over",
+    "writes",
+    "reads",
+    "builds",
+    "watches",
+    "finds",
+    "loves",
+    "ignores",
+    "explains",
+    "returns",
+    "computes",
+    "opens",
+    "closes",
+    "visits",
+    "remembers",
+    "sends",
+    "receives",
+    "carries",
+    "paints",
+]
+_EN_OBJECTS = [
+    "the lazy fox",
+    "a long letter",
+    "the red house",
+    "three new books",
+    "the final report",
+    "an empty box",
+    "the mountain road",
+    "a cup of coffee",
+    "the error message",
+    "the old bridge",
+    "a bright idea",
+    "the evening news",
+    "every request",
+    "the last train",
+    "a quiet garden",
+    "the main branch",
+    "a strange noise",
+    "the first chapter",
+    "our shared memory",
+    "the answer",
+]
+_EN_TAILS = [
+    "every morning",
+    "before lunch",
+    "in the park",
+    "without a word",
+    "at night",
+    "on Monday",
+    "as usual",
+    "again and again",
+    "for the first time",
+    "with great care",
+    "near the station",
+    "after the meeting",
+    "in 2023",
+    "quite slowly",
+    "under the table",
+    "because it rained",
+]
 _EN_FREE = [
     "It's a beautiful day, isn't it?",
     "I don't know what you mean.",
@@ -66,8 +146,38 @@ _EN_FREE = [
     "Wait - what happened here?",
 ]
 
-_CODE_NAMES = ["value", "count", "index", "result", "items", "config", "buffer", "token", "request", "response", "data", "key", "path", "name", "size", "offset", "logits", "batch"]
-_CODE_FUNCS = ["get", "load", "parse", "compute", "update", "encode", "decode", "process", "render", "check"]
+_CODE_NAMES = [
+    "value",
+    "count",
+    "index",
+    "result",
+    "items",
+    "config",
+    "buffer",
+    "token",
+    "request",
+    "response",
+    "data",
+    "key",
+    "path",
+    "name",
+    "size",
+    "offset",
+    "logits",
+    "batch",
+]
+_CODE_FUNCS = [
+    "get",
+    "load",
+    "parse",
+    "compute",
+    "update",
+    "encode",
+    "decode",
+    "process",
+    "render",
+    "check",
+]
 _CODE_TEMPLATES: list[Callable[[random.Random], str]] = [
     lambda r: (
         f"def {r.choice(_CODE_FUNCS)}_{r.choice(_CODE_NAMES)}(self, {r.choice(_CODE_NAMES)}):"
@@ -104,9 +214,64 @@ _CODE_TEMPLATES: list[Callable[[random.Random], str]] = [
     lambda r: "",
 ]
 
-_JA_HIRAGANA_WORDS = ["ねこ", "いぬ", "さくら", "ありがとう", "こんにちは", "おはよう", "すし", "やま", "うみ", "ともだち", "たべもの", "おちゃ", "きょう", "あした", "ひらがな"]
-_JA_KATAKANA_WORDS = ["コンピューター", "プログラム", "データ", "サーバー", "テスト", "カメラ", "コーヒー", "ラーメン", "ホテル", "テレビ", "インターネット", "モデル", "トークン", "カタカナ"]
-_JA_KANJI_WORDS = ["日本", "東京", "学校", "先生", "学生", "電車", "会社", "天気", "時間", "世界", "言語", "漢字", "大学", "友人", "仕事", "新聞", "図書館", "病院", "駅", "雨", "山", "川", "花"]
+_JA_HIRAGANA_WORDS = [
+    "ねこ",
+    "いぬ",
+    "さくら",
+    "ありがとう",
+    "こんにちは",
+    "おはよう",
+    "すし",
+    "やま",
+    "うみ",
+    "ともだち",
+    "たべもの",
+    "おちゃ",
+    "きょう",
+    "あした",
+    "ひらがな",
+]
+_JA_KATAKANA_WORDS = [
+    "コンピューター",
+    "プログラム",
+    "データ",
+    "サーバー",
+    "テスト",
+    "カメラ",
+    "コーヒー",
+    "ラーメン",
+    "ホテル",
+    "テレビ",
+    "インターネット",
+    "モデル",
+    "トークン",
+    "カタカナ",
+]
+_JA_KANJI_WORDS = [
+    "日本",
+    "東京",
+    "学校",
+    "先生",
+    "学生",
+    "電車",
+    "会社",
+    "天気",
+    "時間",
+    "世界",
+    "言語",
+    "漢字",
+    "大学",
+    "友人",
+    "仕事",
+    "新聞",
+    "図書館",
+    "病院",
+    "駅",
+    "雨",
+    "山",
+    "川",
+    "花",
+]
 _JA_TEMPLATES = [
     "{a}は{b}が好きです。",
     "私は{a}で{b}を見ました。",

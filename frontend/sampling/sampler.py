@@ -1,0 +1,434 @@
+"""Exact next-token sampling from a top-K window of logits, or from the full row.
+
+Contract
+--------
+The inference server returns, per sequence and step, the temperature-scaled row ``z = logits / T``
+only as a *window*: its K largest values (:attr:`StepLogits.topk_logits`, with ids), plus
+``logsumexp(z)`` over the whole vocabulary; on request it also returns the whole row. For greedy
+requests the server uses T = 1. :func:`sample` draws the next token from exactly the distribution
+that transformers' ``generate(do_sample=True)`` samples from with the same settings, i.e.
+``RepetitionPenaltyLogitsProcessor -> TemperatureLogitsWarper -> TopKLogitsWarper ->
+TopPLogitsWarper -> MinPLogitsWarper -> softmax`` (greedy: argmax after the repetition penalty).
+When the window cannot *prove* the answer, it raises :class:`NeedFullRow`; the caller then fetches
+the full row for this step and calls :func:`sample` again **with the same ``u``**.
+
+Determinism: the token is a deterministic function of ``(row, params, u, seen_token_ids)``. The
+window path and the full-row path return the same token (and the same logprobs) for the same
+``u``, because both run the same selection code over the same descending, stably tie-broken order
+of the row; the window path only answers when every quantity it needs is provably identical to
+what the full row would give. So a seeded request yields the same tokens whichever path each step
+took, provided the caller consumes exactly one ``u`` per step.
+
+Semantics (all masses are ``p_i = exp(z_i - logsumexp)``, candidates sorted by descending logit,
+ties by ascending token id, the order ``np.argsort(-z, kind="stable")`` gives):
+
+* repetition penalty (only with the full row): for each distinct seen id, ``z < 0 -> z * penalty``
+  else ``z / penalty``; applying it to the scaled row is exact since it commutes with T > 0. The
+  row's logsumexp is then recomputed.
+* top-k keeps every token whose logit is >= the k-th largest (ties at the k-th value are all kept,
+  as in ``TopKLogitsWarper``).
+* top-p keeps token i iff the (renormalised) mass of the tokens before it is < top_p: this is
+  ``TopPLogitsWarper`` (remove where ascending cumulative probability <= 1 - top_p, keep at least
+  one) written in descending order. Without top-k, the total mass is taken to be exactly 1 (the
+  server's logsumexp defines normalisation).
+* min-p keeps tokens with ``z >= z_max + log(min_p)``, i.e. ``prob >= min_p * max_prob``.
+* the draw: ``x = u * total`` where ``total`` is the kept mass (1 when nothing was truncated); the
+  token is the first candidate whose cumulative mass exceeds ``x`` (if rounding leaves ``x`` at or
+  above the last cumulative sum, the last candidate of positive mass).
+
+Window exactness (no ``full_logits``). The window is *a* set of K largest values; its entries are
+re-sorted here by (descending logit, ascending id). Let ``w`` be its smallest logit. Tokens with
+``z > w`` form the *trusted prefix*: they are exactly the first entries of the full row's stable
+order. Entries equal to ``w`` are known in value but not in identity, because tokens outside the
+window may tie with ``w`` (and may carry lower ids). Prefix sums of masses depend only on values,
+so they equal the full row's over the whole window. The window answers iff:
+
+* greedy: the argmax is trusted (``K >= 2`` and no tie reaches the window edge);
+* the ``logprobs`` reported alternatives are trusted;
+* top-k: the k-th largest logit is trusted (``k`` < K barring edge ties), so all its ties are
+  inside the window;
+* top-p: the cumulative mass reaches the threshold inside the window (``S_j >= top_p * base``,
+  ``j < K``), so the kept total is known. Otherwise (top-k off) the kept total is only bounded,
+  ``S_K <= total < top_p + p_min``; the draw is still exact when ``u`` times both bounds lands on
+  the same trusted candidate;
+* min-p: the window's smallest logit is below the threshold (the cut is inside the window);
+* no truncation: ``u`` lands inside the trusted prefix's mass;
+* and, in every case, the drawn candidate is trusted.
+Combinations use the same rules stage by stage; the repetition penalty always needs the full row.
+
+``logprob`` and ``top_logprobs`` describe the model's temperature-scaled distribution *before*
+the repetition penalty and any truncation: ``z_i - logsumexp`` with the server's logsumexp.
+
+Numerics: float64 throughout. Decisions are compared with transformers' float32 arithmetic only up
+to rounding (a cumulative mass within ~1e-7 of top_p may be decided differently), and top-p ties
+that straddle the cut are broken by ascending id. Cost: the window path is O(K log K), about
+20-50 us; the full path partitions the row (O(V)) and sorts only a prefix, falling back to a full
+stable sort (about 4 ms for 50257 entries) only when the prefix cannot decide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "NeedFullRow",
+    "Sampled",
+    "SamplingParams",
+    "StepLogits",
+    "needs_full_row",
+    "sample",
+    "window_size",
+]
+
+_F64 = NDArray[np.float64]
+_I64 = NDArray[np.int64]
+
+# Prefix sizes tried on a full row before sorting all of it. Each try is an O(V) partition plus an
+# O(M log M) sort, ~10x cheaper than a stable argsort of 50257 entries; the selection code proves
+# from the prefix alone whether it decides the step, exactly as for a server window.
+_FULL_ROW_PREFIXES: tuple[int, ...] = (256, 4096)
+
+# Upper bound on the kept mass when top-p's cut lies beyond the window is top_p + p_min; this
+# relative slack absorbs the rounding of that addition and of exp() (a few ulp), so the bound is
+# safe. It only makes the window path slightly more willing to ask for the full row.
+_BOUND_SLACK = 1e-12
+
+# Below this remaining mass the incremental logsumexp update after a repetition penalty would
+# lose too many digits to cancellation; recompute from the row instead.
+_MIN_INCREMENTAL_MASS = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling settings (validated by the API layer, not here).
+
+    Attributes:
+        temperature: >= 0; 0 means greedy (argmax). The server applies it, this module does not.
+        top_k: >= 0; 0 disables top-k. Values >= vocab size are a no-op in transformers; the API
+            layer should map them to 0 (otherwise the window is the whole vocabulary and the
+            sampler may ask for the full row needlessly).
+        top_p: in (0, 1]; 1 disables top-p.
+        min_p: in [0, 1]; 0 disables min-p.
+        repetition_penalty: > 0; 1 disables it. Any other value needs the full row every step.
+        logprobs: 0-5, how many most likely alternatives to report in ``top_logprobs``.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int = 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StepLogits:
+    """What the server returned for one sequence at one step (temperature already applied).
+
+    Attributes:
+        topk_logits: float32 [K], the K largest scaled logits, sorted descending. Ties may come in
+            any order, and at the window edge any of the tied tokens may be included.
+        topk_ids: int64 [K], their token ids.
+        logsumexp: log-sum-exp of the whole scaled row.
+        full_logits: float32 [V], the whole scaled row, when the gateway asked for it.
+    """
+
+    topk_logits: NDArray[np.float32]
+    topk_ids: NDArray[np.int64]
+    logsumexp: float
+    full_logits: NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """The chosen token.
+
+    Attributes:
+        token_id: the sampled (or greedy) token.
+        logprob: its log-probability under the temperature-scaled distribution, before the
+            repetition penalty and truncation: ``z[token_id] - logsumexp``.
+        top_logprobs: the ``params.logprobs`` most likely tokens of that same distribution, as
+            ``(token_id, logprob)`` pairs, most likely first (ties: lower id first).
+    """
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+
+
+class NeedFullRow(Exception):
+    """Raised by :func:`sample` when the window does not provably determine this step.
+
+    Fetch the full scaled row for this step and call :func:`sample` again with the *same* ``u``
+    (the draw for the step is already spent). ``reason`` says which rule failed (for metrics).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def window_size(params: SamplingParams, *, default_window: int, vocab_size: int) -> int:
+    """How many top entries to ask the server for.
+
+    One slot more than strictly needed (greedy: ``max(1, logprobs) + 1``; top-k:
+    ``max(top_k, logprobs) + 1``) so the sampler can see that the entries it uses are not tied
+    with tokens outside the window (transformers keeps *all* ties of the k-th logit, and breaks an
+    argmax tie by lowest id). Otherwise ``max(default_window, logprobs + 1)``. Capped at
+    ``vocab_size``.
+    """
+    if params.temperature == 0.0:
+        k = max(1, params.logprobs) + 1
+    elif params.top_k > 0:
+        k = max(params.top_k, params.logprobs) + 1
+    else:
+        k = max(default_window, params.logprobs + 1)
+    return max(1, min(k, vocab_size))
+
+
+def needs_full_row(params: SamplingParams) -> bool:
+    """True when the window can never be enough: a repetition penalty reorders the logits and
+    changes the logsumexp in a way the window cannot reconstruct."""
+    return params.repetition_penalty != 1.0
+
+
+def sample(
+    step: StepLogits,
+    params: SamplingParams,
+    u: float,
+    seen_token_ids: Sequence[int] | NDArray[np.integer[Any]] = (),
+) -> Sampled:
+    """Choose the next token; see the module docstring for the exact semantics.
+
+    Args:
+        step: the server's output for this sequence and step.
+        params: the request's sampling settings.
+        u: the step's uniform draw in [0, 1) (unused but still consumed when greedy).
+        seen_token_ids: ids the repetition penalty applies to (prompt + generated so far, as in
+            transformers); ids outside the vocabulary are ignored, duplicates count once.
+
+    Raises:
+        NeedFullRow: ``step.full_logits`` is None and the window does not decide this step.
+        ValueError: ``u`` outside [0, 1), or an empty / malformed window.
+    """
+    if not 0.0 <= u < 1.0:
+        raise ValueError(f"u must be in [0, 1), got {u!r}")
+    lse = float(step.logsumexp)
+    if not math.isfinite(lse):
+        raise ValueError(f"logsumexp must be finite, got {lse!r}")
+    if step.full_logits is not None:
+        return _sample_full(step.full_logits, lse, params, u, seen_token_ids, _FULL_ROW_PREFIXES)
+    if params.repetition_penalty != 1.0 and len(seen_token_ids) > 0:
+        raise NeedFullRow("repetition_penalty")
+    logits = np.asarray(step.topk_logits)
+    ids = np.asarray(step.topk_ids)
+    if logits.ndim != 1 or logits.shape != ids.shape or logits.size == 0:
+        raise ValueError("topk_logits and topk_ids must be non-empty 1-D arrays of equal length")
+    # Re-sort by (descending logit, ascending id) so that ties are in the full row's stable order.
+    order = np.lexsort((ids, -logits))
+    z = logits[order].astype(np.float64)
+    sorted_ids = ids[order].astype(np.int64)
+    n_trusted = _trusted_count(z)
+    if params.logprobs > n_trusted:
+        raise NeedFullRow("logprobs")
+    idx = _select(z, lse, params, u, n_trusted, complete=False)
+    top = tuple((int(sorted_ids[i]), float(z[i] - lse)) for i in range(params.logprobs))
+    return Sampled(int(sorted_ids[idx]), float(z[idx] - lse), top)
+
+
+def _trusted_count(z: _F64) -> int:
+    """Number of leading entries of a descending window strictly above its smallest value.
+
+    Only those are certainly the first entries of the full row's stable order: a token outside
+    the window may tie with the smallest value and have a lower id.
+    """
+    # -z is ascending; the first position where -z >= -z[-1] is the first entry equal to z[-1].
+    return int(np.searchsorted(-z, -z[-1], side="left"))
+
+
+def _select(
+    z: _F64, lse: float, params: SamplingParams, u: float, n_trusted: int, *, complete: bool
+) -> int:
+    """Index into ``z`` (descending, stable) of the chosen candidate.
+
+    ``complete`` means ``z`` is the whole row (everything trusted, every cut decidable); otherwise
+    ``z`` is a top-K window with ``n_trusted`` trusted entries and NeedFullRow is raised whenever
+    the answer could depend on what lies outside it. Both modes run the same arithmetic on the
+    same leading values, so where the window answers it answers what the full row would.
+    """
+    n = z.shape[0]
+    if params.temperature == 0.0:
+        if n_trusted == 0:
+            raise NeedFullRow("greedy_tie")
+        return 0
+
+    p = np.exp(z - lse)
+    cum = np.cumsum(p)  # sequential sums: a window's prefix sums equal the full row's bitwise
+    top_p_on = params.top_p < 1.0
+    min_p_on = params.min_p > 0.0
+
+    # Number of kept candidates once decided; None while the cut may lie beyond the window
+    # (window mode) or nothing was truncated (no top-k / top-p / min-p at all).
+    cut: int | None = None
+    if params.top_k > 0:
+        k = params.top_k
+        if k > n_trusted:
+            # The k-th value ties with the window edge: outside ties would also be kept.
+            if not complete:
+                raise NeedFullRow("top_k")
+            k = n
+        kth = z[k - 1]
+        cut = int(np.searchsorted(-z, -kth, side="right"))  # every z >= kth
+
+    top_p_open = False
+    if top_p_on:
+        limit = n if cut is None else cut
+        base = 1.0 if cut is None else float(cum[cut - 1])
+        j = int(np.searchsorted(cum[:limit], params.top_p * base, side="left"))
+        if j < limit:
+            cut = j + 1  # the first token whose cumulative mass reaches top_p is the last kept
+        elif cut is None:
+            if complete:
+                cut = n  # rounding left the whole row's mass below top_p: keep everything
+            else:
+                top_p_open = True  # the cut is beyond the window
+        # (with top-k on, cum[cut-1] >= top_p * cum[cut-1] always, so j < limit)
+
+    min_p_open = False
+    if min_p_on:
+        limit = n if cut is None else cut
+        threshold = z[0] + math.log(params.min_p)
+        m = int(np.searchsorted(-z[:limit], -threshold, side="right"))  # every z >= threshold
+        if m < limit:
+            # An entry (possibly an edge tie: its value is known) falls below the threshold, so
+            # the final cut is m even if top-p's own cut lies beyond the window.
+            cut = m
+            top_p_open = False
+        elif cut is None:
+            if complete:
+                cut = n
+            else:
+                min_p_open = True
+
+    if cut is not None and not top_p_open:
+        total = float(cum[cut - 1])
+        idx = int(np.searchsorted(cum[:cut], u * total, side="right"))
+        if idx >= cut:
+            idx = _last_positive(cum, cut)
+    elif cut is None and not (top_p_open or min_p_open):
+        # No truncation: the distribution is normalised by the server's logsumexp (total 1).
+        idx = int(np.searchsorted(cum, u, side="right"))
+        if idx >= n:
+            if not complete:
+                raise NeedFullRow("draw_beyond_window")
+            idx = _last_positive(cum, n)
+    elif top_p_open:
+        # The kept total lies in [cum[-1], top_p + p_min): every candidate beyond the window has
+        # mass <= p_min and the mass before the last kept one is < top_p. If u times both bounds
+        # picks the same candidate, so does u times the true total (both maps are monotone).
+        lo = float(cum[-1])
+        hi = (params.top_p + float(p[-1])) * (1.0 + _BOUND_SLACK)
+        idx = int(np.searchsorted(cum, u * lo, side="right"))
+        if idx != int(np.searchsorted(cum, u * hi, side="right")) or idx >= n:
+            raise NeedFullRow("top_p")
+    else:
+        raise NeedFullRow("min_p")  # min-p's cut is beyond the window: its total is unknown
+
+    if idx >= n_trusted:
+        raise NeedFullRow("tie_at_window_edge")
+    return idx
+
+
+def _last_positive(cum: _F64, n: int) -> int:
+    """Index of the last of the first ``n`` candidates with positive mass (rounding fallback)."""
+    return int(np.searchsorted(cum[:n], cum[n - 1], side="left"))
+
+
+def _sample_full(
+    full_logits: NDArray[np.float32],
+    lse: float,
+    params: SamplingParams,
+    u: float,
+    seen_token_ids: Sequence[int] | NDArray[np.integer[Any]],
+    prefixes: Sequence[int],
+) -> Sampled:
+    """Full-row path: repetition penalty, then the same selection as the window path.
+
+    ``prefixes`` are the sizes of top-M prefixes tried (as if they were server windows) before a
+    full stable sort; the result does not depend on them (tests pass ``()`` to force the sort).
+    """
+    raw = np.asarray(full_logits).astype(np.float64)
+    if raw.ndim != 1 or raw.size == 0:
+        raise ValueError("full_logits must be a non-empty 1-D array")
+    vocab = raw.shape[0]
+    z = raw
+    z_lse = lse
+    if params.repetition_penalty != 1.0 and len(seen_token_ids) > 0:
+        seen = np.unique(np.asarray(seen_token_ids, dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < vocab)]
+        if seen.size:
+            z, z_lse = _apply_repetition_penalty(raw, lse, seen, params.repetition_penalty)
+
+    if params.temperature == 0.0:
+        idx = int(np.argmax(z))  # first maximum = lowest id among ties, like torch.argmax
+    else:
+        idx = -1
+        for m in prefixes:
+            if m >= vocab:
+                break
+            m = max(m, params.top_k + 1)
+            if m >= vocab:
+                break
+            part = np.argpartition(-z, m - 1)[:m]  # a set of m largest values (any edge ties)
+            cand = part[np.lexsort((part, -z[part]))]
+            zc = z[cand]
+            try:
+                idx = int(cand[_select(zc, z_lse, params, u, _trusted_count(zc), complete=False)])
+                break
+            except NeedFullRow:
+                continue
+        if idx < 0:
+            order = np.argsort(-z, kind="stable")
+            idx = int(order[_select(z[order], z_lse, params, u, vocab, complete=True)])
+
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs > 0:
+        best = _stable_top(raw, params.logprobs)
+        top = tuple((int(i), float(raw[i] - lse)) for i in best)
+    return Sampled(idx, float(raw[idx] - lse), top)
+
+
+def _apply_repetition_penalty(
+    z: _F64, lse: float, seen: _I64, penalty: float
+) -> tuple[_F64, float]:
+    """Penalised copy of the row (RepetitionPenaltyLogitsProcessor) and its logsumexp."""
+    old = z[seen]
+    new = np.where(old < 0.0, old * penalty, old / penalty)
+    out = z.copy()
+    out[seen] = new
+    # logsumexp changes only through the seen tokens: update it in O(len(seen)) when that is
+    # numerically safe, else recompute from the row.
+    with np.errstate(over="ignore"):
+        remaining = 1.0 + float(np.sum(np.exp(new - lse)) - np.sum(np.exp(old - lse)))
+    if math.isfinite(remaining) and remaining >= _MIN_INCREMENTAL_MASS:
+        return out, lse + math.log(remaining)
+    top = float(np.max(out))
+    return out, top + math.log(float(np.sum(np.exp(out - top))))
+
+
+def _stable_top(z: _F64, n: int) -> _I64:
+    """Ids of the ``n`` largest entries in stable descending order (ties: lower id first)."""
+    if n >= z.shape[0]:
+        return np.argsort(-z, kind="stable").astype(np.int64)
+    threshold = np.partition(z, z.shape[0] - n)[z.shape[0] - n]  # the n-th largest value
+    above = np.flatnonzero(z > threshold)
+    tied = np.flatnonzero(z == threshold)[: n - above.size]
+    idx = np.concatenate((above, tied))
+    ordered: _I64 = idx[np.lexsort((idx, -z[idx]))].astype(np.int64)
+    return ordered

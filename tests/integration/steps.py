@@ -1,0 +1,64 @@
+"""A small synchronous Triton client for the step model, independent of the gateway's adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+@dataclass
+class Row:
+    sequence_id: int
+    tokens: list[int]
+    start: bool = False
+    end: bool = False
+    temperature: float = 1.0
+
+
+def step(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    rows: list[Row],
+    *,
+    window: int = 8,
+    logits: bool = False,
+    version: str = "",
+) -> dict[str, np.ndarray]:
+    """One step request; raises tritonclient's InferenceServerException on a model error."""
+    n, width = len(rows), max(1, max(len(r.tokens) for r in rows))
+    ids = np.zeros((n, width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.tokens)] = r.tokens
+    arrays = {
+        "SEQUENCE_ID": np.array([[r.sequence_id] for r in rows], dtype=np.uint64),
+        "INPUT_IDS": ids,
+        "LENGTH": np.array([[len(r.tokens)] for r in rows], dtype=np.int32),
+        "START": np.array([[r.start] for r in rows], dtype=bool),
+        "END": np.array([[r.end] for r in rows], dtype=bool),
+        "TEMPERATURE": np.array([[r.temperature] for r in rows], dtype=np.float32),
+    }
+    return send(client, model, arrays, window=window, logits=logits, version=version)
+
+
+def send(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    window: int = 8,
+    logits: bool = False,
+    version: str = "",
+) -> dict[str, np.ndarray]:
+    dtypes = {np.dtype(np.uint64): "UINT64", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
+              np.dtype(bool): "BOOL", np.dtype(np.float32): "FP32"}
+    inputs = []
+    for name, value in arrays.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), dtypes[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    names = ["TOPK_LOGITS", "TOPK_IDS", "LOGSUMEXP"] + (["LOGITS"] if logits else [])
+    outputs = [grpcclient.InferRequestedOutput(name) for name in names]
+    result = client.infer(model, inputs, model_version=version, outputs=outputs, parameters={"logits_window": window})
+    return {name: result.as_numpy(name) for name in names}

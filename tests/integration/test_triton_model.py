@@ -1,0 +1,172 @@
+"""The step model served by a real tritonserver, checked against transformers."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from transformers import AutoTokenizer, GPT2LMHeadModel
+from tritonclient.utils import InferenceServerException
+
+from embedded_triton import TritonServer
+from tests.conftest import IDLE_TIMEOUT_S, KV_CAPACITY, TINY
+from tests.integration.steps import Row, send, step
+
+pytestmark = pytest.mark.integration
+
+_ids = iter(range(1_000_000, 2_000_000))
+
+
+def new_id() -> int:
+    return next(_ids)
+
+
+@pytest.fixture(scope="module")
+def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+
+
+def ref_logits(model: GPT2LMHeadModel, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1].numpy()
+
+
+def live_sequences(triton: TritonServer, version: str = "1") -> float:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
+    match = re.search(rf'gpt2_kv_live_sequences{{model="{TINY}",version="{version}"}} (\S+)', text)
+    assert match, "gpt2_kv_live_sequences missing from Triton's metrics"
+    return float(match.group(1))
+
+
+def test_logits_equal_transformers_for_staggered_sequences(client, reference) -> None:
+    rng = np.random.default_rng(7)
+    prompts = {new_id(): rng.integers(0, 1023, n).tolist() for n in (3, 11, 6, 1)}
+    sids = list(prompts)
+    tokens = {sid: list(p) for sid, p in prompts.items()}
+    starts = {sids[0]: 0, sids[1]: 0, sids[2]: 2, sids[3]: 4}
+    ends = {sids[0]: 5, sids[1]: 3, sids[2]: 7, sids[3]: 6}
+    worst = 0.0
+    for t in range(8):
+        rows = []
+        for sid in sids:
+            if starts[sid] == t:
+                rows.append(Row(sid, tokens[sid], start=True))
+            elif starts[sid] < t <= ends[sid]:
+                tok = int(rng.integers(0, 1023))
+                tokens[sid].append(tok)
+                rows.append(Row(sid, [tok], end=t == ends[sid]))
+        out = step(client, TINY, rows, logits=True, version="1")
+        for i, row in enumerate(rows):
+            ref = ref_logits(reference, tokens[row.sequence_id])
+            worst = max(worst, float(np.abs(out["LOGITS"][i] - ref).max()))
+            # The window is the top of the same row, and the log-sum-exp covers all of it.
+            order = np.argsort(-ref, kind="stable")[:8]
+            np.testing.assert_array_equal(out["TOPK_IDS"][i], order)
+            np.testing.assert_allclose(out["LOGSUMEXP"][i, 0], np.log(np.exp(ref.astype(np.float64)).sum()), atol=1e-4)
+    assert worst <= 1e-4, f"max abs logit error {worst}"
+
+
+@pytest.mark.parametrize("text", ["Hello, my name is", "The quick brown fox", "こんにちは、今日はいい天気ですね"])
+def test_greedy_equals_transformers_generate(client, reference, tiny_checkpoint: Path, text: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    prompt = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=tokenizer.eos_token_id,
+        )[0, len(prompt):].tolist()
+    sid = new_id()
+    out = step(client, TINY, [Row(sid, prompt, start=True)], window=1, version="1")
+    got = [int(out["TOPK_IDS"][0, 0])]
+    while len(got) < 16:
+        out = step(client, TINY, [Row(sid, [got[-1]], end=len(got) == 15)], window=1, version="1")
+        got.append(int(out["TOPK_IDS"][0, 0]))
+    assert got == expected
+
+
+def test_ended_and_idle_sequences_are_freed(client, triton) -> None:
+    ended = [new_id() for _ in range(4)]
+    idle = [new_id() for _ in range(3)]
+    step(client, TINY, [Row(s, [1, 2, 3], start=True) for s in ended + idle], version="1")
+    step(client, TINY, [Row(s, [4]) for s in ended + idle], version="1")
+    assert live_sequences(triton) >= 7
+    step(client, TINY, [Row(s, [], end=True) for s in ended], version="1")  # release without a token
+    deadline = time.monotonic() + IDLE_TIMEOUT_S + 5
+    while live_sequences(triton) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert live_sequences(triton) == 0
+    with pytest.raises(InferenceServerException, match="unknown"):
+        step(client, TINY, [Row(idle[0], [5])], version="1")
+
+
+def test_two_versions_serve_side_by_side(client) -> None:
+    assert client.is_model_ready(TINY, "1") and client.is_model_ready(TINY, "2")
+    prompt = [5, 6, 7, 8]
+    v1 = step(client, TINY, [Row(new_id(), prompt, start=True, end=True)], logits=True, version="1")["LOGITS"]
+    v2 = step(client, TINY, [Row(new_id(), prompt, start=True, end=True)], logits=True, version="2")["LOGITS"]
+    assert not np.allclose(v1, v2)
+    latest = step(client, TINY, [Row(new_id(), prompt, start=True, end=True)], logits=True)["LOGITS"]
+    np.testing.assert_allclose(latest, v2, atol=1e-6)
+
+
+def test_bad_requests_get_clear_errors_and_leave_others_unharmed(client, reference) -> None:
+    sid = new_id()
+    tokens = [10, 20, 30]
+    step(client, TINY, [Row(sid, tokens, start=True)], version="1")
+    with pytest.raises(InferenceServerException, match="unknown"):
+        step(client, TINY, [Row(new_id(), [1])], version="1")
+    with pytest.raises(InferenceServerException, match="exceeds the context"):
+        step(client, TINY, [Row(new_id(), [1] * 257, start=True)], version="1")
+    with pytest.raises(InferenceServerException, match="already exists"):
+        step(client, TINY, [Row(sid, [1], start=True)], version="1")
+    with pytest.raises(InferenceServerException, match="token ids"):
+        step(client, TINY, [Row(new_id(), [5000], start=True)], version="1")
+    with pytest.raises(InferenceServerException, match="TEMPERATURE"):
+        step(client, TINY, [Row(new_id(), [5], start=True, temperature=0.0)], version="1")
+    malformed = {
+        "SEQUENCE_ID": np.array([[new_id()], [new_id()]], dtype=np.uint64),
+        "INPUT_IDS": np.zeros((2, 2), dtype=np.int64),
+        "LENGTH": np.array([[2]], dtype=np.int32),
+        "START": np.array([[True], [True]]),
+        "END": np.array([[False], [False]]),
+        "TEMPERATURE": np.ones((2, 1), dtype=np.float32),
+    }
+    with pytest.raises(InferenceServerException):
+        send(client, TINY, malformed, version="1")
+    # A bad request merged into the same execution as a good one does not harm it.
+    tokens.append(40)
+    out = step(client, TINY, [Row(sid, [40], end=True)], logits=True, version="1")
+    np.testing.assert_allclose(out["LOGITS"][0], ref_logits(reference, tokens), atol=1e-4)
+
+
+def test_full_cache_rejects_new_sequences_only(client) -> None:
+    holders = [new_id() for _ in range(KV_CAPACITY)]
+    step(client, TINY, [Row(s, [1, 2], start=True) for s in holders], version="2")
+    with pytest.raises(InferenceServerException, match="KV cache full"):
+        step(client, TINY, [Row(new_id(), [3], start=True)], version="2")
+    out = step(client, TINY, [Row(s, [3], end=True) for s in holders], version="2")
+    assert out["TOPK_IDS"].shape == (KV_CAPACITY, 8)
+    step(client, TINY, [Row(new_id(), [3], start=True, end=True)], version="2")
+
+
+def test_fetching_the_full_row_after_a_step(client, reference) -> None:
+    sid = new_id()
+    prompt = [11, 12, 13]
+    first = step(client, TINY, [Row(sid, prompt, start=True, temperature=0.7)], window=4, version="1")
+    again = step(client, TINY, [Row(sid, [], temperature=0.7)], window=4, logits=True, version="1")
+    np.testing.assert_allclose(again["TOPK_LOGITS"], first["TOPK_LOGITS"], atol=1e-6)
+    np.testing.assert_allclose(again["LOGITS"][0], ref_logits(reference, prompt) / 0.7, atol=1e-4)
+    step(client, TINY, [Row(sid, [], end=True)], version="1")
