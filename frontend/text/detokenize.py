@@ -49,9 +49,17 @@ _PROMPT_CONTEXT_TOKENS = 5
 
 
 class SupportsDecode(Protocol):
-    """The one tokenizer method relied on (a transformers ``PreTrainedTokenizerFast`` fits)."""
+    """The one tokenizer method relied on (a transformers ``PreTrainedTokenizerFast`` fits).
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    transformers annotates the result as ``str | list[str]`` (it also takes batches); for a
+    flat list of ids it is always ``str``, which :class:`IncrementalDecoder` checks.
+    """
+
+    def decode(
+        self,
+        token_ids: list[int],
+        skip_special_tokens: bool = False,
+    ) -> str | list[str]: ...
 
 
 class IncrementalDecoder:
@@ -95,7 +103,10 @@ class IncrementalDecoder:
                 self._prefix_text = context_text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        if not isinstance(text, str):
+            raise TypeError(f"tokenizer.decode returned {type(text).__name__}, expected str")
+        return text
 
     @property
     def window_size(self) -> int:

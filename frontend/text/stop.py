@@ -43,9 +43,8 @@ class StopMatcher:
             raise ValueError("stop strings must be non-empty str")
         self._stops: tuple[str, ...] = tuple(unique)
         # Proper prefixes of any stop string: candidates to hold back.
-        self._prefixes: frozenset[str] = frozenset(
-            s[:i] for s in self._stops for i in range(1, len(s))
-        )
+        prefixes = (stop[:i] for stop in self._stops for i in range(1, len(stop)))
+        self._prefixes: frozenset[str] = frozenset(prefixes)
         self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
         self._held = ""
         self._stopped = False

@@ -1,0 +1,74 @@
+"""Request and response models of the native routes (/generate, /generate/stream, /generate/batch)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 4
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="the text to continue (any Unicode)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS, description="stop strings (not returned)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible (and cacheable)")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    time_to_first_token_s: float | None
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    model: str
+    finish_reason: str
+    completion_tokens: int
+    usage: Usage
+    cached: bool
+    timings: Timings
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[GenerateRequest] = Field(min_length=1)
+
+
+class BatchItem(BaseModel):
+    generated_text: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    usage: Usage | None = None
+    cached: bool = False
+    error: dict[str, object] | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    cache_hits: int

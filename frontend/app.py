@@ -1,0 +1,84 @@
+"""The app factory. Settings, engine, cache and metrics are built here and in the lifespan,
+never at import time, and reach routes through typed dependencies (frontend.api.deps)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from frontend.api import health, native, openai
+from frontend.cache import ResultCache, build_result_cache
+from frontend.engine.protocol import Engine
+from frontend.engine.triton_engine import TritonEngine
+from frontend.errors import install_error_handlers
+from frontend.generation.service import GenerationService
+from frontend.metrics import GatewayMetrics, MetricsMiddleware
+from frontend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, GatewayMetrics], Engine]
+
+
+def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
+    return TritonEngine(
+        triton_url=settings.triton_url,
+        model=settings.model,
+        version=settings.model_version,
+        repository=settings.repository,
+        step_timeout_s=settings.step_timeout_s,
+        default_window=settings.default_window,
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        queue_timeout_s=settings.queue_timeout_s,
+        observer=metrics,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_factory: EngineFactory = triton_engine,
+    cache: ResultCache | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = engine_factory(settings, metrics)
+        result_cache = cache or build_result_cache(
+            settings.cache_url, max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s,
+            max_bytes=settings.cache_max_bytes,
+        )
+        if isinstance(engine, TritonEngine):
+            await engine.start(settings.startup_timeout_s)
+        else:
+            await engine.start()
+        app.state.service = GenerationService(
+            engine, result_cache, metrics,
+            max_new_tokens_limit=settings.max_new_tokens_limit, request_timeout_s=settings.request_timeout_s,
+        )
+        try:
+            yield
+        finally:
+            await engine.close()
+            await result_cache.close()
+
+    app = FastAPI(
+        title="GPT-2 serving gateway",
+        version="0.1.0",
+        description="Exact custom sampling over NVIDIA Triton; OpenAI-compatible and native routes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(native.router)
+    app.include_router(health.router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    return app

@@ -1,0 +1,32 @@
+"""What the API layer needs from an engine. The Triton engine implements it; API tests use a fake."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from frontend.engine.model import ServedModel
+from frontend.engine.scheduler import Event
+from frontend.sampling import SamplingParams
+
+
+class GenerationHandle(Protocol):
+    """One submitted generation: events arrive on `events` until a Finish or Error event."""
+
+    events: asyncio.Queue[Event]
+
+
+class Engine(Protocol):
+    model: ServedModel
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ready(self) -> bool: ...
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+    ) -> GenerationHandle: ...
+    def cancel(self, handle: GenerationHandle) -> None: ...
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) generations, for metrics and readiness."""
+        ...

@@ -1,0 +1,122 @@
+"""The production engine: Triton step model + the continuous-batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from frontend.engine.model import ServedModel
+from frontend.engine.protocol import GenerationHandle
+from frontend.engine.scheduler import ActiveSequence, Scheduler, StepObserver
+from frontend.engine.triton_client import Row, StepClient, StepError, UpstreamUnavailable
+from frontend.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class TritonEngine:
+    """Connects to Triton, resolves the model version, loads its tokenizer, runs the scheduler.
+
+    Ready once Triton reports the model ready AND a real step (a one-token prefill that ends at
+    once) has succeeded: readiness means a request would be served, not merely that a port is open.
+    """
+
+    def __init__(
+        self,
+        *,
+        triton_url: str,
+        model: str,
+        version: str,
+        repository: Path,
+        step_timeout_s: float,
+        default_window: int,
+        max_running: int,
+        max_waiting: int,
+        queue_timeout_s: float,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self._triton_url = triton_url
+        self._model_name = model
+        self._pinned_version = version
+        self._repository = repository
+        self._step_timeout_s = step_timeout_s
+        self._scheduler_args = {
+            "default_window": default_window,
+            "max_running": max_running,
+            "max_waiting": max_waiting,
+            "queue_timeout_s": queue_timeout_s,
+            "observer": observer,
+        }
+        self._client: StepClient | None = None
+        self._scheduler: Scheduler | None = None
+        self._model: ServedModel | None = None
+        self._warm = False
+
+    @property
+    def model(self) -> ServedModel:
+        if self._model is None:
+            raise UpstreamUnavailable("the engine has not connected to Triton yet")
+        return self._model
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Wait for Triton's model, load its tokenizer and run a warm-up step."""
+        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, timeout_s=self._step_timeout_s)
+        deadline = time.monotonic() + timeout_s
+        version = self._pinned_version
+        while True:
+            try:
+                versions = await probe.ready_versions()
+                if self._pinned_version and self._pinned_version in versions or not self._pinned_version and versions:
+                    version = self._pinned_version or versions[0]
+                    break
+            except StepError as err:
+                log.info("waiting for Triton at %s: %s", self._triton_url, err)
+            if time.monotonic() > deadline:
+                await probe.close()
+                raise UpstreamUnavailable(f"model {self._model_name!r} not ready on Triton at {self._triton_url}")
+            await asyncio.sleep(0.5)
+        await probe.close()
+        self._model = ServedModel.load(self._repository, self._model_name, version)
+        # Pin the resolved version so the tokenizer and the weights always match.
+        self._client = StepClient(self._triton_url, self._model_name, version, timeout_s=self._step_timeout_s)
+        self._scheduler = Scheduler(
+            self._client, eos_token_id=self._model.eos_token_id, vocab_size=self._model.vocab_size,
+            **self._scheduler_args,  # type: ignore[arg-type]
+        )
+        self._scheduler.start()
+        await self._warm_up()
+        log.info("serving %s version %s (%s, context %d)", self._model.name, version, self._model.dtype,
+                 self._model.max_context)
+
+    async def _warm_up(self) -> None:
+        assert self._client is not None
+        import secrets
+
+        await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
+        self._warm = True
+
+    async def ready(self) -> bool:
+        return self._warm and self._client is not None and await self._client.model_ready()
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+    ) -> GenerationHandle:
+        if self._scheduler is None:
+            raise UpstreamUnavailable("the engine is not started")
+        return self._scheduler.submit(prompt_ids, params, max_new_tokens, seed)
+
+    def cancel(self, handle: GenerationHandle) -> None:
+        if self._scheduler is not None and isinstance(handle, ActiveSequence):
+            self._scheduler.cancel(handle)
+
+    def load(self) -> tuple[int, int]:
+        return (self._scheduler.running, self._scheduler.waiting) if self._scheduler else (0, 0)
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.close()
+        if self._client is not None:
+            await self._client.close()

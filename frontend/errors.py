@@ -1,0 +1,137 @@
+"""The one error envelope every client sees, and the domain exceptions that map to it.
+
+    APIError                         {"error": {"message", "type", "param", "code"}}
+    ├── InvalidRequest          400  invalid_request_error (bad field, empty prompt, ...)
+    │   └── ContextLengthExceeded 400 code=context_length_exceeded
+    ├── ModelNotFound           404  not_found_error, code=model_not_found
+    ├── Unauthorized            401  authentication_error
+    ├── RateLimited             429  rate_limit_error, Retry-After
+    ├── Overloaded              503  overloaded_error, Retry-After (backpressure)
+    ├── UpstreamUnavailable     503  upstream_unavailable (Triton down / not ready)
+    ├── UpstreamError           502  upstream_error (Triton refused a step)
+    └── UpstreamTimeout         504  upstream_timeout
+
+Routes raise these and hold no try/except ladders; `install_error_handlers` renders them, plus
+FastAPI's validation errors (400, with the offending field as `param`) and anything unexpected
+(500, no traceback to the client; logged with one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(APIError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class RateLimited(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class Overloaded(APIError):
+    status_code = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+
+
+class UpstreamUnavailable(APIError):
+    status_code = 503
+    error_type = "upstream_unavailable"
+    code = "triton_unavailable"
+
+
+class UpstreamError(APIError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "triton_error"
+
+
+class UpstreamTimeout(APIError):
+    status_code = 504
+    error_type = "upstream_timeout"
+    code = "triton_timeout"
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def render(err: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(err.retry_after_s)))} if err.retry_after_s else None
+    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return render(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return render(InvalidRequest(message, param=param or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        error_type = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
