@@ -1,0 +1,131 @@
+"""`make run`: the whole service on embedded defaults, one command, Ctrl-C stops it.
+
+1. If the repository holds no version of MODEL, export one: the hub's `gpt2` where the hub is
+   reachable, otherwise a locally built GPT-2-shaped model with random weights (loudly: its text
+   is noise; it exists so the stack runs anywhere).
+2. Start the embedded tritonserver on the repository and wait until it is ready.
+3. Start the gateway (`python -m frontend`) against it and print the URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
+
+BANNER = "=" * 78
+
+
+def has_version(repository: Path, model: str) -> bool:
+    model_dir = repository / model
+    return model_dir.is_dir() and any(p.name.isdigit() and (p / "model.onnx").exists() for p in model_dir.iterdir())
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except (OSError, ImportError):
+        return False
+
+
+def gpu_present() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def export_default(repository: Path, model: str) -> None:
+    gpu = gpu_present()
+    common = ["--name", model, "--repository", str(repository), "--dtype", "fp16" if gpu else "fp32",
+              "--kv-capacity", "512" if gpu else "16"]
+    if hub_reachable():
+        print(f"exporting the hub's gpt2 into {repository}/{model} ...", flush=True)
+        cmd = [sys.executable, "-m", "export", "--model", "gpt2", *common]
+    else:
+        print(f"\n{BANNER}\nWARNING: no model hub is reachable, so the default model is a GPT-2-shaped model with\n"
+              f"RANDOM weights and a locally built tokenizer. It runs the whole stack at real cost, but its\n"
+              f"text is noise. Export a real checkpoint with:\n"
+              f"    make export ARGS=\"--model /path/to/gpt2 --name {model}\"\n{BANNER}\n", flush=True)
+        cmd = [sys.executable, "-m", "export", "--random-config", "gpt2", *common]
+    subprocess.run(cmd, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedded_triton.stack", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    args = p.parse_args(argv)
+
+    if not has_version(args.repository, args.model):
+        try:
+            export_default(args.repository, args.model)
+        except subprocess.CalledProcessError as err:
+            print(f"error: exporting the default model failed ({err.returncode})", file=sys.stderr)
+            return 1
+    ports = TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
+    log_path = Path("build") / "triton.log"
+    triton = TritonServer(args.repository, ports=ports, log_path=log_path)
+    print(f"starting tritonserver on {args.repository} (log: {log_path}) ...", flush=True)
+    try:
+        triton.start(timeout_s=600)
+    except TritonNotReady as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    env = dict(os.environ, GATEWAY_TRITON_URL=triton.grpc_url, GATEWAY_MODEL=args.model,
+               GATEWAY_REPOSITORY=str(args.repository.resolve()))
+    gateway = subprocess.Popen([sys.executable, "-m", "frontend", "--port", str(args.port)], env=env)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"\n{BANNER}\n  gateway      {base}  (docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)\n"
+          f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
+          f"  Ctrl-C stops both.\n{BANNER}\n", flush=True)
+    code = 0
+    try:
+        while not stop.wait(0.5):
+            if gateway.poll() is not None:
+                print("error: the gateway exited", file=sys.stderr)
+                code = 1
+                break
+            if triton.process is None or triton.process.poll() is not None:
+                print(f"error: tritonserver exited\n{triton.log_tail()}", file=sys.stderr)
+                code = 1
+                break
+    finally:
+        if gateway.poll() is None:
+            gateway.send_signal(signal.SIGINT)
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        triton.stop()
+        print("stopped.", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    time.sleep(0)
+    sys.exit(main())
