@@ -783,13 +783,16 @@ COMPARISON_HEADERS = [
 
 
 def comparison_table(runs: Sequence[tuple[RunConfig, LoadSummary]]) -> str | None:
-    """Our named-scenario runs next to the seed article's table; None if no run is a named scenario."""
+    """Our named-scenario runs next to the seed article's table; None if no run is a named scenario.
+
+    The scenario, endpoint and auth come from each run's config; the numbers from its summary.
+    """
     rows = []
     for cfg, s in runs:
-        if s.scenario is None:
+        if cfg.scenario is None:
             continue
-        seed = seed_row_for(s.endpoint, cfg.api_key is not None)
-        label = s.scenario + (" (modified)" if s.modified else "")
+        seed = seed_row_for(cfg.endpoint, cfg.api_key is not None)
+        label = cfg.scenario + (" (modified)" if cfg.modified else "")
         rows.append(
             [
                 label,
@@ -940,6 +943,13 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     return [RunConfig(name=name, mode="closed", users=users, requests_per_user=reqs, max_new_tokens=tokens, **common)]
 
 
+def _mask_secret(previous: str, arg: str) -> str:
+    """Hide the value of --api-key in the recorded command line."""
+    if previous == "--api-key":
+        return "***"
+    return "--api-key=***" if arg.startswith("--api-key=") else arg
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -968,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [(run.config, summarize(run)) for run in runs]
     params = {"runs": [cfg.public() for cfg in configs], "tokenizer": args.tokenizer}
     cli = ["python -m benchmarks.load", *(sys.argv[1:] if argv is None else argv)]
-    cli = [("***" if prev == "--api-key" else a) for prev, a in zip(["", *cli], cli, strict=False)]
+    cli = [_mask_secret(prev, a) for prev, a in zip(["", *cli], cli, strict=False)]
     info = RunInfo.collect({k: v for k, v in vars(args).items() if k != "api_key"}, argv=cli)
     title = "Gateway load benchmark" if len(runs) > 1 else f"Gateway load benchmark: {runs[0].config.name}"
     combined = render_markdown(pairs, info, title)

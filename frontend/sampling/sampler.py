@@ -62,8 +62,8 @@ the repetition penalty and any truncation: ``z_i - logsumexp`` with the server's
 Numerics: float64 throughout. Decisions are compared with transformers' float32 arithmetic only up
 to rounding (a cumulative mass within ~1e-7 of top_p may be decided differently), and top-p ties
 that straddle the cut are broken by ascending id. Cost: the window path is O(K log K), about
-20-50 us; the full path partitions the row (O(V), ~0.5 ms for 50257 entries) and sorts only a prefix,
-falling back to sorting the whole row (~1 ms more) only when the prefix cannot decide.
+20-50 us; the full path partitions the row (O(V), ~0.5 ms for 50257 entries) and sorts only a
+prefix, falling back to sorting the whole row (~1 ms more) only when the prefix cannot decide.
 """
 
 from __future__ import annotations
@@ -259,7 +259,13 @@ def _trusted_count(z: _F64) -> int:
 
 
 def _select(
-    z: _F64, lse: float, params: SamplingParams, u: float, n_trusted: int, *, complete: bool
+    z: _F64,
+    lse: float,
+    params: SamplingParams,
+    u: float,
+    n_trusted: int,
+    *,
+    complete: bool,
 ) -> int:
     """Index into ``z`` (descending, stable) of the chosen candidate.
 
@@ -411,7 +417,10 @@ def _sample_full(
 
 
 def _apply_repetition_penalty(
-    z: _F64, lse: float, seen: _I64, penalty: float
+    z: _F64,
+    lse: float,
+    seen: _I64,
+    penalty: float,
 ) -> tuple[_F64, float]:
     """Penalised copy of the row (RepetitionPenaltyLogitsProcessor) and its logsumexp."""
     old = z[seen]
@@ -419,13 +428,14 @@ def _apply_repetition_penalty(
     out = z.copy()
     out[seen] = new
     # logsumexp changes only through the seen tokens: update it in O(len(seen)) when that is
-    # numerically safe, else recompute from the row.
-    with np.errstate(over="ignore"):
-        remaining = 1.0 + float(np.sum(np.exp(new - lse)) - np.sum(np.exp(old - lse)))
-    if math.isfinite(remaining) and remaining >= _MIN_INCREMENTAL_MASS:
-        return out, lse + math.log(remaining)
-    top = float(np.max(out))
-    return out, top + math.log(float(np.sum(np.exp(out - top))))
+    # numerically safe (no overflow, little cancellation), else recompute it from the row.
+    new_rel = new - lse
+    if float(new_rel.max()) < 700.0:
+        remaining = 1.0 + float(np.exp(new_rel).sum() - np.exp(old - lse).sum())
+        if remaining >= _MIN_INCREMENTAL_MASS:
+            return out, lse + math.log(remaining)
+    top = float(out.max())
+    return out, top + math.log(float(np.exp(out - top).sum()))
 
 
 def _stable_descending(z: _F64) -> _I64:

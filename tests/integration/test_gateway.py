@@ -1,0 +1,215 @@
+"""The gateway end to end: real tritonserver, real uvicorn, the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from embedded_triton import TritonServer
+from frontend.app import create_app
+from frontend.settings import Settings
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
+    settings = Settings(
+        environment="test", triton_url=triton.grpc_url, model=TINY, model_version="1",
+        repository=model_repository, default_window=16,
+    )
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def oai(gateway: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    yield client
+    client.close()
+
+
+def triton_metric(triton: TritonServer, name: str) -> float:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
+    match = re.search(rf'{name}{{model="{TINY}",version="1"}} (\S+)', text)
+    assert match, f"{name} missing"
+    return float(match.group(1))
+
+
+def stream_events(gateway: str, body: dict) -> list[tuple[str, dict]]:
+    events = []
+    with httpx.stream("POST", f"{gateway}/generate/stream", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((event or "message", json.loads(line.split(":", 1)[1])))
+    return events
+
+
+def test_openai_sdk_completion(oai: openai.OpenAI) -> None:
+    out = oai.completions.create(model=TINY, prompt="Hello there", max_tokens=7, temperature=0)
+    assert out.object == "text_completion" and out.model == TINY
+    assert out.choices[0].finish_reason in {"length", "stop"}
+    assert out.usage is not None and out.usage.completion_tokens <= 7
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    models = oai.models.list()
+    assert [m.id for m in models.data] == [TINY]
+
+
+def test_openai_sdk_streaming_with_usage(oai: openai.OpenAI) -> None:
+    chunks = list(oai.completions.create(
+        model=TINY, prompt=["日本語のテキスト", "abc"], max_tokens=5, n=2, stream=True,
+        stream_options={"include_usage": True}, seed=3, temperature=0.9, top_p=0.9,
+    ))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 20
+    text = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)}
+    # Same prompt, same seed offset per choice -> choices 0/2 differ in prompt, 0/1 differ in seed.
+    again = oai.completions.create(model=TINY, prompt=["日本語のテキスト", "abc"], max_tokens=5, n=2, seed=3,
+                                   temperature=0.9, top_p=0.9)
+    assert {c.index: c.text for c in again.choices} == text
+
+
+def test_openai_sdk_errors(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        oai.completions.create(model=TINY, prompt="x " * 10, max_tokens=250)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oai.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=TINY, prompt="x", max_tokens=1, temperature=3)
+
+
+def test_greedy_stream_equals_transformers(gateway: str, tiny_checkpoint: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    prompt = "東京は日本の首都です。"
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+    events = stream_events(gateway, {"prompt": prompt, "max_new_tokens": 20, "temperature": 0})
+    tokens = [d for e, d in events if e == "token" and d["token_id"] is not None]
+    assert [t["position"] for t in tokens] == list(range(len(tokens)))
+    assert [t["token_id"] for t in tokens] == [t for t in expected.tolist() if t != tokenizer.eos_token_id]
+    done = events[-1]
+    assert done[0] == "done" and done[1]["usage"]["completion_tokens"] == len(expected)
+    assert "".join(t["text"] for e, t in events if e == "token") == done[1]["generated_text"]
+
+
+async def _generate(client: httpx.AsyncClient, body: dict) -> dict:
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_seeded_sampling_is_independent_of_batch_company(gateway: str) -> None:
+    probe = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0.8, "top_p": 0.9, "seed": 1234}
+    # Vary the cache key without changing the sampling, so both runs really generate.
+    alone_body = {**probe, "stop": ["never-appears-1"]}
+    company_body = {**probe, "stop": ["never-appears-2"]}
+
+    async def run() -> tuple[dict, dict]:
+        async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
+            alone = await _generate(client, alone_body)
+            others = [
+                {"prompt": f"noise {i} ノイズ", "max_new_tokens": 30 - i, "temperature": 1.0 + i / 10, "top_k": 5 * i}
+                for i in range(6)
+            ]
+            results = await asyncio.gather(_generate(client, company_body), *(_generate(client, o) for o in others))
+            return alone, results[0]
+
+    alone, in_company = asyncio.run(run())
+    assert not alone["cached"] and not in_company["cached"]
+    assert alone["generated_text"] == in_company["generated_text"]
+
+
+def test_result_cache_hits_and_misses(gateway: str) -> None:
+    greedy = {"prompt": "cache me", "max_new_tokens": 6, "temperature": 0}
+    unseeded = {"prompt": "cache me", "max_new_tokens": 6, "temperature": 0.9}
+    first = httpx.post(f"{gateway}/generate", json=greedy, timeout=30).json()
+    second = httpx.post(f"{gateway}/generate", json=greedy, timeout=30).json()
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert first["generated_text"] == second["generated_text"]
+    assert not any(httpx.post(f"{gateway}/generate", json=unseeded, timeout=30).json()["cached"] for _ in range(2))
+    batch = httpx.post(f"{gateway}/generate/batch", json={"requests": [greedy, unseeded, {**greedy, "max_new_tokens": 2}]},
+                       timeout=30).json()
+    assert [r["cached"] for r in batch["results"]] == [True, False, False] and batch["cache_hits"] == 1
+    assert batch["results"][0]["generated_text"] == first["generated_text"]
+    assert batch["results"][2]["completion_tokens"] == 2
+    replay = stream_events(gateway, greedy)
+    assert replay[-1][1]["cached"] is True
+    assert "".join(d["text"] for e, d in replay if e == "token") == first["generated_text"]
+
+
+def test_disconnect_frees_the_sequence(gateway: str, triton: TritonServer) -> None:
+    decoded_before = triton_metric(triton, "gpt2_decode_tokens_total")
+    body = {"prompt": "a long story", "max_new_tokens": 240, "temperature": 0.7, "top_k": 20}
+    with httpx.stream("POST", f"{gateway}/generate/stream", json=body, timeout=30) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # leave after a few tokens: closing the response drops the connection
+    deadline = time.monotonic() + 1.0
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
+    time.sleep(0.3)
+    assert triton_metric(triton, "gpt2_decode_tokens_total") - decoded_before < 200
+
+
+def test_validation_errors_are_4xx_in_one_shape(gateway: str) -> None:
+    cases = [
+        ({"prompt": "", "max_new_tokens": 5}, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": 1000}, "prompt"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "unknown": 1}, "unknown"),
+    ]
+    for body, param in cases:
+        r = httpx.post(f"{gateway}/generate", json=body, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_readiness_and_metrics(gateway: str) -> None:
+    assert httpx.get(f"{gateway}/health/live").status_code == 200
+    ready = httpx.get(f"{gateway}/health/ready").json()
+    assert ready["status"] == "ready" and ready["version"] == "1"
+    metrics = httpx.get(f"{gateway}/metrics").text
+    assert 'gateway_requests_total{method="POST",route="/generate",status="200"}' in metrics
+    assert "gateway_time_to_first_token_seconds_count" in metrics
