@@ -250,11 +250,12 @@ def load_model(cfg: BaselineConfig) -> Any:
         model = GPT2LMHeadModel.from_pretrained(cfg.model, dtype=dtype)
     else:
         assert cfg.random_config is not None
-        dims = RANDOM_CONFIGS[cfg.random_config]
+        dims: dict[str, Any] = dict(RANDOM_CONFIGS[cfg.random_config])
         eos = dims["vocab_size"] - 1
         torch.manual_seed(cfg.seed)
-        model = GPT2LMHeadModel(GPT2Config(**dims, bos_token_id=eos, eos_token_id=eos)).to(dtype)
-    return model.to(cfg.device).eval()
+        model = GPT2LMHeadModel(GPT2Config(**dims, bos_token_id=eos, eos_token_id=eos))
+        model = model.to(dtype)  # type: ignore[arg-type]
+    return model.to(cfg.device).eval()  # type: ignore[arg-type]
 
 
 def measure(cfg: BaselineConfig, model: Any, log: Callable[[str], None]) -> list[BatchResult]:

@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,7 +235,9 @@ class RequestResult:
     finish_reason: str | None = None
     items: int = 1
     items_ok: int = 0
-    cache_hits: int | None = None
+    cache_hits: int | None = None  # items served from the gateway's result cache ("cached" / "cache_hits")
+    server_ttft_s: float | None = None  # /generate only: the gateway's own timings
+    server_total_s: float | None = None
     scheduled_s: float | None = None
     dispatch_lag_s: float | None = None
 
@@ -259,6 +261,8 @@ class RequestResult:
             "items": self.items,
             "items_ok": self.items_ok,
             "cache_hits": self.cache_hits,
+            "server_ttft_s": self.server_ttft_s,
+            "server_total_s": self.server_total_s,
             "scheduled_s": None if self.scheduled_s is None else round(self.scheduled_s, 6),
             "dispatch_lag_s": None if self.dispatch_lag_s is None else round(self.dispatch_lag_s, 6),
         }
@@ -313,7 +317,7 @@ class SSEParser:
         return event
 
 
-async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
+async def sse_events(lines: AsyncIterator[str]) -> AsyncGenerator[SSEEvent, None]:
     """The events of an SSE line stream, including a final one not followed by a blank line."""
     parser = SSEParser()
     async for line in lines:
@@ -349,6 +353,16 @@ def _tokens_from(payload: Any) -> tuple[int, int | None]:
     return int(completion or 0), (int(prompt) if prompt is not None else None)
 
 
+def _cached(payload: Any) -> int | None:
+    """1/0 from a response's boolean "cached" field, None when the gateway does not say."""
+    value = payload.get("cached") if isinstance(payload, dict) else None
+    return int(value) if isinstance(value, bool) else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _error_text(status: int, body: bytes) -> str:
     text = body.decode("utf-8", errors="replace").strip().replace("\n", " ")
     return f"HTTP {status}: {text[:200]}"
@@ -369,6 +383,11 @@ async def _do_generate(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestP
         return
     res.completion_tokens, res.prompt_tokens = _tokens_from(payload)
     res.finish_reason = payload.get("finish_reason")
+    res.cache_hits = _cached(payload)
+    timings = payload.get("timings")
+    if isinstance(timings, dict):
+        res.server_ttft_s = _float_or_none(timings.get("time_to_first_token_s"))
+        res.server_total_s = _float_or_none(timings.get("total_s"))
     res.ok, res.items_ok = True, 1
 
 
@@ -392,7 +411,7 @@ async def _do_batch(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestPlan
     res.cache_hits = payload.get("cache_hits")
     prompt_total = 0
     for item in results:
-        if isinstance(item, dict) and "error" not in item and "generated_text" in item:
+        if isinstance(item, dict) and item.get("error") is None and isinstance(item.get("generated_text"), str):
             res.items_ok += 1
             completion, prompt = _tokens_from(item)
             res.completion_tokens += completion
@@ -443,6 +462,7 @@ async def _do_stream(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestPla
     completion, res.prompt_tokens = _tokens_from(done)
     res.completion_tokens = completion or tokens
     res.finish_reason = done.get("finish_reason") if isinstance(done, dict) else None
+    res.cache_hits = _cached(done)
     res.ok, res.items_ok = True, 1
 
 
@@ -654,6 +674,7 @@ class LoadSummary:
     items_per_s: float | None  # successful prompts / wall (4 per batch request)
     generated_tokens: int
     tokens_per_s: float | None
+    cache_hits: int | None  # prompts the gateway answered from its result cache; None if it never said
     prompt_tokens_mean: float | None
     latency: Distribution
     ttft: Distribution
@@ -666,8 +687,15 @@ class LoadSummary:
 
 
 def _error_kind(error: str) -> str:
-    """Errors grouped for the summary: numbers and long tails removed."""
-    return re.sub(r"\d+(\.\d+)?", "N", error)[:120]
+    """Errors grouped for the summary: the HTTP status kept, other numbers replaced by N, cut to 120 chars."""
+    status = re.match(r"HTTP \d+: ", error)
+    head = status.group(0) if status else ""
+    return (head + re.sub(r"\d+(\.\d+)?", "N", error[len(head) :]))[:120]
+
+
+def _sum_known(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def summarize(run: RunResult) -> LoadSummary:
@@ -695,6 +723,7 @@ def summarize(run: RunResult) -> LoadSummary:
         items_per_s=ratio(sum(r.items_ok for r in ok), wall),
         generated_tokens=tokens,
         tokens_per_s=ratio(tokens, wall),
+        cache_hits=_sum_known(r.cache_hits for r in ok),
         prompt_tokens_mean=sum(prompt_counts) / len(prompt_counts) if prompt_counts else None,
         latency=Distribution.of(r.latency_s for r in ok if r.latency_s is not None),
         ttft=Distribution.of(r.ttft_s for r in ok if r.ttft_s is not None),
@@ -832,7 +861,7 @@ def render_markdown(runs: Sequence[tuple[RunConfig, LoadSummary]], info: RunInfo
             f"- **{s.name}**: {s.ok}/{s.requests} ok, wall {s.wall_s:.2f} s, "
             f"{s.items_ok}/{s.items} prompts ok ({fmt(s.items_per_s, 2)} prompts/s), "
             f"{s.generated_tokens} tokens generated, mean prompt tokens {fmt(s.prompt_tokens_mean, 1)} "
-            f"(server-reported), max in flight {s.max_in_flight}"
+            f"(server-reported), result-cache hits {fmt(s.cache_hits)}, max in flight {s.max_in_flight}"
         )
         if cfg.mode == "open":
             line += f", offered {fmt(s.offered_rate, 2)} req/s, dispatch lag p99 {fmt(s.dispatch_lag.p99, 1, 1000)} ms"

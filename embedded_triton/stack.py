@@ -54,16 +54,27 @@ def gpu_present() -> bool:
 
 def export_default(repository: Path, model: str) -> None:
     gpu = gpu_present()
-    common = ["--name", model, "--repository", str(repository), "--dtype", "fp16" if gpu else "fp32",
-              "--kv-capacity", "512" if gpu else "16"]
+    common = [
+        "--name",
+        model,
+        "--repository",
+        str(repository),
+        "--dtype",
+        "fp16" if gpu else "fp32",
+        "--kv-capacity",
+        "512" if gpu else "16",
+    ]
     if hub_reachable():
         print(f"exporting the hub's gpt2 into {repository}/{model} ...", flush=True)
         cmd = [sys.executable, "-m", "export", "--model", "gpt2", *common]
     else:
-        print(f"\n{BANNER}\nWARNING: no model hub is reachable, so the default model is a GPT-2-shaped model with\n"
-              f"RANDOM weights and a locally built tokenizer. It runs the whole stack at real cost, but its\n"
-              f"text is noise. Export a real checkpoint with:\n"
-              f"    make export ARGS=\"--model /path/to/gpt2 --name {model}\"\n{BANNER}\n", flush=True)
+        print(
+            f"\n{BANNER}\nWARNING: no model hub is reachable, so the default model is a GPT-2-shaped model with\n"
+            f"RANDOM weights and a locally built tokenizer. It runs the whole stack at real cost, but its\n"
+            f"text is noise. Export a real checkpoint with:\n"
+            f'    make export ARGS="--model /path/to/gpt2 --name {model}"\n{BANNER}\n',
+            flush=True,
+        )
         cmd = [sys.executable, "-m", "export", "--random-config", "gpt2", *common]
     subprocess.run(cmd, check=True)
 
@@ -93,16 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     except TritonNotReady as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    env = dict(os.environ, GATEWAY_TRITON_URL=triton.grpc_url, GATEWAY_MODEL=args.model,
-               GATEWAY_REPOSITORY=str(args.repository.resolve()))
+    env = dict(
+        os.environ,
+        GATEWAY_TRITON_URL=triton.grpc_url,
+        GATEWAY_MODEL=args.model,
+        GATEWAY_REPOSITORY=str(args.repository.resolve()),
+    )
     gateway = subprocess.Popen([sys.executable, "-m", "frontend", "--port", str(args.port)], env=env)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     base = f"http://127.0.0.1:{args.port}"
-    print(f"\n{BANNER}\n  gateway      {base}  (docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)\n"
-          f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
-          f"  Ctrl-C stops both.\n{BANNER}\n", flush=True)
+    print(
+        f"\n{BANNER}\n  gateway      {base}  (docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)\n"
+        f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
+        f"  Ctrl-C stops both.\n{BANNER}\n",
+        flush=True,
+    )
     code = 0
     try:
         while not stop.wait(0.5):

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
 from export.graph import GraphError
 
 # Random-weight shapes. "gpt2" is the real 124M shape: compute and memory equal the real weights.
-RANDOM_CONFIGS: dict[str, dict[str, int]] = {
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 256, "vocab_size": 1024},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257},
 }

@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint directory or hub id (from_pretrained)")
-    source.add_argument("--random-config", choices=["tiny", "gpt2"], help="random weights of this shape, tokenizer built here")
+    source.add_argument(
+        "--random-config", choices=["tiny", "gpt2"], help="random weights of this shape, tokenizer built here"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and the parity inputs")
     p.add_argument("--name", default="gpt2", help="model name in the repository (default: gpt2)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -86,8 +88,13 @@ def export(args: argparse.Namespace) -> Path:
         if not args.skip_parity:
             _log("checking logits against transformers (prefill + cached decode steps) ...")
             report = check_parity(
-                ckpt.model, onnx_path, meta, seed=args.seed, device=args.device,
-                strict_device=args.strict_device, progress=_log,
+                ckpt.model,
+                onnx_path,
+                meta,
+                seed=args.seed,
+                device=args.device,
+                strict_device=args.strict_device,
+                progress=_log,
             )
             parity = report.as_dict()
             _log(
@@ -102,12 +109,21 @@ def export(args: argparse.Namespace) -> Path:
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         serving = ServingConfig(
-            kv_capacity=args.kv_capacity, idle_timeout_s=args.idle_timeout_s, default_window=args.default_window,
-            serve_versions=args.serve_versions, device=args.device,
+            kv_capacity=args.kv_capacity,
+            idle_timeout_s=args.idle_timeout_s,
+            default_window=args.default_window,
+            serve_versions=args.serve_versions,
+            device=args.device,
         )
         final = write_version(
-            args.repository, args.name, args.version, onnx_path=onnx_path, tokenizer_dir=tokenizer_dir,
-            metadata=metadata, serving=serving, extra_files=[onnx_dir / "model.onnx.data"] if external else [],
+            args.repository,
+            args.name,
+            args.version,
+            onnx_path=onnx_path,
+            tokenizer_dir=tokenizer_dir,
+            metadata=metadata,
+            serving=serving,
+            extra_files=[onnx_dir / "model.onnx.data"] if external else [],
         )
     _log(f"wrote {final}")
     return final

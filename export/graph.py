@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -110,12 +111,12 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: object) -> list[str]:
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
         outputs = [self._name(op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
         return outputs
 
-    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs: object) -> str:
+    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
 
@@ -158,7 +159,7 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
 
     present_outputs: list[onnx.ValueInfoProto] = []
     past_inputs: list[onnx.ValueInfoProto] = []
-    kv_shape = ["batch", h, "max_sequence_length", d]
+    kv_shape: list[str | int] = ["batch", h, "max_sequence_length", d]
     for i in range(spec.n_layer):
         p = f"h.{i}"
         hidden = layer_norm(x, f"{p}.ln_1")

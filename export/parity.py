@@ -58,7 +58,10 @@ def check_parity(
     engine = StepEngine(onnx_path, meta, capacity=n_sequences + 1, device=device, strict_device=strict_device)
     rng = np.random.default_rng(seed)
     max_prompt = max(2, min(24, meta.max_context // 4))
-    prompts = {sid: rng.integers(0, meta.vocab_size, int(rng.integers(1, max_prompt + 1))).tolist() for sid in range(n_sequences)}
+    prompts = {
+        sid: rng.integers(0, meta.vocab_size, int(rng.integers(1, max_prompt + 1))).tolist()
+        for sid in range(n_sequences)
+    }
     # Sequence s starts at step s // 2 and ends after its own quota of steps.
     start_step = {sid: sid // 2 for sid in prompts}
     quota = {sid: decode_steps - (sid % 3) for sid in prompts}

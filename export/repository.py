@@ -37,15 +37,17 @@ class ServingConfig:
 
 
 def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    versions = (
+        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    )
     return max(versions, default=0) + 1
 
 
 def check_writable(repository: Path) -> None:
     try:
         repository.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=repository, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=repository, prefix=".probe-"):
+            pass
     except OSError as err:
         raise RepositoryError(f"repository {repository} is not writable: {err.strerror or err}") from err
 
@@ -57,9 +59,7 @@ def config_pbtxt(name: str, serving: ServingConfig) -> str:
         "default_window": serving.default_window,
         "device": serving.device,
     }
-    parameters = "\n".join(
-        f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()
-    )
+    parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""# Written by `python -m export`; see docs/architecture.md for the contract.
 name: "{name}"
 backend: "python"

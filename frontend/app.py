@@ -51,7 +51,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = engine_factory(settings, metrics)
         result_cache = cache or build_result_cache(
-            settings.cache_url, max_entries=settings.cache_max_entries, ttl_s=settings.cache_ttl_s,
+            settings.cache_url,
+            max_entries=settings.cache_max_entries,
+            ttl_s=settings.cache_ttl_s,
             max_bytes=settings.cache_max_bytes,
         )
         if isinstance(engine, TritonEngine):
@@ -59,8 +61,11 @@ def create_app(
         else:
             await engine.start()
         app.state.service = GenerationService(
-            engine, result_cache, metrics,
-            max_new_tokens_limit=settings.max_new_tokens_limit, request_timeout_s=settings.request_timeout_s,
+            engine,
+            result_cache,
+            metrics,
+            max_new_tokens_limit=settings.max_new_tokens_limit,
+            request_timeout_s=settings.request_timeout_s,
         )
         try:
             yield

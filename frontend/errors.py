@@ -34,8 +34,9 @@ class APIError(Exception):
     error_type = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -128,7 +129,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found_error", 405: "invalid_request_error"}.get(err.status_code, "invalid_request_error")
+        error_type = {404: "not_found_error", 405: "invalid_request_error"}.get(
+            err.status_code, "invalid_request_error"
+        )
         return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code)
 
     @app.exception_handler(Exception)

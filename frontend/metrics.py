@@ -21,18 +21,32 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gateway_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.requests = Counter(
+            "gateway_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "HTTP request latency by route", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+            "gateway_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("gateway_requests_in_flight", "HTTP requests being served", registry=r)
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens of served generations", registry=r)
-        self.generated_tokens = Counter("gateway_generated_tokens", "Tokens generated (cache replays excluded)", registry=r)
+        self.generated_tokens = Counter(
+            "gateway_generated_tokens", "Tokens generated (cache replays excluded)", registry=r
+        )
         self.time_to_first_token = Histogram(
-            "gateway_time_to_first_token_seconds", "From request to first generated token", buckets=_LATENCY_BUCKETS, registry=r
+            "gateway_time_to_first_token_seconds",
+            "From request to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "gateway_inter_token_latency_seconds", "Gap between consecutive tokens of a generation", buckets=_TOKEN_BUCKETS, registry=r
+            "gateway_inter_token_latency_seconds",
+            "Gap between consecutive tokens of a generation",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.generation_duration = Histogram(
             "gateway_generation_duration_seconds", "Whole generation time", buckets=_LATENCY_BUCKETS, registry=r
@@ -41,10 +55,16 @@ class GatewayMetrics:
         self.running = Gauge("gateway_batch_running_sequences", "Sequences in the continuous batch", registry=r)
         self.waiting = Gauge("gateway_queue_waiting_sequences", "Generations waiting for a batch slot", registry=r)
         self.step_rows = Histogram(
-            "gateway_step_rows", "Rows (sequences) per batched step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r
+            "gateway_step_rows",
+            "Rows (sequences) per batched step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
         )
         self.step_duration = Histogram(
-            "gateway_step_duration_seconds", "Round trip of one batched step to Triton", buckets=_TOKEN_BUCKETS, registry=r
+            "gateway_step_duration_seconds",
+            "Round trip of one batched step to Triton",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.full_row_fetches = Counter(
             "gateway_full_row_fetches", "Steps whose top-K window did not decide the sample", ["reason"], registry=r

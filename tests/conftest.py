@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
 from embedded_triton import TritonPorts, TritonServer
 from export.checkpoint import build_random
 from export.cli import main as export_main
+from export.parity import TOLERANCES
 
 TINY = "tiny"
 IDLE_TIMEOUT_S = 3.0
 KV_CAPACITY = 8
+
+# The same suite runs on the GPU machine with GPT2_TEST_DTYPE=fp16 GPT2_TEST_DEVICE=cuda
+# GPT2_TEST_STRICT=1 (every node on the GPU); tolerances follow the dtype (export.parity).
+DTYPE = os.environ.get("GPT2_TEST_DTYPE", "fp32")
+DEVICE = os.environ.get("GPT2_TEST_DEVICE", "auto")
+STRICT = os.environ.get("GPT2_TEST_STRICT", "0") == "1"
+ATOL, RTOL = TOLERANCES[DTYPE]
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray) -> float:
+    """|got - ref| <= atol + rtol * max|ref| (the exporter's criterion); returns the max error."""
+    err = float(np.abs(got - ref).max())
+    bound = ATOL + RTOL * float(np.abs(ref).max())
+    assert err <= bound, f"max abs logit error {err:.3g} > {bound:.3g} ({DTYPE})"
+    return err
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +52,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
     repo = tmp_path_factory.mktemp("repo")
     common = ["--name", TINY, "--repository", str(repo), "--kv-capacity", str(KV_CAPACITY)]
     common += ["--idle-timeout-s", str(IDLE_TIMEOUT_S), "--serve-versions", "2", "--default-window", "16"]
+    common += ["--dtype", DTYPE, "--device", DEVICE] + (["--strict-device"] if STRICT else [])
     assert export_main(["--model", str(tiny_checkpoint), *common]) == 0
     assert export_main(["--random-config", "tiny", "--seed", "1", *common]) == 0
     return repo

@@ -227,7 +227,12 @@ class StepEngine:
         n = int(req.sequence_ids.shape[0])
         if n == 0:
             raise InvalidRequest("request carries no sequences")
-        for name, arr in (("LENGTH", req.lengths), ("START", req.start), ("END", req.end), ("TEMPERATURE", req.temperature)):
+        for name, arr in (
+            ("LENGTH", req.lengths),
+            ("START", req.start),
+            ("END", req.end),
+            ("TEMPERATURE", req.temperature),
+        ):
             if arr.shape[0] != n:
                 raise InvalidRequest(f"{name} has {arr.shape[0]} rows, SEQUENCE_ID has {n}")
         if req.input_ids.ndim != 2 or req.input_ids.shape[0] != n:
@@ -332,7 +337,7 @@ class StepEngine:
         scratch = torch.empty(
             (self.meta.n_layer, 2, b, self.meta.n_head, s, self.meta.head_dim), dtype=self.dtype, device=self.device
         )
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids,
             "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
             "seqlens_k": (lengths - 1).astype(np.int32),
@@ -367,7 +372,7 @@ class StepEngine:
         for seq, r, i in stepping:
             input_ids[seq.slot, 0] = requests[r].input_ids[i, 0]
             temperature[seq.slot] = requests[r].temperature[i]
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids,
             "position_ids": positions[:, None].copy(),
             "seqlens_k": positions.astype(np.int32),
@@ -384,9 +389,7 @@ class StepEngine:
             seq.length += 1
             seq.last_used = now
         self.stats.decode_tokens_total += len(stepping)
-        return {
-            (r, i): (topk_logits[seq.slot], topk_ids[seq.slot], float(lse[seq.slot])) for seq, r, i in stepping
-        }
+        return {(r, i): (topk_logits[seq.slot], topk_ids[seq.slot], float(lse[seq.slot])) for seq, r, i in stepping}
 
     def _run(
         self, feeds: dict[str, np.ndarray], kv: torch.Tensor, batch: int
@@ -439,9 +442,9 @@ class StepEngine:
                 seq.last_used = now
         if fetch_rows:
             stored = self.last_logits.index_select(0, torch.tensor([slots[i] for i in fetch_rows], device=self.device))
-            values, ids = torch.topk(stored, k, dim=-1)
-            topk_logits[fetch_rows] = values.cpu().numpy()
-            topk_ids[fetch_rows] = ids.cpu().numpy()
+            top_values, top_ids = torch.topk(stored, k, dim=-1)
+            topk_logits[fetch_rows] = top_values.cpu().numpy()
+            topk_ids[fetch_rows] = top_ids.cpu().numpy()
             lse[fetch_rows] = torch.logsumexp(stored, dim=-1).cpu().numpy()
         logits = None
         if req.want_logits:

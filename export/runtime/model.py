@@ -18,14 +18,14 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
+import triton_python_backend_utils as pb_utils
+from engine import EngineError, ModelMeta, StepEngine, StepRequest
 
 _ERROR_CODES = {
     "INVALID_ARG": "INVALID_ARG",
@@ -59,9 +59,9 @@ class TritonPythonModel:
         labels = {"model": args["model_name"], "version": args["model_version"]}
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         # Families must outlive their metrics (Triton deletes a metric's family first otherwise).
-        self._families: list[object] = []
+        self._families: list[Any] = []
 
-        def metric(name: str, help_text: str, kind: object) -> object:
+        def metric(name: str, help_text: str, kind: object) -> Any:
             family = pb_utils.MetricFamily(name, help_text, kind)
             self._families.append(family)
             return family.Metric(labels=labels)
@@ -125,7 +125,7 @@ class TritonPythonModel:
         valid = [p for p in parsed if p is not None]
         results = iter(self.engine.step(valid)) if valid else iter(())
         responses = []
-        for r, (request, step) in enumerate(zip(requests, parsed)):
+        for r, step in enumerate(parsed):
             if step is None:
                 responses.append(self._error(errors[r], "INVALID_ARG"))
                 continue

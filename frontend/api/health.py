@@ -23,8 +23,9 @@ async def ready(service: ServiceDep) -> Response:
     if await service.engine.ready():
         model = service.engine.model
         running, waiting = service.engine.load()
-        return JSONResponse({"status": "ready", "model": model.name, "version": model.version,
-                             "running": running, "waiting": waiting})
+        return JSONResponse(
+            {"status": "ready", "model": model.name, "version": model.version, "running": running, "waiting": waiting}
+        )
     body = error_body("the model server is not ready", "upstream_unavailable", code="not_ready")
     return JSONResponse(body, status_code=503)
 

@@ -68,11 +68,15 @@ async def generate_stream(body: GenerateRequest, service: ServiceDep) -> EventSo
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for item in stream:
             if isinstance(item, TextChunk):
-                data = {"text": item.text, "position": item.position, "token_id": item.token_id}
+                data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
                 yield ServerSentEvent(json.dumps(data, ensure_ascii=False), event="token")
             elif isinstance(item, Completion):
-                data = {"finish_reason": item.finish_reason, "usage": item.usage, "cached": item.cached,
-                        "generated_text": item.text}
+                data = {
+                    "finish_reason": item.finish_reason,
+                    "usage": item.usage,
+                    "cached": item.cached,
+                    "generated_text": item.text,
+                }
                 yield ServerSentEvent(json.dumps(data, ensure_ascii=False), event="done")
 
     return sse_response(events(), lambda err: ServerSentEvent(json.dumps(err.body()), event="error"))
@@ -82,9 +86,7 @@ async def generate_stream(body: GenerateRequest, service: ServiceDep) -> EventSo
 async def generate_batch(body: BatchRequest, service: ServiceDep, settings: SettingsDep) -> BatchResponse:
     """Every item with its own parameters; results in request order; all items join one batch."""
     if len(body.requests) > settings.max_batch_requests:
-        raise errors.InvalidRequest(
-            f"a batch holds at most {settings.max_batch_requests} requests", param="requests"
-        )
+        raise errors.InvalidRequest(f"a batch holds at most {settings.max_batch_requests} requests", param="requests")
     prepared = [_prepare(service, item, prefix=f"requests[{i}].") for i, item in enumerate(body.requests)]
     outcomes = await asyncio.gather(*(service.complete(p) for p in prepared), return_exceptions=True)
     results: list[BatchItem] = []

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from sse_starlette import ServerSentEvent
 
 from frontend import errors
@@ -24,7 +24,9 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 def _check_supported(body: oai.CompletionRequest, service: GenerationService, max_n: int) -> None:
     model = service.engine.model
     if body.model != model.name:
-        raise errors.ModelNotFound(f"The model `{body.model}` does not exist. This server serves `{model.name}`.", param="model")
+        raise errors.ModelNotFound(
+            f"The model `{body.model}` does not exist. This server serves `{model.name}`.", param="model"
+        )
     if body.n > max_n:
         raise errors.InvalidRequest(f"n must be at most {max_n}", param="n")
     if body.best_of not in (None, body.n):
@@ -39,7 +41,9 @@ def _check_supported(body: oai.CompletionRequest, service: GenerationService, ma
     if body.suffix:
         raise errors.InvalidRequest("suffix is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
-        raise errors.InvalidRequest("echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        raise errors.InvalidRequest(
+            "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo"
+        )
 
 
 def _prompts(body: oai.CompletionRequest) -> list[str | list[int]]:
@@ -61,7 +65,11 @@ def _plan(body: oai.CompletionRequest, service: GenerationService) -> list[tuple
     for p_index, prompt in enumerate(_prompts(body)):
         param = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
         ids = service.tokenize(prompt, param=param)
-        echo = (prompt if isinstance(prompt, str) else service.engine.model.tokenizer.decode(list(ids))) if body.echo else ""
+        echo = (
+            (prompt if isinstance(prompt, str) else service.engine.model.tokenizer.decode(list(ids)))
+            if body.echo
+            else ""
+        )
         for j in range(body.n):
             req = service.request(
                 ids,
@@ -114,14 +122,16 @@ async def create_completion(body: oai.CompletionRequest, service: ServiceDep, se
     seen_prompts: set[int] = set()
     for (index, echo, req), result in zip(plan, results, strict=True):
         logprobs = _logprobs(service, result.chunks, len(echo)) if body.logprobs is not None else None
-        choices.append(oai.Choice(text=echo + result.text, index=index, logprobs=logprobs,
-                                  finish_reason=result.finish_reason))  # type: ignore[arg-type]
+        choices.append(
+            oai.Choice(text=echo + result.text, index=index, logprobs=logprobs, finish_reason=result.finish_reason)
+        )  # type: ignore[arg-type]
         if index // body.n not in seen_prompts:  # a prompt shared by n choices counts once
             seen_prompts.add(index // body.n)
             prompt_tokens += len(req.prompt_ids)
         completion_tokens += result.completion_tokens
-    usage = oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+    usage = oai.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
     return oai.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage)
 
 
@@ -156,7 +166,7 @@ async def _stream(
         data = body_.model_dump(exclude_none=not include_usage)
         if include_usage and usage is None:
             data["usage"] = None
-        return ServerSentEvent(JSONResponse(data).body.decode())
+        return ServerSentEvent(json.dumps(data, ensure_ascii=False))
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         pending = len(plan)
@@ -184,7 +194,9 @@ async def _stream(
                     yield chunk([oai.Choice(text=prefix, index=index, finish_reason=payload.finish_reason)])  # type: ignore[arg-type]
             if include_usage:
                 total = prompt_tokens + completion_tokens
-                yield chunk([], oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total))
+                yield chunk(
+                    [], oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
+                )
             yield ServerSentEvent("[DONE]")
         finally:
             for t in tasks:
@@ -194,6 +206,6 @@ async def _stream(
                     await t
 
     def on_error(err: errors.APIError) -> ServerSentEvent:
-        return ServerSentEvent(JSONResponse(err.body()).body.decode())
+        return ServerSentEvent(json.dumps(err.body(), ensure_ascii=False))
 
     return sse_response(events(), on_error)

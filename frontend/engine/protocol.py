@@ -18,7 +18,8 @@ class GenerationHandle(Protocol):
 
 
 class Engine(Protocol):
-    model: ServedModel
+    @property
+    def model(self) -> ServedModel: ...
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -284,8 +284,7 @@ class Scheduler:
         if isinstance(error, StepRejected) and len(call.rows) > 1:
             # The server refuses a request as a whole and changes nothing: isolate the culprit.
             singles = [
-                _Call([s], [r], call.window, call.want_logits)
-                for s, r in zip(call.seqs, call.rows, strict=False)
+                _Call([s], [r], call.window, call.want_logits) for s, r in zip(call.seqs, call.rows, strict=False)
             ]
             releases = [r for r in call.rows[len(call.seqs) :]]
             for r in releases:

@@ -99,7 +99,9 @@ class StepClient:
         except InferenceServerException as err:
             raise UpstreamUnavailable(err.message() or str(err)) from err
         versions = [
-            m.get("version", "") for m in index.get("models", []) if m.get("name") == self.model and m.get("state") == "READY"
+            m.get("version", "")
+            for m in index.get("models", [])
+            if m.get("name") == self.model and m.get("state") == "READY"
         ]
         return sorted((v for v in versions if v), key=int, reverse=True)
 

@@ -69,7 +69,9 @@ class TritonEngine:
         while True:
             try:
                 versions = await probe.ready_versions()
-                if self._pinned_version and self._pinned_version in versions or not self._pinned_version and versions:
+                if (self._pinned_version and self._pinned_version in versions) or (
+                    not self._pinned_version and versions
+                ):
                     version = self._pinned_version or versions[0]
                     break
             except StepError as err:
@@ -83,13 +85,20 @@ class TritonEngine:
         # Pin the resolved version so the tokenizer and the weights always match.
         self._client = StepClient(self._triton_url, self._model_name, version, timeout_s=self._step_timeout_s)
         self._scheduler = Scheduler(
-            self._client, eos_token_id=self._model.eos_token_id, vocab_size=self._model.vocab_size,
+            self._client,
+            eos_token_id=self._model.eos_token_id,
+            vocab_size=self._model.vocab_size,
             **self._scheduler_args,  # type: ignore[arg-type]
         )
         self._scheduler.start()
         await self._warm_up()
-        log.info("serving %s version %s (%s, context %d)", self._model.name, version, self._model.dtype,
-                 self._model.max_context)
+        log.info(
+            "serving %s version %s (%s, context %d)",
+            self._model.name,
+            version,
+            self._model.dtype,
+            self._model.max_context,
+        )
 
     async def _warm_up(self) -> None:
         assert self._client is not None

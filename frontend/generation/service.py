@@ -37,7 +37,12 @@ class GenerationRequest:
     seed: int | None = None
 
     def cache_params(self) -> dict[str, Any]:
-        return {**asdict(self.sampling), "max_new_tokens": self.max_new_tokens, "stop": list(self.stop), "seed": self.seed}
+        return {
+            **asdict(self.sampling),
+            "max_new_tokens": self.max_new_tokens,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,9 @@ class GenerationService:
         if not is_cacheable(req.sampling.temperature, req.seed):
             return None
         model = self.engine.model
-        return cache_key(model=model.name, model_version=model.version, prompt_ids=req.prompt_ids, params=req.cache_params())
+        return cache_key(
+            model=model.name, model_version=model.version, prompt_ids=req.prompt_ids, params=req.cache_params()
+        )
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Completion]:
         started = time.monotonic()
@@ -167,18 +174,29 @@ class GenerationService:
         chunks = []
         for record in hit.logprobs or []:
             chunk = TextChunk(
-                record["text"], record["token_id"], record["position"], record["logprob"],
+                record["text"],
+                record["token_id"],
+                record["position"],
+                record["logprob"],
                 tuple((int(t), float(lp)) for t, lp in record["top_logprobs"]),
             )
             chunks.append(chunk)
             yield chunk
         yield Completion(
-            hit.text, list(hit.token_ids), hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
-            cached=True, chunks=chunks, time_to_first_token_s=time.monotonic() - started,
+            hit.text,
+            list(hit.token_ids),
+            hit.finish_reason,
+            hit.prompt_tokens,
+            hit.completion_tokens,
+            cached=True,
+            chunks=chunks,
+            time_to_first_token_s=time.monotonic() - started,
             total_s=time.monotonic() - started,
         )
 
-    async def _generate(self, req: GenerationRequest, key: str | None, started: float) -> AsyncIterator[TextChunk | Completion]:
+    async def _generate(
+        self, req: GenerationRequest, key: str | None, started: float
+    ) -> AsyncIterator[TextChunk | Completion]:
         model = self.engine.model
         try:
             handle = self.engine.submit(req.prompt_ids, req.sampling, req.max_new_tokens, req.seed)
@@ -198,7 +216,9 @@ class GenerationService:
                 try:
                     event = await asyncio.wait_for(handle.events.get(), timeout=max(0.0, deadline - time.monotonic()))
                 except TimeoutError as err:
-                    raise errors.UpstreamTimeout(f"generation did not finish within {self.request_timeout_s:.0f} s") from err
+                    raise errors.UpstreamTimeout(
+                        f"generation did not finish within {self.request_timeout_s:.0f} s"
+                    ) from err
                 if isinstance(event, ErrorEvent):
                     raise _api_error(event.error)
                 if isinstance(event, FinishEvent):

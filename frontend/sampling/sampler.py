@@ -50,20 +50,28 @@ so they equal the full row's over the whole window. The window answers iff:
 * top-p: the cumulative mass reaches the threshold inside the window (``S_j >= top_p * base``,
   ``j < K``), so the kept total is known. Otherwise (top-k off) the kept total is only bounded,
   ``S_K <= total < top_p + p_min``; the draw is still exact when ``u`` times both bounds lands on
-  the same trusted candidate;
+  the same trusted candidate. At the boundary: if ``S_K == top_p`` exactly, token K+1 is removed
+  (the mass before it is not < top_p) on both paths, but the K-th entry itself is never trusted,
+  so a draw landing on it asks for the full row;
 * min-p: the window's smallest logit is below the threshold (the cut is inside the window);
 * no truncation: ``u`` lands inside the trusted prefix's mass;
 * and, in every case, the drawn candidate is trusted.
-Combinations use the same rules stage by stage; the repetition penalty always needs the full row.
+Combinations use the same rules stage by stage (a min-p cut inside the window also settles a top-p
+cut beyond it). A repetition penalty with any seen token always needs the full row.
+:func:`window_size` asks for a few guard entries so that the entries used are normally trusted.
 
 ``logprob`` and ``top_logprobs`` describe the model's temperature-scaled distribution *before*
 the repetition penalty and any truncation: ``z_i - logsumexp`` with the server's logsumexp.
 
-Numerics: float64 throughout. Decisions are compared with transformers' float32 arithmetic only up
-to rounding (a cumulative mass within ~1e-7 of top_p may be decided differently), and top-p ties
-that straddle the cut are broken by ascending id. Cost: the window path is O(K log K), about
-20-50 us; the full path partitions the row (O(V), ~0.5 ms for 50257 entries) and sorts only a
-prefix, falling back to sorting the whole row (~1 ms more) only when the prefix cannot decide.
+Numerics: float64 throughout. The server's logsumexp is trusted as the normaliser (with no
+truncation the total mass is 1 by definition), so probabilities are exact up to its rounding.
+Decisions match transformers' float32 arithmetic only up to rounding (a cumulative mass within
+~1e-7 of top_p may be decided differently), and when a tie group straddles the top-p cut, the
+lower ids are kept (transformers' choice there depends on torch.sort's tie order).
+
+Cost: the window path is O(K log K), about 15-30 us; the full path partitions the row (O(V),
+~0.5 ms for 50257 entries) and sorts only a prefix, falling back to sorting the whole row (~1 ms
+more) only when the prefix cannot decide.
 """
 
 from __future__ import annotations
@@ -255,7 +263,7 @@ def _trusted_count(z: _F64) -> int:
     the window may tie with the smallest value and have a lower id.
     """
     # -z is ascending; the first position where -z >= -z[-1] is the first entry equal to z[-1].
-    return int(np.searchsorted(-z, -z[-1], side="left"))
+    return int((-z).searchsorted(-z[-1], side="left"))
 
 
 def _select(
@@ -281,7 +289,7 @@ def _select(
         return 0
 
     p = np.exp(z - lse)
-    cum = np.cumsum(p)  # sequential sums: a window's prefix sums equal the full row's bitwise
+    cum = p.cumsum()  # sequential sums: a window's prefix sums equal the full row's bitwise
     top_p_on = params.top_p < 1.0
     min_p_on = params.min_p > 0.0
 
@@ -296,13 +304,13 @@ def _select(
                 raise NeedFullRow("top_k")
             k = n
         kth = z[k - 1]
-        cut = int(np.searchsorted(-z, -kth, side="right"))  # every z >= kth
+        cut = int((-z).searchsorted(-kth, side="right"))  # every z >= kth
 
     top_p_open = False
     if top_p_on:
         limit = n if cut is None else cut
         base = 1.0 if cut is None else float(cum[cut - 1])
-        j = int(np.searchsorted(cum[:limit], params.top_p * base, side="left"))
+        j = int(cum[:limit].searchsorted(params.top_p * base, side="left"))
         if j < limit:
             cut = j + 1  # the first token whose cumulative mass reaches top_p is the last kept
         elif cut is None:
@@ -316,7 +324,7 @@ def _select(
     if min_p_on:
         limit = n if cut is None else cut
         threshold = z[0] + math.log(params.min_p)
-        m = int(np.searchsorted(-z[:limit], -threshold, side="right"))  # every z >= threshold
+        m = int((-z[:limit]).searchsorted(-threshold, side="right"))  # every z >= threshold
         if m < limit:
             # An entry (possibly an edge tie: its value is known) falls below the threshold, so
             # the final cut is m even if top-p's own cut lies beyond the window.
@@ -330,12 +338,12 @@ def _select(
 
     if cut is not None and not top_p_open:
         total = float(cum[cut - 1])
-        idx = int(np.searchsorted(cum[:cut], u * total, side="right"))
+        idx = int(cum[:cut].searchsorted(u * total, side="right"))
         if idx >= cut:
             idx = _last_positive(cum, cut)
     elif cut is None and not (top_p_open or min_p_open):
         # No truncation: the distribution is normalised by the server's logsumexp (total 1).
-        idx = int(np.searchsorted(cum, u, side="right"))
+        idx = int(cum.searchsorted(u, side="right"))
         if idx >= n:
             if not complete:
                 raise NeedFullRow("draw_beyond_window")
@@ -346,8 +354,8 @@ def _select(
         # picks the same candidate, so does u times the true total (both maps are monotone).
         lo = float(cum[-1])
         hi = (params.top_p + float(p[-1])) * (1.0 + _BOUND_SLACK)
-        idx = int(np.searchsorted(cum, u * lo, side="right"))
-        if idx != int(np.searchsorted(cum, u * hi, side="right")) or idx >= n:
+        idx = int(cum.searchsorted(u * lo, side="right"))
+        if idx != int(cum.searchsorted(u * hi, side="right")) or idx >= n:
             raise NeedFullRow("top_p")
     else:
         raise NeedFullRow("min_p")  # min-p's cut is beyond the window: its total is unknown
@@ -359,7 +367,7 @@ def _select(
 
 def _last_positive(cum: _F64, n: int) -> int:
     """Index of the last of the first ``n`` candidates with positive mass (rounding fallback)."""
-    return int(np.searchsorted(cum[:n], cum[n - 1], side="left"))
+    return int(cum[:n].searchsorted(cum[n - 1], side="left"))
 
 
 def _sample_full(

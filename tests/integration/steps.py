@@ -51,8 +51,13 @@ def send(
     logits: bool = False,
     version: str = "",
 ) -> dict[str, np.ndarray]:
-    dtypes = {np.dtype(np.uint64): "UINT64", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
-              np.dtype(bool): "BOOL", np.dtype(np.float32): "FP32"}
+    dtypes = {
+        np.dtype(np.uint64): "UINT64",
+        np.dtype(np.int64): "INT64",
+        np.dtype(np.int32): "INT32",
+        np.dtype(bool): "BOOL",
+        np.dtype(np.float32): "FP32",
+    }
     inputs = []
     for name, value in arrays.items():
         tensor = grpcclient.InferInput(name, list(value.shape), dtypes[value.dtype])

@@ -36,8 +36,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
     settings = Settings(
-        environment="test", triton_url=triton.grpc_url, model=TINY, model_version="1",
-        repository=model_repository, default_window=16,
+        environment="test",
+        triton_url=triton.grpc_url,
+        model=TINY,
+        model_version="1",
+        repository=model_repository,
+        default_window=16,
     )
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
@@ -91,18 +95,30 @@ def test_openai_sdk_completion(oai: openai.OpenAI) -> None:
 
 
 def test_openai_sdk_streaming_with_usage(oai: openai.OpenAI) -> None:
-    chunks = list(oai.completions.create(
-        model=TINY, prompt=["日本語のテキスト", "abc"], max_tokens=5, n=2, stream=True,
-        stream_options={"include_usage": True}, seed=3, temperature=0.9, top_p=0.9,
-    ))
-    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    chunks = list(
+        oai.completions.create(
+            model=TINY,
+            prompt=["日本語のテキスト", "abc"],
+            max_tokens=5,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            seed=3,
+            temperature=0.9,
+            top_p=0.9,
+        )
+    )
+    finished = {
+        c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    }
     assert sorted(finished) == [0, 1, 2, 3]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 20
     text = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)}
     # Same prompt, same seed offset per choice -> choices 0/2 differ in prompt, 0/1 differ in seed.
-    again = oai.completions.create(model=TINY, prompt=["日本語のテキスト", "abc"], max_tokens=5, n=2, seed=3,
-                                   temperature=0.9, top_p=0.9)
+    again = oai.completions.create(
+        model=TINY, prompt=["日本語のテキスト", "abc"], max_tokens=5, n=2, seed=3, temperature=0.9, top_p=0.9
+    )
     assert {c.index: c.text for c in again.choices} == text
 
 
@@ -121,8 +137,13 @@ def test_greedy_stream_equals_transformers(gateway: str, tiny_checkpoint: Path) 
     prompt = "東京は日本の首都です。"
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        expected = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.eos_token_id)[0, len(ids):]
+        expected = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=20,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(ids) :]
     events = stream_events(gateway, {"prompt": prompt, "max_new_tokens": 20, "temperature": 0})
     tokens = [d for e, d in events if e == "token" and d["token_id"] is not None]
     assert [t["position"] for t in tokens] == list(range(len(tokens)))
@@ -167,8 +188,9 @@ def test_result_cache_hits_and_misses(gateway: str) -> None:
     assert (first["cached"], second["cached"]) == (False, True)
     assert first["generated_text"] == second["generated_text"]
     assert not any(httpx.post(f"{gateway}/generate", json=unseeded, timeout=30).json()["cached"] for _ in range(2))
-    batch = httpx.post(f"{gateway}/generate/batch", json={"requests": [greedy, unseeded, {**greedy, "max_new_tokens": 2}]},
-                       timeout=30).json()
+    batch = httpx.post(
+        f"{gateway}/generate/batch", json={"requests": [greedy, unseeded, {**greedy, "max_new_tokens": 2}]}, timeout=30
+    ).json()
     assert [r["cached"] for r in batch["results"]] == [True, False, False] and batch["cache_hits"] == 1
     assert batch["results"][0]["generated_text"] == first["generated_text"]
     assert batch["results"][2]["completion_tokens"] == 2

@@ -75,9 +75,7 @@ class RedisServer:
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server exited early:\n{(self.workdir / 'redis.log').read_text()}"
-                    )
+                    raise RuntimeError(f"redis-server exited early:\n{(self.workdir / 'redis.log').read_text()}")
                 try:
                     if probe.ping():
                         return

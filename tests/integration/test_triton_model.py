@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from tritonclient.utils import InferenceServerException
 
 from embedded_triton import TritonServer
-from tests.conftest import IDLE_TIMEOUT_S, KV_CAPACITY, TINY
+from tests.conftest import DTYPE, IDLE_TIMEOUT_S, KV_CAPACITY, TINY, assert_logits_close
 from tests.integration.steps import Row, send, step
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,6 @@ def test_logits_equal_transformers_for_staggered_sequences(client, reference) ->
     tokens = {sid: list(p) for sid, p in prompts.items()}
     starts = {sids[0]: 0, sids[1]: 0, sids[2]: 2, sids[3]: 4}
     ends = {sids[0]: 5, sids[1]: 3, sids[2]: 7, sids[3]: 6}
-    worst = 0.0
     for t in range(8):
         rows = []
         for sid in sids:
@@ -71,12 +70,13 @@ def test_logits_equal_transformers_for_staggered_sequences(client, reference) ->
         out = step(client, TINY, rows, logits=True, version="1")
         for i, row in enumerate(rows):
             ref = ref_logits(reference, tokens[row.sequence_id])
-            worst = max(worst, float(np.abs(out["LOGITS"][i] - ref).max()))
-            # The window is the top of the same row, and the log-sum-exp covers all of it.
-            order = np.argsort(-ref, kind="stable")[:8]
-            np.testing.assert_array_equal(out["TOPK_IDS"][i], order)
-            np.testing.assert_allclose(out["LOGSUMEXP"][i, 0], np.log(np.exp(ref.astype(np.float64)).sum()), atol=1e-4)
-    assert worst <= 1e-4, f"max abs logit error {worst}"
+            assert_logits_close(out["LOGITS"][i], ref)
+            # The window is the top of the same row (as far as the dtype can tell near-ties apart),
+            # and the log-sum-exp covers the whole row.
+            assert_logits_close(ref[out["TOPK_IDS"][i]], np.sort(ref)[::-1][:8])
+            if DTYPE == "fp32":
+                np.testing.assert_array_equal(out["TOPK_IDS"][i], np.argsort(-ref, kind="stable")[:8])
+            assert_logits_close(out["LOGSUMEXP"][i], np.log(np.exp(ref.astype(np.float64)).sum(keepdims=True)))
 
 
 @pytest.mark.parametrize("text", ["Hello, my name is", "The quick brown fox", "こんにちは、今日はいい天気ですね"])
@@ -85,16 +85,28 @@ def test_greedy_equals_transformers_generate(client, reference, tiny_checkpoint:
     prompt = tokenizer(text)["input_ids"]
     with torch.no_grad():
         expected = reference.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=tokenizer.eos_token_id,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(prompt) :].tolist()
     sid = new_id()
     out = step(client, TINY, [Row(sid, prompt, start=True)], window=1, version="1")
     got = [int(out["TOPK_IDS"][0, 0])]
     while len(got) < 16:
         out = step(client, TINY, [Row(sid, [got[-1]], end=len(got) == 15)], window=1, version="1")
         got.append(int(out["TOPK_IDS"][0, 0]))
-    assert got == expected
+    if DTYPE == "fp32":
+        assert got == expected
+    else:
+        # fp16 may break a near-tie the other way; then the two continuations part. Check every
+        # token up to the first difference, and that the difference is a tie within tolerance.
+        same = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(got))
+        if same < len(got):
+            ref = ref_logits(reference, prompt + got[:same])
+            assert_logits_close(ref[[got[same]]], ref[[expected[same]]])
 
 
 def test_ended_and_idle_sequences_are_freed(client, triton) -> None:
@@ -149,7 +161,7 @@ def test_bad_requests_get_clear_errors_and_leave_others_unharmed(client, referen
     # A bad request merged into the same execution as a good one does not harm it.
     tokens.append(40)
     out = step(client, TINY, [Row(sid, [40], end=True)], logits=True, version="1")
-    np.testing.assert_allclose(out["LOGITS"][0], ref_logits(reference, tokens), atol=1e-4)
+    assert_logits_close(out["LOGITS"][0], ref_logits(reference, tokens))
 
 
 def test_full_cache_rejects_new_sequences_only(client) -> None:
@@ -168,5 +180,5 @@ def test_fetching_the_full_row_after_a_step(client, reference) -> None:
     first = step(client, TINY, [Row(sid, prompt, start=True, temperature=0.7)], window=4, version="1")
     again = step(client, TINY, [Row(sid, [], temperature=0.7)], window=4, logits=True, version="1")
     np.testing.assert_allclose(again["TOPK_LOGITS"], first["TOPK_LOGITS"], atol=1e-6)
-    np.testing.assert_allclose(again["LOGITS"][0], ref_logits(reference, prompt) / 0.7, atol=1e-4)
+    assert_logits_close(again["LOGITS"][0], ref_logits(reference, prompt) / 0.7)
     step(client, TINY, [Row(sid, [], end=True)], version="1")

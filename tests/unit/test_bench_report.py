@@ -8,6 +8,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_markdown_table_rejects_ragged_rows() -> None:
 
 
 def test_csv_text_round_trips() -> None:
-    rows = [{"a": 1, "b": None, "c": [1.5, 2]}, {"a": 2, "d": "x,y"}]
+    rows: list[dict[str, Any]] = [{"a": 1, "b": None, "c": [1.5, 2]}, {"a": 2, "d": "x,y"}]
     parsed = list(csv.DictReader(io.StringIO(csv_text(rows))))
     assert list(parsed[0]) == ["a", "b", "c", "d"]
     assert parsed[0] == {"a": "1", "b": "", "c": "[1.5, 2]", "d": ""}
@@ -248,7 +249,7 @@ def test_summarize_counts_and_statistics() -> None:
     assert s.requests_per_s == pytest.approx(1.0)
     assert s.tokens_per_s == pytest.approx(2.5)
     assert s.ttft.n == 2 and s.itl.n == 3
-    assert s.errors == {"HTTP N: busy": 1}
+    assert s.errors == {"HTTP 503: busy": 1}
 
 
 def test_summarize_single_and_empty_runs_render() -> None:

@@ -51,22 +51,22 @@ def server_topk(z: F32, k: int, rng: np.random.Generator | None = None) -> NDArr
     return perm[np.argsort(-z[perm], kind="stable")][:k].astype(np.int64)
 
 
-def window_step(
-    z: F32,
-    k: int,
-    rng: np.random.Generator | None = None,
-    lse: float | None = None,
-) -> StepLogits:
+def window_step(z: F32, k: int, rng: np.random.Generator | None = None) -> StepLogits:
     ids = server_topk(z, k, rng)
-    return StepLogits(z[ids], ids, logsumexp(z) if lse is None else lse)
+    return StepLogits(z[ids], ids, logsumexp(z))
 
 
-def full_step(z: F32, lse: float | None = None) -> StepLogits:
+def full_step(z: F32) -> StepLogits:
     ids = server_topk(z, 1)
-    return StepLogits(z[ids], ids, logsumexp(z) if lse is None else lse, z)
+    return StepLogits(z[ids], ids, logsumexp(z), z)
 
 
-def try_window(step: StepLogits, params: SamplingParams, u: float, seen: Sequence[int] = ()) -> Any:
+def try_window(
+    step: StepLogits,
+    params: SamplingParams,
+    u: float,
+    seen: Sequence[int] = (),
+) -> Sampled | None:
     try:
         return sample(step, params, u, seen)
     except NeedFullRow:
@@ -437,8 +437,7 @@ def test_logprobs_tied_at_window_edge_need_full_row() -> None:
     ],
 )
 def test_logprobs_equal_log_softmax_of_scaled_row(params: SamplingParams) -> None:
-    import torch
-
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     for _ in range(20):
         raw = peaky_row(rng, 200)

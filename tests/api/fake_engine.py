@@ -1,0 +1,172 @@
+"""A deterministic, in-process stand-in for the Triton engine (no servers, no GPU).
+
+`FakeEngine` implements `frontend.engine.protocol.Engine`. Each `submit` starts a background task
+that fills the handle's `events` queue with `TokenEvent`s and then one `FinishEvent` (or an
+`ErrorEvent` when a fault is injected):
+
+* tokens are drawn from `token_pool` (ids whose text is printable ASCII, so every token is whole
+  text and decodes on its own) with a numpy Generator seeded from:
+    - greedy (temperature 0): the prompt only, so it is a fixed function of the prompt;
+    - sampled with a seed: (seed, prompt);
+    - sampled without a seed: fresh OS entropy, so two calls differ;
+* a prompt whose text contains `EOS_TRIGGER` emits eos at step `EOS_STEP` (finish "stop");
+  otherwise the generation ends with finish "length" after `max_new_tokens` tokens;
+* `TokenEvent.top_logprobs` has exactly `params.logprobs` entries, the chosen token first.
+
+Fault knobs (set per test): `delay_s` before every token, `fail_after` (an `ErrorEvent(error)`
+after that many tokens), `submit_error` (an exception `submit` raises, e.g. `Overloaded`).
+`live` counts handles submitted and not yet cancelled: the gateway cancels every handle when its
+generation ends for whatever reason, so `live == 0` after a request means nothing leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from frontend.engine.model import ServedModel
+from frontend.engine.scheduler import ErrorEvent, Event, FinishEvent, TokenEvent
+from frontend.engine.triton_client import UpstreamUnavailable
+from frontend.sampling import SamplingParams
+
+EOS_TRIGGER = "goodbye"
+EOS_STEP = 2  # the eos is the third token (two text tokens before it)
+
+
+@dataclass(eq=False)
+class FakeHandle:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    seed: int | None
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    emitted: list[int] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    cancelled: bool = False
+
+
+class FakeEngine:
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.is_ready = True
+        # fault injection
+        self.delay_s = 0.0
+        self.fail_after: int | None = None
+        self.error: Exception = UpstreamUnavailable("fake: the model server went away")
+        self.submit_error: Exception | None = None
+        # bookkeeping
+        self.handles: set[FakeHandle] = set()
+        self.submitted: list[FakeHandle] = []
+        self.started = False
+        self.closed = False
+        tok = model.tokenizer
+        self.token_pool = [
+            i
+            for i in range(model.vocab_size)
+            if i != model.eos_token_id and (s := tok.decode([i])) and s.isascii() and s.isprintable()
+        ]
+        assert len(self.token_pool) > 50, "the test tokenizer has too few printable tokens"
+
+    # ---------------------------------------------------------------- Engine protocol
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        for handle in list(self.handles):
+            self.cancel(handle)
+        self.closed = True
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+    def load(self) -> tuple[int, int]:
+        return (self.live, 0)
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+    ) -> FakeHandle:
+        if self.submit_error is not None:
+            raise self.submit_error
+        handle = FakeHandle(list(prompt_ids), params, max_new_tokens, seed)
+        self.handles.add(handle)
+        self.submitted.append(handle)
+        handle.task = asyncio.get_running_loop().create_task(self._run(handle), name="fake-generation")
+        return handle
+
+    def cancel(self, handle: FakeHandle) -> None:
+        if handle in self.handles:
+            self.handles.discard(handle)
+            handle.cancelled = True
+            if handle.task is not None and not handle.task.done():
+                handle.task.cancel()
+
+    # ---------------------------------------------------------------- helpers for tests
+    @property
+    def live(self) -> int:
+        return len(self.handles)
+
+    async def drain(self) -> None:
+        """Let background tasks settle (cancelled ones finish their cancellation)."""
+        tasks = [h.task for h in self.submitted if h.task is not None]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for t in tasks:
+            if not t.done():
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(t), timeout=1.0)
+
+    def rng_for(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int | None) -> np.random.Generator:
+        prompt_hash = zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes())
+        if params.temperature == 0:
+            return np.random.default_rng([prompt_hash, 0])
+        if seed is not None:
+            return np.random.default_rng([prompt_hash, 1, seed])
+        return np.random.default_rng()
+
+    def expected_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
+                        seed: int | None) -> list[int]:
+        """What a (deterministic) generation emits, eos included."""
+        rng = self.rng_for(prompt_ids, params, seed)
+        eos_trigger = EOS_TRIGGER in self.model.tokenizer.decode(list(prompt_ids))
+        out = []
+        for step in range(max_new_tokens):
+            token, _ = self._draw(rng, step, eos_trigger)
+            out.append(token)
+            if token == self.model.eos_token_id:
+                break
+        return out
+
+    def _draw(self, rng: np.random.Generator, step: int, eos_trigger: bool) -> tuple[int, int]:
+        index = int(rng.integers(len(self.token_pool)))
+        if eos_trigger and step == EOS_STEP:
+            return self.model.eos_token_id, index
+        return self.token_pool[index], index
+
+    async def _run(self, handle: FakeHandle) -> None:
+        rng = self.rng_for(handle.prompt_ids, handle.params, handle.seed)
+        eos_trigger = EOS_TRIGGER in self.model.tokenizer.decode(handle.prompt_ids)
+        k = handle.params.logprobs
+        for step in range(handle.max_new_tokens):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            else:
+                await asyncio.sleep(0)
+            if self.fail_after is not None and step == self.fail_after:
+                handle.events.put_nowait(ErrorEvent(self.error))
+                return
+            token, index = self._draw(rng, step, eos_trigger)
+            logprob = -0.25 * (1 + step % 4)
+            top = [(token, logprob)]
+            for j in range(1, k):
+                top.append((self.token_pool[(index + j) % len(self.token_pool)], logprob - j))
+            handle.emitted.append(token)
+            handle.events.put_nowait(TokenEvent(token, logprob, tuple(top[:k])))
+            if token == self.model.eos_token_id:
+                handle.events.put_nowait(FinishEvent("stop"))
+                return
+        handle.events.put_nowait(FinishEvent("length"))
