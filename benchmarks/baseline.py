@@ -44,7 +44,7 @@ def parse_batch_sizes(text: str) -> list[int]:
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {text!r}") from err
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"--batch-sizes must be positive integers, got {text!r}")
-    return sizes
+    return list(dict.fromkeys(sizes))
 
 
 @dataclass(frozen=True)

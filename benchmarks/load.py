@@ -17,6 +17,11 @@ Contracts:
   by the server (`usage.completion_tokens`; for the stream endpoint the `done` event's usage, or the
   number of `token` events when usage is missing) of successful requests over the wall time.
 - Wall time runs from the first request's start to the last request's end (warm-up excluded).
+- Batch endpoint: one request = one HTTP call carrying BATCH_SIZE (4) prompts; it succeeds only if every
+  item does (an item succeeds when its `error` is null and `generated_text` is a string). req/s counts
+  HTTP calls; prompts/s (details) counts successful items.
+- The gateway's result cache answers seeded (`--seeded`) or greedy (`--temperature 0`) requests it has seen:
+  rerunning with the same `--seed` can hit it. Hits the gateway reports (`cached`, `cache_hits`) are recorded.
 """
 
 from __future__ import annotations
@@ -137,31 +142,37 @@ def estimate_tokens(text: str) -> int:
     return count
 
 
+def _longest_prefix(text: str, limit: int, counter: Any) -> str:
+    """The longest prefix of `text` (at least one character) with at most `limit` tokens."""
+    lo, hi = 1, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if counter(text[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
 def fit_prompt(prompt: str, target_tokens: int, count_tokens: Any = None) -> str:
-    """`prompt` truncated or padded (with common single-token English words) to about `target_tokens` tokens.
+    """`prompt` truncated, or padded with common English words, to about `target_tokens` tokens.
 
     `count_tokens(text) -> int` is the exact counter if given (a tokenizer), else `estimate_tokens`.
-    Deterministic. Returns at least one character.
+    The result never has more than `target_tokens` tokens by that counter (unless one character alone
+    does) and usually has exactly that many. Deterministic.
     """
     counter = count_tokens or estimate_tokens
     if target_tokens <= 0:
         raise ValueError("target_tokens must be positive")
     if counter(prompt) > target_tokens:
-        lo, hi = 1, len(prompt)  # longest prefix that fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if counter(prompt[:mid]) <= target_tokens:
-                lo = mid
-            else:
-                hi = mid - 1
-        return prompt[:lo]
+        return _longest_prefix(prompt, target_tokens, counter)
     words = _FILLER.split()
     text = prompt
     i = 0
     while counter(text) < target_tokens:
         text += " " + words[i % len(words)]
         i += 1
-    return text
+    return text if counter(text) == target_tokens else _longest_prefix(text, target_tokens, counter)
 
 
 @dataclass(frozen=True)
@@ -671,7 +682,7 @@ class LoadSummary:
     wall_s: float
     requests_per_s: float | None  # successful requests / wall
     attempted_per_s: float | None  # all requests / wall
-    items_per_s: float | None  # successful prompts / wall (4 per batch request)
+    items_per_s: float | None  # successful prompts / wall (a failed batch's good items count here)
     generated_tokens: int
     tokens_per_s: float | None
     cache_hits: int | None  # prompts the gateway answered from its result cache; None if it never said
@@ -716,11 +727,11 @@ def summarize(run: RunResult) -> LoadSummary:
         failed=len(results) - len(ok),
         success_rate=len(ok) / len(results) if results else None,
         items=sum(r.items for r in results),
-        items_ok=sum(r.items_ok for r in ok),
+        items_ok=sum(r.items_ok for r in results),
         wall_s=run.wall_s,
         requests_per_s=ratio(len(ok), wall),
         attempted_per_s=ratio(len(results), wall),
-        items_per_s=ratio(sum(r.items_ok for r in ok), wall),
+        items_per_s=ratio(sum(r.items_ok for r in results), wall),
         generated_tokens=tokens,
         tokens_per_s=ratio(tokens, wall),
         cache_hits=_sum_known(r.cache_hits for r in ok),

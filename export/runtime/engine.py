@@ -162,6 +162,10 @@ class StepEngine:
         self.device = torch.device("cuda", device_id) if self.device_kind == "cuda" else torch.device("cpu")
         self._device_id = device_id
         self.dtype = torch.float16 if meta.dtype == "fp16" else torch.float32
+        if self.device_kind == "cuda":
+            # A stream of our own (not the legacy default stream) shared with ORT below.
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         self.session = self._make_session(model_path, strict_device, threads)
         shape = (meta.n_layer, 2, capacity, meta.n_head, meta.max_context, meta.head_dim)
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -138,7 +138,7 @@ def parse_sse(raw: str) -> list[SSEEvent]:
 class RawExchange:
     status: int
     headers: dict[str, str]
-    body: str
+    body: str  # what the client read before it went away
 
 
 async def asgi_post(
@@ -162,6 +162,7 @@ async def asgi_post(
     status = 0
     headers: dict[str, str] = {}
     chunks: list[bytes] = []
+    late: list[bytes] = []  # sent after the client went away (never read)
 
     async def receive() -> dict[str, Any]:
         nonlocal sent_request
@@ -178,7 +179,8 @@ async def asgi_post(
             headers.update({k.decode().lower(): v.decode() for k, v in message.get("headers", [])})
         elif message["type"] == "http.response.body":
             if gone.is_set():
-                raise OSError("client disconnected")
+                late.append(message.get("body", b""))
+                return
             chunks.append(message.get("body", b""))
             if disconnect_when(b"".join(chunks).decode()):
                 gone.set()
@@ -192,3 +194,19 @@ async def asgi_post(
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=timeout_s)
     return RawExchange(status, headers, b"".join(chunks).decode())
+
+
+@pytest_asyncio.fixture
+async def lenient_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Like `client`, but an exception escaping the app becomes the 500 a real server would send."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def prompt_of_tokens(model: ServedModel, at_least: int) -> tuple[str, int]:
+    """A prompt of at least `at_least` tokens, and its exact token count."""
+    text = "The cat runs"
+    while len(model.tokenizer(text)["input_ids"]) < at_least:
+        text += " and the dog jumps"
+    return text, len(model.tokenizer(text)["input_ids"])

@@ -4,12 +4,14 @@ load-run planning and summarizing, and the baseline's arithmetic. No servers, no
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -309,7 +311,7 @@ def test_baseline_batch_result_arithmetic() -> None:
 
 
 def test_baseline_args() -> None:
-    assert baseline.parse_batch_sizes("1, 4,16") == [1, 4, 16]
+    assert baseline.parse_batch_sizes("1, 4,16,4") == [1, 4, 16]
     with pytest.raises(ValueError):
         baseline.parse_batch_sizes("0")
     args = baseline.build_parser().parse_args(["--random-config", "tiny"])
@@ -317,3 +319,81 @@ def test_baseline_args() -> None:
     assert cfg.device == "cpu" and cfg.batch_sizes == (1, 4, 16)
     with pytest.raises(ValueError):
         baseline.config_from_args(argparse.Namespace(**{**vars(args), "device": "cuda"}), cuda_available=False)
+
+
+# ------------------------------------------------------------------- request handlers (httpx.MockTransport)
+
+
+def _send(cfg: load.RunConfig, handler: object, prompts: int = 1) -> load.RequestResult:
+    """Run load.send against an in-process mock transport (no sockets)."""
+    plan = load.RequestPlan(0, 0, ("hi",) * prompts, (None,) * prompts)
+
+    async def go() -> load.RequestResult:
+        transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return await load.send(client, cfg, plan, run_t0=0.0)
+
+    return asyncio.run(go())
+
+
+def _usage(n: int) -> dict[str, int]:
+    return {"prompt_tokens": 2, "completion_tokens": n, "total_tokens": 2 + n}
+
+
+def test_generate_ok_and_http_error() -> None:
+    def ok(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert request.url.path == "/generate" and body["seed"] is None and body["top_k"] == 0
+        payload = {"generated_text": "x", "completion_tokens": 5, "finish_reason": "length", "usage": _usage(5)}
+        payload |= {"cached": True, "timings": {"time_to_first_token_s": 0.01, "total_s": 0.2}}
+        return httpx.Response(200, json=payload)
+
+    res = _send(_cfg(endpoint="generate"), ok)
+    assert res.ok and res.completion_tokens == 5 and res.prompt_tokens == 2 and res.cache_hits == 1
+    assert res.server_total_s == 0.2 and res.latency_s is not None
+    res = _send(_cfg(endpoint="generate"), lambda r: httpx.Response(503, json={"error": {"message": "busy"}}))
+    assert not res.ok and res.status == 503 and res.error is not None and res.error.startswith("HTTP 503")
+
+
+def test_batch_items_with_null_error_are_ok() -> None:
+    item = {"generated_text": "x", "finish_reason": "length", "completion_tokens": 3, "usage": _usage(3)}
+    good = {**item, "cached": False, "error": None}
+    bad = {"generated_text": None, "usage": None, "cached": False, "error": {"message": "nope"}}
+    res = _send(_cfg(endpoint="batch"), lambda r: httpx.Response(200, json={"results": [good] * 4, "cache_hits": 0}), 4)
+    assert res.ok and res.items_ok == 4 and res.completion_tokens == 12 and res.cache_hits == 0
+    body = {"results": [good, good, bad, good], "cache_hits": 0}
+    res = _send(_cfg(endpoint="batch"), lambda r: httpx.Response(200, json=body), 4)
+    assert not res.ok and res.items_ok == 3 and "1 of 4" in (res.error or "")
+
+
+def _sse(*events: tuple[str, object]) -> bytes:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def test_stream_ttft_itl_and_usage() -> None:
+    tokens = [("token", {"text": f" t{i}", "position": i, "token_id": i}) for i in range(4)]
+    done = ("done", {"finish_reason": "length", "usage": _usage(4), "cached": False})
+    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens, done)))
+    assert res.ok and res.completion_tokens == 4 and res.ttft_s is not None and len(res.itl_s) == 3
+    error = ("error", {"error": {"message": "engine died"}})
+    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens[:2], error)))
+    assert not res.ok and "engine died" in (res.error or "")
+    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens[:2])))
+    assert not res.ok and "without a done event" in (res.error or "")
+
+
+def test_connection_errors_and_timeouts_are_failures_not_crashes() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    res = _send(_cfg(endpoint="generate"), refuse)
+    assert not res.ok and res.error is not None and res.error.startswith("ConnectError")
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, json={})
+
+    res = _send(_cfg(endpoint="generate", timeout_s=0.05), slow)
+    assert not res.ok and res.error == "timeout after 0.05 s"
+    res = _send(_cfg(endpoint="generate"), lambda r: httpx.Response(200, content=b"not json"))
+    assert not res.ok and res.error is not None
