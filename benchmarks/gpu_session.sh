@@ -13,6 +13,10 @@ mkdir -p "$R" "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /root/site .whl/*.whl
+# Triton 2.51's Python stub needs numpy<2 (empty tensors with 2.x), but the image's transformers
+# imports scipy, which needs numpy 2: only the stub gets the staged numpy 1.26.
+mkdir -p /root/np1 && mv /root/site/numpy /root/site/numpy-1.26.4.dist-info /root/site/numpy.libs /root/np1/ 2>/dev/null
+export TRITON_STUB_PYTHONPATH=/root/np1
 PY=python3
 WORKERS=${WORKERS:-8}
 stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
@@ -28,17 +32,18 @@ GPT2_TEST_DTYPE=fp16 GPT2_TEST_DEVICE=cuda GPT2_TEST_STRICT=1 timeout 240 $PY -m
 stage "2. export GPT-2 124M shape, fp16, strict device"
 timeout 240 $PY -m export --random-config gpt2 --dtype fp16 --device cuda --strict-device \
   --kv-capacity 640 --default-window 64 --repository /tmp/repo --name gpt2 2>&1 | grep -v "parity step" | tee "$R/export_gpt2_fp16.log"
-cp /tmp/repo/gpt2/1/metadata.json "$R/metadata_gpt2_fp16.json"
+cp /tmp/repo/gpt2/1/metadata.json "$R/metadata_gpt2_fp16.json" || { tar -czf "$OUT/results.tar.gz" -C "$R" .; exit 1; }
 
 stage "3. start Triton + $WORKERS gateway workers"
 $PY -m embedded_triton --repository /tmp/repo > "$R/triton.log" 2>&1 &
 TRITON=$!
-for _ in $(seq 300); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; sleep 1; done
+for _ in $(seq 180); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; kill -0 $TRITON || break; sleep 1; done
 GATEWAY_MODEL=gpt2 GATEWAY_REPOSITORY=/tmp/repo GATEWAY_MAX_RUNNING=640 GATEWAY_HOST=127.0.0.1 \
   $PY -m frontend --port 8080 --workers "$WORKERS" > "$R/gateway.log" 2>&1 &
 GATEWAY=$!
-for _ in $(seq 120); do curl -sf localhost:8080/health/ready >/dev/null && break; sleep 1; done
-curl -s localhost:8080/health/ready; echo
+for _ in $(seq 120); do curl -sf localhost:8080/health/ready >/dev/null && break; kill -0 $GATEWAY || break; sleep 1; done
+curl -sf localhost:8080/health/ready || { tail -n 30 "$R/triton.log" "$R/gateway.log"; tar -czf "$OUT/results.tar.gz" -C "$R" .; exit 1; }
+echo
 LOAD="$PY -m benchmarks.load --base-url http://127.0.0.1:8080 --out $R"
 
 stage "3a. single stream (TTFT, inter-token latency)"

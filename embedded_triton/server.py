@@ -124,6 +124,11 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(layout.libs), env.get("LD_LIBRARY_PATH")]))
         # The Python backend stub runs the first `python3` on PATH: make it this interpreter's.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # Packages only the model's stub should see first (e.g. numpy<2 for Triton 2.51's stub on
+        # an image whose own tools need numpy 2): TRITON_STUB_PYTHONPATH is prepended for the child.
+        stub_path = env.get("TRITON_STUB_PYTHONPATH")
+        if stub_path:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [stub_path, env.get("PYTHONPATH")]))
         env.update(self.env)
         args = [
             str(layout.binary),

@@ -187,9 +187,11 @@ class StepEngine:
             stream = torch.cuda.current_stream(self.device).cuda_stream
             # One stream for torch and ORT: copies into the pool are ordered with the run.
             cuda_options = {"device_id": str(self._device_id), "user_compute_stream": str(stream)}
-            providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-            if strict_device:
+            providers = [("CUDAExecutionProvider", cuda_options)]
+            if strict_device:  # every node on the GPU, or session creation fails
                 options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            else:
+                providers.append("CPUExecutionProvider")
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
 
     # ----------------------------------------------------------------------------- state

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+# The stub may put an image's own site-packages ahead of PYTHONPATH; the deployment's PYTHONPATH
+# (e.g. a GPU build of onnxruntime staged beside a CPU one) must win, then this version's code.
+for _entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+    if _entry in sys.path:
+        sys.path.remove(_entry)
+    sys.path.insert(0, _entry)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton_python_backend_utils as pb_utils
@@ -33,6 +40,20 @@ _ERROR_CODES = {
     "ALREADY_EXISTS": "ALREADY_EXISTS",
     "UNAVAILABLE": "UNAVAILABLE",
 }
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A request tensor as numpy, through DLPack: Triton 2.51's stub returns garbage through its
+    own numpy bridge when the process has numpy 2.x; DLPack does not depend on numpy's ABI."""
+    try:
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
+    except (RuntimeError, TypeError, ValueError, BufferError):
+        return tensor.as_numpy()  # dtypes DLPack cannot carry here (e.g. BOOL on some versions)
+
+
+def _output(name: str, array: np.ndarray) -> Any:
+    """A response tensor built through DLPack (see _to_numpy)."""
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
 
 
 def _setting(params: dict[str, str], key: str, default: str) -> str:
@@ -134,12 +155,12 @@ class TritonPythonModel:
                 responses.append(self._error(str(result), result.code))
                 continue
             tensors = [
-                pb_utils.Tensor("TOPK_LOGITS", result.topk_logits),
-                pb_utils.Tensor("TOPK_IDS", result.topk_ids),
-                pb_utils.Tensor("LOGSUMEXP", result.logsumexp.reshape(-1, 1)),
+                _output("TOPK_LOGITS", result.topk_logits),
+                _output("TOPK_IDS", result.topk_ids),
+                _output("LOGSUMEXP", result.logsumexp.reshape(-1, 1)),
             ]
             if result.logits is not None:
-                tensors.append(pb_utils.Tensor("LOGITS", result.logits))
+                tensors.append(_output("LOGITS", result.logits))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         self._publish()
         return responses
@@ -149,7 +170,7 @@ class TritonPythonModel:
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
                 raise KeyError(f"input {name} is missing")
-            return t.as_numpy()
+            return _to_numpy(t)
 
         def column(name: str, dtype: type) -> np.ndarray:
             value = tensor(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,15 @@ def served_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     tokenizer = build_tokenizer(out, VOCAB)
     assert tokenizer.eos_token_id == VOCAB - 1
     return ServedModel(
-        name=MODEL, version="1", tokenizer=tokenizer, vocab_size=VOCAB, max_context=MAX_CONTEXT,
-        eos_token_id=VOCAB - 1, dtype="float32", source="fake", created=1_700_000_000,
+        name=MODEL,
+        version="1",
+        tokenizer=tokenizer,
+        vocab_size=VOCAB,
+        max_context=MAX_CONTEXT,
+        eos_token_id=VOCAB - 1,
+        dtype="float32",
+        source="fake",
+        created=1_700_000_000,
     )
 
 
@@ -45,7 +52,11 @@ def fake(served_model: ServedModel) -> FakeEngine:
 @pytest.fixture
 def settings() -> Settings:
     return Settings(
-        environment="test", model=MODEL, max_batch_requests=4, max_n=3, max_new_tokens_limit=48,
+        environment="test",
+        model=MODEL,
+        max_batch_requests=4,
+        max_n=3,
+        max_new_tokens_limit=48,
         request_timeout_s=5.0,
     )
 
@@ -62,7 +73,10 @@ async def app(settings: Settings, fake: FakeEngine, cache: MemoryResultCache) ->
     async with application.router.lifespan_context(application):
         assert fake.started
         yield application
+        await fake.drain()
+        leaked = fake.live  # every generation of every request must have been cancelled or finished
     assert fake.closed
+    assert leaked == 0, f"{leaked} generation handle(s) leaked"
 
 
 @pytest_asyncio.fixture
@@ -74,7 +88,12 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 @pytest_asyncio.fixture
 async def oai(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+    sdk = openai.AsyncOpenAI(  # the SDK accepts legacy httpx clients at run time; its stubs name httpx2
+        base_url="http://test/v1",
+        api_key="x",
+        http_client=http,  # type: ignore[arg-type]
+        max_retries=0,
+    )
     async with sdk:
         yield sdk
 
@@ -164,7 +183,7 @@ async def asgi_post(
     chunks: list[bytes] = []
     late: list[bytes] = []  # sent after the client went away (never read)
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         nonlocal sent_request
         if not sent_request:
             sent_request = True
@@ -172,7 +191,7 @@ async def asgi_post(
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
@@ -186,11 +205,23 @@ async def asgi_post(
                 gone.set()
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1234), "server": ("test", 80), "state": {},
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+        "state": {},
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=timeout_s)
     return RawExchange(status, headers, b"".join(chunks).decode())

@@ -14,7 +14,8 @@ that fills the handle's `events` queue with `TokenEvent`s and then one `FinishEv
 * `TokenEvent.top_logprobs` has exactly `params.logprobs` entries, the chosen token first.
 
 Fault knobs (set per test): `delay_s` before every token, `fail_after` (an `ErrorEvent(error)`
-after that many tokens), `submit_error` (an exception `submit` raises, e.g. `Overloaded`).
+after that many tokens; only for prompts containing `fail_only_if_prompt_contains` when that is
+set), `submit_error` (an exception `submit` raises, e.g. `Overloaded`).
 `live` counts handles submitted and not yet cancelled: the gateway cancels every handle when its
 generation ends for whatever reason, so `live == 0` after a request means nothing leaked.
 """
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from frontend.engine.model import ServedModel
+from frontend.engine.protocol import GenerationHandle
 from frontend.engine.scheduler import ErrorEvent, Event, FinishEvent, TokenEvent
 from frontend.engine.triton_client import UpstreamUnavailable
 from frontend.sampling import SamplingParams
@@ -57,6 +59,7 @@ class FakeEngine:
         # fault injection
         self.delay_s = 0.0
         self.fail_after: int | None = None
+        self.fail_only_if_prompt_contains: str | None = None  # limit `fail_after` to some prompts
         self.error: Exception = UpstreamUnavailable("fake: the model server went away")
         self.submit_error: Exception | None = None
         # bookkeeping
@@ -98,8 +101,8 @@ class FakeEngine:
         handle.task = asyncio.get_running_loop().create_task(self._run(handle), name="fake-generation")
         return handle
 
-    def cancel(self, handle: FakeHandle) -> None:
-        if handle in self.handles:
+    def cancel(self, handle: GenerationHandle) -> None:
+        if isinstance(handle, FakeHandle) and handle in self.handles:
             self.handles.discard(handle)
             handle.cancelled = True
             if handle.task is not None and not handle.task.done():
@@ -110,15 +113,22 @@ class FakeEngine:
     def live(self) -> int:
         return len(self.handles)
 
-    async def drain(self) -> None:
-        """Let background tasks settle (cancelled ones finish their cancellation)."""
-        tasks = [h.task for h in self.submitted if h.task is not None]
+    async def drain(self, timeout_s: float = 1.0) -> None:
+        """Let background work settle: every generation task finished, and every event it queued
+        read by the gateway (which then cancels the handle). A handle the gateway abandoned keeps
+        unread events or stays live; `live` shows it afterwards."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         for _ in range(3):
             await asyncio.sleep(0)
-        for t in tasks:
+        for t in [h.task for h in self.submitted if h.task is not None]:
             if not t.done():
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(t), timeout=1.0)
+                    await asyncio.wait_for(asyncio.shield(t), timeout=max(0.0, deadline - loop.time()))
+        while any(not h.events.empty() for h in self.handles) and loop.time() < deadline:
+            await asyncio.sleep(0.001)
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     def rng_for(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int | None) -> np.random.Generator:
         prompt_hash = zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes())
@@ -128,8 +138,9 @@ class FakeEngine:
             return np.random.default_rng([prompt_hash, 1, seed])
         return np.random.default_rng()
 
-    def expected_tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
-                        seed: int | None) -> list[int]:
+    def expected_tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+    ) -> list[int]:
         """What a (deterministic) generation emits, eos included."""
         rng = self.rng_for(prompt_ids, params, seed)
         eos_trigger = EOS_TRIGGER in self.model.tokenizer.decode(list(prompt_ids))
@@ -149,14 +160,18 @@ class FakeEngine:
 
     async def _run(self, handle: FakeHandle) -> None:
         rng = self.rng_for(handle.prompt_ids, handle.params, handle.seed)
-        eos_trigger = EOS_TRIGGER in self.model.tokenizer.decode(handle.prompt_ids)
+        prompt_text = self.model.tokenizer.decode(handle.prompt_ids)
+        eos_trigger = EOS_TRIGGER in prompt_text
+        fail_after = self.fail_after
+        if self.fail_only_if_prompt_contains is not None and self.fail_only_if_prompt_contains not in prompt_text:
+            fail_after = None
         k = handle.params.logprobs
         for step in range(handle.max_new_tokens):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             else:
                 await asyncio.sleep(0)
-            if self.fail_after is not None and step == self.fail_after:
+            if fail_after is not None and step == fail_after:
                 handle.events.put_nowait(ErrorEvent(self.error))
                 return
             token, index = self._draw(rng, step, eos_trigger)

@@ -52,7 +52,9 @@ async def test_unseeded_sampling_never_cached(
     assert cache.stats().stores == 0
 
 
-@pytest.mark.parametrize("change", [{"max_new_tokens": 5}, {"stop": ["zzz"]}, {"top_k": 3}, {"prompt": "Once upon a tim"}])
+@pytest.mark.parametrize(
+    "change", [{"max_new_tokens": 5}, {"stop": ["zzz"]}, {"top_k": 3}, {"prompt": "Once upon a tim"}]
+)
 async def test_any_parameter_change_is_a_miss(client: httpx.AsyncClient, change: dict[str, Any]) -> None:
     assert (await _gen(client, temperature=0))["cached"] is False
     assert (await _gen(client, temperature=0, **change))["cached"] is False
@@ -73,7 +75,9 @@ async def test_cached_stream_replays_the_same_events(client: httpx.AsyncClient, 
     assert plain["cached"] is True and plain["generated_text"] == d1["generated_text"]
 
 
-async def test_failed_generation_is_not_cached(client: httpx.AsyncClient, fake: FakeEngine, cache: MemoryResultCache) -> None:
+async def test_failed_generation_is_not_cached(
+    client: httpx.AsyncClient, fake: FakeEngine, cache: MemoryResultCache
+) -> None:
     fake.fail_after = 3
     r = await client.post("/generate", json={"prompt": "fragile", "max_new_tokens": 6, "temperature": 0})
     assert r.status_code == 503
@@ -101,8 +105,9 @@ async def test_cancelled_stream_is_not_cached_and_frees_the_slot(
 ) -> None:
     payload = {"prompt": "walk away", "max_new_tokens": 40, "temperature": 0}
     fake.delay_s = 0.01
-    exchange = await asgi_post(app, "/generate/stream", payload,
-                               disconnect_when=lambda body: body.count("event: token") >= 2)
+    exchange = await asgi_post(
+        app, "/generate/stream", payload, disconnect_when=lambda body: body.count("event: token") >= 2
+    )
     assert exchange.status == 200
     read = parse_sse(exchange.body)
     assert [e.event for e in read][:2] == ["token", "token"]
@@ -118,7 +123,9 @@ async def test_cancelled_stream_is_not_cached_and_frees_the_slot(
     assert again.json()["completion_tokens"] == 40
 
 
-async def test_cancelled_openai_stream_frees_every_choice(app: FastAPI, fake: FakeEngine, cache: MemoryResultCache) -> None:
+async def test_cancelled_openai_stream_frees_every_choice(
+    app: FastAPI, fake: FakeEngine, cache: MemoryResultCache
+) -> None:
     payload = {"model": "tiny", "prompt": ["a b", "c d"], "n": 2, "max_tokens": 40, "stream": True, "temperature": 0}
     fake.delay_s = 0.01
     exchange = await asgi_post(app, "/v1/completions", payload, disconnect_when=lambda body: body.count("data:") >= 3)

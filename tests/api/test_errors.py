@@ -117,9 +117,19 @@ BATCH_CASES = [
     ("over max_batch_requests", {"requests": [NATIVE] * 5}, "requests", None),
     ("empty batch", {"requests": []}, "requests", None),
     ("item empty prompt", {"requests": [NATIVE, _with(NATIVE, prompt="")]}, "requests[1].prompt", None),
-    ("item bad temperature", {"requests": [NATIVE, NATIVE, _with(NATIVE, temperature=9)]},
-     "requests[2].temperature", None),
+    (
+        "item bad temperature",
+        {"requests": [NATIVE, NATIVE, _with(NATIVE, temperature=9)]},
+        "requests[2].temperature",
+        None,
+    ),
     ("item extra field", {"requests": [_with(NATIVE, foo=1)]}, "requests[0].foo", None),
+    (
+        "item over the server limit",
+        {"requests": [NATIVE, _with(NATIVE, max_new_tokens=49)]},
+        "requests[1].max_new_tokens",
+        None,
+    ),
     ("extra top-level field", {"requests": [NATIVE], "parallel": True}, "parallel", None),
     ("missing requests", {}, "requests", None),
 ]
@@ -137,7 +147,9 @@ async def test_batch_client_errors(
     assert fake.submitted == []
 
 
-async def test_batch_item_context_length(client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel) -> None:
+async def test_batch_item_context_length(
+    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel
+) -> None:
     prompt, n = prompt_of_tokens(served_model, 20)
     payload = {"requests": [NATIVE, {"prompt": prompt, "max_new_tokens": MAX_CONTEXT - n + 1}]}
     r = await client.post("/generate/batch", json=payload)
@@ -181,8 +193,14 @@ OPENAI_CASES = [
 @pytest.mark.parametrize(("case", "payload", "status", "param", "code"), OPENAI_CASES, ids=[c[0] for c in OPENAI_CASES])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_openai_client_errors(
-    client: httpx.AsyncClient, fake: FakeEngine, case: str, payload: dict[str, Any], status: int, param: str,
-    code: str | None, stream: bool,
+    client: httpx.AsyncClient,
+    fake: FakeEngine,
+    case: str,
+    payload: dict[str, Any],
+    status: int,
+    param: str,
+    code: str | None,
+    stream: bool,
 ) -> None:
     if stream and "stream" not in payload:
         payload = {**payload, "stream": True}
@@ -229,7 +247,9 @@ async def test_openai_context_length_names_the_list_item(client: httpx.AsyncClie
 
 
 # --------------------------------------------------------------------------- routing 4xx
-@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models/x")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/nope"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models/x")]
+)
 async def test_unknown_route_404(client: httpx.AsyncClient, method: str, path: str) -> None:
     r = await client.request(method, path)
     assert r.status_code == 404
@@ -288,11 +308,22 @@ ERROR_MAP = [
 ]
 
 
-@pytest.mark.parametrize(("error", "status", "type_", "code", "retry"), ERROR_MAP, ids=[type(e[0]).__name__ for e in ERROR_MAP])
-@pytest.mark.parametrize(("route", "payload"), [("/generate", NATIVE), ("/v1/completions", OPENAI)], ids=["native", "openai"])
+@pytest.mark.parametrize(
+    ("error", "status", "type_", "code", "retry"), ERROR_MAP, ids=[type(e[0]).__name__ for e in ERROR_MAP]
+)
+@pytest.mark.parametrize(
+    ("route", "payload"), [("/generate", NATIVE), ("/v1/completions", OPENAI)], ids=["native", "openai"]
+)
 async def test_upstream_failure_before_first_token(
-    client: httpx.AsyncClient, fake: FakeEngine, route: str, payload: dict[str, Any],
-    error: Exception, status: int, type_: str, code: str | None, retry: bool,
+    client: httpx.AsyncClient,
+    fake: FakeEngine,
+    route: str,
+    payload: dict[str, Any],
+    error: Exception,
+    status: int,
+    type_: str,
+    code: str | None,
+    retry: bool,
 ) -> None:
     fake.fail_after = 0
     fake.error = error
@@ -305,8 +336,11 @@ async def test_upstream_failure_before_first_token(
     assert fake.live == 0
 
 
-@pytest.mark.parametrize(("route", "payload"), [("/generate/stream", NATIVE), ("/v1/completions", {**OPENAI, "stream": True})],
-                         ids=["native", "openai"])
+@pytest.mark.parametrize(
+    ("route", "payload"),
+    [("/generate/stream", NATIVE), ("/v1/completions", {**OPENAI, "stream": True})],
+    ids=["native", "openai"],
+)
 async def test_stream_failure_before_first_token_is_a_plain_json_error(
     client: httpx.AsyncClient, fake: FakeEngine, route: str, payload: dict[str, Any]
 ) -> None:
@@ -356,17 +390,21 @@ async def test_request_timeout_is_504(client: httpx.AsyncClient, fake: FakeEngin
     assert fake.live == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: a StepError raised by engine.submit escapes as a bare 500")
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="BUG: a StepError raised by engine.submit escapes as a bare 500"
+)
 async def test_submit_upstream_error_is_503(lenient_client: httpx.AsyncClient, fake: FakeEngine) -> None:
     fake.submit_error = UpstreamUnavailable("the engine is not started")
     r = await lenient_client.post("/generate", json=NATIVE)
     assert r.status_code == 503
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError,
-                   reason="BUG: an OpenAI stream hangs forever when submit raises a non-APIError")
-async def test_openai_stream_submit_upstream_error_does_not_hang(lenient_client: httpx.AsyncClient, fake: FakeEngine) -> None:
+@pytest.mark.xfail(
+    strict=True, raises=TimeoutError, reason="BUG: an OpenAI stream hangs forever when submit raises a non-APIError"
+)
+async def test_openai_stream_submit_upstream_error_does_not_hang(
+    lenient_client: httpx.AsyncClient, fake: FakeEngine
+) -> None:
     import asyncio
     import gc
 
@@ -376,9 +414,7 @@ async def test_openai_stream_submit_upstream_error_does_not_hang(lenient_client:
     loop.set_exception_handler(lambda _loop, ctx: dropped.append(ctx.get("exception")))
     hung = False
     try:
-        r = await asyncio.wait_for(
-            lenient_client.post("/v1/completions", json={**OPENAI, "stream": True}), timeout=0.5
-        )
+        r = await asyncio.wait_for(lenient_client.post("/v1/completions", json={**OPENAI, "stream": True}), timeout=0.5)
     except TimeoutError:
         hung = True
     for _ in range(3):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -43,8 +45,16 @@ async def test_generate_response_fields(client: httpx.AsyncClient, fake: FakeEng
 
 
 async def test_generate_passes_sampling_parameters(client: httpx.AsyncClient, fake: FakeEngine) -> None:
-    payload = {"prompt": "Hi", "max_new_tokens": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
-               "repetition_penalty": 1.2, "seed": 7}
+    payload = {
+        "prompt": "Hi",
+        "max_new_tokens": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.2,
+        "seed": 7,
+    }
     r = await client.post("/generate", json=payload)
     assert r.status_code == 200
     (handle,) = fake.submitted
@@ -69,14 +79,18 @@ async def test_eos_finishes_with_stop(client: httpx.AsyncClient, served_model: S
     assert "<|endoftext|>" not in body["generated_text"]
 
 
-async def test_stop_string_cuts_the_text(client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine) -> None:
+async def test_stop_string_cuts_the_text(
+    client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine
+) -> None:
     ids = _ids(served_model, "Hello world")
     tokens = fake.expected_tokens(ids, GREEDY, 8, None)
     pieces = [served_model.tokenizer.decode([t]) for t in tokens]
     stop = pieces[3]
     before = "".join(pieces[:3])
     assert (before + stop).find(stop) == len(before)  # the first hit is the 4th token
-    r = await client.post("/generate", json={"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0, "stop": stop})
+    r = await client.post(
+        "/generate", json={"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0, "stop": stop}
+    )
     body = r.json()
     assert body["generated_text"] == before
     assert body["finish_reason"] == "stop"
@@ -121,7 +135,9 @@ async def test_stream_matches_non_stream(client: httpx.AsyncClient) -> None:
 
 
 async def test_stream_eos(client: httpx.AsyncClient) -> None:
-    r = await client.post("/generate/stream", json={"prompt": f"{EOS_TRIGGER} now", "max_new_tokens": 10, "temperature": 0})
+    r = await client.post(
+        "/generate/stream", json={"prompt": f"{EOS_TRIGGER} now", "max_new_tokens": 10, "temperature": 0}
+    )
     events = parse_sse(r.text)
     assert [e.event for e in events] == ["token", "token", "done"]
     assert [e.json()["position"] for e in events[:2]] == [0, 1]
@@ -133,8 +149,9 @@ async def test_stream_eos(client: httpx.AsyncClient) -> None:
 async def test_stream_with_stop_string(client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine) -> None:
     tokens = fake.expected_tokens(_ids(served_model, "Hello world"), GREEDY, 8, None)
     pieces = [served_model.tokenizer.decode([t]) for t in tokens]
-    r = await client.post("/generate/stream", json={"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0,
-                                                    "stop": [pieces[3]]})
+    r = await client.post(
+        "/generate/stream", json={"prompt": "Hello world", "max_new_tokens": 8, "temperature": 0, "stop": [pieces[3]]}
+    )
     events = parse_sse(r.text)
     done = events[-1].json()
     assert done["finish_reason"] == "stop"
@@ -143,9 +160,10 @@ async def test_stream_with_stop_string(client: httpx.AsyncClient, served_model: 
 
 
 # --------------------------------------------------------------------------- batch
-async def test_batch_in_order_with_per_item_parameters(client: httpx.AsyncClient, fake: FakeEngine,
-                                                       served_model: ServedModel) -> None:
-    items = [
+async def test_batch_in_order_with_per_item_parameters(
+    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel
+) -> None:
+    items: list[dict[str, Any]] = [
         {"prompt": "first", "max_new_tokens": 2, "temperature": 0},
         {"prompt": "second", "max_new_tokens": 7, "temperature": 0},
         {"prompt": f"third {EOS_TRIGGER}", "max_new_tokens": 9, "temperature": 0},
@@ -161,7 +179,9 @@ async def test_batch_in_order_with_per_item_parameters(client: httpx.AsyncClient
     assert [x["finish_reason"] for x in results] == ["length", "length", "stop", "length"]
     for item, result in zip(items, results, strict=True):
         params = SamplingParams(temperature=item["temperature"], top_k=item.get("top_k", 0))
-        expected = fake.expected_tokens(_ids(served_model, item["prompt"]), params, item["max_new_tokens"], item.get("seed"))
+        expected = fake.expected_tokens(
+            _ids(served_model, item["prompt"]), params, item["max_new_tokens"], item.get("seed")
+        )
         text_ids = [t for t in expected if t != served_model.eos_token_id]
         assert result["generated_text"] == served_model.tokenizer.decode(text_ids)
         assert result["usage"]["prompt_tokens"] == len(_ids(served_model, item["prompt"]))
@@ -209,3 +229,21 @@ async def test_batch_over_limit_names_requests(client: httpx.AsyncClient) -> Non
     assert r.status_code == 400
     err = assert_error_envelope(r)
     assert err["param"] == "requests" and "4" in err["message"]
+
+
+async def test_stream_releases_held_back_text_at_the_end(
+    client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine
+) -> None:
+    """Text that might start a stop string is held back, and released after the last token as a
+    `token` event without position/token_id (TextChunk's documented contract)."""
+    tokens = fake.expected_tokens(_ids(served_model, "Hello world"), GREEDY, 4, None)
+    pieces = [served_model.tokenizer.decode([t]) for t in tokens]
+    stop = pieces[-1] + "\x07never"
+    r = await client.post(
+        "/generate/stream", json={"prompt": "Hello world", "max_new_tokens": 4, "temperature": 0, "stop": [stop]}
+    )
+    events = parse_sse(r.text)
+    datas = [e.json() for e in events if e.event == "token"]
+    assert [d["position"] for d in datas] == [0, 1, 2, 3, None]
+    assert datas[3]["text"] == "" and datas[4] == {"text": pieces[-1], "position": None, "token_id": None}
+    assert "".join(d["text"] for d in datas) == events[-1].json()["generated_text"] == "".join(pieces)
