@@ -23,8 +23,13 @@ def main() -> None:
     if args.workers > 1:
         # Worker processes build their own app from the same GATEWAY_* environment.
         uvicorn.run(
-            "frontend.app:create_app", factory=True, host=settings.host, port=settings.port,
-            workers=args.workers, log_level="info", access_log=False,
+            "frontend.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=args.workers,
+            log_level="info",
+            access_log=False,
         )
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)

@@ -60,13 +60,7 @@ def create_app(
             await engine.start(settings.startup_timeout_s)
         else:
             await engine.start()
-        app.state.service = GenerationService(
-            engine,
-            result_cache,
-            metrics,
-            max_new_tokens_limit=settings.max_new_tokens_limit,
-            request_timeout_s=settings.request_timeout_s,
-        )
+        app.state.service = GenerationService(engine, result_cache, metrics, settings=settings)
         try:
             yield
         finally:

@@ -19,6 +19,8 @@ FastAPI's validation errors (400, with the offending field as `param`) and anyth
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -107,11 +109,24 @@ def render(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
 
 
-def _validation_param(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+# pydantic names the member of a union it tried ("str", "list[int]", "function-after[...]"); a
+# client needs the field, so the location is cut at the first such tag.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
+
+
+def _validation_param(error: Mapping[str, Any]) -> str:
+    if error.get("type") == "json_invalid":
+        return ""  # the location is a character offset in the body, not a field
     out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    for part in error.get("loc", ()):
+        if part in ("body", "query", "path"):
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _UNION_TAG.match(str(part)):
+            break
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 
@@ -123,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        param = _validation_param(tuple(first.get("loc", ())))
+        param = _validation_param(first)
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return render(InvalidRequest(message, param=param or None))
 
@@ -132,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = {404: "not_found_error", 405: "invalid_request_error"}.get(
             err.status_code, "invalid_request_error"
         )
-        return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code)
+        return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 from embedded_triton import TritonPorts, TritonServer

@@ -31,8 +31,8 @@ for _entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pat
     sys.path.insert(0, _entry)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import triton_python_backend_utils as pb_utils
-from engine import EngineError, ModelMeta, StepEngine, StepRequest
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
 _ERROR_CODES = {
     "INVALID_ARG": "INVALID_ARG",
@@ -53,7 +53,8 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 def _output(name: str, array: np.ndarray) -> Any:
     """A response tensor built through DLPack (see _to_numpy)."""
-    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(array))))
+    contiguous = torch.from_numpy(np.ascontiguousarray(array))
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(contiguous))
 
 
 def _setting(params: dict[str, str], key: str, default: str) -> str:

@@ -38,7 +38,8 @@ def _prepare(service: GenerationService, body: GenerateRequest, prefix: str = ""
         repetition_penalty=body.repetition_penalty,
         stop=body.stop,
         seed=body.seed,
-        param_prefix=prefix,
+        prompt_param=f"{prefix}prompt",
+        max_tokens_param=f"{prefix}max_new_tokens",
     )
 
 

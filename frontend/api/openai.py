@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from frontend.api.streaming import sse_response
 from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger(__name__)
 
 
 def _check_supported(body: oai.CompletionRequest, service: GenerationService, max_n: int) -> None:
@@ -59,10 +61,16 @@ def _prompts(body: oai.CompletionRequest) -> list[str | list[int]]:
 
 def _plan(body: oai.CompletionRequest, service: GenerationService) -> list[tuple[int, str, GenerationRequest]]:
     """(choice index, echoed prompt text, request) for every prompt x n."""
+    prompts = _prompts(body)
+    limit = service.settings.max_batch_requests
+    if len(prompts) * body.n > limit:
+        raise errors.InvalidRequest(
+            f"{len(prompts)} prompts x n={body.n} asks for more than {limit} completions in one request", param="prompt"
+        )
     plan = []
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    for p_index, prompt in enumerate(_prompts(body)):
+    for p_index, prompt in enumerate(prompts):
         param = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
         ids = service.tokenize(prompt, param=param)
         echo = (
@@ -82,23 +90,29 @@ def _plan(body: oai.CompletionRequest, service: GenerationService) -> list[tuple
                 stop=body.stop_list(),
                 seed=None if body.seed is None else body.seed + j,
                 logprobs=body.logprobs or 0,
+                prompt_param=param,
+                max_tokens_param="max_tokens",
             )
             plan.append((p_index * body.n + j, echo, req))
     return plan
 
 
-def _logprobs(service: GenerationService, chunks: list[TextChunk], offset: int) -> oai.LogProbs:
+def _logprobs(service: GenerationService, chunks: list[TextChunk], offset: int) -> tuple[oai.LogProbs, int]:
+    """OpenAI's logprobs for `chunks`, the first token at text offset `offset`; returns the offset
+    after the last token. Offsets advance by each token's own text (not by the text released with
+    it, which a pending stop string can delay)."""
     decode = service.engine.model.tokenizer.decode
     tokens, token_lps, tops, offsets = [], [], [], []
     for ch in chunks:
         if ch.token_id is None:
             continue
-        tokens.append(decode([ch.token_id]))
+        token = decode([ch.token_id])
+        tokens.append(token)
         token_lps.append(ch.logprob)
         tops.append({decode([t]): lp for t, lp in ch.top_logprobs} if ch.top_logprobs else None)
         offsets.append(offset)
-        offset += len(ch.text)
-    return oai.LogProbs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
+        offset += len(token)
+    return oai.LogProbs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets), offset
 
 
 @router.get("/models", response_model=oai.ModelList)
@@ -116,12 +130,18 @@ async def create_completion(body: oai.CompletionRequest, service: ServiceDep, se
     model = service.engine.model.name
     if body.stream:
         return await _stream(body, service, plan, completion_id, created, model)
-    results = await asyncio.gather(*(service.complete(req) for _, _, req in plan))
+    try:
+        # A TaskGroup cancels the sibling choices as soon as one fails: nothing outlives the request.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(service.complete(req)) for _, _, req in plan]
+    except* errors.APIError as failed:
+        raise failed.exceptions[0] from None
+    results = [t.result() for t in tasks]
     choices = []
     prompt_tokens = completion_tokens = 0
     seen_prompts: set[int] = set()
     for (index, echo, req), result in zip(plan, results, strict=True):
-        logprobs = _logprobs(service, result.chunks, len(echo)) if body.logprobs is not None else None
+        logprobs = _logprobs(service, result.chunks, len(echo))[0] if body.logprobs is not None else None
         choices.append(
             oai.Choice(text=echo + result.text, index=index, logprobs=logprobs, finish_reason=result.finish_reason)
         )  # type: ignore[arg-type]
@@ -152,6 +172,9 @@ async def _stream(
                 queue.put_nowait((index, echo, item))
         except errors.APIError as err:
             queue.put_nowait((index, echo, err))
+        except Exception:  # never leave the reader waiting on a choice that died
+            log.exception("streamed choice %d failed", index)
+            queue.put_nowait((index, echo, errors.APIError("internal error during generation")))
 
     # Fail before the first byte when nothing can start (e.g. overloaded): a plain JSON error.
     tasks = [asyncio.create_task(run(i, e, r)) for i, e, r in plan]
@@ -171,6 +194,7 @@ async def _stream(
     async def events() -> AsyncIterator[ServerSentEvent]:
         pending = len(plan)
         echoed: set[int] = set()
+        offsets = {index: len(echo) for index, echo, _ in plan}
         prompt_tokens = completion_tokens = 0
         item: tuple[int, str, TextChunk | Completion | errors.APIError] | None = first
         try:
@@ -184,7 +208,9 @@ async def _stream(
                     echoed.add(index)
                     prefix = echo
                 if isinstance(payload, TextChunk):
-                    logprobs = _logprobs(service, [payload], 0) if body.logprobs is not None else None
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs, offsets[index] = _logprobs(service, [payload], offsets[index])
                     yield chunk([oai.Choice(text=prefix + payload.text, index=index, logprobs=logprobs)])
                 else:
                     pending -= 1

@@ -101,9 +101,7 @@ class MemoryResultCache:
         now = self._clock()
         self._purge_expired(now)
         if len(data) > self._max_bytes:
-            logger.debug(
-                "result of %d bytes exceeds max_bytes=%d; not cached", len(data), self._max_bytes
-            )
+            logger.debug("result of %d bytes exceeds max_bytes=%d; not cached", len(data), self._max_bytes)
             return
         if key in self._lru:
             self._remove(key)

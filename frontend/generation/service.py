@@ -20,11 +20,12 @@ from frontend import errors
 from frontend.cache import CachedResult, ResultCache, cache_key, is_cacheable
 from frontend.engine.protocol import Engine
 from frontend.engine.scheduler import ErrorEvent, FinishEvent, Overloaded, TokenEvent
-from frontend.engine.triton_client import StepRejected
+from frontend.engine.triton_client import StepError, StepRejected
 from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
 from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
 from frontend.metrics import GatewayMetrics
 from frontend.sampling import SamplingParams
+from frontend.settings import Settings
 from frontend.text import IncrementalDecoder, StopMatcher
 
 
@@ -84,15 +85,13 @@ class GenerationService:
         engine: Engine,
         cache: ResultCache,
         metrics: GatewayMetrics,
-        *,
-        max_new_tokens_limit: int,
-        request_timeout_s: float,
+        settings: Settings,
     ) -> None:
         self.engine = engine
         self.cache = cache
         self.metrics = metrics
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.request_timeout_s = request_timeout_s
+        self.settings = settings  # limits are read per request
+        self.request_timeout_s = settings.request_timeout_s
 
     # ------------------------------------------------------------------ preparation
     def tokenize(self, prompt: str | Sequence[int], *, param: str = "prompt") -> tuple[int, ...]:
@@ -100,6 +99,11 @@ class GenerationService:
         if isinstance(prompt, str):
             if not prompt:
                 raise errors.InvalidRequest("prompt must not be empty", param=param)
+            limit = self.settings.max_prompt_chars
+            if len(prompt) > limit:
+                raise errors.InvalidRequest(
+                    f"prompt has {len(prompt)} characters; this server accepts at most {limit}", param=param
+                )
             ids = tuple(model.tokenizer(prompt)["input_ids"])
         else:
             ids = tuple(int(t) for t in prompt)
@@ -122,21 +126,23 @@ class GenerationService:
         stop: Sequence[str],
         seed: int | None,
         logprobs: int = 0,
-        param_prefix: str = "",
+        prompt_param: str = "prompt",
+        max_tokens_param: str = "max_new_tokens",
     ) -> GenerationRequest:
-        """Check limits that need the model (context length); field ranges are the schema's job."""
+        """Check limits that need the model (context length); field ranges are the schema's job.
+        `prompt_param` / `max_tokens_param` name the client's fields in error messages."""
         model = self.engine.model
-        if max_new_tokens > self.max_new_tokens_limit:
+        limit = self.settings.max_new_tokens_limit
+        if max_new_tokens > limit:
             raise errors.InvalidRequest(
-                f"max new tokens {max_new_tokens} exceeds this server's limit of {self.max_new_tokens_limit}",
-                param=f"{param_prefix}max_new_tokens",
+                f"{max_tokens_param} {max_new_tokens} exceeds this server's limit of {limit}", param=max_tokens_param
             )
         total = len(prompt_ids) + max_new_tokens
         if total > model.max_context:
             raise errors.ContextLengthExceeded(
                 f"This model's maximum context length is {model.max_context} tokens, however you requested "
                 f"{total} tokens ({len(prompt_ids)} in your prompt; {max_new_tokens} for the completion).",
-                param=f"{param_prefix}prompt",
+                param=prompt_param,
             )
         sampling = SamplingParams(
             temperature=float(temperature),
@@ -200,8 +206,8 @@ class GenerationService:
         model = self.engine.model
         try:
             handle = self.engine.submit(req.prompt_ids, req.sampling, req.max_new_tokens, req.seed)
-        except Overloaded as err:
-            raise errors.Overloaded(str(err), retry_after_s=1) from err
+        except (Overloaded, StepError) as err:
+            raise _api_error(err) from err
         decoder = IncrementalDecoder(model.tokenizer, req.prompt_ids)
         matcher = StopMatcher(req.stop)
         chunks: list[TextChunk] = []

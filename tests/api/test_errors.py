@@ -91,7 +91,6 @@ async def test_body_not_an_object(client: httpx.AsyncClient) -> None:
     assert assert_error_envelope(r)["param"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: invalid JSON reports the character offset as param ('[1]'), not None")
 async def test_invalid_json_has_no_param(client: httpx.AsyncClient) -> None:
     r = await client.post("/generate", content=b"{bad json", headers={"content-type": "application/json"})
     assert r.status_code == 400
@@ -104,7 +103,6 @@ async def test_invalid_json_is_a_400_envelope(client: httpx.AsyncClient) -> None
     assert assert_error_envelope(r)["type"] == "invalid_request_error"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Settings.max_prompt_chars is never enforced")
 async def test_max_prompt_chars_is_enforced(client: httpx.AsyncClient, app: Any) -> None:
     app.state.settings.max_prompt_chars = 10
     r = await client.post("/generate", json={"prompt": "Hello world, hello", "max_new_tokens": 2})
@@ -221,7 +219,6 @@ async def test_openai_context_length(client: httpx.AsyncClient, served_model: Se
     assert err["code"] == "context_length_exceeded"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: union-typed fields report the pydantic union member ('prompt.str')")
 @pytest.mark.parametrize(("field", "value"), [("prompt", 123), ("stop", 5), ("prompt", [["a"]])])
 async def test_openai_union_field_param(client: httpx.AsyncClient, field: str, value: Any) -> None:
     r = await client.post("/v1/completions", json=_with(OPENAI, **{field: value}))
@@ -229,14 +226,12 @@ async def test_openai_union_field_param(client: httpx.AsyncClient, field: str, v
     assert assert_error_envelope(r)["param"] == field
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the OpenAI route reports param 'max_new_tokens' for max_tokens")
 async def test_openai_max_tokens_over_limit_names_max_tokens(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json=_with(OPENAI, max_tokens=49))
     assert r.status_code == 400
     assert assert_error_envelope(r)["param"] == "max_tokens"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: context length of prompt[i] in a list is reported as param 'prompt'")
 async def test_openai_context_length_names_the_list_item(client: httpx.AsyncClient, served_model: ServedModel) -> None:
     prompt, n = prompt_of_tokens(served_model, 20)
     r = await client.post("/v1/completions", json=_with(OPENAI, prompt=["Hi", prompt], max_tokens=MAX_CONTEXT - n + 1))
@@ -266,7 +261,6 @@ async def test_wrong_method_405(client: httpx.AsyncClient, method: str, path: st
     assert_error_envelope(r)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the HTTPException handler drops the Allow header of 405 responses")
 async def test_405_keeps_allow_header(client: httpx.AsyncClient) -> None:
     r = await client.get("/generate")
     assert r.status_code == 405
@@ -390,18 +384,12 @@ async def test_request_timeout_is_504(client: httpx.AsyncClient, fake: FakeEngin
     assert fake.live == 0
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="BUG: a StepError raised by engine.submit escapes as a bare 500"
-)
 async def test_submit_upstream_error_is_503(lenient_client: httpx.AsyncClient, fake: FakeEngine) -> None:
     fake.submit_error = UpstreamUnavailable("the engine is not started")
     r = await lenient_client.post("/generate", json=NATIVE)
     assert r.status_code == 503
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TimeoutError, reason="BUG: an OpenAI stream hangs forever when submit raises a non-APIError"
-)
 async def test_openai_stream_submit_upstream_error_does_not_hang(
     lenient_client: httpx.AsyncClient, fake: FakeEngine
 ) -> None:

@@ -164,9 +164,6 @@ async def test_logprobs_zero(oai: openai.AsyncOpenAI) -> None:
     assert lp.top_logprobs == [None, None, None]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: streamed logprobs.text_offset is always 0, not the offset in the completion"
-)
 async def test_stream_logprobs_match_non_stream(oai: openai.AsyncOpenAI) -> None:
     args: dict[str, Any] = {"model": MODEL, "prompt": "Hello world", "max_tokens": 4, "temperature": 0, "logprobs": 2}
     plain = (await oai.completions.create(**args)).choices[0].logprobs
@@ -268,11 +265,6 @@ async def test_seeded_n_is_cached_per_choice(oai: openai.AsyncOpenAI, fake: Fake
     assert len({x.text for x in [*c.choices, *d.choices]}) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: text_offset advances by the released chunk text, not the token text, "
-    "so a token held back by a stop-string prefix shifts later offsets",
-)
 async def test_logprobs_text_offset_with_held_back_text(
     oai: openai.AsyncOpenAI, served_model: ServedModel, fake: FakeEngine
 ) -> None:
@@ -289,9 +281,6 @@ async def test_logprobs_text_offset_with_held_back_text(
     assert choice.logprobs.text_offset == offsets
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: when one choice fails, asyncio.gather leaves the sibling generations running"
-)
 async def test_failed_choice_cancels_its_siblings(client: httpx.AsyncClient, fake: FakeEngine) -> None:
     fake.delay_s = 0.005
     fake.fail_after = 1

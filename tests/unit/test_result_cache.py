@@ -91,10 +91,7 @@ def test_key_is_sha256_hex_and_stable() -> None:
 
 def test_key_independent_of_param_insertion_order() -> None:
     reordered = dict(reversed(list(BASE_PARAMS.items())))
-    assert (
-        cache_key(model="gpt2", model_version="v1", prompt_ids=[15496, 11, 995], params=reordered)
-        == key()
-    )
+    assert cache_key(model="gpt2", model_version="v1", prompt_ids=[15496, 11, 995], params=reordered) == key()
 
 
 @pytest.mark.parametrize(
@@ -136,9 +133,7 @@ def test_int_and_float_normalised() -> None:
     assert key(params={"top_k": 50.0}) == key(params={"top_k": 50})
     assert key(params={"min_p": -0.0}) == key(params={"min_p": 0})
     # Nested values are normalised too (e.g. logit_bias).
-    assert key(params={"logit_bias": {"50256": -100}}) == key(
-        params={"logit_bias": {"50256": -100.0}}
-    )
+    assert key(params={"logit_bias": {"50256": -100}}) == key(params={"logit_bias": {"50256": -100.0}})
     # Non-integral floats are compared exactly.
     assert key(params={"top_p": 0.9}) != key(params={"top_p": 0.90000001})
 
@@ -443,18 +438,14 @@ class FailingRedis:
     async def get(self, name: str) -> Any:
         return await self._cmd()
 
-    async def set(
-        self, name: str, value: bytes, ex: int | None = None, px: int | None = None
-    ) -> Any:
+    async def set(self, name: str, value: bytes, ex: int | None = None, px: int | None = None) -> Any:
         return await self._cmd()
 
     async def aclose(self) -> None:
         self.closed = True
 
 
-def redis_cache(
-    client: Any, clock: Callable[[], float] | None = None, **kwargs: Any
-) -> RedisResultCache:
+def redis_cache(client: Any, clock: Callable[[], float] | None = None, **kwargs: Any) -> RedisResultCache:
     if clock is not None:
         kwargs["clock"] = clock
     return RedisResultCache(client, ttl_s=60, **kwargs)
