@@ -182,6 +182,10 @@ class StepEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if self.device_kind == "cpu":
+            # Triton, the gateway and this process share the cores: idle threads must sleep, not
+            # spin (spinning cost the 2-core machine about a third of its decode speed).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device_kind == "cuda":
             stream = torch.cuda.current_stream(self.device).cuda_stream
