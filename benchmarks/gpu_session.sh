@@ -11,13 +11,7 @@ OUT=${OUT:-/tmp/out}
 R=/tmp/results
 mkdir -p "$R" "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
-export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /root/site .whl/*.whl
-# Triton 2.51's Python stub needs numpy<2 (empty tensors with 2.x), but the image's transformers
-# imports scipy, which needs numpy 2: only the stub gets the staged numpy 1.26.
-mkdir -p /root/np1 && mv /root/site/numpy /root/site/numpy-1.26.4.dist-info /root/site/numpy.libs /root/np1/ 2>/dev/null
-export TRITON_STUB_PYTHONPATH=/root/np1
-PY=python3
+. "$(dirname "$0")/gpu_env.sh"
 WORKERS=${WORKERS:-8}
 stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 

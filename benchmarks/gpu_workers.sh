@@ -7,10 +7,7 @@ OUT=${OUT:-/tmp/out}
 R=/tmp/workers
 mkdir -p "$R" "$OUT"
 exec > >(tee "$OUT/workers.log") 2>&1
-export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-mkdir -p /root/np1 && mv /root/site/numpy /root/site/numpy-1.26.4.dist-info /root/site/numpy.libs /root/np1/ 2>/dev/null
-export TRITON_STUB_PYTHONPATH=/root/np1
-PY=python3
+. "$(dirname "$0")/gpu_env.sh"
 save() { tar -czf "$OUT/workers.tar.gz" -C "$R" .; }
 
 $PY -m export --random-config gpt2 --dtype fp16 --device cuda --strict-device --kv-capacity 640 \
