@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 MODEL ?= gpt2
 REPOSITORY ?= model_repository
 PORT ?= 8080
-REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu.txt,requirements.txt)
+REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu.txt,requirements-cpu.txt)
 
-.PHONY: setup run test lint format export triton bench clean
+.PHONY: setup run test lint format export triton bench clean redis-server
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt
+$(BIN)/.installed: requirements.txt requirements-cpu.txt requirements-gpu.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt -r $(REQUIREMENTS)
@@ -20,8 +20,15 @@ setup: $(BIN)/.installed ## create the virtual environment
 run: setup ## export a default model if needed, start Triton + the gateway; Ctrl-C stops both
 	$(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
 
-test: setup ## the whole suite; real servers are started by fixtures
+test: setup redis-server ## the whole suite; real servers are started by fixtures
 	$(BIN)/python -m pytest
+
+redis-server: ## the Redis tests start a real redis-server: install Debian's package when missing
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package) for the Redis tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }; }
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
@@ -79,6 +80,20 @@ def export_default(repository: Path, model: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def wait_ready(url: str, process: subprocess.Popen[bytes], stop: threading.Event, timeout_s: float) -> bool:
+    """Poll the gateway's readiness until it answers 200, exits, or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set() and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m embedded_triton.stack", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2")
@@ -115,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     base = f"http://127.0.0.1:{args.port}"
-    print(
-        f"\n{BANNER}\n  gateway      {base}  (docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)\n"
-        f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
-        f"  Ctrl-C stops both.\n{BANNER}\n",
-        flush=True,
-    )
     code = 0
+    if wait_ready(f"{base}/health/ready", gateway, stop, timeout_s=180):
+        urls = f"(docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)"
+        print(
+            f"\n{BANNER}\n  gateway      {base}  {urls}\n"
+            f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
+            f"  Ctrl-C stops both.\n{BANNER}\n",
+            flush=True,
+        )
+    elif not stop.is_set():
+        print("error: the gateway did not become ready (see its log above)", file=sys.stderr)
+        stop.set()
+        code = 1
     try:
         while not stop.wait(0.5):
             if gateway.poll() is not None:
@@ -145,5 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    time.sleep(0)
     sys.exit(main())

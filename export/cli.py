@@ -114,6 +114,7 @@ def export(args: argparse.Namespace) -> Path:
             default_window=args.default_window,
             serve_versions=args.serve_versions,
             device=args.device,
+            strict_device=args.strict_device,
         )
         final = write_version(
             args.repository,

@@ -34,6 +34,7 @@ class ServingConfig:
     max_batch_size: int = 1024
     serve_versions: int = 1
     device: str = "auto"
+    strict_device: bool = False
 
 
 def next_version(model_dir: Path) -> int:
@@ -58,6 +59,7 @@ def config_pbtxt(name: str, serving: ServingConfig) -> str:
         "idle_timeout_s": serving.idle_timeout_s,
         "default_window": serving.default_window,
         "device": serving.device,
+        "strict_device": int(serving.strict_device),
     }
     parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""# Written by `python -m export`; see docs/architecture.md for the contract.

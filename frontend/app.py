@@ -45,6 +45,8 @@ def create_app(
     cache: ResultCache | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    if not logging.getLogger().handlers:  # worker processes of `--workers N` start bare
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = GatewayMetrics()
 
     @asynccontextmanager
