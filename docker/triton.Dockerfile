@@ -23,20 +23,21 @@
 #     12.6. The default below is the CUDA 12.6 build of torch 2.9.1 from PyTorch's own index, a
 #     release that index is known to carry for cu126; that index cannot be reached from the
 #     machine these files were written on, so the pair is unchecked. The step model uses only
-#     long-standing torch APIs (tensors on a device, streams, DLPack). For a CPU-only Triton, build
-#     with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu and drop the GPU
-#     reservation in docker-compose.yml (onnxruntime-gpu still carries the CPU provider).
+#     long-standing torch APIs (tensors on a device, streams, DLPack). Pass the index with
+#     --build-arg TORCH_INDEX_URL=<PyTorch's cu126 wheel index> (or its CPU index for a CPU-only
+#     Triton, dropping the GPU reservation in docker-compose.yml; onnxruntime-gpu still carries
+#     the CPU provider). Without it, pip's configured index is used.
 #   * numpy stays 1.x: Triton 2.51's Python-backend stub returns empty tensors with numpy 2.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 FROM ${TRITON_IMAGE}
 
 ARG TORCH_VERSION=2.9.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG TORCH_INDEX_URL=""
 ARG ORT_GPU_VERSION=1.23.2
 ARG NUMPY_VERSION=1.26.4
 
 # torch first, from its own index; numpy and ONNX Runtime last so their pins win.
-RUN python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+RUN python3 -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
  && python3 -m pip install --no-cache-dir "numpy==${NUMPY_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && python3 -c "import numpy, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
 

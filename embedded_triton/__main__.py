@@ -14,6 +14,7 @@ from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m embedded_triton", description="Run the embedded tritonserver.")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--address", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes Triton)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.repository.is_dir():
         print(f"error: no model repository at {args.repository}", file=sys.stderr)
         return 2
-    server = TritonServer(args.repository, ports=TritonPorts(args.http_port, args.grpc_port, args.metrics_port))
+    ports = TritonPorts(args.http_port, args.grpc_port, args.metrics_port)
+    server = TritonServer(args.repository, ports=ports, address=args.address)
     try:
         server.start(args.timeout_s)
     except TritonNotReady as err:

@@ -94,8 +94,10 @@ class TritonServer:
         log_path: Path | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.address = address  # loopback by default: Triton has no authentication of its own
         self.ports = ports or TritonPorts()
         self.work_dir = Path(work_dir or Path.home() / ".cache" / "gpt2-serving" / "triton").resolve()
         self.log_path = log_path
@@ -137,6 +139,9 @@ class TritonServer:
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
             "--allow-metrics=true",
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
