@@ -34,6 +34,7 @@ def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
         max_running=settings.max_running,
         max_waiting=settings.max_waiting,
         queue_timeout_s=settings.queue_timeout_s,
+        startup_timeout_s=settings.startup_timeout_s,
         observer=metrics,
     )
 
@@ -58,10 +59,7 @@ def create_app(
             ttl_s=settings.cache_ttl_s,
             max_bytes=settings.cache_max_bytes,
         )
-        if isinstance(engine, TritonEngine):
-            await engine.start(settings.startup_timeout_s)
-        else:
-            await engine.start()
+        await engine.start()
         app.state.service = GenerationService(engine, result_cache, metrics, settings=settings)
         try:
             yield

@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.requests import Request
 from starlette.responses import Response
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -115,7 +114,3 @@ class MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(template, scope.get("method", ""), str(status["code"])).inc()
             self.metrics.request_duration.labels(template).observe(time.perf_counter() - started)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    return request.app.state.metrics.render()  # type: ignore[no-any-return]

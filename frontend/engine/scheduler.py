@@ -286,8 +286,7 @@ class Scheduler:
             singles = [
                 _Call([s], [r], call.window, call.want_logits) for s, r in zip(call.seqs, call.rows, strict=False)
             ]
-            releases = [r for r in call.rows[len(call.seqs) :]]
-            for r in releases:
+            for r in call.rows[len(call.seqs) :]:  # release rows: retried at the next step
                 self._releases.add(r.sequence_id)
             results = await asyncio.gather(*(self._send(c) for c in singles), return_exceptions=True)
             for single, result in zip(singles, results, strict=True):

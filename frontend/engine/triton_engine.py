@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +37,10 @@ class TritonEngine:
         max_running: int,
         max_waiting: int,
         queue_timeout_s: float,
+        startup_timeout_s: float = 120.0,
         observer: StepObserver | None = None,
     ) -> None:
+        self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
         self._model_name = model
         self._pinned_version = version
@@ -61,8 +64,9 @@ class TritonEngine:
             raise UpstreamUnavailable("the engine has not connected to Triton yet")
         return self._model
 
-    async def start(self, timeout_s: float = 120.0) -> None:
+    async def start(self) -> None:
         """Wait for Triton's model, load its tokenizer and run a warm-up step."""
+        timeout_s = self._startup_timeout_s
         probe = StepClient(self._triton_url, self._model_name, self._pinned_version, timeout_s=self._step_timeout_s)
         deadline = time.monotonic() + timeout_s
         version = self._pinned_version
@@ -102,8 +106,6 @@ class TritonEngine:
 
     async def _warm_up(self) -> None:
         assert self._client is not None
-        import secrets
-
         await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
         self._warm = True
 
