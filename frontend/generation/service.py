@@ -220,7 +220,9 @@ class GenerationService:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(handle.events.get(), timeout=max(0.0, deadline - time.monotonic()))
+                    # asyncio.timeout arms one timer handle; wait_for would create a task per token.
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        event = await handle.events.get()
                 except TimeoutError as err:
                     raise errors.UpstreamTimeout(
                         f"generation did not finish within {self.request_timeout_s:.0f} s"
