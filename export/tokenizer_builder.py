@@ -361,8 +361,22 @@ def _new_byte_level_bpe() -> Tokenizer:
     return tok
 
 
-def _filler_token(token_id: int) -> str:
-    return f"<|unused_{token_id}|>"
+def _filler_tokens(trained: list[str], count: int, seed: int, taken: set[str]) -> list[str]:
+    """`count` new vocab entries, each the concatenation of two trained tokens (seeded order).
+
+    No merge produces them, so encoding never emits them; decoding one gives text that looks
+    like the corpus (words, Japanese fragments) rather than a placeholder, which makes a
+    random-weight model's output read like text and exercises multi-byte detokenization.
+    """
+    rng = random.Random(seed ^ 0x5EED)
+    out: list[str] = []
+    seen = set(taken)
+    while len(out) < count:
+        candidate = rng.choice(trained) + rng.choice(trained)
+        if candidate not in seen:
+            seen.add(candidate)
+            out.append(candidate)
+    return out
 
 
 def _train(vocab_size: int, seed: int) -> Tokenizer:
@@ -383,12 +397,11 @@ def _train(vocab_size: int, seed: int) -> Tokenizer:
     vocab: dict[str, int] = state["model"]["vocab"]
     if len(vocab) < MIN_VOCAB_SIZE - 1 or sorted(vocab.values()) != list(range(len(vocab))):
         raise RuntimeError("BPE training produced an unexpected vocabulary")
-    # Pad with plain vocab entries that no merge produces: encoding never emits them, and each
-    # decodes to the readable, id-unique ASCII text "<|unused_{id}|>" (ASCII maps to itself).
-    for token_id in range(len(vocab), n_regular):
-        filler = _filler_token(token_id)
-        if filler in vocab:  # impossible: the split regex never joins "<|", letters and "_"
-            raise RuntimeError(f"filler token {filler!r} collides with a trained token")
+    # Pad with plain vocab entries that no merge produces (see _filler_tokens).
+    trained = sorted(vocab, key=vocab.__getitem__)
+    for token_id, filler in enumerate(
+        _filler_tokens(trained, n_regular - len(vocab), seed, set(vocab)), start=len(vocab)
+    ):
         vocab[filler] = token_id
     tok = Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
     tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
