@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,14 @@ class StepEngine:
         self.device = torch.device("cuda", device_id) if self.device_kind == "cuda" else torch.device("cpu")
         self._device_id = device_id
         self.dtype = torch.float16 if meta.dtype == "fp16" else torch.float32
+        self._stream: Any = None
         if self.device_kind == "cuda":
-            # A stream of our own (not the legacy default stream) shared with ORT below.
+            # A stream of our own (not the legacy default stream) shared with ORT below. Current
+            # streams are per thread and Triton may call execute from another thread than
+            # initialize, so every step enters it explicitly (see `step`).
             torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
+            self._stream = torch.cuda.Stream(self.device)
+            torch.cuda.set_stream(self._stream)
         self.session = self._make_session(model_path, strict_device, threads)
         shape = (meta.n_layer, 2, capacity, meta.n_head, meta.max_context, meta.head_dim)
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -188,7 +193,7 @@ class StepEngine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device_kind == "cuda":
-            stream = torch.cuda.current_stream(self.device).cuda_stream
+            stream = self._stream.cuda_stream
             # One stream for torch and ORT: copies into the pool are ordered with the run.
             cuda_options = {"device_id": str(self._device_id), "user_compute_stream": str(stream)}
             providers = [("CUDAExecutionProvider", cuda_options)]
@@ -292,7 +297,7 @@ class StepEngine:
     # ----------------------------------------------------------------------------- stepping
     def step(self, requests: list[StepRequest]) -> list[StepResult | EngineError]:
         """Run one step for every valid request; an invalid one gets its error, others go on."""
-        with self._lock:
+        with self._lock, torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
             return self._step_locked(requests)
 
     def _step_locked(self, requests: list[StepRequest]) -> list[StepResult | EngineError]:
