@@ -188,8 +188,8 @@ class StepEngine:
         if threads:
             options.intra_op_num_threads = threads
         if self.device_kind == "cpu":
-            # Triton, the gateway and this process share the cores: idle threads must sleep, not
-            # spin (spinning cost the 2-core machine about a third of its decode speed).
+            # Triton, the gateway and this process share the cores: idle threads sleep instead of
+            # spinning, so they do not take CPU time from the gateway between steps.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device_kind == "cuda":
