@@ -41,7 +41,8 @@ class MemoryResultCache:
         loop are safe without a lock.
     """
 
-    # cachetools is not installed in this environment, hence a small OrderedDict LRU.
+    # Written here rather than cachetools.TTLCache: that bounds one measure (entries or weighted
+    # size), and this cache must bound both the entry count and the stored bytes.
 
     def __init__(
         self,

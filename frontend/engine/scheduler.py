@@ -4,7 +4,8 @@ Each iteration is one decoding step for all running sequences: a single Triton r
 every decode row (plus release rows for sequences that finished or were cancelled), and each new
 sequence's prefill is a request of its own so a full KV cache refuses only that sequence. Triton's
 dynamic batcher merges these requests, and those of other gateway workers, into one execution.
-Sequences join and leave at step boundaries.
+Sequences join and leave at step boundaries. (Hand-written: no library does continuous batching
+against a stateful Triton step model; vLLM's and TGI's schedulers are tied to their own engines.)
 
 Per row the loop draws ONE uniform number from the sequence's own generator and samples with it
 (`frontend.sampling`); when the top-K window does not decide the step, it fetches the full row and

@@ -14,6 +14,10 @@ Contract of :class:`IncrementalDecoder` (pure: no I/O, no global state):
   character boundaries (byte-level BPE with ``clean_up_tokenization_spaces=False``, such as
   GPT-2 and the one built by ``export.tokenizer_builder``).
 
+Why not ``tokenizers.decoders.DecodeStream``: it has no end-of-generation flush (a dangling
+partial character is silently dropped, so the concatenation contract above would not hold) and
+takes no prompt context; the technique is small enough to own and test here.
+
 Technique (as in vLLM / TGI): keep ``prefix_offset <= read_offset`` into a small window of
 recent ids. ``prefix_text = decode(ids[prefix_offset:read_offset])`` is context already emitted;
 each push decodes ``ids[prefix_offset:]`` and emits what lies beyond ``prefix_text``. When the
