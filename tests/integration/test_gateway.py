@@ -33,8 +33,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
+def _serve(triton: TritonServer, model_repository: Path) -> Iterator[str]:
     settings = Settings(
         environment="test",
         triton_url=triton.grpc_url,
@@ -54,6 +53,17 @@ def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
+    yield from _serve(triton, model_repository)
+
+
+@pytest.fixture(scope="module")
+def second_gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
+    """Another gateway process's worth of state (own scheduler, own cache) on the same Triton."""
+    yield from _serve(triton, model_repository)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +245,28 @@ def test_readiness_and_metrics(gateway: str) -> None:
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'gateway_requests_total{method="POST",route="/generate",status="200"}' in metrics
     assert "gateway_time_to_first_token_seconds_count" in metrics
+
+
+def test_two_gateways_share_one_triton(gateway: str, second_gateway: str, triton: TritonServer) -> None:
+    body = {"prompt": "two workers", "max_new_tokens": 20, "temperature": 0.9, "top_k": 30, "seed": 77}
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            calls = []
+            for i in range(12):
+                base = gateway if i % 2 else second_gateway
+                item = {**body, "seed": 77 + i % 3, "stop": [f"never-{i}"]}  # distinct cache keys
+                calls.append(client.post(f"{base}/generate", json=item))
+            return [r.json() for r in await asyncio.gather(*calls)]
+
+    results = asyncio.run(run())
+    by_seed: dict[int, set[str]] = {}
+    for i, r in enumerate(results):
+        assert not r["cached"]
+        by_seed.setdefault(i % 3, set()).add(r["generated_text"])
+    # The same seed gives the same text whichever gateway served it and whatever ran beside it.
+    assert all(len(texts) == 1 for texts in by_seed.values())
+    deadline = time.monotonic() + 1.0
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
