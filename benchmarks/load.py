@@ -379,16 +379,23 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text[:200]}"
 
 
-async def _do_generate(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestPlan, res: RequestResult) -> None:
-    body = request_body(plan.prompts[0], cfg.max_new_tokens, cfg.sampling, plan.seeds[0])
+async def _post_json(client: httpx.AsyncClient, path: str, body: Any, res: RequestResult) -> Any:
+    """POST, record latency and status; the decoded body on 200, else None with `res.error` set."""
     t0 = time.perf_counter()
-    resp = await client.post(ENDPOINTS["generate"], json=body)
+    resp = await client.post(path, json=body)
     res.latency_s = time.perf_counter() - t0
     res.status = resp.status_code
     if resp.status_code != 200:
         res.error = _error_text(resp.status_code, resp.content)
+        return None
+    return resp.json()
+
+
+async def _do_generate(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestPlan, res: RequestResult) -> None:
+    body = request_body(plan.prompts[0], cfg.max_new_tokens, cfg.sampling, plan.seeds[0])
+    payload = await _post_json(client, ENDPOINTS["generate"], body, res)
+    if res.error is not None:
         return
-    payload = resp.json()
     if not isinstance(payload, dict) or "generated_text" not in payload:
         res.error = "malformed response: no generated_text"
         return
@@ -407,14 +414,9 @@ async def _do_batch(client: httpx.AsyncClient, cfg: RunConfig, plan: RequestPlan
         request_body(p, cfg.max_new_tokens, cfg.sampling, s) for p, s in zip(plan.prompts, plan.seeds, strict=True)
     ]
     res.items = len(items)
-    t0 = time.perf_counter()
-    resp = await client.post(ENDPOINTS["batch"], json={"requests": items})
-    res.latency_s = time.perf_counter() - t0
-    res.status = resp.status_code
-    if resp.status_code != 200:
-        res.error = _error_text(resp.status_code, resp.content)
+    payload = await _post_json(client, ENDPOINTS["batch"], {"requests": items}, res)
+    if res.error is not None:
         return
-    payload = resp.json()
     results = payload.get("results") if isinstance(payload, dict) else None
     if not isinstance(results, list):
         res.error = "malformed response: no results list"
