@@ -203,7 +203,7 @@ _CODE_TEMPLATES: list[Callable[[random.Random], str]] = [
     lambda r: f"int {_nm(r)} = {_nm(r)} * {r.randint(2, 64)};",
     lambda r: f'\tprintf("%d\\n", {_nm(r)}[{r.choice("ijk")}]);',
     lambda r: f"$ curl -s http://localhost:{r.randint(8000, 8999)}/health | jq .{_nm(r)}",
-    lambda r: f"# TODO: {_fn(r)} the {_nm(r)} lazily",
+    lambda r: f"# NOTE: {_fn(r)} the {_nm(r)} lazily",
     lambda r: f"x_{r.randint(0, 9)} = np.zeros(({r.randint(1, 8)}, {r.randint(1, 1024)}))",
     lambda r: f'<div class="{_nm(r)}">{_nm(r)}</div>',
     lambda r: "}",

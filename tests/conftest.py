@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from embedded_triton import TritonPorts, TritonServer
 from export.checkpoint import build_random
@@ -24,6 +26,22 @@ DTYPE = os.environ.get("GPT2_TEST_DTYPE", "fp32")
 DEVICE = os.environ.get("GPT2_TEST_DEVICE", "auto")
 STRICT = os.environ.get("GPT2_TEST_STRICT", "0") == "1"
 ATOL, RTOL = TOLERANCES[DTYPE]
+
+
+def hf_greedy(
+    model: Any, prompt_ids: list[int], new_tokens: int, eos_token_id: int, *, exact: bool = False
+) -> list[int]:
+    """transformers' own greedy continuation (the reference); `exact` forbids stopping at eos."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens if exact else 0,
+            pad_token_id=eos_token_id,
+        )
+    return [int(t) for t in out[0, len(prompt_ids) :].tolist()]
 
 
 def assert_logits_close(got: np.ndarray, ref: np.ndarray) -> float:

@@ -15,14 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from embedded_triton import TritonServer
 from frontend.app import create_app
 from frontend.settings import Settings
-from tests.conftest import TINY
+from tests.conftest import TINY, hf_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -145,19 +144,11 @@ def test_greedy_stream_equals_transformers(gateway: str, tiny_checkpoint: Path) 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     prompt = "東京は日本の首都です。"
-    ids = tokenizer(prompt)["input_ids"]
-    with torch.no_grad():
-        expected = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=20,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, len(ids) :]
+    expected = hf_greedy(model, tokenizer(prompt)["input_ids"], 20, tokenizer.eos_token_id)
     events = stream_events(gateway, {"prompt": prompt, "max_new_tokens": 20, "temperature": 0})
     tokens = [d for e, d in events if e == "token" and d["token_id"] is not None]
     assert [t["position"] for t in tokens] == list(range(len(tokens)))
-    assert [t["token_id"] for t in tokens] == [t for t in expected.tolist() if t != tokenizer.eos_token_id]
+    assert [t["token_id"] for t in tokens] == [t for t in expected if t != tokenizer.eos_token_id]
     done = events[-1]
     assert done[0] == "done" and done[1]["usage"]["completion_tokens"] == len(expected)
     assert "".join(t["text"] for e, t in events if e == "token") == done[1]["generated_text"]

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from tritonclient.utils import InferenceServerException
 
 from embedded_triton import TritonServer
-from tests.conftest import DTYPE, IDLE_TIMEOUT_S, KV_CAPACITY, TINY, assert_logits_close
+from tests.conftest import DTYPE, IDLE_TIMEOUT_S, KV_CAPACITY, TINY, assert_logits_close, hf_greedy
 from tests.integration.steps import Row, send, step
 
 pytestmark = pytest.mark.integration
@@ -83,15 +83,7 @@ def test_logits_equal_transformers_for_staggered_sequences(client, reference) ->
 def test_greedy_equals_transformers_generate(client, reference, tiny_checkpoint: Path, text: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     prompt = tokenizer(text)["input_ids"]
-    with torch.no_grad():
-        expected = reference.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=16,
-            min_new_tokens=16,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, len(prompt) :].tolist()
+    expected = hf_greedy(reference, prompt, 16, tokenizer.eos_token_id, exact=True)
     sid = new_id()
     out = step(client, TINY, [Row(sid, prompt, start=True)], window=1, version="1")
     got = [int(out["TOPK_IDS"][0, 0])]
