@@ -29,7 +29,13 @@ ATOL, RTOL = TOLERANCES[DTYPE]
 
 
 def hf_greedy(
-    model: Any, prompt_ids: list[int], new_tokens: int, eos_token_id: int, *, exact: bool = False
+    model: Any,
+    prompt_ids: list[int],
+    new_tokens: int,
+    eos_token_id: int,
+    *,
+    exact: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> list[int]:
     """transformers' own greedy continuation (the reference); `exact` forbids stopping at eos."""
     with torch.no_grad():
@@ -40,6 +46,7 @@ def hf_greedy(
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens if exact else 0,
             pad_token_id=eos_token_id,
+            repetition_penalty=repetition_penalty,
         )
     return [int(t) for t in out[0, len(prompt_ids) :].tolist()]
 

@@ -261,3 +261,17 @@ def test_two_gateways_share_one_triton(gateway: str, second_gateway: str, triton
     while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(gateway: str, tiny_checkpoint: Path) -> None:
+    """The full-row path (a penalty reorders logits, so every step fetches the whole row)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    prompt = "repeat after me: la la la"
+    expected = hf_greedy(model, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id, repetition_penalty=1.3)
+    body = {"prompt": prompt, "max_new_tokens": 24, "temperature": 0, "repetition_penalty": 1.3}
+    events = stream_events(gateway, body)
+    tokens = [d["token_id"] for e, d in events if e == "token" and d["token_id"] is not None]
+    assert tokens == [t for t in expected if t != tokenizer.eos_token_id]
+    plain = stream_events(gateway, {**body, "repetition_penalty": 1.0})
+    assert [d["token_id"] for e, d in plain if e == "token" and d["token_id"] is not None] != tokens
