@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
+from embedded_triton.server import StopFlag, TritonNotReady, TritonPorts, TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
     while not stop.wait(1.0):
         if server.process is None or server.process.poll() is not None:
             print("error: tritonserver exited", file=sys.stderr)

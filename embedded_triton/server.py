@@ -17,6 +17,27 @@ from pathlib import Path
 from types import TracebackType
 
 
+class StopFlag:
+    """Raised by SIGINT/SIGTERM for a foreground loop. A plain attribute on purpose: a signal
+    handler calling threading.Event.set() while the main thread sits in Event.wait() needs the
+    lock the waiter holds, and deadlocks (seen with Ctrl-C followed by SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, *_: object) -> None:
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds` in short naps; returns whether a stop was requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.requested
+
+
 class TritonNotReady(RuntimeError):
     """tritonserver exited or did not become ready in time; the message carries its log tail."""
 

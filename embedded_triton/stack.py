@@ -15,13 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from embedded_triton.server import TritonNotReady, TritonPorts, TritonServer
+from embedded_triton.server import StopFlag, TritonNotReady, TritonPorts, TritonServer
 
 BANNER = "=" * 78
 
@@ -80,10 +79,10 @@ def export_default(repository: Path, model: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], stop: threading.Event, timeout_s: float) -> bool:
+def wait_ready(url: str, process: subprocess.Popen[bytes], stop: StopFlag, timeout_s: float) -> bool:
     """Poll the gateway's readiness until it answers 200, exits, or the time is up."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not stop.is_set() and process.poll() is None:
+    while time.monotonic() < deadline and not stop.requested and process.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -126,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         GATEWAY_REPOSITORY=str(args.repository.resolve()),
     )
     gateway = subprocess.Popen([sys.executable, "-m", "frontend", "--port", str(args.port)], env=env)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
     base = f"http://127.0.0.1:{args.port}"
     code = 0
     if wait_ready(f"{base}/health/ready", gateway, stop, timeout_s=180):
@@ -139,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  Ctrl-C stops both.\n{BANNER}\n",
             flush=True,
         )
-    elif not stop.is_set():
+    elif not stop.requested:
         print("error: the gateway did not become ready (see its log above)", file=sys.stderr)
-        stop.set()
+        stop.requested = True
         code = 1
     try:
         while not stop.wait(0.5):
