@@ -26,7 +26,7 @@ import json
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,6 @@ class EngineStats:
     rejected_full_total: int = 0
     idle_evicted_total: int = 0
     ended_total: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,7 @@ class StepEngine:
         with self._lock:
             self.stats.live_sequences = len(self._sequences)
             self.stats.cached_tokens = sum(s.length for s in self._sequences.values())
-            return EngineStats(**{k: v for k, v in vars(self.stats).items()})
+            return replace(self.stats)
 
     def evict_idle(self) -> int:
         """Free sequences untouched for idle_timeout_s (a caller that vanished); returns count."""

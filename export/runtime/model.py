@@ -34,12 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
-_ERROR_CODES = {
-    "INVALID_ARG": "INVALID_ARG",
-    "NOT_FOUND": "NOT_FOUND",
-    "ALREADY_EXISTS": "ALREADY_EXISTS",
-    "UNAVAILABLE": "UNAVAILABLE",
-}
+_ERROR_CODES = frozenset({"INVALID_ARG", "NOT_FOUND", "ALREADY_EXISTS", "UNAVAILABLE"})
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
@@ -199,7 +194,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _error(message: str, code: str) -> object:
-        error_code = getattr(pb_utils.TritonError, _ERROR_CODES.get(code, "INVALID_ARG"))
+        error_code = getattr(pb_utils.TritonError, code if code in _ERROR_CODES else "INVALID_ARG")
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, error_code))
 
     def finalize(self) -> None:

@@ -23,10 +23,6 @@ class ServedModel:
     source: str
     created: int  # unix seconds, for /v1/models
 
-    @property
-    def id(self) -> str:
-        return self.name
-
     @classmethod
     def load(cls, repository: Path, name: str, version: str) -> ServedModel:
         version_dir = repository / name / version
