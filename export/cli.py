@@ -20,7 +20,7 @@ from export.checkpoint import Checkpoint, CheckpointError, build_random, load_pr
 from export.graph import GraphError, GraphSpec, build_graph
 from export.parity import ParityError, check_parity, scratch_dir
 from export.repository import RepositoryError, ServingConfig, check_writable, write_version
-from export.runtime.engine import ModelMeta
+from step_model.engine import ModelMeta
 
 # Past this size a single protobuf file is unsafe (2 GiB limit): weights go to model.onnx.data.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-versions", type=int, default=1, help="how many latest versions Triton serves")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="parity-check and serving device")
     p.add_argument("--strict-device", action="store_true", help="fail instead of falling back to the CPU for any node")
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="serve decode steps eagerly on the GPU instead of replaying captured CUDA graphs",
+    )
     p.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)  # for tooling only, never tests
     args = p.parse_args(argv)
     for flag in ("kv_capacity", "default_window", "serve_versions"):
@@ -94,6 +100,7 @@ def export(args: argparse.Namespace) -> Path:
                 seed=args.seed,
                 device=args.device,
                 strict_device=args.strict_device,
+                cuda_graphs=args.cuda_graphs,
                 progress=_log,
             )
             parity = report.as_dict()
@@ -115,6 +122,7 @@ def export(args: argparse.Namespace) -> Path:
             serve_versions=args.serve_versions,
             device=args.device,
             strict_device=args.strict_device,
+            cuda_graphs=args.cuda_graphs,
         )
         final = write_version(
             args.repository,

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from export.runtime.engine import ModelMeta, StepEngine, StepRequest
+from step_model.contract import RowStatus
+from step_model.engine import ModelMeta, StepEngine, StepRequest
 
 # |err| <= atol + rtol * max|reference| per compared row.
 TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (5e-2, 5e-3)}
@@ -51,11 +52,21 @@ def check_parity(
     decode_steps: int = 6,
     device: str = "auto",
     strict_device: bool = False,
+    cuda_graphs: bool = False,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> ParityReport:
     """Drive the engine through staggered sequences and compare every step with transformers."""
     atol, rtol = TOLERANCES[meta.dtype]
-    engine = StepEngine(onnx_path, meta, capacity=n_sequences + 1, device=device, strict_device=strict_device)
+    engine = StepEngine(
+        onnx_path,
+        meta,
+        capacity=n_sequences + 1,
+        device=device,
+        strict_device=strict_device,
+        cuda_graphs=cuda_graphs,
+        graph_window=8,
+    )
+    engine.warm_up()  # with CUDA graphs, the decode steps below are graph replays
     rng = np.random.default_rng(seed)
     max_prompt = max(2, min(24, meta.max_context // 4))
     prompts = {
@@ -87,6 +98,8 @@ def check_parity(
         result = engine.step([_request(rows, meta.vocab_size)])[0]
         if isinstance(result, Exception):
             raise ParityError(f"engine refused a parity step: {result}")
+        if (result.status != RowStatus.OK).any():
+            raise ParityError(f"engine refused parity rows: {result.messages}")
         assert result.logits is not None
         for j, (sid, _, is_start, is_end) in enumerate(rows):
             if is_start:

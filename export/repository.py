@@ -1,7 +1,8 @@
 """Write a model version into a Triton model repository, atomically.
 
 Layout: <repository>/<name>/config.pbtxt and <repository>/<name>/<version>/ holding model.onnx,
-model.py + engine.py (the Python-backend model), tokenizer/ and metadata.json. A version is
+model.py (the Python-backend entry, `step_model/triton_model.py`) with the `step_model` package
+beside it, tokenizer/ and metadata.json. A version is
 assembled in a hidden staging directory next to its final place and renamed into place in one
 step, so Triton (or a reader) never sees half a version.
 """
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUNTIME_DIR = Path(__file__).parent / "runtime"
-RUNTIME_FILES = ("model.py", "engine.py")
+import step_model
+from step_model import contract
+
+STEP_MODEL_DIR = Path(step_model.__file__).parent
+STEP_MODEL_FILES = ("__init__.py", "contract.py", "engine.py")  # what runs inside Triton
 
 
 class RepositoryError(ValueError):
@@ -35,6 +39,7 @@ class ServingConfig:
     serve_versions: int = 1
     device: str = "auto"
     strict_device: bool = False
+    cuda_graphs: bool = True
 
 
 def next_version(model_dir: Path) -> int:
@@ -53,16 +58,27 @@ def check_writable(repository: Path) -> None:
         raise RepositoryError(f"repository {repository} is not writable: {err.strerror or err}") from err
 
 
+def _tensor_list(tensors: dict[str, tuple[str, list[int]]], ragged: frozenset[str] = frozenset()) -> str:
+    lines = []
+    for name, (dtype, dims) in tensors.items():
+        extra = " allow_ragged_batch: true" if name in ragged else ""
+        lines.append(f'  {{ name: "{name}" data_type: TYPE_{dtype} dims: {dims}{extra} }}')
+    return ",\n".join(lines)
+
+
 def config_pbtxt(name: str, serving: ServingConfig) -> str:
     params = {
-        "kv_capacity": serving.kv_capacity,
-        "idle_timeout_s": serving.idle_timeout_s,
-        "default_window": serving.default_window,
-        "device": serving.device,
-        "strict_device": int(serving.strict_device),
+        contract.CONFIG_KV_CAPACITY: serving.kv_capacity,
+        contract.CONFIG_IDLE_TIMEOUT_S: serving.idle_timeout_s,
+        contract.CONFIG_DEFAULT_WINDOW: serving.default_window,
+        contract.CONFIG_DEVICE: serving.device,
+        contract.CONFIG_STRICT_DEVICE: int(serving.strict_device),
+        contract.CONFIG_CUDA_GRAPHS: int(serving.cuda_graphs),
     }
     parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
-    return f"""# Written by `python -m export`; see docs/architecture.md for the contract.
+    inputs = _tensor_list(contract.INPUTS, ragged=frozenset({contract.INPUT_IDS}))
+    outputs = _tensor_list(contract.OUTPUTS)
+    return f"""# Written by `python -m export`; the contract is step_model/contract.py.
 name: "{name}"
 backend: "python"
 max_batch_size: {serving.max_batch_size}
@@ -70,18 +86,10 @@ version_policy: {{ latest {{ num_versions: {serving.serve_versions} }} }}
 dynamic_batching {{ }}
 instance_group [ {{ count: 1, kind: KIND_MODEL }} ]
 input [
-  {{ name: "SEQUENCE_ID" data_type: TYPE_UINT64 dims: [ 1 ] }},
-  {{ name: "INPUT_IDS" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }},
-  {{ name: "LENGTH" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "START" data_type: TYPE_BOOL dims: [ 1 ] }},
-  {{ name: "END" data_type: TYPE_BOOL dims: [ 1 ] }},
-  {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] }}
+{inputs}
 ]
 output [
-  {{ name: "TOPK_LOGITS" data_type: TYPE_FP32 dims: [ -1 ] }},
-  {{ name: "TOPK_IDS" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "LOGSUMEXP" data_type: TYPE_FP32 dims: [ 1 ] }},
-  {{ name: "LOGITS" data_type: TYPE_FP32 dims: [ -1 ] }}
+{outputs}
 ]
 {parameters}
 """
@@ -111,8 +119,10 @@ def write_version(
         shutil.copy2(onnx_path, staging / "model.onnx")
         for extra in extra_files or []:
             shutil.copy2(extra, staging / extra.name)
-        for file in RUNTIME_FILES:
-            shutil.copy2(RUNTIME_DIR / file, staging / file)
+        shutil.copy2(STEP_MODEL_DIR / "triton_model.py", staging / contract.VERSION_ENTRY)
+        (staging / "step_model").mkdir()
+        for file in STEP_MODEL_FILES:
+            shutil.copy2(STEP_MODEL_DIR / file, staging / "step_model" / file)
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
         (staging / "metadata.json").write_text(json.dumps({**metadata, "version": version}, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private; Triton and the gateway must read it

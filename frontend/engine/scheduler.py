@@ -1,18 +1,22 @@
-"""Continuous batching: one loop per gateway process steps every active sequence together.
+"""Continuous batching: one loop steps every active sequence of a model together.
 
-Each iteration is one decoding step for all running sequences: a single Triton request carries
-every decode row (plus release rows for sequences that finished or were cancelled), and each new
-sequence's prefill is a request of its own so a full KV cache refuses only that sequence. Triton's
-dynamic batcher merges these requests, and those of other gateway workers, into one execution.
-Sequences join and leave at step boundaries. (Hand-written: no library does continuous batching
-against a stateful Triton step model; vLLM's and TGI's schedulers are tied to their own engines.)
+Each iteration is ONE request to the step backend (Triton) carrying every row of the step: the
+prefill of each newly admitted sequence, one decode row per running sequence, and a release row
+for each sequence that finished or was cancelled. The model answers each row with a status: a
+start row refused for lack of a KV slot stays queued and is retried at a later step (while the
+cache is full only as many new sequences are offered as slots were freed), a row the model
+refuses otherwise fails its own sequence only. (Hand-written: no library does continuous
+batching against a stateful Triton step model; vLLM's and TGI's schedulers are tied to their own
+engines.)
 
-Per row the loop draws ONE uniform number from the sequence's own generator and samples with it
-(`frontend.sampling`); when the top-K window does not decide the step, it fetches the full row and
-samples again with the same draw, so a seeded sequence gets the same tokens whatever shares its
-batch. Results reach the consumer as events on the sequence's queue: TokenEvent per token, then
-FinishEvent or ErrorEvent. The consumer decides text-level stops (stop strings) and calls
-`cancel`, which releases the server's KV slot at the next step boundary.
+Sampling is batched: one uniform per row per step from the sequence's own generator, then the
+vectorized sampler over every row's window (`frontend.sampling.sample_window_batch`); the rows it
+leaves undecided go through the per-row reference sampler, and rows whose window does not decide
+the step are sampled again from their full row (one extra request for all of them) with the same
+draw, so a seeded sequence gets the same tokens whatever shares its batch. Results reach the
+consumer as events on the sequence's sink: TokenEvent per token, then FinishEvent or ErrorEvent.
+The consumer decides text-level stops (stop strings) and calls `cancel`, which releases the
+server's KV slot at the next step.
 """
 
 from __future__ import annotations
@@ -29,15 +33,10 @@ from typing import Protocol
 
 import numpy as np
 
-from frontend.engine.triton_client import (
-    CacheFull,
-    Row,
-    StepClient,
-    StepError,
-    StepOutput,
-    StepRejected,
-)
+from frontend.engine.triton_client import ROW_REFUSALS, Row, StepError, StepOutput, StepRejected
 from frontend.sampling import NeedFullRow, Sampled, SamplingParams, StepLogits, needs_full_row, sample, window_size
+from frontend.sampling.batched import BatchParams, sample_window_batch
+from step_model.contract import RowStatus
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class ActiveSequence:
     full_rows: bool
     submitted_at: float
     sequence_id: int = field(default_factory=lambda: secrets.randbits(63))
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    events: EventSink = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     on_server: bool = False
     done: bool = False
@@ -86,6 +85,13 @@ class ActiveSequence:
     @property
     def temperature(self) -> float:
         return self.params.temperature or 1.0  # greedy: the server scales by 1
+
+
+class EventSink(Protocol):
+    """Where a sequence's events go: an asyncio.Queue, or anything with put_nowait (the engine
+    core process batches the events of one step into one message per HTTP worker)."""
+
+    def put_nowait(self, item: Event, /) -> None: ...
 
 
 class StepObserver(Protocol):
@@ -107,21 +113,18 @@ class _NullObserver:
         pass
 
 
-@dataclass
-class _Call:
-    seqs: list[ActiveSequence]
-    rows: list[Row]
-    window: int
-    want_logits: bool
-    is_start: bool = False
+class StepBackend(Protocol):
+    """What the scheduler needs from the model server (StepClient implements it; tests script it)."""
+
+    async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
 
 
 class Scheduler:
-    """Owns the step loop of one gateway process."""
+    """Owns the step loop of one model instance (per gateway process, or in the engine core)."""
 
     def __init__(
         self,
-        client: StepClient,
+        client: StepBackend,
         *,
         eos_token_id: int,
         vocab_size: int,
@@ -130,6 +133,7 @@ class Scheduler:
         max_waiting: int = 1024,
         queue_timeout_s: float = 30.0,
         cache_full_backoff_s: float = 0.02,
+        max_prefill_tokens: int = 16_384,
         observer: StepObserver | None = None,
     ) -> None:
         self.client = client
@@ -140,10 +144,14 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.queue_timeout_s = queue_timeout_s
         self.cache_full_backoff_s = cache_full_backoff_s
+        self.max_prefill_tokens = max_prefill_tokens
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
         self._releases: set[int] = set()
+        # After a start row was refused for a full cache: how many new sequences the next step
+        # may offer (the slots freed since), so a full cache is not asked again and again.
+        self._start_allowance: int | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -168,8 +176,10 @@ class Scheduler:
             self._finish(seq, ErrorEvent(Overloaded("the gateway is shutting down")))
         self._waiting.clear()
         if self._releases:
+            rows = [Row(sid, [], end=True) for sid in sorted(self._releases)]
+            self._releases.clear()
             with contextlib.suppress(StepError):
-                await self._send_releases()
+                await self.client.step(rows, window=1)
         self._wake.set()
         if self._task is not None:
             self._task.cancel()
@@ -177,9 +187,15 @@ class Scheduler:
                 await self._task
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seed: int | None,
+        events: EventSink | None = None,
     ) -> ActiveSequence:
-        """Queue a generation; raises Overloaded when the waiting queue is full."""
+        """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
+        `events` when given, else to a new asyncio.Queue on the returned sequence."""
         if self._closed:
             raise Overloaded("the gateway is shutting down")
         if len(self._waiting) >= self.max_waiting:
@@ -193,6 +209,8 @@ class Scheduler:
             full_rows=needs_full_row(params),
             submitted_at=time.monotonic(),
         )
+        if events is not None:
+            seq.events = events
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -234,109 +252,110 @@ class Scheduler:
             self._finish(self._waiting.popleft(), ErrorEvent(Overloaded("waited too long for a free slot")))
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
+    def _plan(self) -> tuple[list[ActiveSequence], list[Row]]:
+        """The rows of the next step: decodes, then new sequences (within the prefill budget and
+        the start allowance), then releases. Returns the stepping sequences and all rows."""
+        seqs = [s for s in self._running if s.on_server]
+        rows = [Row(s.sequence_id, [s.generated[-1]], temperature=s.temperature) for s in seqs]
+        budget, allowance = self.max_prefill_tokens, self._start_allowance
+        for s in self._running:
+            if s.on_server:
+                continue
+            if allowance is not None and allowance <= 0:
+                break
+            if len(s.prompt_ids) > budget and budget < self.max_prefill_tokens:
+                break  # the rest waits for the next step; a single long prompt always goes
+            budget -= len(s.prompt_ids)
+            allowance = None if allowance is None else allowance - 1
+            seqs.append(s)
+            rows.append(Row(s.sequence_id, s.prompt_ids, start=True, temperature=s.temperature))
+        rows += [Row(sid, [], end=True) for sid in sorted(self._releases)]
+        return seqs, rows
+
     async def _step(self) -> bool:
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
-        calls: list[_Call] = []
-        decode = [s for s in self._running if s.on_server]
-        for full in (False, True):
-            group = [s for s in decode if s.full_rows == full]
-            releases = [] if full else sorted(self._releases)
-            if not full:
-                self._releases.clear()
-            if group or releases:
-                rows = [Row(s.sequence_id, [s.generated[-1]], temperature=s.temperature) for s in group]
-                rows += [Row(sid, [], end=True) for sid in releases]
-                window = max((s.window for s in group), default=1)
-                calls.append(_Call(group, rows, window, want_logits=full))
-        for s in self._running:
-            if not s.on_server:
-                row = Row(s.sequence_id, s.prompt_ids, start=True, temperature=s.temperature)
-                calls.append(_Call([s], [row], s.window, want_logits=s.full_rows, is_start=True))
-        if not calls:
+        seqs, rows = self._plan()
+        if not rows:
             return False
+        released = len(self._releases)
+        self._releases.clear()
+        window = max((s.window for s in seqs), default=1)
         started = time.perf_counter()
-        results = await asyncio.gather(*(self._send(c) for c in calls), return_exceptions=True)
-        self.observer.step_finished(sum(len(c.rows) for c in calls), time.perf_counter() - started)
-        progressed = False
-        fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
-        for call, result in zip(calls, results, strict=True):
-            if isinstance(result, BaseException):
-                progressed |= await self._handle_failure(call, result, fetch)
-            else:
-                progressed = True
-                self._sample_rows(call.seqs, result, fetch, started_now=call.is_start)
+        try:
+            out = await self.client.step(rows, window=window)
+        except StepError as err:
+            # The whole step failed: the server may or may not have run it. Fail its sequences
+            # and release their ids (a release of an unknown sequence is a no-op).
+            for seq in seqs:
+                self._finish(seq, ErrorEvent(err))
+                self._releases.add(seq.sequence_id)
+            if not seqs:
+                log.warning("releasing %d sequences failed: %s", len(rows), err)
+                self._releases.clear()  # Triton's idle sweeper frees them
+            return True
+        self.observer.step_finished(len(rows), time.perf_counter() - started)
+        status = out.status[: len(seqs)]
+        self._note_cache_full(seqs, status, released)
+        progressed = released > 0 or bool((status != RowStatus.CACHE_FULL).any())
+        sampling = self._settle_rows(seqs, status, out)
+        fetch = self._sample_rows(seqs, sampling, out)
         if fetch:
             await self._fetch_full_rows(fetch)
         return progressed
 
-    async def _send(self, call: _Call) -> StepOutput:
-        return await self.client.step(call.rows, window=call.window, want_logits=call.want_logits)
-
-    async def _handle_failure(
-        self, call: _Call, error: BaseException, fetch: list[tuple[ActiveSequence, float, StepLogits]]
-    ) -> bool:
-        if isinstance(error, CacheFull) and call.is_start:
-            seq = call.seqs[0]
+    def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
+        full = status == RowStatus.CACHE_FULL
+        if full.any():
+            self._start_allowance = released  # offer as many new sequences as slots were freed
+        elif self._start_allowance is not None:
+            self._start_allowance = None if not any(not s.on_server for s in self._running) else released + 1
+        for i in np.flatnonzero(full).tolist():
+            seq = seqs[i]
             if time.monotonic() - seq.submitted_at > self.queue_timeout_s:
                 self._finish(seq, ErrorEvent(Overloaded("the model server's KV cache stayed full")))
-                return True
-            return False  # stays running, not on the server: its prefill is retried next step
-        if isinstance(error, StepRejected) and len(call.rows) > 1:
-            # The server refuses a request as a whole and changes nothing: isolate the culprit.
-            singles = [
-                _Call([s], [r], call.window, call.want_logits) for s, r in zip(call.seqs, call.rows, strict=False)
-            ]
-            for r in call.rows[len(call.seqs) :]:  # release rows: retried at the next step
-                self._releases.add(r.sequence_id)
-            results = await asyncio.gather(*(self._send(c) for c in singles), return_exceptions=True)
-            for single, result in zip(singles, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._fail(single.seqs, result)
-                else:
-                    self._sample_rows(single.seqs, result, fetch, started_now=False)
-            return True
-        if call.seqs:
-            self._fail(call.seqs, error)
-        else:
-            log.warning("releasing %d sequences failed: %s", len(call.rows), error)
-        return True
 
-    def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
-        exc = error if isinstance(error, Exception) else RuntimeError(str(error))
-        for seq in seqs:
-            self._finish(seq, ErrorEvent(exc))
-
-    def _sample_rows(
-        self,
-        seqs: list[ActiveSequence],
-        out: StepOutput,
-        fetch: list[tuple[ActiveSequence, float, StepLogits]],
-        *,
-        started_now: bool,
-    ) -> None:
+    def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepOutput) -> list[int]:
+        """Apply each row's status; returns the indices of the rows to sample."""
+        sampling: list[int] = []
         for i, seq in enumerate(seqs):
-            if started_now:
+            code = int(status[i])
+            if code == RowStatus.OK:
                 seq.on_server = True
-            if seq.done:  # cancelled while its step was in flight
-                if seq.on_server:
+                if seq.done:  # cancelled while its step was in flight
                     self._releases.add(seq.sequence_id)
                     seq.on_server = False
+                else:
+                    sampling.append(i)
+            elif code != RowStatus.CACHE_FULL:
+                self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
+        return sampling
+
+    def _sample_rows(
+        self, seqs: list[ActiveSequence], rows: list[int], out: StepOutput
+    ) -> list[tuple[ActiveSequence, float, StepLogits]]:
+        """Sample the given rows of a step; returns the rows that need their full logits row."""
+        if not rows:
+            return []
+        index = np.asarray(rows, dtype=np.int64)
+        chosen = [seqs[i] for i in rows]
+        u = np.fromiter((seq.rng.random() for seq in chosen), dtype=np.float64, count=len(chosen))  # one draw each
+        topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
+        batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
+        fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
+        for j, seq in enumerate(chosen):
+            if batch.decided[j]:
+                self._emit(seq, batch.sampled(j))
                 continue
-            step = StepLogits(
-                out.topk_logits[i],
-                out.topk_ids[i],
-                float(out.logsumexp[i]),
-                out.logits[i] if out.logits is not None else None,
-            )
-            u = float(seq.rng.random())  # exactly one draw per step, whatever path follows
-            try:
-                chosen = sample(step, seq.params, u, self._seen(seq))
+            step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
+            try:  # the reference sampler decides what the batch declined, or asks for the row
+                picked = sample(step, seq.params, float(u[j]), self._seen(seq))
             except NeedFullRow as why:
                 self.observer.full_row_fetched(why.reason)
-                fetch.append((seq, u, step))
+                fetch.append((seq, float(u[j]), step))
                 continue
-            self._emit(seq, chosen)
+            self._emit(seq, picked)
+        return fetch
 
     async def _fetch_full_rows(self, fetch: list[tuple[ActiveSequence, float, StepLogits]]) -> None:
         rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _ in fetch]
@@ -349,8 +368,17 @@ class Scheduler:
         for i, (seq, u, step) in enumerate(fetch):
             if seq.done:
                 continue
+            if int(out.status[i]) != RowStatus.OK:
+                code = int(out.status[i])
+                self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
+                continue
             full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[i])
             self._emit(seq, sample(full, seq.params, u, self._seen(seq)))
+
+    def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
+        exc = error if isinstance(error, Exception) else RuntimeError(str(error))
+        for seq in seqs:
+            self._finish(seq, ErrorEvent(exc))
 
     @staticmethod
     def _seen(seq: ActiveSequence) -> list[int]:
@@ -368,8 +396,3 @@ class Scheduler:
         if not seq.done:
             seq.events.put_nowait(event)
         self.cancel(seq)
-
-    async def _send_releases(self) -> None:
-        rows = [Row(sid, [], end=True) for sid in sorted(self._releases)]
-        self._releases.clear()
-        await self.client.step(rows, window=1)

@@ -1,12 +1,12 @@
 """The gateway's adapter to the Triton step model (gRPC, asyncio).
 
-It knows the wire contract (docs/architecture.md) and nothing about sampling: rows go in, per-row
-windows (and full rows when asked) come out. Triton's errors are mapped to a small tree:
+It knows the wire contract (`step_model.contract`) and nothing about sampling: rows go in, per-row
+statuses and windows (and full rows when asked) come out. A row the model refuses comes back with
+its `RowStatus` (the other rows ran); a request that fails as a whole raises from this tree:
 
     StepError                      any failed step call
-    ├── StepRejected               the model refused the request (bad row, unknown sequence)
-    │   └── CacheFull              no KV slot free for a new sequence: retry later
-    ├── UpstreamUnavailable        Triton unreachable or the model not ready
+    ├── StepRejected               the model refused the request as a whole (a gateway bug)
+    ├── UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
     └── UpstreamTimeout            the call outlived its deadline
 """
 
@@ -19,17 +19,16 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from step_model import contract
+from step_model.contract import RowStatus
+
 
 class StepError(Exception):
     """A step call failed."""
 
 
 class StepRejected(StepError):
-    """The model refused the request; no sequence state changed on the server."""
-
-
-class CacheFull(StepRejected):
-    """The server's KV cache has no free slot for a new sequence."""
+    """The model refused a request or a row; no sequence state changed on the server."""
 
 
 class UpstreamUnavailable(StepError):
@@ -53,6 +52,7 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
+    status: np.ndarray  # int32 [N], RowStatus per row
     topk_logits: np.ndarray  # float32 [N, K]
     topk_ids: np.ndarray  # int64 [N, K]
     logsumexp: np.ndarray  # float32 [N]
@@ -64,13 +64,18 @@ def _classify(err: InferenceServerException) -> StepError:
     message = err.message() or str(err)
     if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
         return UpstreamTimeout(message)
-    if "KV cache full" in message:
-        return CacheFull(message)
     if "INVALID_ARGUMENT" in status or "NOT_FOUND" in status or "ALREADY_EXISTS" in status:
         if "Request for unknown model" in message or "is not ready" in message:
             return UpstreamUnavailable(message)
         return StepRejected(message)
     return UpstreamUnavailable(message)
+
+
+ROW_REFUSALS: dict[int, str] = {
+    RowStatus.NOT_FOUND: "the model server no longer knows this sequence (ended, or evicted as idle)",
+    RowStatus.ALREADY_EXISTS: "the model server already holds a sequence with this id",
+    RowStatus.INVALID: "the model server refused this sequence's step as malformed",
+}
 
 
 class StepClient:
@@ -107,25 +112,28 @@ class StepClient:
 
     async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
         n = len(rows)
-        width = max(1, max(len(r.tokens) for r in rows))
-        ids = np.zeros((n, width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r.tokens:
-                ids[i, : len(r.tokens)] = r.tokens
-        arrays: list[tuple[str, np.ndarray, str]] = [
-            ("SEQUENCE_ID", np.array([r.sequence_id for r in rows], dtype=np.uint64).reshape(n, 1), "UINT64"),
-            ("INPUT_IDS", ids, "INT64"),
-            ("LENGTH", np.array([len(r.tokens) for r in rows], dtype=np.int32).reshape(n, 1), "INT32"),
-            ("START", np.array([r.start for r in rows], dtype=bool).reshape(n, 1), "BOOL"),
-            ("END", np.array([r.end for r in rows], dtype=bool).reshape(n, 1), "BOOL"),
-            ("TEMPERATURE", np.array([r.temperature for r in rows], dtype=np.float32).reshape(n, 1), "FP32"),
-        ]
+        lengths = np.fromiter((len(r.tokens) for r in rows), dtype=np.int32, count=n)
+        ids = np.zeros((n, max(1, int(lengths.max()))), dtype=np.int64)
+        for i in np.flatnonzero(lengths > 1).tolist():  # prompts; decode rows are filled below
+            ids[i, : lengths[i]] = rows[i].tokens
+        single = np.flatnonzero(lengths == 1)
+        ids[single, 0] = [rows[i].tokens[0] for i in single.tolist()]
+        arrays: dict[str, np.ndarray] = {
+            contract.SEQUENCE_ID: np.fromiter((r.sequence_id for r in rows), dtype=np.uint64, count=n),
+            contract.INPUT_IDS: ids,
+            contract.LENGTH: lengths,
+            contract.START: np.fromiter((r.start for r in rows), dtype=bool, count=n),
+            contract.END: np.fromiter((r.end for r in rows), dtype=bool, count=n),
+            contract.TEMPERATURE: np.fromiter((r.temperature for r in rows), dtype=np.float32, count=n),
+        }
         inputs = []
-        for name, value, dtype in arrays:
-            tensor = grpcclient.InferInput(name, list(value.shape), dtype)
-            tensor.set_data_from_numpy(value)
+        for name, value in arrays.items():
+            dtype, _ = contract.INPUTS[name]
+            column = value if value.ndim == 2 else value.reshape(n, 1)
+            tensor = grpcclient.InferInput(name, list(column.shape), dtype)
+            tensor.set_data_from_numpy(column)
             inputs.append(tensor)
-        names = ["TOPK_LOGITS", "TOPK_IDS", "LOGSUMEXP"] + (["LOGITS"] if want_logits else [])
+        names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         try:
             result = await self._client.infer(
@@ -133,14 +141,15 @@ class StepClient:
                 inputs,
                 model_version=self.version,
                 outputs=outputs,
-                parameters={"logits_window": int(window)},
+                parameters={contract.PARAM_LOGITS_WINDOW: int(window)},
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as err:
             raise _classify(err) from err
         return StepOutput(
-            topk_logits=result.as_numpy("TOPK_LOGITS"),
-            topk_ids=result.as_numpy("TOPK_IDS"),
-            logsumexp=result.as_numpy("LOGSUMEXP").reshape(-1),
-            logits=result.as_numpy("LOGITS") if want_logits else None,
+            status=result.as_numpy(contract.STATUS).reshape(-1),
+            topk_logits=result.as_numpy(contract.TOPK_LOGITS),
+            topk_ids=result.as_numpy(contract.TOPK_IDS),
+            logsumexp=result.as_numpy(contract.LOGSUMEXP).reshape(-1),
+            logits=result.as_numpy(contract.LOGITS) if want_logits else None,
         )

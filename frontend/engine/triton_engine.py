@@ -11,7 +11,7 @@ from pathlib import Path
 
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ActiveSequence, Scheduler, StepObserver
+from frontend.engine.scheduler import ActiveSequence, EventSink, Scheduler, StepObserver
 from frontend.engine.triton_client import Row, StepClient, StepError, UpstreamUnavailable
 from frontend.sampling import SamplingParams
 
@@ -113,11 +113,16 @@ class TritonEngine:
         return self._warm and self._client is not None and await self._client.model_ready()
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seed: int | None,
+        events: EventSink | None = None,
     ) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
-        return self._scheduler.submit(prompt_ids, params, max_new_tokens, seed)
+        return self._scheduler.submit(prompt_ids, params, max_new_tokens, seed, events)
 
     def cancel(self, handle: GenerationHandle) -> None:
         if self._scheduler is not None and isinstance(handle, ActiveSequence):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from step_model import contract
+
 
 @dataclass
 class Row:
@@ -26,7 +28,8 @@ def step(
     logits: bool = False,
     version: str = "",
 ) -> dict[str, np.ndarray]:
-    """One step request; raises tritonclient's InferenceServerException on a model error."""
+    """One step request; raises tritonclient's InferenceServerException when the model fails the
+    request as a whole. Per-row refusals are in the returned STATUS column (contract.RowStatus)."""
     n, width = len(rows), max(1, max(len(r.tokens) for r in rows))
     ids = np.zeros((n, width), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -63,7 +66,11 @@ def send(
         tensor = grpcclient.InferInput(name, list(value.shape), dtypes[value.dtype])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    names = ["TOPK_LOGITS", "TOPK_IDS", "LOGSUMEXP"] + (["LOGITS"] if logits else [])
+    names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if logits else [])
     outputs = [grpcclient.InferRequestedOutput(name) for name in names]
     result = client.infer(model, inputs, model_version=version, outputs=outputs, parameters={"logits_window": window})
     return {name: result.as_numpy(name) for name in names}
+
+
+def statuses(out: dict[str, np.ndarray]) -> list[contract.RowStatus]:
+    return [contract.RowStatus(int(s)) for s in out[contract.STATUS].reshape(-1)]

@@ -16,8 +16,9 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from tritonclient.utils import InferenceServerException
 
 from embedded_triton import TritonServer
+from step_model.contract import RowStatus
 from tests.conftest import DTYPE, IDLE_TIMEOUT_S, KV_CAPACITY, TINY, assert_logits_close, hf_greedy
-from tests.integration.steps import Row, send, step
+from tests.integration.steps import Row, send, statuses, step
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +113,7 @@ def test_ended_and_idle_sequences_are_freed(client, triton) -> None:
     while live_sequences(triton) and time.monotonic() < deadline:
         time.sleep(0.25)
     assert live_sequences(triton) == 0
-    with pytest.raises(InferenceServerException, match="unknown"):
-        step(client, TINY, [Row(idle[0], [5])], version="1")
+    assert statuses(step(client, TINY, [Row(idle[0], [5])], version="1")) == [RowStatus.NOT_FOUND]
 
 
 def test_two_versions_serve_side_by_side(client) -> None:
@@ -126,20 +126,22 @@ def test_two_versions_serve_side_by_side(client) -> None:
     np.testing.assert_allclose(latest, v2, atol=1e-6)
 
 
-def test_bad_requests_get_clear_errors_and_leave_others_unharmed(client, reference) -> None:
-    sid = new_id()
+def test_bad_rows_are_refused_alone_and_leave_others_unharmed(client, reference) -> None:
+    sid, other = new_id(), new_id()
     tokens = [10, 20, 30]
-    step(client, TINY, [Row(sid, tokens, start=True)], version="1")
-    with pytest.raises(InferenceServerException, match="unknown"):
-        step(client, TINY, [Row(new_id(), [1])], version="1")
-    with pytest.raises(InferenceServerException, match="exceeds the context"):
-        step(client, TINY, [Row(new_id(), [1] * 257, start=True)], version="1")
-    with pytest.raises(InferenceServerException, match="already exists"):
-        step(client, TINY, [Row(sid, [1], start=True)], version="1")
-    with pytest.raises(InferenceServerException, match="token ids"):
-        step(client, TINY, [Row(new_id(), [5000], start=True)], version="1")
-    with pytest.raises(InferenceServerException, match="TEMPERATURE"):
-        step(client, TINY, [Row(new_id(), [5], start=True, temperature=0.0)], version="1")
+    step(client, TINY, [Row(sid, tokens, start=True), Row(other, [1], start=True)], version="1")
+    bad = [
+        (Row(new_id(), [1]), RowStatus.NOT_FOUND),
+        (Row(new_id(), [1] * 257, start=True), RowStatus.INVALID),  # longer than the context
+        (Row(other, [1], start=True), RowStatus.ALREADY_EXISTS),
+        (Row(new_id(), [5000], start=True), RowStatus.INVALID),  # token id outside the vocabulary
+        (Row(new_id(), [5], start=True, temperature=0.0), RowStatus.INVALID),
+    ]
+    # Each refused row changes nothing; the good row in the same request runs.
+    tokens.append(40)
+    out = step(client, TINY, [Row(sid, [40]), *(row for row, _ in bad)], logits=True, version="1")
+    assert statuses(out) == [RowStatus.OK, *(code for _, code in bad)]
+    assert_logits_close(out["LOGITS"][0], ref_logits(reference, tokens))
     malformed = {
         "SEQUENCE_ID": np.array([[new_id()], [new_id()]], dtype=np.uint64),
         "INPUT_IDS": np.zeros((2, 2), dtype=np.int64),
@@ -150,20 +152,28 @@ def test_bad_requests_get_clear_errors_and_leave_others_unharmed(client, referen
     }
     with pytest.raises(InferenceServerException):
         send(client, TINY, malformed, version="1")
-    # A bad request merged into the same execution as a good one does not harm it.
-    tokens.append(40)
-    out = step(client, TINY, [Row(sid, [40], end=True)], logits=True, version="1")
+    twice = [Row(sid, [50]), Row(sid, [51])]
+    with pytest.raises(InferenceServerException, match="twice"):
+        step(client, TINY, twice, version="1")
+    # Neither failed request changed the sequence: it continues from its last real token.
+    tokens.append(60)
+    out = step(client, TINY, [Row(sid, [60], end=True), Row(other, [], end=True)], logits=True, version="1")
     assert_logits_close(out["LOGITS"][0], ref_logits(reference, tokens))
 
 
-def test_full_cache_rejects_new_sequences_only(client) -> None:
+def test_full_cache_refuses_only_the_rows_that_need_a_slot(client) -> None:
     holders = [new_id() for _ in range(KV_CAPACITY)]
-    step(client, TINY, [Row(s, [1, 2], start=True) for s in holders], version="2")
-    with pytest.raises(InferenceServerException, match="KV cache full"):
-        step(client, TINY, [Row(new_id(), [3], start=True)], version="2")
-    out = step(client, TINY, [Row(s, [3], end=True) for s in holders], version="2")
+    step(client, TINY, [Row(s, [1, 2], start=True) for s in holders[:-1]], version="2")
+    # One slot left: the first start row takes it, the second is told to come back later,
+    # and the decode rows of the same request run.
+    late = new_id()
+    rows = [Row(holders[-1], [1, 2], start=True), Row(late, [3], start=True), Row(holders[0], [3])]
+    assert statuses(step(client, TINY, rows, version="2")) == [RowStatus.OK, RowStatus.CACHE_FULL, RowStatus.OK]
+    out = step(
+        client, TINY, [Row(s, [3], end=True) for s in holders[1:]] + [Row(holders[0], [4], end=True)], version="2"
+    )
     assert out["TOPK_IDS"].shape == (KV_CAPACITY, 8)
-    step(client, TINY, [Row(new_id(), [3], start=True, end=True)], version="2")
+    assert statuses(step(client, TINY, [Row(late, [3], start=True, end=True)], version="2")) == [RowStatus.OK]
 
 
 def test_fetching_the_full_row_after_a_step(client, reference) -> None:

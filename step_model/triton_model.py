@@ -1,14 +1,12 @@
-"""Triton Python-backend model: the glue between Triton requests and `engine.StepEngine`.
+"""Triton Python-backend model: the glue between Triton requests and `step_model.engine`.
 
-Copied by the exporter into every model version next to `engine.py`, `model.onnx`,
-`metadata.json` and the tokenizer. The I/O contract is in docs/architecture.md.
+The exporter copies this file into every model version as `model.py`, with the `step_model`
+package beside it (contract + engine), `model.onnx`, `metadata.json` and the tokenizer. The wire
+contract (tensors, row statuses, parameters) is `step_model.contract`.
 
-Per request (N sequences, the batch dimension):
-  SEQUENCE_ID uint64 [N,1], INPUT_IDS int64 [N,T] right-padded, LENGTH int32 [N,1],
-  START bool [N,1], END bool [N,1], TEMPERATURE fp32 [N,1];
-  request parameter "logits_window" (int): K of the top-K window (default from config).
-Outputs: TOPK_LOGITS fp32 [N,K], TOPK_IDS int64 [N,K], LOGSUMEXP fp32 [N,1], and LOGITS fp32 [N,V]
-only when the caller asks for that output.
+All requests Triton hands to one `execute` (the dynamic batcher may merge several callers') run
+as ONE engine step: one prefill run for every new sequence and one decode run for every
+stepping sequence. A row the engine refuses gets its STATUS; only a malformed request fails.
 """
 
 from __future__ import annotations
@@ -32,9 +30,11 @@ for _entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pat
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
-_ERROR_CODES = frozenset({"INVALID_ARG", "NOT_FOUND", "ALREADY_EXISTS", "UNAVAILABLE"})
+from step_model import contract  # noqa: E402
+from step_model.engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
+
+_ERROR_CODES = frozenset({contract.ErrorCode.INVALID_ARG, contract.ErrorCode.UNAVAILABLE, contract.ErrorCode.INTERNAL})
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
@@ -63,16 +63,19 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         meta = ModelMeta.load(version_dir)
-        self.default_window = int(_setting(params, "default_window", "64"))
+        self.default_window = int(_setting(params, contract.CONFIG_DEFAULT_WINDOW, "64"))
         self.engine = StepEngine(
-            version_dir / "model.onnx",
+            version_dir / contract.VERSION_ONNX,
             meta,
-            capacity=int(_setting(params, "kv_capacity", "64")),
-            idle_timeout_s=float(_setting(params, "idle_timeout_s", "60")),
-            device=_setting(params, "device", "auto"),
+            capacity=int(_setting(params, contract.CONFIG_KV_CAPACITY, "64")),
+            idle_timeout_s=float(_setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
+            device=_setting(params, contract.CONFIG_DEVICE, "auto"),
             device_id=int(args.get("model_instance_device_id", "0") or 0),
-            strict_device=_setting(params, "strict_device", "0") == "1",
+            strict_device=_setting(params, contract.CONFIG_STRICT_DEVICE, "0") == "1",
+            cuda_graphs=_setting(params, contract.CONFIG_CUDA_GRAPHS, "1") == "1",
+            graph_window=self.default_window,
         )
+        self.engine.warm_up()
         labels = {"model": args["model_name"], "version": args["model_version"]}
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         # Families must outlive their metrics (Triton deletes a metric's family first otherwise).
@@ -96,8 +99,10 @@ class TritonPythonModel:
             for name, help_text in (
                 ("prefill_tokens_total", "Prompt tokens run through prefill"),
                 ("decode_tokens_total", "Tokens run through decode steps"),
-                ("steps_total", "Model executions"),
-                ("rejected_full_total", "Requests refused because the KV cache was full"),
+                ("steps_total", "Engine steps (one per Triton execution)"),
+                ("rows_total", "Rows carried by engine steps (rows per execution = rows_total / steps_total)"),
+                ("graph_replays_total", "Decode runs replayed from a captured CUDA graph"),
+                ("rejected_full_total", "Start rows refused because the KV cache was full"),
                 ("idle_evicted_total", "Sequences freed after the idle timeout"),
                 ("ended_total", "Sequences freed by an explicit end"),
             )
@@ -111,7 +116,7 @@ class TritonPythonModel:
         self._sweeper.start()
         pb_utils.Logger.log_info(
             f"gpt2 step model ready: device={self.engine.device_kind} dtype={meta.dtype} "
-            f"capacity={self.engine.capacity} context={meta.max_context}"
+            f"capacity={self.engine.capacity} context={meta.max_context} cuda_graphs={self.engine.cuda_graphs}"
         )
 
     def _sweep(self, period: float) -> None:
@@ -140,23 +145,29 @@ class TritonPythonModel:
                 parsed.append(None)
                 errors[r] = f"malformed request: {err}"
         valid = [p for p in parsed if p is not None]
-        results = iter(self.engine.step(valid)) if valid else iter(())
+        try:
+            results = iter(self.engine.step(valid)) if valid else iter(())
+        except Exception as err:  # a failed run must answer every caller, not hang them
+            pb_utils.Logger.log_error(f"engine step failed: {err!r}")
+            message = f"step failed inside the model: {err}"
+            return [self._error(message, contract.ErrorCode.INTERNAL) for _ in requests]
         responses = []
         for r, step in enumerate(parsed):
             if step is None:
-                responses.append(self._error(errors[r], "INVALID_ARG"))
+                responses.append(self._error(errors[r], contract.ErrorCode.INVALID_ARG))
                 continue
             result = next(results)
             if isinstance(result, EngineError):
                 responses.append(self._error(str(result), result.code))
                 continue
             tensors = [
-                _output("TOPK_LOGITS", result.topk_logits),
-                _output("TOPK_IDS", result.topk_ids),
-                _output("LOGSUMEXP", result.logsumexp.reshape(-1, 1)),
+                _output(contract.STATUS, result.status.reshape(-1, 1)),
+                _output(contract.TOPK_LOGITS, result.topk_logits),
+                _output(contract.TOPK_IDS, result.topk_ids),
+                _output(contract.LOGSUMEXP, result.logsumexp.reshape(-1, 1)),
             ]
             if result.logits is not None:
-                tensors.append(_output("LOGITS", result.logits))
+                tensors.append(_output(contract.LOGITS, result.logits))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         self._publish()
         return responses
@@ -176,25 +187,25 @@ class TritonPythonModel:
 
         raw = request.parameters()  # type: ignore[attr-defined]
         params = json.loads(raw) if raw else {}
-        window = int(params.get("logits_window", self.default_window))
+        window = int(params.get(contract.PARAM_LOGITS_WINDOW, self.default_window))
         wanted = set(request.requested_output_names())  # type: ignore[attr-defined]
-        input_ids = tensor("INPUT_IDS")
+        input_ids = tensor(contract.INPUT_IDS)
         if input_ids.ndim != 2:
-            raise ValueError(f"INPUT_IDS must be [N, T], got {list(input_ids.shape)}")
+            raise ValueError(f"{contract.INPUT_IDS} must be [N, T], got {list(input_ids.shape)}")
         return StepRequest(
-            sequence_ids=column("SEQUENCE_ID", np.uint64),
+            sequence_ids=column(contract.SEQUENCE_ID, np.uint64),
             input_ids=input_ids.astype(np.int64, copy=False),
-            lengths=column("LENGTH", np.int32),
-            start=column("START", np.bool_),
-            end=column("END", np.bool_),
-            temperature=column("TEMPERATURE", np.float32),
+            lengths=column(contract.LENGTH, np.int32),
+            start=column(contract.START, np.bool_),
+            end=column(contract.END, np.bool_),
+            temperature=column(contract.TEMPERATURE, np.float32),
             window=window,
-            want_logits="LOGITS" in wanted,
+            want_logits=contract.LOGITS in wanted,
         )
 
     @staticmethod
     def _error(message: str, code: str) -> object:
-        error_code = getattr(pb_utils.TritonError, code if code in _ERROR_CODES else "INVALID_ARG")
+        error_code = getattr(pb_utils.TritonError, code if code in _ERROR_CODES else contract.ErrorCode.INVALID_ARG)
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, error_code))
 
     def finalize(self) -> None:

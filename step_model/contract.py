@@ -1,0 +1,115 @@
+"""The step model's wire contract: the one place its tensor names, dtypes, row statuses, request
+parameters and metadata keys are written down.
+
+Imported by the exporter (config.pbtxt, metadata.json), the Triton model (`triton_model.py`), the
+engine and the gateway's Triton client, so the three deployables (build time, inside Triton, the
+gateway) cannot drift apart. Pure Python: importing it pulls in neither torch nor ONNX Runtime.
+
+A step request carries N rows (the batch dimension), one per sequence:
+
+  SEQUENCE_ID uint64 [N,1]  the caller's id of the sequence
+  INPUT_IDS   int64  [N,T]  new tokens, right-padded (the prompt on a start row, one token when
+                            decoding, none when only fetching or releasing)
+  LENGTH      int32  [N,1]  how many of INPUT_IDS[i] are real
+  START       bool   [N,1]  the row's tokens are a new sequence's prompt (it takes a KV slot)
+  END         bool   [N,1]  free the sequence's slot after this step
+  TEMPERATURE fp32   [N,1]  logits are divided by it (1.0 for greedy)
+
+and answers, per row:
+
+  STATUS      int32  [N,1]  RowStatus: OK, or why this row alone was refused (nothing changed
+                            for a refused row; the others ran)
+  TOPK_LOGITS fp32   [N,K]  the K largest temperature-scaled logits, descending
+  TOPK_IDS    int64  [N,K]  their token ids
+  LOGSUMEXP   fp32   [N,1]  log-sum-exp of the whole scaled row
+  LOGITS      fp32   [N,V]  the whole scaled row; only when the caller requests this output
+
+Request parameter `logits_window` (int) sets K. A malformed request (wrong shapes, a sequence
+twice) fails as a whole with a Triton error and changes nothing.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+# ------------------------------------------------------------------------ tensors
+SEQUENCE_ID: Final = "SEQUENCE_ID"
+INPUT_IDS: Final = "INPUT_IDS"
+LENGTH: Final = "LENGTH"
+START: Final = "START"
+END: Final = "END"
+TEMPERATURE: Final = "TEMPERATURE"
+
+STATUS: Final = "STATUS"
+TOPK_LOGITS: Final = "TOPK_LOGITS"
+TOPK_IDS: Final = "TOPK_IDS"
+LOGSUMEXP: Final = "LOGSUMEXP"
+LOGITS: Final = "LOGITS"
+
+# name -> (Triton data type, dims after the batch dimension; -1 = variable)
+INPUTS: Final[dict[str, tuple[str, list[int]]]] = {
+    SEQUENCE_ID: ("UINT64", [1]),
+    INPUT_IDS: ("INT64", [-1]),
+    LENGTH: ("INT32", [1]),
+    START: ("BOOL", [1]),
+    END: ("BOOL", [1]),
+    TEMPERATURE: ("FP32", [1]),
+}
+OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
+    STATUS: ("INT32", [1]),
+    TOPK_LOGITS: ("FP32", [-1]),
+    TOPK_IDS: ("INT64", [-1]),
+    LOGSUMEXP: ("FP32", [1]),
+    LOGITS: ("FP32", [-1]),
+}
+# Outputs every step asks for; LOGITS only when full rows are needed.
+STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
+
+# ------------------------------------------------------------------------ parameters
+PARAM_LOGITS_WINDOW: Final = "logits_window"
+
+
+class RowStatus(IntEnum):
+    """Per-row outcome of a step. Anything but OK means the row did not run and changed nothing."""
+
+    OK = 0
+    CACHE_FULL = 1  # a start row found no free KV slot: retry it at a later step
+    NOT_FOUND = 2  # the sequence is unknown (never started, ended, or evicted as idle)
+    ALREADY_EXISTS = 3  # a start row names a live sequence
+    INVALID = 4  # the row itself is malformed (empty prompt, too long, bad token id, ...)
+
+
+# ------------------------------------------------------------------------ request-level errors
+class ErrorCode:
+    """Triton error codes the model answers a whole failed request with (pb_utils.TritonError)."""
+
+    INVALID_ARG: Final = "INVALID_ARG"
+    UNAVAILABLE: Final = "UNAVAILABLE"
+    INTERNAL: Final = "INTERNAL"
+
+
+# ------------------------------------------------------------------------ model config parameters
+# config.pbtxt `parameters`, each overridable at serve time by the environment variable GPT2_<KEY>.
+CONFIG_KV_CAPACITY: Final = "kv_capacity"
+CONFIG_IDLE_TIMEOUT_S: Final = "idle_timeout_s"
+CONFIG_DEFAULT_WINDOW: Final = "default_window"
+CONFIG_DEVICE: Final = "device"
+CONFIG_STRICT_DEVICE: Final = "strict_device"
+CONFIG_CUDA_GRAPHS: Final = "cuda_graphs"
+
+# ------------------------------------------------------------------------ metadata.json keys
+META_N_LAYER: Final = "n_layer"
+META_N_HEAD: Final = "n_head"
+META_HEAD_DIM: Final = "head_dim"
+META_VOCAB_SIZE: Final = "vocab_size"
+META_MAX_CONTEXT: Final = "max_context"
+META_DTYPE: Final = "dtype"
+META_EOS_TOKEN_ID: Final = "eos_token_id"
+META_SOURCE: Final = "source"
+
+# Files of a model version (besides the package copy of this directory).
+VERSION_ONNX: Final = "model.onnx"
+VERSION_METADATA: Final = "metadata.json"
+VERSION_TOKENIZER: Final = "tokenizer"
+VERSION_ENTRY: Final = "model.py"  # Triton's Python backend loads <version>/model.py
