@@ -151,18 +151,41 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
         beta = b.weight(f"{prefix}.bias", w(f"{prefix}.bias"))
         return b.op1("LayerNormalization", [inp, gamma, beta], axis=-1, epsilon=spec.layer_norm_epsilon)
 
-    def linear(inp: str, prefix: str) -> str:
+    def matmul(inp: str, prefix: str) -> str:
         # GPT-2's Conv1D stores weights as [in, out], which is MatMul's layout already.
-        weight = b.weight(f"{prefix}.weight", w(f"{prefix}.weight"))
-        bias = b.weight(f"{prefix}.bias", w(f"{prefix}.bias"))
-        return b.op1("Add", [b.op1("MatMul", [inp, weight]), bias])
+        return b.op1("MatMul", [inp, b.weight(f"{prefix}.weight", w(f"{prefix}.weight"))])
+
+    def linear(inp: str, prefix: str) -> str:
+        return b.op1("Add", [matmul(inp, prefix), b.weight(f"{prefix}.bias", w(f"{prefix}.bias"))])
+
+    def add_and_norm(
+        inp: str, residual: str, bias_prefix: str, ln_prefix: str, *, keep_sum: bool = True
+    ) -> tuple[str, str]:
+        """(LayerNorm(residual + inp + bias), residual + inp + bias) in one fused kernel."""
+        gamma = b.weight(f"{ln_prefix}.weight", w(f"{ln_prefix}.weight"))
+        beta = b.weight(f"{ln_prefix}.bias", w(f"{ln_prefix}.bias"))
+        bias = b.weight(f"{bias_prefix}.bias", w(f"{bias_prefix}.bias"))
+        normed, summed = b._name("skip_ln"), b._name("residual") if keep_sum else ""
+        b.nodes.append(
+            helper.make_node(
+                "SkipLayerNormalization",
+                [inp, residual, gamma, beta, bias],
+                [normed, "", "", summed],
+                domain=MS_DOMAIN,
+                epsilon=spec.layer_norm_epsilon,
+            )
+        )
+        return normed, summed
 
     present_outputs: list[onnx.ValueInfoProto] = []
     past_inputs: list[onnx.ValueInfoProto] = []
     kv_shape: list[str | int] = ["batch", h, "max_sequence_length", d]
+    hidden = layer_norm(x, "h.0.ln_1")
+    mlp_out = ""
     for i in range(spec.n_layer):
         p = f"h.{i}"
-        hidden = layer_norm(x, f"{p}.ln_1")
+        if i:  # the previous block's MLP output joins the residual stream here, fused with ln_1
+            hidden, x = add_and_norm(mlp_out, x, f"h.{i - 1}.mlp.c_proj", f"{p}.ln_1")
         q, k, v = b.op("Split", [linear(hidden, f"{p}.attn.c_attn"), split_sizes], 3, axis=2)
         scale = 1.0 / math.sqrt(d)
         if spec.scale_by_inverse_layer_idx:
@@ -183,8 +206,7 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
                 scale=scale,
             )
         )
-        x = b.op1("Add", [x, linear(attn, f"{p}.attn.c_proj")])
-        hidden = layer_norm(x, f"{p}.ln_2")
+        hidden, x = add_and_norm(matmul(attn, f"{p}.attn.c_proj"), x, f"{p}.attn.c_proj", f"{p}.ln_2")
         fc_w = b.weight(f"{p}.mlp.c_fc.weight", w(f"{p}.mlp.c_fc.weight"))
         fc_b = b.weight(f"{p}.mlp.c_fc.bias", w(f"{p}.mlp.c_fc.bias"))
         pre = b.op1("MatMul", [hidden, fc_w])
@@ -192,8 +214,8 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
             act = b.op1("FastGelu", [pre, fc_b], domain=MS_DOMAIN)  # tanh approximation, bias fused
         else:
             act = b.op1("Gelu", [b.op1("Add", [pre, fc_b])], domain=MS_DOMAIN)  # exact erf gelu
-        x = b.op1("Add", [x, linear(act, f"{p}.mlp.c_proj")])
-    x = layer_norm(x, "ln_f")
+        mlp_out = matmul(act, f"{p}.mlp.c_proj")
+    x, _ = add_and_norm(mlp_out, x, f"h.{spec.n_layer - 1}.mlp.c_proj", "ln_f", keep_sum=False)
 
     # Only each row's last real token needs logits: gather it before the vocabulary projection.
     last = b.op1("Gather", [b.op1("Reshape", [x, flat_shape]), "gather_index"], axis=0)
@@ -206,8 +228,7 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
         logits = b.op1("Gemm", [last, wte], transB=1)  # tied LM head shares the embedding table
     if dtype != "fp32":
         logits = b.op1("Cast", [logits], to=TensorProto.FLOAT)
-    scaled = b.op1("Div", [logits, b.op1("Unsqueeze", ["temperature", axis1])])
-    b.nodes.append(helper.make_node("Identity", [scaled], ["logits"]))
+    b.nodes.append(helper.make_node("Div", [logits, b.op1("Unsqueeze", ["temperature", axis1])], ["logits"]))
     b.nodes.append(
         helper.make_node("TopK", ["logits", "window"], ["topk_logits", "topk_ids"], axis=-1, largest=1, sorted=1)
     )

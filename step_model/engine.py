@@ -169,6 +169,7 @@ class _Decode:
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # pinned copies of the outputs
     graph_id: int = -1  # >= 0: replayed as this CUDA graph
     runs: int = 0
+    key: int = 0  # this buffer's id in the engine's logits-home table
 
 
 class StepEngine:
@@ -186,6 +187,7 @@ class StepEngine:
         strict_device: bool = False,
         cuda_graphs: bool = False,
         graph_window: int = 64,
+        torch_tail: bool | None = None,
         threads: int = 0,
         clock: Any = time.monotonic,
     ) -> None:
@@ -228,6 +230,15 @@ class StepEngine:
         self._buckets = self._bucket_sizes()
         self._eager: OrderedDict[int, _Decode] = OrderedDict()
         self._graphs: dict[int, _Decode] = {}
+        # Top-K and log-sum-exp of decode runs: torch's kernels on the GPU (ONNX Runtime's TopK
+        # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
+        self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
+        # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
+        # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
+        # copied into `last_logits` only when that buffer is about to be overwritten while the
+        # row did not step (a bystander of another caller's step) or evicted, or when fetched.
+        self._home = np.full(capacity, -1, dtype=np.int64)
+        self._buffers: dict[int, _Decode] = {}
         self._lock = threading.Lock()
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
@@ -304,6 +315,7 @@ class StepEngine:
             del self._slot_of[int(self._sequence_of[slot])]
             heapq.heappush(self._free_slots, slot)
         self._length[slots] = 0
+        self._home[slots] = -1
 
     def _slots(self, sequence_ids: np.ndarray) -> np.ndarray:
         """Slot of each id, -1 where unknown (dict lookups in C, no Python loop)."""
@@ -454,6 +466,7 @@ class StepEngine:
         # padding; they are overwritten by the row's next steps before anything reads them).
         self.pool[:, :, index, :, :s, :] = scratch
         self.last_logits.index_copy_(0, index, logits)
+        self._home[new_slots] = -1
         at = 0
         for req, slots, res, rows in chosen:
             ids = req.sequence_ids[rows]
@@ -491,10 +504,10 @@ class StepEngine:
             decode = self._eager_decode(self._bucket(hi) if self._buckets else hi)
             self._bind_window(decode, window)
         self._fill_decode(decode, step_slots, tokens, temperature)
+        self._save_bystanders(decode, step_slots)
         self._run_decode_binding(decode, graphed=graphed)
         host = decode.host
-        index = torch.from_numpy(step_slots).to(self.device)
-        self.last_logits.index_copy_(0, index, decode.logits.index_select(0, index))
+        self._home[step_slots] = decode.key
         self._length[step_slots] += 1
         self._last_used[step_slots] = now
         at = 0
@@ -527,6 +540,10 @@ class StepEngine:
             lse=torch.empty(b, dtype=torch.float32, device=dev),
             gather_index=torch.arange(b, dtype=torch.int64, device=dev),
         )
+        decode.key = len(self._buffers)
+        while decode.key in self._buffers:
+            decode.key += 1
+        self._buffers[decode.key] = decode
         binding = decode.binding
         for name, tensor in (
             ("input_ids", decode.input_ids),
@@ -538,7 +555,8 @@ class StepEngine:
             self._bind(binding, name, tensor, output=False)
         self._bind_kv(binding, self.pool[:, :, :b])
         self._bind(binding, "logits", decode.logits, output=True)
-        self._bind(binding, "logsumexp", decode.lse, output=True)
+        if not self.torch_tail:
+            self._bind(binding, "logsumexp", decode.lse, output=True)
         return decode
 
     def _graph_decode(self, b: int) -> _Decode:
@@ -558,7 +576,9 @@ class StepEngine:
             decode = self._new_decode(b, self.session)
             self._eager[b] = decode
             if len(self._eager) > _CACHED_BINDINGS:
-                self._eager.popitem(last=False)
+                _, evicted = self._eager.popitem(last=False)
+                self._save_rows(evicted, np.flatnonzero(self._home == evicted.key))
+                del self._buffers[evicted.key]
         else:
             self._eager.move_to_end(b)
         return decode
@@ -571,8 +591,9 @@ class StepEngine:
         decode.binding.bind_cpu_input("window", decode.window)
         decode.topk_logits = torch.empty((b, window), dtype=torch.float32, device=dev)
         decode.topk_ids = torch.empty((b, window), dtype=torch.int64, device=dev)
-        self._bind(decode.binding, "topk_logits", decode.topk_logits, output=True)
-        self._bind(decode.binding, "topk_ids", decode.topk_ids, output=True)
+        if not self.torch_tail:
+            self._bind(decode.binding, "topk_logits", decode.topk_logits, output=True)
+            self._bind(decode.binding, "topk_ids", decode.topk_ids, output=True)
         pin = self.device_kind == "cuda"
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
@@ -595,20 +616,46 @@ class StepEngine:
             decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
 
     def _run_decode_binding(self, decode: _Decode, *, graphed: bool) -> None:
+        options = ort.RunOptions()
+        options.only_execute_path_to_fetches = True  # with the torch tail: skip the graph's own
         if graphed:
             assert self._graphed is not None
-            options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(decode.graph_id))
             self._graphed.run_with_iobinding(decode.binding, options)
             self.stats.graph_replays_total += int(decode.runs >= 2)
         else:
-            self.session.run_with_iobinding(decode.binding)
+            self.session.run_with_iobinding(decode.binding, options)
         decode.runs += 1
         assert decode.topk_logits is not None and decode.topk_ids is not None
+        if self.torch_tail:
+            torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
+            torch.logsumexp(decode.logits, dim=-1, out=decode.lse)
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name].copy_(tensor, non_blocking=True)
         if self._stream is not None:
             self._stream.synchronize()
+
+    # ----------------------------------------------------------------------------- stored logits
+    def _save_rows(self, decode: _Decode, slots: np.ndarray) -> None:
+        """Copy rows whose latest logits live in `decode`'s buffer into `last_logits`."""
+        if slots.size:
+            index = torch.from_numpy(slots).to(self.device)
+            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, index))
+            self._home[slots] = -1
+
+    def _save_bystanders(self, decode: _Decode, stepping: np.ndarray) -> None:
+        """Before `decode` overwrites its buffer: keep the rows of slots that do not step now."""
+        mine = self._home[: decode.rows] == decode.key
+        if mine.any():
+            mine[stepping] = False
+            self._save_rows(decode, np.flatnonzero(mine))
+
+    def _stored_logits(self, slots: np.ndarray) -> torch.Tensor:
+        """The latest logits rows of `slots` [n, V], wherever they live."""
+        homes = self._home[slots]
+        for key in np.unique(homes[homes >= 0]).tolist():
+            self._save_rows(self._buffers[key], slots[homes == key])
+        return self.last_logits.index_select(0, torch.from_numpy(slots).to(self.device))
 
     # ----------------------------------------------------------------------------- ORT plumbing
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, *, output: bool) -> None:
@@ -655,7 +702,7 @@ class StepEngine:
             live = ok & (slots >= 0)
             fetch = np.flatnonzero(live & (req.lengths == 0) & ~req.end.astype(bool))
             if fetch.size:
-                stored = self.last_logits.index_select(0, torch.from_numpy(slots[fetch]).to(self.device))
+                stored = self._stored_logits(slots[fetch])
                 top_values, top_ids = torch.topk(stored, req.window, dim=-1)
                 res.topk_logits[fetch] = top_values.cpu().numpy()
                 res.topk_ids[fetch] = top_ids.cpu().numpy()
@@ -665,8 +712,7 @@ class StepEngine:
                 res.logits = np.zeros((res.status.shape[0], self.meta.vocab_size), dtype=np.float32)
                 rows = np.flatnonzero(live)
                 if rows.size:
-                    index = torch.from_numpy(slots[rows]).to(self.device)
-                    res.logits[rows] = self.last_logits.index_select(0, index).cpu().numpy()
+                    res.logits[rows] = self._stored_logits(slots[rows]).cpu().numpy()
             ending = live & req.end.astype(bool)
             if ending.any():
                 self._free_slots_of(slots[ending])

@@ -1,0 +1,87 @@
+"""The step engine called directly (no Triton): per-row statuses, the torch tail, stored logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from step_model.contract import RowStatus
+from step_model.engine import InvalidRequest, ModelMeta, StepEngine, StepRequest
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.unit
+
+
+def request(rows: list[tuple[int, list[int], bool, bool]], *, window: int = 8, logits: bool = False) -> StepRequest:
+    """rows: (sequence id, tokens, start, end)."""
+    width = max(1, max(len(t) for _, t, _, _ in rows))
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (_, tokens, _, _) in enumerate(rows):
+        ids[i, : len(tokens)] = tokens
+    return StepRequest(
+        sequence_ids=np.array([r[0] for r in rows], dtype=np.uint64),
+        input_ids=ids,
+        lengths=np.array([len(r[1]) for r in rows], dtype=np.int32),
+        start=np.array([r[2] for r in rows]),
+        end=np.array([r[3] for r in rows]),
+        temperature=np.full(len(rows), 0.9, dtype=np.float32),
+        window=window,
+        want_logits=logits,
+    )
+
+
+@pytest.fixture(scope="module")
+def version_dir(model_repository: Path) -> Path:
+    return model_repository / TINY / "1"
+
+
+def engine(version_dir: Path, **kwargs: object) -> StepEngine:
+    meta = ModelMeta.load(version_dir)
+    return StepEngine(version_dir / "model.onnx", meta, capacity=4, device="cpu", **kwargs)  # type: ignore[arg-type]
+
+
+def test_torch_tail_equals_the_graphs_own_top_k_and_logsumexp(version_dir: Path) -> None:
+    outs = []
+    for torch_tail in (False, True):
+        eng = engine(version_dir, torch_tail=torch_tail)
+        eng.step([request([(1, [5, 6, 7], True, False), (2, [8], True, False)])])
+        res = eng.step([request([(1, [9], False, False), (2, [10], False, False)])])[0]
+        assert not isinstance(res, Exception)
+        outs.append(res)
+    graph, torch_tail = outs
+    np.testing.assert_allclose(torch_tail.topk_logits, graph.topk_logits, rtol=1e-6)
+    np.testing.assert_allclose(torch_tail.logsumexp, graph.logsumexp, rtol=1e-6)
+    np.testing.assert_array_equal(torch_tail.topk_ids, graph.topk_ids)
+
+
+def test_a_bystanders_logits_survive_another_callers_step(version_dir: Path) -> None:
+    eng = engine(version_dir)
+    # Slot 0 -> sequence 10, slot 1 -> sequence 11; both step, then only 11 steps (the same
+    # decode buffer covers slots [0, 2)): 10's last logits must still be the ones of its step.
+    eng.step([request([(10, [1, 2], True, False), (11, [3, 4], True, False)])])
+    both = eng.step([request([(10, [5], False, False), (11, [6], False, False)], logits=True)])[0]
+    assert not isinstance(both, Exception) and both.logits is not None
+    eng.step([request([(11, [7], False, False)])])
+    fetched = eng.step([request([(10, [], False, False)], logits=True)])[0]
+    assert not isinstance(fetched, Exception) and fetched.logits is not None
+    np.testing.assert_array_equal(fetched.logits[0], both.logits[0])
+    np.testing.assert_array_equal(fetched.topk_ids[0], both.topk_ids[0])
+
+
+def test_rows_are_refused_alone_and_malformed_requests_as_a_whole(version_dir: Path) -> None:
+    eng = engine(version_dir)
+    eng.step([request([(1, [1], True, False), (2, [1], True, False), (3, [1], True, False)])])
+    res = eng.step(
+        [request([(4, [2], True, False), (5, [2], True, False), (1, [3], False, False), (99, [3], False, False)])]
+    )[0]
+    assert not isinstance(res, Exception)
+    assert res.status.tolist() == [RowStatus.OK, RowStatus.CACHE_FULL, RowStatus.OK, RowStatus.NOT_FOUND]
+    assert res.messages.keys() == {1, 3}
+    assert eng.live_sequences() == 4
+    twice = eng.step([request([(1, [4], False, False), (1, [4], False, False)])])[0]
+    assert isinstance(twice, InvalidRequest)
+    released = eng.step([request([(s, [], False, True) for s in (1, 2, 3, 4, 77)])])[0]
+    assert not isinstance(released, Exception) and (released.status == RowStatus.OK).all()
+    assert eng.live_sequences() == 0
