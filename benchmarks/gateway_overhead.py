@@ -39,7 +39,8 @@ class InstantTriton:
         n = len(rows)
         values = np.sort(self.rng.normal(0, 3, (n, window)).astype(np.float32), axis=1)[:, ::-1].copy()
         ids = self.rng.integers(0, self.vocab_size - 1, (n, window)).astype(np.int64)
-        return StepOutput(values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
+        status = np.zeros(n, dtype=np.int32)  # every row OK
+        return StepOutput(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
 
 
 class _Engine:

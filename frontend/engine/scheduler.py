@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from frontend.engine.triton_client import ROW_REFUSALS, Row, StepError, StepOutput, StepRejected
+from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepError, StepOutput, StepRejected
 from frontend.sampling import NeedFullRow, Sampled, SamplingParams, StepLogits, needs_full_row, sample, window_size
 from frontend.sampling.batched import BatchParams, sample_window_batch
 from step_model.contract import RowStatus
@@ -81,10 +81,10 @@ class ActiveSequence:
     generated: list[int] = field(default_factory=list)
     on_server: bool = False
     done: bool = False
+    temperature: float = field(init=False)
 
-    @property
-    def temperature(self) -> float:
-        return self.params.temperature or 1.0  # greedy: the server scales by 1
+    def __post_init__(self) -> None:
+        self.temperature = self.params.temperature or 1.0  # greedy: the server scales by 1
 
 
 class EventSink(Protocol):
@@ -116,7 +116,7 @@ class _NullObserver:
 class StepBackend(Protocol):
     """What the scheduler needs from the model server (StepClient implements it; tests script it)."""
 
-    async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
+    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
 
 
 class Scheduler:
@@ -252,11 +252,15 @@ class Scheduler:
             self._finish(self._waiting.popleft(), ErrorEvent(Overloaded("waited too long for a free slot")))
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
-    def _plan(self) -> tuple[list[ActiveSequence], list[Row]]:
+    def _plan(self) -> tuple[list[ActiveSequence], StepBatch]:
         """The rows of the next step: decodes, then new sequences (within the prefill budget and
-        the start allowance), then releases. Returns the stepping sequences and all rows."""
+        the start allowance), then releases. Returns the stepping sequences and the batch."""
         seqs = [s for s in self._running if s.on_server]
-        rows = [Row(s.sequence_id, [s.generated[-1]], temperature=s.temperature) for s in seqs]
+        n = len(seqs)
+        decode_ids = np.fromiter((s.sequence_id for s in seqs), dtype=np.uint64, count=n)
+        decode_tokens = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=n)
+        decode_temperature = np.fromiter((s.temperature for s in seqs), dtype=np.float32, count=n)
+        starts: list[tuple[int, Sequence[int], float]] = []
         budget, allowance = self.max_prefill_tokens, self._start_allowance
         for s in self._running:
             if s.on_server:
@@ -268,15 +272,15 @@ class Scheduler:
             budget -= len(s.prompt_ids)
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
-            rows.append(Row(s.sequence_id, s.prompt_ids, start=True, temperature=s.temperature))
-        rows += [Row(sid, [], end=True) for sid in sorted(self._releases)]
-        return seqs, rows
+            starts.append((s.sequence_id, s.prompt_ids, s.temperature))
+        batch = StepBatch.compose(decode_ids, decode_tokens, decode_temperature, starts, sorted(self._releases))
+        return seqs, batch
 
     async def _step(self) -> bool:
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
         seqs, rows = self._plan()
-        if not rows:
+        if not len(rows):
             return False
         released = len(self._releases)
         self._releases.clear()
@@ -317,7 +321,17 @@ class Scheduler:
 
     def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepOutput) -> list[int]:
         """Apply each row's status; returns the indices of the rows to sample."""
-        sampling: list[int] = []
+        if not status.any():  # every row OK (the common case): no per-code dispatch
+            sampling = []
+            for i, seq in enumerate(seqs):
+                seq.on_server = True
+                if seq.done:
+                    self._releases.add(seq.sequence_id)
+                    seq.on_server = False
+                else:
+                    sampling.append(i)
+            return sampling
+        sampling = []
         for i, seq in enumerate(seqs):
             code = int(status[i])
             if code == RowStatus.OK:
@@ -343,9 +357,10 @@ class Scheduler:
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
+        tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
         for j, seq in enumerate(chosen):
-            if batch.decided[j]:
-                self._emit(seq, batch.sampled(j))
+            if decided[j]:
+                self._emit_token(seq, tokens[j], logprobs[j], batch.top_logprobs[j])
                 continue
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
             try:  # the reference sampler decides what the batch declined, or asks for the row
@@ -385,9 +400,14 @@ class Scheduler:
         return seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else []
 
     def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
-        seq.generated.append(chosen.token_id)
-        seq.events.put_nowait(TokenEvent(chosen.token_id, chosen.logprob, chosen.top_logprobs))
-        if chosen.token_id == self.eos_token_id:
+        self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
+
+    def _emit_token(
+        self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
+    ) -> None:
+        seq.generated.append(token_id)
+        seq.events.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
+        if token_id == self.eos_token_id:
             self._finish(seq, FinishEvent("stop"))
         elif len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq, FinishEvent("length"))

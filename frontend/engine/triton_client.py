@@ -51,6 +51,71 @@ class Row:
 
 
 @dataclass(frozen=True, slots=True)
+class StepBatch:
+    """The rows of one step as columns (what goes on the wire); see `step_model.contract`."""
+
+    sequence_ids: np.ndarray  # uint64 [N]
+    input_ids: np.ndarray  # int64 [N, T], right-padded
+    lengths: np.ndarray  # int32 [N]
+    start: np.ndarray  # bool [N]
+    end: np.ndarray  # bool [N]
+    temperature: np.ndarray  # float32 [N]
+
+    def __len__(self) -> int:
+        return int(self.sequence_ids.shape[0])
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row]) -> StepBatch:
+        n = len(rows)
+        lengths = np.fromiter((len(r.tokens) for r in rows), dtype=np.int32, count=n)
+        ids = np.zeros((n, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+        for i in np.flatnonzero(lengths).tolist():
+            ids[i, : lengths[i]] = rows[i].tokens
+        return cls(
+            np.fromiter((r.sequence_id for r in rows), dtype=np.uint64, count=n),
+            ids,
+            lengths,
+            np.fromiter((r.start for r in rows), dtype=bool, count=n),
+            np.fromiter((r.end for r in rows), dtype=bool, count=n),
+            np.fromiter((r.temperature for r in rows), dtype=np.float32, count=n),
+        )
+
+    @classmethod
+    def compose(
+        cls,
+        decode_ids: np.ndarray,
+        decode_tokens: np.ndarray,
+        decode_temperature: np.ndarray,
+        starts: Sequence[tuple[int, Sequence[int], float]],
+        releases: Sequence[int],
+    ) -> StepBatch:
+        """Decode rows (one token each, given as arrays), then start rows (id, prompt,
+        temperature), then release rows (ids): the layout of a scheduler step."""
+        d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
+        n = d + s + r
+        width = max([1, *(len(p) for _, p, _ in starts)])
+        ids = np.zeros((n, width), dtype=np.int64)
+        ids[:d, 0] = decode_tokens
+        lengths = np.zeros(n, dtype=np.int32)
+        lengths[:d] = 1
+        for j, (_, prompt, _) in enumerate(starts):
+            ids[d + j, : len(prompt)] = prompt
+            lengths[d + j] = len(prompt)
+        sequence_ids = np.empty(n, dtype=np.uint64)
+        sequence_ids[:d] = decode_ids
+        sequence_ids[d : d + s] = [sid for sid, _, _ in starts]
+        sequence_ids[d + s :] = releases
+        start = np.zeros(n, dtype=bool)
+        start[d : d + s] = True
+        end = np.zeros(n, dtype=bool)
+        end[d + s :] = True
+        temperature = np.ones(n, dtype=np.float32)
+        temperature[:d] = decode_temperature
+        temperature[d : d + s] = [t for _, _, t in starts]
+        return cls(sequence_ids, ids, lengths, start, end, temperature)
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutput:
     status: np.ndarray  # int32 [N], RowStatus per row
     topk_logits: np.ndarray  # float32 [N, K]
@@ -110,21 +175,16 @@ class StepClient:
         ]
         return sorted((v for v in versions if v), key=int, reverse=True)
 
-    async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        n = len(rows)
-        lengths = np.fromiter((len(r.tokens) for r in rows), dtype=np.int32, count=n)
-        ids = np.zeros((n, max(1, int(lengths.max()))), dtype=np.int64)
-        for i in np.flatnonzero(lengths > 1).tolist():  # prompts; decode rows are filled below
-            ids[i, : lengths[i]] = rows[i].tokens
-        single = np.flatnonzero(lengths == 1)
-        ids[single, 0] = [rows[i].tokens[0] for i in single.tolist()]
+    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
+        batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
+        n = len(batch)
         arrays: dict[str, np.ndarray] = {
-            contract.SEQUENCE_ID: np.fromiter((r.sequence_id for r in rows), dtype=np.uint64, count=n),
-            contract.INPUT_IDS: ids,
-            contract.LENGTH: lengths,
-            contract.START: np.fromiter((r.start for r in rows), dtype=bool, count=n),
-            contract.END: np.fromiter((r.end for r in rows), dtype=bool, count=n),
-            contract.TEMPERATURE: np.fromiter((r.temperature for r in rows), dtype=np.float32, count=n),
+            contract.SEQUENCE_ID: batch.sequence_ids,
+            contract.INPUT_IDS: batch.input_ids,
+            contract.LENGTH: batch.lengths,
+            contract.START: batch.start,
+            contract.END: batch.end,
+            contract.TEMPERATURE: batch.temperature,
         }
         inputs = []
         for name, value in arrays.items():

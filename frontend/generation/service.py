@@ -220,13 +220,16 @@ class GenerationService:
         try:
             while True:
                 try:
-                    # asyncio.timeout arms one timer handle; wait_for would create a task per token.
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        event = await handle.events.get()
-                except TimeoutError as err:
-                    raise errors.UpstreamTimeout(
-                        f"generation did not finish within {self.request_timeout_s:.0f} s"
-                    ) from err
+                    event = handle.events.get_nowait()  # a step delivers many: no timer while they last
+                except asyncio.QueueEmpty:
+                    try:
+                        # asyncio.timeout arms one timer handle; wait_for would create a task per token.
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            event = await handle.events.get()
+                    except TimeoutError as err:
+                        raise errors.UpstreamTimeout(
+                            f"generation did not finish within {self.request_timeout_s:.0f} s"
+                        ) from err
                 if isinstance(event, ErrorEvent):
                     raise _api_error(event.error)
                 if isinstance(event, FinishEvent):

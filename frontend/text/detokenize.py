@@ -66,6 +66,16 @@ class SupportsDecode(Protocol):
     ) -> str | list[str]: ...
 
 
+def _fast_decoder(tokenizer: SupportsDecode) -> SupportsDecode:
+    """The Rust `tokenizers.Tokenizer` behind a transformers fast tokenizer when decoding through
+    it is the same (no clean-up of tokenization spaces): transformers' own `decode` wraps the same
+    call in ~40 us of Python per token, paid twice per generated token here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend  # type: ignore[no-any-return]
+    return tokenizer
+
+
 class IncrementalDecoder:
     """Turn a stream of token ids into a stream of final text chunks; see the module docstring."""
 
@@ -86,7 +96,7 @@ class IncrementalDecoder:
         *,
         skip_special_tokens: bool = False,
     ) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer = _fast_decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         # Window of ids; index 0 is the prefix offset (older ids are dropped).
         self._ids: list[int] = []
