@@ -310,10 +310,9 @@ class Scheduler:
 
     def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
         full = status == RowStatus.CACHE_FULL
-        if full.any():
-            self._start_allowance = released  # offer as many new sequences as slots were freed
-        elif self._start_allowance is not None:
-            self._start_allowance = None if not any(not s.on_server for s in self._running) else released + 1
+        # While the cache is full, offer as many new sequences as slots were freed, and at least
+        # one (a slot may also be freed by another caller of the same model).
+        self._start_allowance = max(1, released) if full.any() else None
         for i in np.flatnonzero(full).tolist():
             seq = seqs[i]
             if time.monotonic() - seq.submitted_at > self.queue_timeout_s:
