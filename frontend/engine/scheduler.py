@@ -34,8 +34,17 @@ from typing import Protocol
 import numpy as np
 
 from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepError, StepOutput, StepRejected
-from frontend.sampling import NeedFullRow, Sampled, SamplingParams, StepLogits, needs_full_row, sample, window_size
-from frontend.sampling.batched import BatchParams, sample_window_batch
+from frontend.sampling import (
+    BatchParams,
+    NeedFullRow,
+    Sampled,
+    SamplingParams,
+    StepLogits,
+    needs_full_row,
+    sample,
+    sample_window_batch,
+    window_size,
+)
 from step_model.contract import RowStatus
 
 log = logging.getLogger(__name__)
@@ -77,14 +86,16 @@ class ActiveSequence:
     full_rows: bool
     submitted_at: float
     sequence_id: int = field(default_factory=lambda: secrets.randbits(63))
-    events: EventSink = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     on_server: bool = False
     done: bool = False
     temperature: float = field(init=False)
+    sink: EventSink = field(init=False)  # where events go: `events`, or the engine core's outbox
 
     def __post_init__(self) -> None:
         self.temperature = self.params.temperature or 1.0  # greedy: the server scales by 1
+        self.sink = self.events
 
 
 class EventSink(Protocol):
@@ -210,7 +221,7 @@ class Scheduler:
             submitted_at=time.monotonic(),
         )
         if events is not None:
-            seq.events = events
+            seq.sink = events
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -405,7 +416,7 @@ class Scheduler:
         self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
     ) -> None:
         seq.generated.append(token_id)
-        seq.events.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
+        seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
         if token_id == self.eos_token_id:
             self._finish(seq, FinishEvent("stop"))
         elif len(seq.generated) >= seq.max_new_tokens:
@@ -413,5 +424,5 @@ class Scheduler:
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
         if not seq.done:
-            seq.events.put_nowait(event)
+            seq.sink.put_nowait(event)
         self.cancel(seq)
