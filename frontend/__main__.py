@@ -1,9 +1,16 @@
-"""`python -m frontend`: serve the gateway with uvicorn (settings from GATEWAY_* variables)."""
+"""`python -m frontend`: serve the gateway with uvicorn (settings from GATEWAY_* variables).
+
+With `--workers N` (N > 1) the scheduler runs in ONE engine-core process (frontend.engine.core)
+started first; the N uvicorn workers parse, tokenize, detokenize and stream, and reach it at the
+ipc:// address passed to them as GATEWAY_ENGINE_CORE_URL. Ctrl-C / SIGTERM: the workers drain and
+close, then the core closes (releasing every KV slot on Triton).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import uvicorn
 
@@ -15,24 +22,48 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m frontend", description="Run the gateway.")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--workers", type=int, default=1, help="processes; each runs its own batching loop")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="HTTP worker processes; with more than one, a separate engine-core process runs the one "
+        "batching loop they all share (default 1: everything in this process)",
+    )
     args = p.parse_args()
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers > 1:
-        # Worker processes build their own app from the same GATEWAY_* environment.
+        _serve_with_engine_core(settings, args.workers)
+    else:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+
+
+def _serve_with_engine_core(settings: Settings, workers: int) -> None:
+    from frontend.engine.core import EngineCoreProcess
+
+    core = EngineCoreProcess(settings)
+    try:
+        core.start()  # returns once Triton is reached and the warm-up step ran
+    except KeyboardInterrupt:
+        core.stop()
+        raise SystemExit(130) from None
+    # Worker processes build their own app from the same GATEWAY_* environment, plus the core's address.
+    os.environ["GATEWAY_ENGINE_CORE_URL"] = core.address
+    try:
         uvicorn.run(
             "frontend.app:create_app",
             factory=True,
             host=settings.host,
             port=settings.port,
-            workers=args.workers,
+            workers=workers,
             log_level="info",
             access_log=False,
         )
-    else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    finally:
+        core.stop()  # after the workers have drained and said goodbye
+    if core.died:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

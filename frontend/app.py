@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from frontend.api import health, native, openai
 from frontend.cache import ResultCache, build_result_cache
 from frontend.engine.protocol import Engine
+from frontend.engine.remote import ModelLoader, RemoteEngine
 from frontend.engine.triton_engine import TritonEngine
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
@@ -39,20 +40,39 @@ def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
     )
 
 
+def remote_engine(settings: Settings, metrics: GatewayMetrics, *, model_loader: ModelLoader | None = None) -> Engine:
+    """The engine of an HTTP worker when the scheduler runs in the engine core (`--workers N`).
+    The scheduler's metrics then come from the core: `/metrics` appends its exposition."""
+    assert settings.engine_core_url, "remote_engine needs GATEWAY_ENGINE_CORE_URL"
+    engine = RemoteEngine(
+        settings.engine_core_url,
+        repository=settings.repository,
+        model_loader=model_loader,
+        heartbeat_s=settings.engine_core_heartbeat_s,
+        timeout_s=settings.engine_core_timeout_s,
+        startup_timeout_s=settings.startup_timeout_s,
+    )
+    metrics.engine_exposition = engine.engine_metrics
+    return engine
+
+
 def create_app(
     settings: Settings | None = None,
     *,
-    engine_factory: EngineFactory = triton_engine,
+    engine_factory: EngineFactory | None = None,
     cache: ResultCache | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    if engine_factory is None:  # the engine core's address is set by `python -m frontend --workers N`
+        engine_factory = remote_engine if settings.engine_core_url else triton_engine
+    make_engine = engine_factory
     if not logging.getLogger().handlers:  # worker processes of `--workers N` start bare
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = engine_factory(settings, metrics)
+        engine = make_engine(settings, metrics)
         result_cache = cache or build_result_cache(
             settings.cache_url,
             max_entries=settings.cache_max_entries,

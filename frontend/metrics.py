@@ -2,15 +2,30 @@
 
 Names follow Prometheus conventions and read like TGI's: a dashboard can put them next to
 Triton's own (`nv_inference_*`) and the step model's (`gpt2_kv_*`).
+
+Which process owns which series. Two registries:
+
+* `registry`: HTTP and generation series (requests, latencies, tokens, finish reasons, cache
+  lookups). Always the process that serves the HTTP request: each worker has its own.
+* `engine_registry`: the scheduler's series (`gateway_step_rows`, `gateway_step_duration_seconds`,
+  `gateway_full_row_fetches_total`, `gateway_batch_running_sequences`,
+  `gateway_queue_waiting_sequences`), fed by the `StepObserver` calls. Owned by the process that
+  runs the scheduler: the gateway process itself with one worker, the engine-core process
+  (`frontend.engine.core`) with `--workers N`. There, each HTTP worker's `engine_registry` stays
+  unused and `render` appends the core's exposition instead (`engine_exposition`, fetched over
+  the core's socket), so a scrape of any worker shows each series exactly once.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import Response
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -51,6 +66,13 @@ class GatewayMetrics:
             "gateway_generation_duration_seconds", "Whole generation time", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.finish_reasons = Counter("gateway_generations", "Finished generations by reason", ["reason"], registry=r)
+        self.cache_lookups = Counter("gateway_cache_lookups", "Result-cache lookups", ["result"], registry=r)
+
+        # The scheduler's series: see the module docstring for which process owns them.
+        self.engine_registry = CollectorRegistry()
+        r = self.engine_registry
+        # Set when the scheduler runs in the engine-core process: returns its exposition text.
+        self.engine_exposition: Callable[[], Awaitable[bytes]] | None = None
         self.running = Gauge("gateway_batch_running_sequences", "Sequences in the continuous batch", registry=r)
         self.waiting = Gauge("gateway_queue_waiting_sequences", "Generations waiting for a batch slot", registry=r)
         self.step_rows = Histogram(
@@ -68,7 +90,6 @@ class GatewayMetrics:
         self.full_row_fetches = Counter(
             "gateway_full_row_fetches", "Steps whose top-K window did not decide the sample", ["reason"], registry=r
         )
-        self.cache_lookups = Counter("gateway_cache_lookups", "Result-cache lookups", ["result"], registry=r)
 
     # StepObserver (frontend.engine.scheduler)
     def step_finished(self, rows: int, duration_s: float) -> None:
@@ -82,8 +103,21 @@ class GatewayMetrics:
         self.waiting.set(waiting)
         self.running.set(running)
 
-    def render(self) -> Response:
-        return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def engine_text(self) -> bytes:
+        """This process's scheduler series in the exposition format (what the engine core serves)."""
+        return generate_latest(self.engine_registry)
+
+    async def render(self) -> Response:
+        if self.engine_exposition is None:
+            engine = self.engine_text()
+        else:
+            try:
+                engine = await self.engine_exposition()
+            except Exception as err:  # a scrape must not fail because the core is away
+                log.warning("engine core metrics unavailable: %s", err)
+                engine = b""
+        body = generate_latest(self.registry) + engine
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 class MetricsMiddleware:

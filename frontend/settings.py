@@ -26,7 +26,16 @@ class Settings(BaseSettings):
     step_timeout_s: float = Field(30.0, gt=0, description="deadline of one Triton step call")
     startup_timeout_s: float = Field(120.0, gt=0, description="how long to wait for Triton at start")
 
-    # Continuous batching and backpressure (per gateway process).
+    # Engine core: with `python -m frontend --workers N` (N > 1) one engine-core process runs the
+    # scheduler and the HTTP workers reach it over ZeroMQ at this address (set by the launcher);
+    # unset = the scheduler runs inside this process.
+    engine_core_url: str | None = Field(None, description="ipc:// address of the engine core; unset = in-process")
+    engine_core_heartbeat_s: float = Field(1.0, gt=0, description="how often a worker tells the core it is alive")
+    engine_core_timeout_s: float = Field(
+        5.0, gt=0, description="silence after which the core cancels a worker's generations (and vice versa)"
+    )
+
+    # Continuous batching and backpressure (per scheduler: the gateway process, or the engine core).
     max_running: int = Field(256, ge=1, description="sequences stepping together")
     max_waiting: int = Field(1024, ge=0, description="generations queued beyond max_running")
     queue_timeout_s: float = Field(30.0, gt=0)

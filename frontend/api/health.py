@@ -32,4 +32,5 @@ async def ready(service: ServiceDep) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return request.app.state.metrics.render()  # type: ignore[no-any-return]
+    """This process's series, plus the scheduler's (from the engine core with `--workers N`)."""
+    return await request.app.state.metrics.render()  # type: ignore[no-any-return]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from frontend.engine.model import ServedModel
-from frontend.engine.scheduler import Event
+from frontend.engine.scheduler import Event, EventSink
 from frontend.sampling import SamplingParams
 
 
@@ -25,8 +25,17 @@ class Engine(Protocol):
     async def close(self) -> None: ...
     async def ready(self) -> bool: ...
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
-    ) -> GenerationHandle: ...
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seed: int | None,
+        events: EventSink | None = None,
+    ) -> GenerationHandle:
+        """Start a generation. Its events go to `events` when given (the engine core passes a sink
+        that batches them per worker), else to the returned handle's `events` queue."""
+        ...
+
     def cancel(self, handle: GenerationHandle) -> None: ...
     def load(self) -> tuple[int, int]:
         """(running, waiting) generations, for metrics and readiness."""

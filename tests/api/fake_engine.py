@@ -1,8 +1,8 @@
 """A deterministic, in-process stand-in for the Triton engine (no servers, no GPU).
 
 `FakeEngine` implements `frontend.engine.protocol.Engine`. Each `submit` starts a background task
-that fills the handle's `events` queue with `TokenEvent`s and then one `FinishEvent` (or an
-`ErrorEvent` when a fault is injected):
+that fills the handle's `events` queue (or the `events` sink given to `submit`) with `TokenEvent`s
+and then one `FinishEvent` (or an `ErrorEvent` when a fault is injected):
 
 * tokens are drawn from `token_pool` (ids whose text is printable ASCII, so every token is whole
   text and decodes on its own) with a numpy Generator seeded from:
@@ -32,7 +32,7 @@ import numpy as np
 
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, Event, FinishEvent, TokenEvent
+from frontend.engine.scheduler import ErrorEvent, Event, EventSink, FinishEvent, TokenEvent
 from frontend.engine.triton_client import UpstreamUnavailable
 from frontend.sampling import SamplingParams
 
@@ -47,6 +47,7 @@ class FakeHandle:
     max_new_tokens: int
     seed: int | None
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    sink: EventSink | None = None  # where events go instead of `events` (the engine core's batching sink)
     emitted: list[int] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     cancelled: bool = False
@@ -91,11 +92,16 @@ class FakeEngine:
         return (self.live, 0)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seed: int | None,
+        events: EventSink | None = None,
     ) -> FakeHandle:
         if self.submit_error is not None:
             raise self.submit_error
-        handle = FakeHandle(list(prompt_ids), params, max_new_tokens, seed)
+        handle = FakeHandle(list(prompt_ids), params, max_new_tokens, seed, sink=events)
         self.handles.add(handle)
         self.submitted.append(handle)
         handle.task = asyncio.get_running_loop().create_task(self._run(handle), name="fake-generation")
@@ -166,13 +172,14 @@ class FakeEngine:
         if self.fail_only_if_prompt_contains is not None and self.fail_only_if_prompt_contains not in prompt_text:
             fail_after = None
         k = handle.params.logprobs
+        out = handle.sink if handle.sink is not None else handle.events
         for step in range(handle.max_new_tokens):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             else:
                 await asyncio.sleep(0)
             if fail_after is not None and step == fail_after:
-                handle.events.put_nowait(ErrorEvent(self.error))
+                out.put_nowait(ErrorEvent(self.error))
                 return
             token, index = self._draw(rng, step, eos_trigger)
             logprob = -0.25 * (1 + step % 4)
@@ -180,8 +187,8 @@ class FakeEngine:
             for j in range(1, k):
                 top.append((self.token_pool[(index + j) % len(self.token_pool)], logprob - j))
             handle.emitted.append(token)
-            handle.events.put_nowait(TokenEvent(token, logprob, tuple(top[:k])))
+            out.put_nowait(TokenEvent(token, logprob, tuple(top[:k])))
             if token == self.model.eos_token_id:
-                handle.events.put_nowait(FinishEvent("stop"))
+                out.put_nowait(FinishEvent("stop"))
                 return
-        handle.events.put_nowait(FinishEvent("length"))
+        out.put_nowait(FinishEvent("length"))

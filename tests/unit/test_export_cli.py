@@ -66,7 +66,14 @@ def test_versions_count_up_and_metadata_records_parity(tmp_path: Path, capsys: p
     meta = json.loads((repo / "m" / "2" / "metadata.json").read_text())
     assert meta["version"] == 2 and meta["max_context"] == 64 and meta["eos_token_id"] == meta["vocab_size"] - 1
     assert meta["parity"]["max_abs_error"] < 1e-4 and meta["source"].startswith("random:tiny")
-    for name in ("model.onnx", "model.py", "step_model/engine.py", "step_model/contract.py", "tokenizer", "metadata.json"):
+    for name in (
+        "model.onnx",
+        "model.py",
+        "step_model/engine.py",
+        "step_model/contract.py",
+        "tokenizer",
+        "metadata.json",
+    ):
         assert (repo / "m" / "2" / name).exists()
     code, last = run(capsys, "--random-config", "tiny", "--repository", str(repo), "--name", "m", "--version", "2")
     assert code == 2 and "already exists" in last

@@ -1,0 +1,135 @@
+"""`python -m frontend --workers 2` end to end: one engine-core process, two uvicorn workers, a
+real tritonserver; Ctrl-C stops every process and leaves no KV slot behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedded_triton import TritonServer
+from tests.conftest import TINY
+from tests.integration.test_gateway import triton_metric
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def launched(
+    triton: TritonServer, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    log = tmp_path_factory.mktemp("workers") / "gateway.log"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_ENVIRONMENT": "test",
+        "GATEWAY_TRITON_URL": triton.grpc_url,
+        "GATEWAY_MODEL": TINY,
+        "GATEWAY_MODEL_VERSION": "1",
+        "GATEWAY_REPOSITORY": str(model_repository),
+        "GATEWAY_DEFAULT_WINDOW": "16",
+    }
+    env.pop("GATEWAY_ENGINE_CORE_URL", None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "frontend", "--workers", "2", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal gives it
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield url, proc, log
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_workers_share_the_engine_core(
+    launched: tuple[str, subprocess.Popen[bytes], Path], triton: TritonServer
+) -> None:
+    url, _, _ = launched
+    body = {"prompt": "many workers", "max_new_tokens": 20, "temperature": 0.9, "top_k": 30}
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            calls = [
+                client.post("/generate", json={**body, "seed": 5 + i % 3, "stop": [f"never-{i}"]}) for i in range(12)
+            ]
+            responses = await asyncio.gather(*calls)
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    results = asyncio.run(run())
+    by_seed: dict[int, set[str]] = {}
+    for i, r in enumerate(results):
+        assert r["completion_tokens"] >= 1
+        by_seed.setdefault(i % 3, set()).add(r["generated_text"])
+    assert all(len(texts) == 1 for texts in by_seed.values())  # whichever worker served it
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(families) == len(set(families))
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    assert samples["gateway_step_rows_count"] > 0  # the core's series, through a worker
+    assert samples["gateway_step_rows_sum"] >= 12 * 20 * 0.5  # every token of every request was a row somewhere
+
+    deadline = time.monotonic() + 2.0
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
+
+
+def test_ctrl_c_stops_every_process_and_frees_the_kv_cache(
+    launched: tuple[str, subprocess.Popen[bytes], Path], triton: TritonServer
+) -> None:
+    url, proc, log = launched
+    body = {"prompt": "a long story", "max_new_tokens": 240, "temperature": 0.7, "top_k": 20}
+    with httpx.stream("POST", f"{url}/generate/stream", json=body, timeout=30) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # a generation is running in the core
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert proc.wait(60) == 0, log.read_text()
+    deadline = time.monotonic() + 5
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a process of the gateway outlived it"
+    output = log.read_text()
+    assert "Traceback" not in output, output
+    assert "engine core stopped" in output
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
