@@ -1,6 +1,6 @@
 # The Triton side of docker-compose.yml: NVIDIA's Triton 24.10 image (tritonserver 2.51, the
 # same server version the nvidia-pytriton wheel behind `make run` ships) plus the Python packages
-# the step model (export/runtime/model.py + engine.py, copied into every model version) imports:
+# the step model (step_model/, copied into every model version) imports:
 # numpy, torch (the KV pool and DLPack tensors) and ONNX Runtime (the graph).
 #
 # Build context: docker/ (this image needs no project files; the model repository is mounted).
