@@ -39,16 +39,19 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -149,6 +152,46 @@ def available_device(preference: str = "auto") -> str:
     return "cuda" if gpu else "cpu"
 
 
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration (ONNX Runtime reads some kernel choices
+    from the environment when a session creates its kernels)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _pruned_to_logits(model_path: Path) -> bytes:
+    """The step graph without its top-K / log-sum-exp tail: only the nodes `logits` and the
+    KV outputs depend on (the engine takes the tail with torch on the GPU)."""
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    keep_outputs = [o for o in graph.output if o.name == "logits" or o.name.startswith("present_")]
+    needed = {o.name for o in keep_outputs}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):  # nodes are in topological order
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.output[:]
+    graph.output.extend(keep_outputs)
+    inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model.SerializeToString()  # type: ignore[no-any-return]
+
+
 @dataclass
 class _Decode:
     """Device buffers and the IOBinding of decode runs over b slots (fixed addresses)."""
@@ -170,6 +213,7 @@ class _Decode:
     graph_id: int = -1  # >= 0: replayed as this CUDA graph
     runs: int = 0
     key: int = 0  # this buffer's id in the engine's logits-home table
+    session: Any = None  # the ONNX Runtime session this binding belongs to
 
 
 class StepEngine:
@@ -188,6 +232,7 @@ class StepEngine:
         cuda_graphs: bool = False,
         graph_window: int = 64,
         torch_tail: bool | None = None,
+        xqa_max_rows: int = 64,
         threads: int = 0,
         clock: Any = time.monotonic,
     ) -> None:
@@ -207,13 +252,29 @@ class StepEngine:
             torch.cuda.set_device(self.device)
             self._stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self._stream)
+        # Top-K and log-sum-exp of decode runs: torch's kernels on the GPU (ONNX Runtime's TopK
+        # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
+        # Decode sessions then run a copy of the graph pruned to `logits` and the KV outputs.
+        self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
+        decode_model: Path | bytes = _pruned_to_logits(model_path) if self.torch_tail else model_path
         self.session = self._make_session(model_path, strict_device, threads, graphs=False)
+        self._decode_session = (
+            self._make_session(decode_model, strict_device, threads, graphs=False) if self.torch_tail else self.session
+        )
         self.cuda_graphs = cuda_graphs and self.device_kind == "cuda"
         self.graph_window = max(1, min(graph_window, meta.vocab_size))
-        self._graphed: Any = None
+        # Attention kernel by batch size (measured on the H200, 2026-11-30): ONNX Runtime's XQA
+        # decode kernel is faster up to ~64 rows, its cuDNN flash path beyond (0.76 vs 2.3 ms of
+        # attention per 512-row step). The choice is read when a session is created.
+        self.xqa_max_rows = xqa_max_rows
+        self._graphed: Any = None  # buckets <= xqa_max_rows
+        self._graphed_large: Any = None  # larger buckets
         if self.cuda_graphs:
             try:
-                self._graphed = self._make_session(model_path, True, threads, graphs=True)
+                with _env("ORT_ENABLE_XQA", "1"):
+                    self._graphed = self._make_session(decode_model, True, threads, graphs=True)
+                with _env("ORT_ENABLE_XQA", "0"):
+                    self._graphed_large = self._make_session(decode_model, True, threads, graphs=True)
             except Exception as err:  # e.g. a node that cannot be captured: serve eagerly instead
                 log.warning("CUDA graphs disabled, the graph session failed: %s", err)
                 self.cuda_graphs = False
@@ -230,9 +291,6 @@ class StepEngine:
         self._buckets = self._bucket_sizes()
         self._eager: OrderedDict[int, _Decode] = OrderedDict()
         self._graphs: dict[int, _Decode] = {}
-        # Top-K and log-sum-exp of decode runs: torch's kernels on the GPU (ONNX Runtime's TopK
-        # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
-        self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the
@@ -243,7 +301,7 @@ class StepEngine:
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
     # ----------------------------------------------------------------------------- set-up
-    def _make_session(self, model_path: Path, strict_device: bool, threads: int, *, graphs: bool) -> Any:
+    def _make_session(self, model: Path | bytes, strict_device: bool, threads: int, *, graphs: bool) -> Any:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -264,7 +322,8 @@ class StepEngine:
                 options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
             else:
                 providers.append("CPUExecutionProvider")
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        source = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
 
     def _bucket_sizes(self) -> tuple[int, ...]:
         if self.device_kind != "cuda":
@@ -284,7 +343,7 @@ class StepEngine:
                         self._run_decode_binding(decode, graphed=True)
             except Exception as err:
                 log.warning("CUDA graphs disabled, capture failed: %s", err)
-                self.cuda_graphs, self._graphs, self._graphed = False, {}, None
+                self.cuda_graphs, self._graphs, self._graphed, self._graphed_large = False, {}, None, None
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
@@ -562,8 +621,10 @@ class StepEngine:
     def _graph_decode(self, b: int) -> _Decode:
         decode = self._graphs.get(b)
         if decode is None:
-            assert self._graphed is not None
-            decode = self._new_decode(b, self._graphed)
+            session = self._graphed if b <= self.xqa_max_rows else self._graphed_large
+            assert session is not None
+            decode = self._new_decode(b, session)
+            decode.session = session
             decode.graph_id = len(self._graphs)
             decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
             self._bind_window(decode, self.graph_window)
@@ -573,7 +634,8 @@ class StepEngine:
     def _eager_decode(self, b: int) -> _Decode:
         decode = self._eager.get(b)
         if decode is None:
-            decode = self._new_decode(b, self.session)
+            decode = self._new_decode(b, self._decode_session)
+            decode.session = self._decode_session
             self._eager[b] = decode
             if len(self._eager) > _CACHED_BINDINGS:
                 _, evicted = self._eager.popitem(last=False)
@@ -588,7 +650,8 @@ class StepEngine:
             return
         b, dev = decode.rows, self.device
         decode.window[0] = window
-        decode.binding.bind_cpu_input("window", decode.window)
+        if not self.torch_tail:  # the pruned decode graph has no TopK, hence no window input
+            decode.binding.bind_cpu_input("window", decode.window)
         decode.topk_logits = torch.empty((b, window), dtype=torch.float32, device=dev)
         decode.topk_ids = torch.empty((b, window), dtype=torch.int64, device=dev)
         if not self.torch_tail:
@@ -616,15 +679,13 @@ class StepEngine:
             decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
 
     def _run_decode_binding(self, decode: _Decode, *, graphed: bool) -> None:
-        options = ort.RunOptions()
-        options.only_execute_path_to_fetches = True  # with the torch tail: skip the graph's own
         if graphed:
-            assert self._graphed is not None
+            options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(decode.graph_id))
-            self._graphed.run_with_iobinding(decode.binding, options)
+            decode.session.run_with_iobinding(decode.binding, options)
             self.stats.graph_replays_total += int(decode.runs >= 2)
         else:
-            self.session.run_with_iobinding(decode.binding, options)
+            decode.session.run_with_iobinding(decode.binding)
         decode.runs += 1
         assert decode.topk_logits is not None and decode.topk_ids is not None
         if self.torch_tail:
