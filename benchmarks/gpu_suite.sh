@@ -39,6 +39,7 @@ BUDGET_S=${SUITE_BUDGET_S:-480}
 RESERVE_S=25 # kept for the summary and the archive
 WORKER_COUNTS=${SUITE_WORKERS:-1 8}
 TOPP_TOKENS=${SUITE_TOPP_TOKENS:-32}
+TOPP_STREAMS=${SUITE_TOPP_STREAMS:-64} # at 512 the full-row sampling of random weights timed out (2026-11-30)
 DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
 STREAMS=${SUITE_STREAMS:-512}
@@ -229,6 +230,22 @@ load_run() { # load_run DIR TAG LIMIT ARGS...
     --out "$d" --tag "$tag" "$@"
   scrape "$d" "$tag" after
 }
+# profile_bg DIR: after a few seconds of load, 8 s of py-spy samples (folded stacks) of the process
+# that runs the step loop (the engine core with several workers, else the gateway) and of Triton's
+# Python-backend stub (the step model). Skipped when py-spy is not installed.
+profile_bg() {
+  local spy
+  spy=$(command -v py-spy || ls /root/site/bin/py-spy 2> /dev/null) || return 0
+  sleep 6
+  local loop
+  loop=$(pgrep -f "from multiprocessing.spawn" | head -1)
+  [ -n "$loop" ] || loop=$(pgrep -f "python.* -m frontend" | head -1)
+  local stub
+  stub=$(pgrep -f triton_python_backend_stub | head -1)
+  [ -n "$loop" ] && timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_step_loop.txt" -p "$loop" > /dev/null 2>&1 &
+  [ -n "$stub" ] && timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_triton_stub.txt" -p "$stub" > /dev/null 2>&1 &
+  wait
+}
 wait_ready() { # wait_ready URL PID SECONDS
   for _ in $(seq "$3"); do
     curl -sf -m 2 "$1" > /dev/null && return 0
@@ -264,8 +281,10 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
         # The top-k 50 runs keep load.py's default top-p 0.95, as the 2026-11-30 runs and hf_* do.
         load_run "$D" single 60 --endpoint stream --concurrency 1 --requests 12 --max-new-tokens 128 "${PROMPTS[@]}" \
           --top-k 50 --warmup 2 --timeout-s 25
+        profile_bg "$D" & # where the host time goes during the 512-stream run (py-spy, when staged)
         load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests 2 --max-new-tokens 128 \
           "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50
+        wait
         # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
         scrape "$D" seed before
         for SC in light medium heavy; do
@@ -276,7 +295,7 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
         scrape "$D" seed after
         # Report only. Top-p over random weights needs every full row on the host (a few ms of sampling
         # per row per step in the gateway), so this run generates $TOPP_TOKENS tokens per stream, not 128.
-        load_run "$D" topp 90 --endpoint generate --concurrency "$STREAMS" --requests 1 \
+        load_run "$D" topp 90 --endpoint generate --concurrency "$TOPP_STREAMS" --requests 1 \
           --max-new-tokens "$TOPP_TOKENS" "${PROMPTS[@]}" --top-k 0 --top-p 0.95 --warmup 1 --timeout-s 70
       else
         tail -n 20 "$D/gateway.log"

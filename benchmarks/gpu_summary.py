@@ -439,11 +439,11 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
         measured = NA
         if load is not None:
             measured = f"{f0(num(load, 'tokens_per_s'))} tok/s, {pct(num(load, 'success_rate'))} ok"
-            measured += f", {f0(num(load, 'max_new_tokens'))} new tokens"
+            measured += f", {f0(num(load, 'max_new_tokens'))} new tokens, {f0(num(load, 'max_in_flight'))} streams"
             measured += f", full-row fetches {f0(fetches)}" if fetches is not None else ""
         rows.append(
             Row(
-                f"top-p 0.95 at {streams} streams, tok/s ({_w(s.workers)})",
+                f"top-p 0.95 (top-k off), tok/s ({_w(s.workers)})",
                 "report only",
                 measured,
                 REPORT if load is not None else NOT_RUN,

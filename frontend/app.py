@@ -3,6 +3,7 @@ never at import time, and reach routes through typed dependencies (frontend.api.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -80,6 +81,10 @@ def create_app(
             max_bytes=settings.cache_max_bytes,
         )
         await engine.start()
+        # What start-up built (tokenizer, clients, torch/transformers modules) lives as long as the
+        # process: keep it out of the garbage collector's scans, which otherwise stall the step loop.
+        gc.collect()
+        gc.freeze()
         app.state.service = GenerationService(engine, result_cache, metrics, settings=settings)
         try:
             yield

@@ -214,6 +214,7 @@ class _Decode:
     runs: int = 0
     key: int = 0  # this buffer's id in the engine's logits-home table
     session: Any = None  # the ONNX Runtime session this binding belongs to
+    torch_tail: bool = False  # top-K / log-sum-exp by torch (the session runs the pruned graph)
 
 
 class StepEngine:
@@ -256,10 +257,10 @@ class StepEngine:
         # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
         # Decode sessions then run a copy of the graph pruned to `logits` and the KV outputs.
         self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
-        decode_model: Path | bytes = _pruned_to_logits(model_path) if self.torch_tail else model_path
+        pruned: Path | bytes = _pruned_to_logits(model_path) if self.torch_tail else model_path
         self.session = self._make_session(model_path, strict_device, threads, graphs=False)
         self._decode_session = (
-            self._make_session(decode_model, strict_device, threads, graphs=False) if self.torch_tail else self.session
+            self._make_session(pruned, strict_device, threads, graphs=False) if self.torch_tail else self.session
         )
         self.cuda_graphs = cuda_graphs and self.device_kind == "cuda"
         self.graph_window = max(1, min(graph_window, meta.vocab_size))
@@ -271,10 +272,12 @@ class StepEngine:
         self._graphed_large: Any = None  # larger buckets
         if self.cuda_graphs:
             try:
+                # Small buckets: the full graph (its own top-K tail was faster than torch's up
+                # to 64 rows) with XQA; large buckets: the pruned graph, torch's tail, cuDNN.
                 with _env("ORT_ENABLE_XQA", "1"):
-                    self._graphed = self._make_session(decode_model, True, threads, graphs=True)
+                    self._graphed = self._make_session(model_path, True, threads, graphs=True)
                 with _env("ORT_ENABLE_XQA", "0"):
-                    self._graphed_large = self._make_session(decode_model, True, threads, graphs=True)
+                    self._graphed_large = self._make_session(pruned, True, threads, graphs=True)
             except Exception as err:  # e.g. a node that cannot be captured: serve eagerly instead
                 log.warning("CUDA graphs disabled, the graph session failed: %s", err)
                 self.cuda_graphs = False
@@ -584,7 +587,7 @@ class StepEngine:
         return self._buckets[min(i, len(self._buckets) - 1)]
 
     # ----------------------------------------------------------------------------- decode buffers
-    def _new_decode(self, b: int, session: Any) -> _Decode:
+    def _new_decode(self, b: int, session: Any, *, torch_tail: bool) -> _Decode:
         dev = self.device
         decode = _Decode(
             rows=b,
@@ -598,6 +601,8 @@ class StepEngine:
             logits=torch.empty((b, self.meta.vocab_size), dtype=torch.float32, device=dev),
             lse=torch.empty(b, dtype=torch.float32, device=dev),
             gather_index=torch.arange(b, dtype=torch.int64, device=dev),
+            session=session,
+            torch_tail=torch_tail,
         )
         decode.key = len(self._buffers)
         while decode.key in self._buffers:
@@ -614,17 +619,17 @@ class StepEngine:
             self._bind(binding, name, tensor, output=False)
         self._bind_kv(binding, self.pool[:, :, :b])
         self._bind(binding, "logits", decode.logits, output=True)
-        if not self.torch_tail:
+        if not torch_tail:
             self._bind(binding, "logsumexp", decode.lse, output=True)
         return decode
 
     def _graph_decode(self, b: int) -> _Decode:
         decode = self._graphs.get(b)
         if decode is None:
-            session = self._graphed if b <= self.xqa_max_rows else self._graphed_large
+            small = b <= self.xqa_max_rows
+            session = self._graphed if small else self._graphed_large
             assert session is not None
-            decode = self._new_decode(b, session)
-            decode.session = session
+            decode = self._new_decode(b, session, torch_tail=self.torch_tail and not small)
             decode.graph_id = len(self._graphs)
             decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
             self._bind_window(decode, self.graph_window)
@@ -634,8 +639,7 @@ class StepEngine:
     def _eager_decode(self, b: int) -> _Decode:
         decode = self._eager.get(b)
         if decode is None:
-            decode = self._new_decode(b, self._decode_session)
-            decode.session = self._decode_session
+            decode = self._new_decode(b, self._decode_session, torch_tail=self.torch_tail)
             self._eager[b] = decode
             if len(self._eager) > _CACHED_BINDINGS:
                 _, evicted = self._eager.popitem(last=False)
@@ -650,11 +654,11 @@ class StepEngine:
             return
         b, dev = decode.rows, self.device
         decode.window[0] = window
-        if not self.torch_tail:  # the pruned decode graph has no TopK, hence no window input
+        if not decode.torch_tail:  # the pruned decode graph has no TopK, hence no window input
             decode.binding.bind_cpu_input("window", decode.window)
         decode.topk_logits = torch.empty((b, window), dtype=torch.float32, device=dev)
         decode.topk_ids = torch.empty((b, window), dtype=torch.int64, device=dev)
-        if not self.torch_tail:
+        if not decode.torch_tail:
             self._bind(decode.binding, "topk_logits", decode.topk_logits, output=True)
             self._bind(decode.binding, "topk_ids", decode.topk_ids, output=True)
         pin = self.device_kind == "cuda"
@@ -688,7 +692,7 @@ class StepEngine:
             decode.session.run_with_iobinding(decode.binding)
         decode.runs += 1
         assert decode.topk_logits is not None and decode.topk_ids is not None
-        if self.torch_tail:
+        if decode.torch_tail:
             torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
             torch.logsumexp(decode.logits, dim=-1, out=decode.lse)
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):

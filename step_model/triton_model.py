@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from step_model import contract  # noqa: E402
 from step_model.engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
+_PUBLISH_PERIOD_S = 0.1
 _ERROR_CODES = frozenset({contract.ErrorCode.INVALID_ARG, contract.ErrorCode.UNAVAILABLE, contract.ErrorCode.INTERNAL})
 
 
@@ -108,27 +110,37 @@ class TritonPythonModel:
             )
         }
         self._published: dict[str, int] = dict.fromkeys(self._counters, 0)
+        self._gauge_values: dict[str, float] = {}
         self._metrics_lock = threading.Lock()
         self._publish()
         self._stop = threading.Event()
-        period = max(0.05, min(1.0, self.engine.idle_timeout_s / 4))
-        self._sweeper = threading.Thread(target=self._sweep, args=(period,), daemon=True)
+        self._sweep_period_s = max(0.05, min(1.0, self.engine.idle_timeout_s / 4))
+        self._sweeper = threading.Thread(target=self._sweep, daemon=True)
         self._sweeper.start()
         pb_utils.Logger.log_info(
             f"gpt2 step model ready: device={self.engine.device_kind} dtype={meta.dtype} "
             f"capacity={self.engine.capacity} context={meta.max_context} cuda_graphs={self.engine.cuda_graphs}"
         )
 
-    def _sweep(self, period: float) -> None:
-        while not self._stop.wait(period):
-            self.engine.evict_idle()
+    def _sweep(self) -> None:
+        # Metrics are published from here, every _PUBLISH_PERIOD_S, never from `execute`: each
+        # custom-metric update is a message to the Triton process, and a dozen of them per
+        # execution cost about as much as a one-row step (H200, 2026-11-30).
+        next_evict = time.monotonic() + self._sweep_period_s
+        while not self._stop.wait(_PUBLISH_PERIOD_S):
+            if time.monotonic() >= next_evict:
+                self.engine.evict_idle()
+                next_evict = time.monotonic() + self._sweep_period_s
             self._publish()
 
     def _publish(self) -> None:
         stats = self.engine.snapshot()
         with self._metrics_lock:
             for name, metric in self._gauges.items():
-                metric.set(float(getattr(stats, name)))
+                value = float(getattr(stats, name))
+                if value != self._gauge_values.get(name):  # unchanged gauges cost no message
+                    metric.set(value)
+                    self._gauge_values[name] = value
             for name, metric in self._counters.items():
                 value = getattr(stats, name)
                 if value > self._published[name]:
@@ -169,7 +181,6 @@ class TritonPythonModel:
             if result.logits is not None:
                 tensors.append(_output(contract.LOGITS, result.logits))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        self._publish()
         return responses
 
     def _parse(self, request: object) -> StepRequest:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -116,6 +117,10 @@ class EngineCore:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.engine.start()
+        # What start-up built (tokenizer, clients, torch/transformers modules) lives as long as the
+        # process: keep it out of the garbage collector's scans, which otherwise stall the step loop.
+        gc.collect()
+        gc.freeze()
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         ipc.configure(sock)

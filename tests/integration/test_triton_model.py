@@ -107,6 +107,10 @@ def test_ended_and_idle_sequences_are_freed(client, triton) -> None:
     idle = [new_id() for _ in range(3)]
     step(client, TINY, [Row(s, [1, 2, 3], start=True) for s in ended + idle], version="1")
     step(client, TINY, [Row(s, [4]) for s in ended + idle], version="1")
+    # The model publishes its metrics every 0.1 s (never from a step): wait for them.
+    deadline = time.monotonic() + 2
+    while live_sequences(triton) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert live_sequences(triton) >= 7
     step(client, TINY, [Row(s, [], end=True) for s in ended], version="1")  # release without a token
     deadline = time.monotonic() + IDLE_TIMEOUT_S + 5

@@ -164,7 +164,7 @@ def test_targets_met_missed_and_not_run(tmp_path: Path) -> None:
     assert rows["seed heavy mean latency (8 workers)"].status == "not run"
     rpe = rows["rows per Triton execution at 512 streams (1 worker)"]
     assert rpe.status == "met" and "= 480.0 (93.8% of 512)" in rpe.measured  # 61,440 rows / 128 executions
-    topp = rows["top-p 0.95 at 512 streams, tok/s (1 worker)"]
+    topp = rows["top-p 0.95 (top-k off), tok/s (1 worker)"]
     assert topp.status == "report only" and "97.7% ok" in topp.measured and "32 new tokens" in topp.measured
     assert "full-row fetches 16,000" in topp.measured  # a label absent before the run counts from zero
     assert rows["transformers plain generate, batch 512"].status == "reference"
