@@ -242,9 +242,16 @@ profile_bg() {
   [ -n "$loop" ] || loop=$(pgrep -f "python.* -m frontend" | head -1)
   local stub
   stub=$(pgrep -f triton_python_backend_stub | head -1)
-  [ -n "$loop" ] && timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_step_loop.txt" -p "$loop" > /dev/null 2>&1 &
-  [ -n "$stub" ] && timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_triton_stub.txt" -p "$stub" > /dev/null 2>&1 &
-  wait
+  local pids=()
+  if [ -n "$loop" ]; then
+    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_step_loop.txt" -p "$loop" > /dev/null 2>&1 &
+    pids+=($!)
+  fi
+  if [ -n "$stub" ]; then
+    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_triton_stub.txt" -p "$stub" > /dev/null 2>&1 &
+    pids+=($!)
+  fi
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 }
 wait_ready() { # wait_ready URL PID SECONDS
   for _ in $(seq "$3"); do
@@ -282,9 +289,10 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
         load_run "$D" single 60 --endpoint stream --concurrency 1 --requests 12 --max-new-tokens 128 "${PROMPTS[@]}" \
           --top-k 50 --warmup 2 --timeout-s 25
         profile_bg "$D" & # where the host time goes during the 512-stream run (py-spy, when staged)
+        SPY=$!
         load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests 2 --max-new-tokens 128 \
           "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50
-        wait
+        wait "$SPY" # only the profiler: a bare `wait` would also wait for the servers (it hung the 2026-11-30 run)
         # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
         scrape "$D" seed before
         for SC in light medium heavy; do

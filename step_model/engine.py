@@ -110,6 +110,7 @@ class EngineStats:
     decode_tokens_total: int = 0
     steps_total: int = 0
     rows_total: int = 0
+    live_at_step_total: int = 0  # live sequences at the start of each step, summed
     rejected_full_total: int = 0
     idle_evicted_total: int = 0
     ended_total: int = 0
@@ -485,6 +486,7 @@ class StepEngine:
             outcomes.append(result)
         if not parts:
             return outcomes
+        self.stats.live_at_step_total += len(self._slot_of)  # before this step's prefills
         window = max(req.window for req, _, _ in parts)
         self._run_prefills(parts, window, now)
         self._run_decodes(parts, window, now)

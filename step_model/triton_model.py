@@ -104,6 +104,11 @@ class TritonPythonModel:
                 ("steps_total", "Engine steps (one per Triton execution)"),
                 ("rows_total", "Rows carried by engine steps (rows per execution = rows_total / steps_total)"),
                 ("graph_replays_total", "Decode runs replayed from a captured CUDA graph"),
+                (
+                    "live_at_step_total",
+                    "Live sequences at the start of each step, summed (share of live sequences that step "
+                    "together = decode_tokens_total / live_at_step_total)",
+                ),
                 ("rejected_full_total", "Start rows refused because the KV cache was full"),
                 ("idle_evicted_total", "Sequences freed after the idle timeout"),
                 ("ended_total", "Sequences freed by an explicit end"),
