@@ -29,10 +29,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepError, StepOutput, StepRejected
 from frontend.sampling import (
     BatchParams,
@@ -45,6 +46,7 @@ from frontend.sampling import (
     sample_window_batch,
     window_size,
 )
+from frontend.sampling.uniform import sequence_key, step_uniforms
 from step_model.contract import RowStatus
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,13 @@ class Overloaded(Exception):
     """The gateway has no room for another sequence now (queue full or wait too long)."""
 
 
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
+class QueueFull(Overloaded):
+    """The waiting queue is at its cap: refused at once (429 with Retry-After)."""
+
+
+class TokenEvent(NamedTuple):
+    """One generated token (a NamedTuple: one is made per token, ~4x cheaper than a dataclass)."""
+
     token_id: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...]
@@ -81,7 +88,7 @@ class ActiveSequence:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
-    rng: np.random.Generator
+    rng_key: int  # the sequence's stream of uniforms (frontend.sampling.uniform)
     window: int
     full_rows: bool
     submitted_at: float
@@ -146,8 +153,10 @@ class Scheduler:
         cache_full_backoff_s: float = 0.02,
         max_prefill_tokens: int = 16_384,
         observer: StepObserver | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
+        self.breaker = breaker  # optional: whole-step failures open it; while open nothing is sent but probes
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
         self.default_window = default_window
@@ -209,13 +218,15 @@ class Scheduler:
         `events` when given, else to a new asyncio.Queue on the returned sequence."""
         if self._closed:
             raise Overloaded("the gateway is shutting down")
+        if self.breaker is not None:
+            self.breaker.check()  # raises BreakerOpen: refused at once, no Triton call
         if len(self._waiting) >= self.max_waiting:
-            raise Overloaded(f"{len(self._waiting)} generations already waiting")
+            raise QueueFull(f"{len(self._waiting)} generations already waiting")
         seq = ActiveSequence(
             prompt_ids=list(prompt_ids),
             params=params,
             max_new_tokens=max_new_tokens,
-            rng=np.random.default_rng(seed),
+            rng_key=sequence_key(seed, secrets.randbits(64)),
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
             full_rows=needs_full_row(params),
             submitted_at=time.monotonic(),
@@ -243,6 +254,9 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     async def _loop(self) -> None:
         while not self._closed:
+            if self.breaker is not None and not self.breaker.closed:
+                await self._while_open(self.breaker)
+                continue
             if not (self._waiting or self._running or self._releases):
                 self._wake.clear()
                 await self._wake.wait()
@@ -254,6 +268,34 @@ class Scheduler:
                 progressed = False
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
+
+    async def _while_open(self, breaker: CircuitBreaker) -> None:
+        """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
+        send one probe step (a one-token sequence that starts and ends at once, plus the pending
+        releases); its outcome closes or re-opens the breaker."""
+        pending = [*self._waiting, *self._running]
+        self._waiting.clear()
+        if pending:
+            try:
+                breaker.check()
+            except StepError as err:
+                for seq in pending:
+                    self._finish(seq, ErrorEvent(err))
+        self.observer.queue_changed(len(self._waiting), len(self._running))
+        if not breaker.probe_due():
+            await asyncio.sleep(min(breaker.retry_after_s(), 0.05))
+            return
+        releases = sorted(self._releases)
+        self._releases.clear()
+        rows = [Row(secrets.randbits(63), [0], start=True, end=True), *(Row(s, [], end=True) for s in releases)]
+        try:
+            await self.client.step(rows, window=1)
+        except StepError as err:
+            log.warning("circuit breaker probe failed: %s", err)
+            breaker.record_failure(err)
+            return
+        log.info("circuit breaker probe succeeded; closing")
+        breaker.record_success()
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -302,6 +344,8 @@ class Scheduler:
         except StepError as err:
             # The whole step failed: the server may or may not have run it. Fail its sequences
             # and release their ids (a release of an unknown sequence is a no-op).
+            if self.breaker is not None:
+                self.breaker.record_failure(err)
             for seq in seqs:
                 self._finish(seq, ErrorEvent(err))
                 self._releases.add(seq.sequence_id)
@@ -309,6 +353,8 @@ class Scheduler:
                 log.warning("releasing %d sequences failed: %s", len(rows), err)
                 self._releases.clear()  # Triton's idle sweeper frees them
             return True
+        if self.breaker is not None:
+            self.breaker.record_success()
         self.observer.step_finished(len(rows), time.perf_counter() - started)
         status = out.status[: len(seqs)]
         self._note_cache_full(seqs, status, released)
@@ -363,14 +409,24 @@ class Scheduler:
             return []
         index = np.asarray(rows, dtype=np.int64)
         chosen = [seqs[i] for i in rows]
-        u = np.fromiter((seq.rng.random() for seq in chosen), dtype=np.float64, count=len(chosen))  # one draw each
+        # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
+        keys = np.fromiter((seq.rng_key for seq in chosen), dtype=np.uint64, count=len(chosen))
+        draws = np.fromiter((len(seq.generated) for seq in chosen), dtype=np.uint64, count=len(chosen))
+        u = step_uniforms(keys, draws)
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
         tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
+        tops, eos = batch.top_logprobs, self.eos_token_id
         for j, seq in enumerate(chosen):
-            if decided[j]:
-                self._emit_token(seq, tokens[j], logprobs[j], batch.top_logprobs[j])
+            if decided[j]:  # the common case, inlined: append, event, finish check
+                token = tokens[j]
+                seq.generated.append(token)
+                seq.sink.put_nowait(TokenEvent(token, logprobs[j], tops[j]))
+                if token == eos:
+                    self._finish(seq, FinishEvent("stop"))
+                elif len(seq.generated) >= seq.max_new_tokens:
+                    self._finish(seq, FinishEvent("length"))
                 continue
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
             try:  # the reference sampler decides what the batch declined, or asks for the row

@@ -122,7 +122,9 @@ def test_openai_sdk_streaming_with_usage(oai: openai.OpenAI) -> None:
     }
     assert sorted(finished) == [0, 1, 2, 3]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 20
+    # 4 choices of at most 5 tokens; one that ends at end-of-sequence ("stop") may be shorter.
+    full = sum(reason == "length" for reason in finished.values())
+    assert 5 * full + (4 - full) <= chunks[-1].usage.completion_tokens <= 20
     text = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)}
     # Same prompt, same seed offset per choice -> choices 0/2 differ in prompt, 0/1 differ in seed.
     again = oai.completions.create(
