@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     while not stop.wait(1.0):
         if server.process is None or server.process.poll() is not None:
-            print("error: tritonserver exited", file=sys.stderr)
+            code = server.process.returncode if server.process is not None else None
+            print(f"error: tritonserver exited ({code}); stopping its backend stubs", file=sys.stderr)
+            server.cleanup()  # its process group (stubs included) and its /dev/shm regions
             return 1
     server.stop()
     return 0

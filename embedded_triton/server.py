@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -126,6 +128,9 @@ class TritonServer:
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: object = None
+        # The Python backend names its /dev/shm regions <prefix><n>: a prefix of our own lets
+        # cleanup() remove exactly this server's regions, even after it was SIGKILLed.
+        self.shm_prefix = f"triton_gpt2_{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
     def grpc_url(self) -> str:
@@ -166,6 +171,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
             *self.extra_args,
         ]
@@ -206,15 +212,31 @@ class TritonServer:
             return "(no log file)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def shm_regions(self) -> list[Path]:
+        """This server's shared-memory regions that exist now."""
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*"))
+
+    def cleanup(self) -> None:
+        """After tritonserver has died (or was stopped): kill what is left of its process group
+        (Python-backend stubs hold up to GBs each) and remove its /dev/shm regions."""
+        proc = self.process
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group id is the server's pid (own session)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        for region in self.shm_regions():
+            with contextlib.suppress(OSError):
+                region.unlink()
+
     def stop(self, timeout_s: float = 20.0) -> None:
-        proc, self.process = self.process, None
+        proc = self.process
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the whole group: server and its backend stubs
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self.cleanup()  # stubs that outlived the server, and its shared memory
+        self.process = None
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None

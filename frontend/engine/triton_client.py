@@ -7,20 +7,39 @@ its `RowStatus` (the other rows ran); a request that fails as a whole raises fro
     StepError                      any failed step call
     ├── StepRejected               the model refused the request as a whole (a gateway bug)
     ├── UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
+    │   └── ConnectFailed          gRPC UNAVAILABLE: no connection, the request was not served
     └── UpstreamTimeout            the call outlived its deadline
+
+Every call has a deadline (`timeout_s` for steps, `probe_timeout_s` for readiness and the
+repository index), the channel reconnects with a bounded backoff (`reconnect_backoff_ms`, gRPC's
+default grows to 120 s), and a step whose rows are all start or release rows (nothing that has
+produced a token: its prefills can be sent again) is retried with jittered backoff on
+ConnectFailed only. A step with a decode row is never re-sent.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from step_model import contract
 from step_model.contract import RowStatus
+
+log = logging.getLogger(__name__)
+MAX_GRPC_MESSAGE_SIZE = 2**31 - 1  # tritonclient's own channel default
 
 
 class StepError(Exception):
@@ -33,6 +52,10 @@ class StepRejected(StepError):
 
 class UpstreamUnavailable(StepError):
     """Triton cannot be reached or the model is not ready."""
+
+
+class ConnectFailed(UpstreamUnavailable):
+    """gRPC UNAVAILABLE: Triton could not be reached; the request was not served."""
 
 
 class UpstreamTimeout(StepError):
@@ -129,11 +152,31 @@ def _classify(err: InferenceServerException) -> StepError:
     message = err.message() or str(err)
     if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
         return UpstreamTimeout(message)
+    if "UNAVAILABLE" in status:
+        return ConnectFailed(message)
     if "INVALID_ARGUMENT" in status or "NOT_FOUND" in status or "ALREADY_EXISTS" in status:
         if "Request for unknown model" in message or "is not ready" in message:
             return UpstreamUnavailable(message)
         return StepRejected(message)
     return UpstreamUnavailable(message)
+
+
+def channel_args(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
+    """tritonclient's default channel options plus a bounded reconnect backoff, so the channel
+    notices Triton's return within `reconnect_backoff_ms` (gRPC's default backoff grows to 120 s)."""
+    keepalive = KeepAliveOptions()
+    backoff = max(50, int(reconnect_backoff_ms))
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", min(100, backoff)),
+        ("grpc.min_reconnect_backoff_ms", min(100, backoff)),
+        ("grpc.max_reconnect_backoff_ms", backoff),
+    ]
 
 
 ROW_REFUSALS: dict[int, str] = {
@@ -146,26 +189,41 @@ ROW_REFUSALS: dict[int, str] = {
 class StepClient:
     """Sends step requests for one model (and optionally a pinned version) to Triton."""
 
-    def __init__(self, url: str, model: str, version: str = "", *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        version: str = "",
+        *,
+        timeout_s: float = 30.0,
+        probe_timeout_s: float = 0.5,
+        reconnect_backoff_ms: int = 500,
+        connect_retries: int = 2,
+    ) -> None:
         self.url = url
         self.model = model
         self.version = version
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self.probe_timeout_s = probe_timeout_s
+        self.connect_retries = connect_retries
+        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args(reconnect_backoff_ms))
 
     async def close(self) -> None:
         await self._client.close()
 
     async def model_ready(self) -> bool:
+        """Triton says the model is ready, within `probe_timeout_s` (a frozen Triton is not ready)."""
         try:
-            return bool(await self._client.is_model_ready(self.model, self.version))
+            return bool(
+                await self._client.is_model_ready(self.model, self.version, client_timeout=self.probe_timeout_s)
+            )
         except InferenceServerException:
             return False
 
     async def ready_versions(self) -> list[str]:
         """Versions of the model Triton reports READY, newest first."""
         try:
-            index = await self._client.get_model_repository_index(as_json=True)
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=self.probe_timeout_s)
         except InferenceServerException as err:
             raise UpstreamUnavailable(err.message() or str(err)) from err
         versions = [
@@ -195,17 +253,30 @@ class StepClient:
             inputs.append(tensor)
         names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
-        try:
-            result = await self._client.infer(
-                self.model,
-                inputs,
-                model_version=self.version,
-                outputs=outputs,
-                parameters={contract.PARAM_LOGITS_WINDOW: int(window)},
-                client_timeout=self.timeout_s,
-            )
-        except InferenceServerException as err:
-            raise _classify(err) from err
+        parameters = {contract.PARAM_LOGITS_WINDOW: int(window)}
+        # Safe to send again only when no row has produced a token: start rows (a prefill that was
+        # not served) and release rows (idempotent). A decode row never is.
+        retryable = self.connect_retries > 0 and not bool((batch.lengths[~batch.start] > 0).any())
+        attempts = AsyncRetrying(
+            retry=retry_if_exception_type(ConnectFailed),
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            stop=stop_after_attempt(1 + (self.connect_retries if retryable else 0)),
+            before_sleep=before_sleep_log(log, logging.INFO),
+            reraise=True,
+        )
+        async for attempt in attempts:
+            with attempt:
+                try:
+                    result = await self._client.infer(
+                        self.model,
+                        inputs,
+                        model_version=self.version,
+                        outputs=outputs,
+                        parameters=parameters,
+                        client_timeout=self.timeout_s,
+                    )
+                except InferenceServerException as err:
+                    raise _classify(err) from err
         return StepOutput(
             status=result.as_numpy(contract.STATUS).reshape(-1),
             topk_logits=result.as_numpy(contract.TOPK_LOGITS),

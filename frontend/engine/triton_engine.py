@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from frontend.engine.breaker import BreakerState, CircuitBreaker
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
 from frontend.engine.scheduler import ActiveSequence, EventSink, Scheduler, StepObserver
 from frontend.engine.triton_client import Row, StepClient, StepError, UpstreamUnavailable
 from frontend.sampling import SamplingParams
+from step_model import contract
 
 log = logging.getLogger(__name__)
+
+
+def model_kv_capacity(repository: Path, model: str) -> int | None:
+    """The KV slots the model holds: GPT2_KV_CAPACITY when set in this environment, else the
+    `kv_capacity` parameter of <repository>/<model>/config.pbtxt; None when neither says."""
+    override = os.environ.get(f"GPT2_{contract.CONFIG_KV_CAPACITY.upper()}", "").strip()
+    if override:
+        try:
+            return int(override)
+        except ValueError:
+            log.warning("ignoring GPT2_KV_CAPACITY=%r: not an integer", override)
+    try:
+        text = (repository / model / "config.pbtxt").read_text()
+    except OSError:
+        return None
+    key = re.escape(contract.CONFIG_KV_CAPACITY)
+    match = re.search(rf'key:\s*"{key}"\s*value:\s*{{\s*string_value:\s*"(\d+)"', text)
+    return int(match.group(1)) if match else None
 
 
 class TritonEngine:
@@ -39,6 +61,11 @@ class TritonEngine:
         queue_timeout_s: float,
         startup_timeout_s: float = 120.0,
         observer: StepObserver | None = None,
+        probe_timeout_s: float = 0.5,
+        reconnect_backoff_ms: int = 500,
+        connect_retries: int = 2,
+        breaker_failures: int = 3,
+        breaker_reset_s: float = 1.0,
     ) -> None:
         self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
@@ -46,6 +73,17 @@ class TritonEngine:
         self._pinned_version = version
         self._repository = repository
         self._step_timeout_s = step_timeout_s
+        self._client_args = {
+            "timeout_s": step_timeout_s,
+            "probe_timeout_s": probe_timeout_s,
+            "reconnect_backoff_ms": reconnect_backoff_ms,
+            "connect_retries": connect_retries,
+        }
+        on_change = getattr(observer, "breaker_changed", None)
+        self.breaker = CircuitBreaker(
+            failure_threshold=breaker_failures, reset_timeout_s=breaker_reset_s, on_change=on_change
+        )
+        self._max_running = max_running
         self._scheduler_args = {
             "default_window": default_window,
             "max_running": max_running,
@@ -67,7 +105,7 @@ class TritonEngine:
     async def start(self) -> None:
         """Wait for Triton's model, load its tokenizer and run a warm-up step."""
         timeout_s = self._startup_timeout_s
-        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, timeout_s=self._step_timeout_s)
+        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, **self._client_args)  # type: ignore[arg-type]
         deadline = time.monotonic() + timeout_s
         version = self._pinned_version
         while True:
@@ -87,12 +125,21 @@ class TritonEngine:
         await probe.close()
         self._model = ServedModel.load(self._repository, self._model_name, version)
         # Pin the resolved version so the tokenizer and the weights always match.
-        self._client = StepClient(self._triton_url, self._model_name, version, timeout_s=self._step_timeout_s)
+        self._client = StepClient(self._triton_url, self._model_name, version, **self._client_args)  # type: ignore[arg-type]
+        capacity = model_kv_capacity(self._repository, self._model_name)
+        max_running = self._max_running if capacity is None else max(1, min(self._max_running, capacity))
+        log.info(
+            "max_running %d (setting %d, model KV capacity %s)",
+            max_running,
+            self._max_running,
+            "unknown" if capacity is None else capacity,
+        )
         self._scheduler = Scheduler(
             self._client,
             eos_token_id=self._model.eos_token_id,
             vocab_size=self._model.vocab_size,
-            **self._scheduler_args,  # type: ignore[arg-type]
+            breaker=self.breaker,
+            **{**self._scheduler_args, "max_running": max_running},  # type: ignore[arg-type]
         )
         self._scheduler.start()
         await self._warm_up()
@@ -109,8 +156,16 @@ class TritonEngine:
         await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
         self._warm = True
 
+    @property
+    def max_running(self) -> int | None:
+        """The effective cap on running sequences (min of the setting and the model's KV slots)."""
+        return self._scheduler.max_running if self._scheduler is not None else None
+
     async def ready(self) -> bool:
-        return self._warm and self._client is not None and await self._client.model_ready()
+        """Warm, breaker closed, and Triton says the model is ready within the probe deadline."""
+        if not self._warm or self._client is None or self.breaker.state is not BreakerState.CLOSED:
+            return False
+        return await self._client.model_ready()
 
     def submit(
         self,
@@ -132,7 +187,12 @@ class TritonEngine:
         return (self._scheduler.running, self._scheduler.waiting) if self._scheduler else (0, 0)
 
     async def close(self) -> None:
-        if self._scheduler is not None:
-            await self._scheduler.close()
-        if self._client is not None:
-            await self._client.close()
+        """Stop the scheduler (live generations end with an error, their slots are released) and
+        the client. Idempotent: the drain on SIGTERM and the lifespan both call it."""
+        scheduler, self._scheduler = self._scheduler, None
+        client, self._client = self._client, None
+        self._warm = False
+        if scheduler is not None:
+            await scheduler.close()
+        if client is not None:
+            await client.close()

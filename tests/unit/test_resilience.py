@@ -1,0 +1,262 @@
+"""Resilience controls without servers: the circuit breaker's state machine, the scheduler with a
+breaker over the scripted step backend, the step client's safe retries and channel options, and
+the model's KV capacity as the cap on running sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from frontend.engine.breaker import BreakerOpen, BreakerState, CircuitBreaker
+from frontend.engine.scheduler import ErrorEvent, FinishEvent, QueueFull, TokenEvent
+from frontend.engine.triton_client import ConnectFailed, Row, StepClient, UpstreamTimeout, channel_args
+from frontend.engine.triton_engine import model_kv_capacity
+from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------------------ state machine
+def test_the_breaker_opens_after_n_consecutive_failures_only() -> None:
+    changes: list[BreakerState] = []
+    b = CircuitBreaker(failure_threshold=3, reset_timeout_s=1.0, clock=Clock(), on_change=changes.append)
+    b.record_failure("x")
+    b.record_failure("x")
+    b.record_success()  # not consecutive: the count starts again
+    b.record_failure("x")
+    b.record_failure("x")
+    assert b.state is BreakerState.CLOSED
+    b.check()
+    b.record_failure("triton down")
+    assert b.state is BreakerState.OPEN and changes == [BreakerState.OPEN]
+    with pytest.raises(BreakerOpen, match="triton down") as info:
+        b.check()
+    assert 0.1 <= info.value.retry_after_s <= 1.0
+
+
+def test_half_open_probe_closes_or_reopens() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=1, reset_timeout_s=2.0, clock=clock)
+    b.record_failure("down")
+    assert not b.probe_due()  # too early
+    clock.now += 2.0
+    assert b.probe_due() and b.state is BreakerState.HALF_OPEN
+    assert not b.probe_due()  # one probe at a time
+    with pytest.raises(BreakerOpen):
+        b.check()  # still refusing while the probe runs
+    b.record_failure("still down")
+    assert b.state is BreakerState.OPEN and b.retry_after_s() == pytest.approx(2.0)
+    clock.now += 2.0
+    assert b.probe_due()
+    b.record_success()
+    assert b.state is BreakerState.CLOSED and b.retry_after_s() == 0.0
+    b.check()
+
+
+def test_breaker_open_survives_pickling_for_the_engine_core() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(BreakerOpen("open", 0.7)))
+    assert type(err) is BreakerOpen and str(err) == "open" and err.retry_after_s == 0.7
+
+
+# ------------------------------------------------------------------------------ scheduler + breaker
+class FailingBackend(ScriptedBackend):
+    """The scripted model server, but every step fails while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=4)
+        self.down = False
+        self.calls = 0
+
+    async def step(self, rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        self.calls += 1
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.down:
+            raise UpstreamTimeout("frozen")
+        return await super().step(rows, window=window, want_logits=want_logits)
+
+
+@pytest.mark.asyncio
+async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() -> None:
+    backend = FailingBackend()
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=0.2)
+    sched = scheduler(backend, breaker=breaker)
+    sched.start()
+    backend.down = True
+    # A failed step fails its generation; the release of its id fails too: two whole-step failures.
+    seq = sched.submit([1], GREEDY, 3, seed=None)
+    events = await drain(seq.events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamTimeout)
+    for _ in range(100):
+        if not breaker.closed:
+            break
+        await asyncio.sleep(0.001)
+    assert breaker.state is BreakerState.OPEN
+    calls = backend.calls
+    started = time.perf_counter()
+    with pytest.raises(BreakerOpen):
+        sched.submit([1], GREEDY, 3, seed=None)
+    assert time.perf_counter() - started < 0.05
+    await asyncio.sleep(0.1)
+    assert backend.calls == calls  # no Triton call while open (before the reset timeout)
+    # Probes fail while it is down; once it is back, the next probe closes the breaker.
+    await asyncio.sleep(0.3)
+    assert backend.calls > calls and breaker.state is not BreakerState.CLOSED
+    backend.down = False
+    for _ in range(100):
+        if breaker.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert breaker.closed
+    seq = sched.submit([2], GREEDY, 2, seed=None)
+    assert isinstance((await drain(seq.events))[-1], FinishEvent)  # type: ignore[arg-type]
+    await sched.close()
+    assert not backend.live  # probes start and end in one step: they hold no slot
+
+
+@pytest.mark.asyncio
+async def test_queued_generations_fail_fast_when_the_breaker_opens() -> None:
+    backend = FailingBackend()
+    backend.capacity = 1
+    backend.hold = asyncio.Event()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=5.0)
+    sched = scheduler(backend, breaker=breaker, max_running=1)
+    sched.start()
+    sched.submit([1], GREEDY, 100, seed=None)
+    while not backend.calls:  # its start row is in flight
+        await asyncio.sleep(0.001)
+    queued = sched.submit([2], GREEDY, 5, seed=None)  # waits for max_running
+    backend.down = True
+    backend.hold.set()
+    started = time.perf_counter()
+    last = (await drain(queued.events))[-1]  # type: ignore[arg-type]
+    assert isinstance(last, ErrorEvent) and isinstance(last.error, BreakerOpen)
+    assert time.perf_counter() - started < 1.0
+    await sched.close()
+
+
+@pytest.mark.asyncio
+async def test_the_waiting_cap_refuses_with_queue_full() -> None:
+    backend = ScriptedBackend(capacity=1)
+    backend.hold = asyncio.Event()
+    sched = scheduler(backend, max_running=1, max_waiting=1)
+    sched.start()
+    sched.submit([1], GREEDY, 2, seed=None)
+    while not backend.batches:
+        await asyncio.sleep(0.001)
+    sched.submit([2], GREEDY, 2, seed=None)
+    with pytest.raises(QueueFull):
+        sched.submit([3], GREEDY, 2, seed=None)
+    backend.hold.set()
+    await sched.close()
+
+
+# ------------------------------------------------------------------------------ step client
+class FakeGrpc:
+    def __init__(self, failures: int, status: str = "StatusCode.UNAVAILABLE") -> None:
+        self.failures = failures
+        self.status = status
+        self.calls = 0
+        self.timeouts: list[float | None] = []
+
+    async def infer(self, *_: Any, client_timeout: float | None = None, **__: Any) -> Any:
+        self.calls += 1
+        self.timeouts.append(client_timeout)
+        if self.calls <= self.failures:
+            raise InferenceServerException("connection refused", status=self.status)
+        return _Result()
+
+    async def is_model_ready(self, *_: Any, client_timeout: float | None = None, **__: Any) -> bool:
+        self.timeouts.append(client_timeout)
+        await asyncio.sleep(10)
+        return True
+
+
+class _Result:
+    def as_numpy(self, name: str) -> np.ndarray:
+        return np.zeros((1, 1), dtype=np.float32)
+
+
+def client_with(fake: FakeGrpc, retries: int = 2) -> StepClient:
+    client = StepClient("127.0.0.1:1", "m", "1", timeout_s=3.0, connect_retries=retries)
+    client._client = fake  # type: ignore[assignment]
+    return client
+
+
+@pytest.mark.asyncio
+async def test_a_token_less_step_is_retried_on_unavailable() -> None:
+    fake = FakeGrpc(failures=2)
+    await client_with(fake).step([Row(1, [5, 6], start=True), Row(2, [], end=True)], window=4)
+    assert fake.calls == 3 and fake.timeouts == [3.0] * 3  # every attempt has its deadline
+
+
+@pytest.mark.asyncio
+async def test_a_step_with_a_decode_row_is_never_retried() -> None:
+    fake = FakeGrpc(failures=1)
+    with pytest.raises(ConnectFailed):
+        await client_with(fake).step([Row(1, [5], start=True), Row(2, [7])], window=4)
+    assert fake.calls == 1
+
+
+@pytest.mark.asyncio
+async def test_only_unavailable_is_retried_and_retries_are_bounded() -> None:
+    fake = FakeGrpc(failures=1, status="StatusCode.DEADLINE_EXCEEDED")
+    with pytest.raises(UpstreamTimeout):
+        await client_with(fake).step([Row(1, [5], start=True)], window=4)
+    assert fake.calls == 1
+    fake = FakeGrpc(failures=10)
+    with pytest.raises(ConnectFailed):
+        await client_with(fake, retries=2).step([Row(1, [5], start=True)], window=4)
+    assert fake.calls == 3
+
+
+@pytest.mark.asyncio
+async def test_readiness_has_a_deadline() -> None:
+    fake = FakeGrpc(failures=0)
+    client = client_with(fake)
+    # The fake ignores client_timeout (a real channel enforces it); it must be passed.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await client.model_ready()
+    assert fake.timeouts == [client.probe_timeout_s]
+
+
+def test_channel_args_bound_the_reconnect_backoff() -> None:
+    args = dict(channel_args(400))
+    assert args["grpc.max_reconnect_backoff_ms"] == 400
+    assert args["grpc.initial_reconnect_backoff_ms"] == 100 and args["grpc.min_reconnect_backoff_ms"] == 100
+    assert args["grpc.max_receive_message_length"] == 2**31 - 1  # tritonclient's defaults kept
+
+
+# ------------------------------------------------------------------------------ KV capacity
+def test_kv_capacity_from_config_pbtxt_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GPT2_KV_CAPACITY", raising=False)
+    assert model_kv_capacity(tmp_path, "m") is None
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'name: "m"\nparameters { key: "idle_timeout_s" value: { string_value: "3" } }\n'
+        'parameters { key: "kv_capacity" value: { string_value: "16" } }\n'
+    )
+    assert model_kv_capacity(tmp_path, "m") == 16
+    monkeypatch.setenv("GPT2_KV_CAPACITY", "5")
+    assert model_kv_capacity(tmp_path, "m") == 5
+
+
+def test_events_module_exports() -> None:
+    assert TokenEvent and FinishEvent  # the scheduler's event types are what the breaker tests drain
