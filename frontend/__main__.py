@@ -9,11 +9,15 @@ close, then the core closes (releasing every KV slot on Triton).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
+from frontend.api.client_hygiene import uvicorn_options
 from frontend.app import create_app
 from frontend.settings import Settings
 
@@ -36,7 +40,47 @@ def main() -> None:
     if args.workers > 1:
         _serve_with_engine_core(settings, args.workers)
     else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,
+            **uvicorn_options(settings),  # header and keep-alive timeouts (docs/security.md)
+        )
+        DrainingServer(config, app, settings.drain_timeout_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before the server stops (frontend.lifecycle):
+    readiness and new requests get 503 at once, running generations get `drain_timeout_s`, streams
+    still open then end with an error event, KV slots are released; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Future[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        lifecycle = getattr(self._app.state, "lifecycle", None)
+        if self._drain_task is not None or lifecycle is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal, or nothing to drain: stop now
+            return
+        loop = asyncio.get_event_loop()
+
+        async def drain() -> None:
+            try:
+                await lifecycle.drain(self._drain_timeout_s)
+            finally:
+                super(DrainingServer, self).handle_exit(sig, None)
+
+        def begin() -> None:
+            self._drain_task = loop.create_task(drain(), name="gateway-drain")
+
+        self._drain_task = asyncio.Future()  # marks "draining" until the task replaces it
+        loop.call_soon_threadsafe(begin)  # a signal handler: wake the loop through its self-pipe
 
 
 def _serve_with_engine_core(settings: Settings, workers: int) -> None:
@@ -57,6 +101,7 @@ def _serve_with_engine_core(settings: Settings, workers: int) -> None:
             host=settings.host,
             port=settings.port,
             workers=workers,
+            **uvicorn_options(settings, workers=workers),
             log_level="info",
             access_log=False,
         )

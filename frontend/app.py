@@ -3,21 +3,24 @@ never at import time, and reach routes through typed dependencies (frontend.api.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from frontend.api import health, native, openai
+from frontend.api.client_hygiene import BodyLimitMiddleware, CancelOnDisconnectMiddleware
+from frontend.api.openapi import install_openapi
 from frontend.cache import ResultCache, build_result_cache
 from frontend.engine.protocol import Engine
 from frontend.engine.remote import ModelLoader, RemoteEngine
 from frontend.engine.triton_engine import TritonEngine
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
+from frontend.lifecycle import Lifecycle
 from frontend.metrics import GatewayMetrics, MetricsMiddleware
+from frontend.security.gateway import Security, guard_operations
 from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,11 @@ def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
         queue_timeout_s=settings.queue_timeout_s,
         startup_timeout_s=settings.startup_timeout_s,
         observer=metrics,
+        probe_timeout_s=settings.probe_timeout_s,
+        reconnect_backoff_ms=settings.reconnect_backoff_ms,
+        connect_retries=settings.connect_retries,
+        breaker_failures=settings.breaker_failures,
+        breaker_reset_s=settings.breaker_reset_s,
     )
 
 
@@ -70,6 +78,7 @@ def create_app(
     if not logging.getLogger().handlers:  # worker processes of `--workers N` start bare
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = GatewayMetrics()
+    security = Security.from_settings(settings)  # API keys and rate limits (docs/security.md)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,29 +89,39 @@ def create_app(
             ttl_s=settings.cache_ttl_s,
             max_bytes=settings.cache_max_bytes,
         )
-        await engine.start()
-        # What start-up built (tokenizer, clients, torch/transformers modules) lives as long as the
-        # process: keep it out of the garbage collector's scans, which otherwise stall the step loop.
-        gc.collect()
-        gc.freeze()
+        # The server listens at once; the engine starts in the background (frontend.lifecycle):
+        # until it has, readiness and generation routes answer 503.
+        lifecycle = app.state.lifecycle = Lifecycle(engine)
         app.state.service = GenerationService(engine, result_cache, metrics, settings=settings)
+        lifecycle.begin()
         try:
             yield
         finally:
-            await engine.close()
+            await lifecycle.close()
             await result_cache.close()
 
     app = FastAPI(
         title="GPT-2 serving gateway",
         version="0.1.0",
         description="Exact custom sampling over NVIDIA Triton; OpenAI-compatible and native routes.",
-        lifespan=lifespan,
+        lifespan=security.lifespan(lifespan),  # closes the key store and limit storage at shutdown
+        **security.fastapi_kwargs(),
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.security = security
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(native.router)
-    app.include_router(health.router)
+    app.include_router(health.router, dependencies=[Depends(guard_operations)])
+    security.install_docs(app)
+    install_openapi(app, settings)  # 400 (not 422) and the settings' limits in the schema
+    # Client hygiene (docs/security.md): cancel work whose client left; refuse oversized or slow bodies.
+    app.add_middleware(CancelOnDisconnectMiddleware)  # type: ignore[arg-type]
+    app.add_middleware(
+        BodyLimitMiddleware,  # type: ignore[arg-type]
+        max_body_bytes=settings.body_limit,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     return app

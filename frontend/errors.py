@@ -5,9 +5,11 @@
     │   └── ContextLengthExceeded 400 code=context_length_exceeded
     ├── ModelNotFound           404  not_found_error, code=model_not_found
     ├── Unauthorized            401  authentication_error
+    ├── Forbidden               403  permission_error (an API key without the route's scope)
     ├── RateLimited             429  rate_limit_error, Retry-After
     ├── Overloaded              503  overloaded_error, Retry-After (backpressure)
     ├── UpstreamUnavailable     503  upstream_unavailable (Triton down / not ready)
+    ├── SecurityBackendUnavailable 503 service_unavailable (key store / rate-limit storage down)
     ├── UpstreamError           502  upstream_error (Triton refused a step)
     └── UpstreamTimeout         504  upstream_timeout
 
@@ -18,14 +20,16 @@ FastAPI's validation errors (400, with the offending field as `param`) and anyth
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -37,13 +41,20 @@ class APIError(Exception):
     code: str | None = None
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.code
         self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})  # extra response headers (x-ratelimit-*, WWW-Authenticate)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
@@ -70,6 +81,12 @@ class Unauthorized(APIError):
     code = "invalid_api_key"
 
 
+class Forbidden(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "insufficient_scope"
+
+
 class RateLimited(APIError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -80,6 +97,12 @@ class Overloaded(APIError):
     status_code = 503
     error_type = "overloaded_error"
     code = "overloaded"
+
+
+class SecurityBackendUnavailable(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "security_backend_unavailable"
 
 
 class UpstreamUnavailable(APIError):
@@ -100,13 +123,35 @@ class UpstreamTimeout(APIError):
     code = "triton_timeout"
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote client text, and text with
+    a lone surrogate (valid JSON, `"\\ud800"`) cannot be encoded as UTF-8. ASCII always can."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope (OpenAPI: every route's error responses)."""
+
+    error: ErrorDetail
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def render(err: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(err.retry_after_s)))} if err.retry_after_s else None
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+    headers = {"Retry-After": str(max(1, round(err.retry_after_s)))} if err.retry_after_s else {}
+    headers.update(getattr(err, "headers", None) or {})
+    return ErrorJSONResponse(err.body(), status_code=err.status_code, headers=headers or None)
 
 
 # pydantic names the member of a union it tried ("str", "list[int]", "function-after[...]"); a
@@ -124,10 +169,22 @@ def _validation_param(error: Mapping[str, Any]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif _UNION_TAG.match(str(part)):
-            break
+            continue  # the member of a union pydantic tried: not a field name
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+def _most_relevant(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """For a union (`prompt: str | list[str] | ...`) pydantic reports every member's failure; the
+    member whose type matched fails on a constraint or a value, the others on their type. Prefer
+    the first of those, so `["ok", ""]` reports `prompt[1]` is too short, not "not a string"."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    for error in errors:
+        if not str(error.get("type", "")).endswith(("_type", "_parsing")):
+            return error
+    return errors[0]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -137,9 +194,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        first = _most_relevant(err.errors())
         param = _validation_param(first)
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        msg = first.get("msg")
+        if first.get("type") in ("string_too_short", "too_short") and (first.get("ctx") or {}).get("min_length") == 1:
+            msg = "must not be empty"
+        message = f"{param}: {msg}" if param else str(msg)
         return render(InvalidRequest(message, param=param or None))
 
     @app.exception_handler(StarletteHTTPException)
@@ -147,9 +207,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = {404: "not_found_error", 405: "invalid_request_error"}.get(
             err.status_code, "invalid_request_error"
         )
-        return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code, headers=err.headers)
+        return ErrorJSONResponse(
+            error_body(str(err.detail), error_type), status_code=err.status_code, headers=err.headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+        return ErrorJSONResponse(error_body("internal server error", "internal_error"), status_code=500)

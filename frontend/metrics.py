@@ -90,6 +90,11 @@ class GatewayMetrics:
         self.full_row_fetches = Counter(
             "gateway_full_row_fetches", "Steps whose top-K window did not decide the sample", ["reason"], registry=r
         )
+        self.breaker_state = Gauge(
+            "gateway_circuit_breaker_state",
+            "Circuit breaker around Triton steps: 0 closed, 1 half-open, 2 open",
+            registry=r,
+        )
 
     # StepObserver (frontend.engine.scheduler)
     def step_finished(self, rows: int, duration_s: float) -> None:
@@ -102,6 +107,9 @@ class GatewayMetrics:
     def queue_changed(self, waiting: int, running: int) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
+
+    def breaker_changed(self, state: str) -> None:
+        self.breaker_state.set({"closed": 0, "half_open": 1, "open": 2}.get(str(getattr(state, "value", state)), 2))
 
     def engine_text(self) -> bytes:
         """This process's scheduler series in the exposition format (what the engine core serves)."""

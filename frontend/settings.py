@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,7 +46,30 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_768, ge=1)
     max_batch_requests: int = Field(32, ge=1)
     max_n: int = Field(8, ge=1)
-    request_timeout_s: float = Field(300.0, gt=0, description="a whole generation's deadline")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a whole generation's deadline: the default and the most a request's `timeout` gets"
+    )
+
+    # Client hygiene and hostile input (frontend/api/client_hygiene.py, docs/security.md).
+    max_stop_sequences: int = Field(4, ge=0, description="most stop strings in one request")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="largest request body; unset = room for the largest legal request (body_limit)"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (else 408)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request head must arrive within this")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    sse_send_timeout_s: float = Field(
+        15.0, gt=0, description="a stream whose reader takes nothing for this long is dropped"
+    )
+
+    # Resilience against Triton (frontend.engine.breaker, frontend.engine.triton_client) and lifecycle.
+    probe_timeout_s: float = Field(0.5, gt=0, description="deadline of readiness and repository-index calls")
+    reconnect_backoff_ms: int = Field(500, ge=50, description="most gRPC waits between reconnect attempts")
+    connect_retries: int = Field(2, ge=0, description="re-sends of a token-less step refused as UNAVAILABLE")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failed steps that open the circuit breaker")
+    breaker_reset_s: float = Field(1.0, gt=0, description="open breaker: seconds between probe steps")
+    drain_timeout_s: float = Field(10.0, ge=0, description="SIGTERM: how long in-flight generations may finish")
 
     # Result cache: in-process unless a Redis URL is given.
     cache_url: str | None = None
@@ -54,8 +77,40 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(3600.0, gt=0)
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
+    # API keys and rate limits (frontend/security, docs/security.md). A key store turns auth on.
+    keys_path: Path | None = Field(None, description="SQLite key store (a file); set it or keys_url to require keys")
+    keys_url: str | None = Field(None, description="Redis key store shared by several gateways (wins over keys_path)")
+    auth_protect: str = Field("", description="comma list of health, metrics, docs that need an admin key")
+    default_key_rpm: int = Field(600, ge=0, description="requests/minute of a key without its own limit; 0 = none")
+    default_key_tokens_per_day: int = Field(
+        1_000_000, ge=0, description="tokens/UTC day of a key without its own limit; 0 = none"
+    )
+    ip_rpm: int = Field(600, ge=0, description="requests/minute per client IP while auth is off; 0 = none")
+    auth_failures_per_ip: int = Field(20, ge=0, description="failed authentications/minute per IP, then 429")
+    ratelimit_url: str | None = Field(None, description="Redis for limits and quotas; unset = this process's memory")
+    ratelimit_fail_open: bool = Field(False, description="let requests through unmetered when that Redis is down")
+    trusted_proxies: str = Field("", description="comma list of proxy addresses/CIDRs whose X-Forwarded-For counts")
+    security_timeout_s: float = Field(0.5, gt=0, le=1.0, description="deadline of one key-store or limit call")
+
+    @property
+    def body_limit(self) -> int:
+        """`max_body_bytes`, or room for the largest legal request: `max_batch_requests` prompts of
+        `max_prompt_chars` characters, each written as a 6-byte JSON escape, plus 64 KiB."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_batch_requests * self.max_prompt_chars * 6 + 64 * 1024
+
+    @field_validator("keys_path", "keys_url", "ratelimit_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
         if self.environment not in {"development", "production", "test"}:
             raise ValueError("GATEWAY_ENVIRONMENT must be development, test or production")
+        if self.environment == "production" and not (self.keys_url or self.keys_path):
+            raise ValueError(
+                "GATEWAY_ENVIRONMENT=production requires API keys: set GATEWAY_KEYS_PATH (SQLite) or GATEWAY_KEYS_URL"
+            )
         return self

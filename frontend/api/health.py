@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from frontend.api.deps import ServiceDep
 from frontend.errors import error_body
 
 router = APIRouter(tags=["operations"])
@@ -13,21 +15,41 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health/live")
 async def live() -> dict[str, str]:
-    """The process is up and its event loop answers."""
+    """The process is up and its event loop answers: 200 also while Triton is down or loading."""
     return {"status": "ok"}
 
 
 @router.get("/health/ready")
-async def ready(service: ServiceDep) -> Response:
-    """Ready only when Triton reports the model ready and a real step has succeeded."""
-    if await service.engine.ready():
-        model = service.engine.model
-        running, waiting = service.engine.load()
-        return JSONResponse(
-            {"status": "ready", "model": model.name, "version": model.version, "running": running, "waiting": waiting}
-        )
-    body = error_body("the model server is not ready", "upstream_unavailable", code="not_ready")
-    return JSONResponse(body, status_code=503)
+async def ready(request: Request) -> Response:
+    """Ready only when the engine has started, the gateway is not draining, the circuit breaker is
+    closed, and Triton reports the model ready within the probe deadline (a frozen Triton: 503
+    in under a second)."""
+    state = request.app.state
+    lifecycle = getattr(state, "lifecycle", None)
+    settings = state.settings
+    if lifecycle is not None and lifecycle.state != "serving":
+        return _not_ready(f"the gateway is {lifecycle.state}", lifecycle.state)
+    engine = state.service.engine
+    breaker = getattr(engine, "breaker", None)
+    breaker_state = str(breaker.state.value) if breaker is not None else None
+    if breaker is not None and not breaker.closed:
+        return _not_ready(f"the circuit breaker around Triton is {breaker_state}", "breaker_open")
+    ok = False
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.probe_timeout_s + 0.25):  # a hung call cannot hold readiness
+            ok = await engine.ready()
+    if not ok:
+        return _not_ready("the model server is not ready", "not_ready")
+    model = engine.model
+    running, waiting = engine.load()
+    body = {"status": "ready", "model": model.name, "version": model.version, "running": running, "waiting": waiting}
+    if breaker_state is not None:
+        body["breaker"] = breaker_state
+    return JSONResponse(body)
+
+
+def _not_ready(message: str, code: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "upstream_unavailable", code=code), status_code=503)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from frontend import errors
-from frontend.api.deps import ServiceDep, SettingsDep
+from frontend.api.deps import AuthDep, ServiceDep, SettingsDep, TimeoutHeaderDep
 from frontend.api.native_protocol import (
     BatchItem,
     BatchRequest,
@@ -20,13 +19,15 @@ from frontend.api.native_protocol import (
     Timings,
     Usage,
 )
-from frontend.api.streaming import prime, sse_response
+from frontend.api.streaming import prime, sse_json, sse_response
 from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
 
 router = APIRouter(tags=["native"])
 
 
-def _prepare(service: GenerationService, body: GenerateRequest, prefix: str = "") -> GenerationRequest:
+def _prepare(
+    service: GenerationService, body: GenerateRequest, prefix: str = "", timeout_s: float | None = None
+) -> GenerationRequest:
     ids = service.tokenize(body.prompt, param=f"{prefix}prompt")
     return service.request(
         ids,
@@ -40,6 +41,8 @@ def _prepare(service: GenerationService, body: GenerateRequest, prefix: str = ""
         seed=body.seed,
         prompt_param=f"{prefix}prompt",
         max_tokens_param=f"{prefix}max_new_tokens",
+        stop_param=f"{prefix}stop",
+        timeout_s=body.timeout or timeout_s,
     )
 
 
@@ -56,21 +59,25 @@ def _response(service: GenerationService, c: Completion) -> GenerateResponse:
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, service: ServiceDep) -> GenerateResponse:
-    completion = await service.complete(_prepare(service, body))
+async def generate(
+    body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
+) -> GenerateResponse:
+    completion = await service.complete(_prepare(service, body, timeout_s=timeout))
     return _response(service, completion)
 
 
 @router.post("/generate/stream", response_class=EventSourceResponse)
-async def generate_stream(body: GenerateRequest, service: ServiceDep) -> EventSourceResponse:
+async def generate_stream(
+    body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
+) -> EventSourceResponse:
     """SSE: `token` events {text, position, token_id}, then `done` {finish_reason, usage, cached}."""
-    stream = await prime(service.stream(_prepare(service, body)))
+    stream = await prime(service.stream(_prepare(service, body, timeout_s=timeout)))
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for item in stream:
             if isinstance(item, TextChunk):
                 data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
-                yield ServerSentEvent(json.dumps(data, ensure_ascii=False), event="token")
+                yield ServerSentEvent(sse_json(data), event="token")
             elif isinstance(item, Completion):
                 data = {
                     "finish_reason": item.finish_reason,
@@ -78,17 +85,25 @@ async def generate_stream(body: GenerateRequest, service: ServiceDep) -> EventSo
                     "cached": item.cached,
                     "generated_text": item.text,
                 }
-                yield ServerSentEvent(json.dumps(data, ensure_ascii=False), event="done")
+                yield ServerSentEvent(sse_json(data), event="done")
 
-    return sse_response(events(), lambda err: ServerSentEvent(json.dumps(err.body()), event="error"))
+    return sse_response(
+        events(),
+        lambda err: ServerSentEvent(sse_json(err.body()), event="error"),
+        send_timeout_s=service.settings.sse_send_timeout_s,
+    )
 
 
 @router.post("/generate/batch", response_model=BatchResponse)
-async def generate_batch(body: BatchRequest, service: ServiceDep, settings: SettingsDep) -> BatchResponse:
+async def generate_batch(
+    body: BatchRequest, _auth: AuthDep, service: ServiceDep, settings: SettingsDep, timeout: TimeoutHeaderDep
+) -> BatchResponse:
     """Every item with its own parameters; results in request order; all items join one batch."""
     if len(body.requests) > settings.max_batch_requests:
         raise errors.InvalidRequest(f"a batch holds at most {settings.max_batch_requests} requests", param="requests")
-    prepared = [_prepare(service, item, prefix=f"requests[{i}].") for i, item in enumerate(body.requests)]
+    prepared = [
+        _prepare(service, item, prefix=f"requests[{i}].", timeout_s=timeout) for i, item in enumerate(body.requests)
+    ]
     outcomes = await asyncio.gather(*(service.complete(p) for p in prepared), return_exceptions=True)
     results: list[BatchItem] = []
     for outcome in outcomes:

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOPS = 4
+from frontend.api.text_fields import Text
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="the text to continue (any Unicode)")
+    prompt: Text = Field(min_length=1, description="the text to continue (any Unicode)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS, description="stop strings (not returned)")
+    stop: list[Text] = Field(
+        default_factory=list,
+        description="stop strings (not returned); count and length limited by the server's settings",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible (and cacheable)")
+    timeout: float | None = Field(
+        None, gt=0, description="seconds this generation may take (capped by the server's maximum); then 504"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -15,8 +14,8 @@ from sse_starlette import ServerSentEvent
 
 from frontend import errors
 from frontend.api import openai_protocol as oai
-from frontend.api.deps import ServiceDep, SettingsDep
-from frontend.api.streaming import sse_response
+from frontend.api.deps import AuthDep, ServiceDep, SettingsDep, TimeoutHeaderDep
+from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -59,7 +58,9 @@ def _prompts(body: oai.CompletionRequest) -> list[str | list[int]]:
     return list(p)  # type: ignore[arg-type]
 
 
-def _plan(body: oai.CompletionRequest, service: GenerationService) -> list[tuple[int, str, GenerationRequest]]:
+def _plan(
+    body: oai.CompletionRequest, service: GenerationService, timeout_s: float | None = None
+) -> list[tuple[int, str, GenerationRequest]]:
     """(choice index, echoed prompt text, request) for every prompt x n."""
     prompts = _prompts(body)
     limit = service.settings.max_batch_requests
@@ -92,6 +93,7 @@ def _plan(body: oai.CompletionRequest, service: GenerationService) -> list[tuple
                 logprobs=body.logprobs or 0,
                 prompt_param=param,
                 max_tokens_param="max_tokens",
+                timeout_s=timeout_s,
             )
             plan.append((p_index * body.n + j, echo, req))
     return plan
@@ -116,15 +118,17 @@ def _logprobs(service: GenerationService, chunks: list[TextChunk], offset: int) 
 
 
 @router.get("/models", response_model=oai.ModelList)
-async def list_models(service: ServiceDep) -> oai.ModelList:
+async def list_models(_auth: AuthDep, service: ServiceDep) -> oai.ModelList:
     model = service.engine.model
     return oai.ModelList(data=[oai.Model(id=model.name, created=model.created)])
 
 
 @router.post("/completions", response_model=oai.Completion)
-async def create_completion(body: oai.CompletionRequest, service: ServiceDep, settings: SettingsDep) -> object:
+async def create_completion(
+    body: oai.CompletionRequest, _auth: AuthDep, service: ServiceDep, settings: SettingsDep, timeout: TimeoutHeaderDep
+) -> object:
     _check_supported(body, service, settings.max_n)
-    plan = _plan(body, service)
+    plan = _plan(body, service, timeout_s=body.timeout or timeout)
     completion_id = f"cmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     model = service.engine.model.name
@@ -189,7 +193,7 @@ async def _stream(
         data = body_.model_dump(exclude_none=not include_usage)
         if include_usage and usage is None:
             data["usage"] = None
-        return ServerSentEvent(json.dumps(data, ensure_ascii=False))
+        return ServerSentEvent(sse_json(data))
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         pending = len(plan)
@@ -231,7 +235,9 @@ async def _stream(
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
 
-    def on_error(err: errors.APIError) -> ServerSentEvent:
-        return ServerSentEvent(json.dumps(err.body(), ensure_ascii=False))
+    def on_error(err: errors.APIError) -> list[ServerSentEvent]:
+        # The error as the last data event, then `[DONE]`: clients that wait for it stop cleanly
+        # (e.g. a generation ended by the drain on SIGTERM or by its deadline).
+        return [ServerSentEvent(sse_json(err.body())), ServerSentEvent("[DONE]")]
 
-    return sse_response(events(), on_error)
+    return sse_response(events(), on_error, send_timeout_s=service.settings.sse_send_timeout_s)

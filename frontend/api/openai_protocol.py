@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+from frontend.api.text_fields import NonEmptyText, Text
+
+Prompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+)
 
 
 class StreamOptions(BaseModel):
@@ -16,7 +23,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
@@ -26,15 +33,18 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = Field(None, max_length=256)
+    timeout: float | None = Field(
+        None, gt=0, description="seconds this completion may take (capped by the server's maximum); then 504"
+    )
+    user: Text | None = Field(None, max_length=256)
     # Accepted for compatibility; only their neutral values are supported (checked in the route).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     best_of: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     # Extensions beyond OpenAI (pass with the SDK's extra_body).
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -44,8 +54,6 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value

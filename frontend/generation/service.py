@@ -13,18 +13,20 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from frontend import errors
 from frontend.cache import CachedResult, ResultCache, cache_key, is_cacheable
 from frontend.engine.protocol import Engine
-from frontend.engine.scheduler import ErrorEvent, FinishEvent, Overloaded, TokenEvent
+from frontend.engine.scheduler import ErrorEvent, FinishEvent, Overloaded, QueueFull, TokenEvent
 from frontend.engine.triton_client import StepError, StepRejected
 from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
 from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
 from frontend.metrics import GatewayMetrics
 from frontend.sampling import SamplingParams
+from frontend.security.accounting import current_account
 from frontend.settings import Settings
 from frontend.text import IncrementalDecoder, StopMatcher
 
@@ -36,6 +38,7 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    timeout_s: float | None = None  # the client's deadline (capped by settings.request_timeout_s)
 
     def cache_params(self) -> dict[str, Any]:
         return {
@@ -128,9 +131,12 @@ class GenerationService:
         logprobs: int = 0,
         prompt_param: str = "prompt",
         max_tokens_param: str = "max_new_tokens",
+        stop_param: str = "stop",
+        timeout_s: float | None = None,
     ) -> GenerationRequest:
         """Check limits that need the model (context length); field ranges are the schema's job.
         `prompt_param` / `max_tokens_param` name the client's fields in error messages."""
+        self._check_stops(stop, stop_param)
         model = self.engine.model
         limit = self.settings.max_new_tokens_limit
         if max_new_tokens > limit:
@@ -152,7 +158,17 @@ class GenerationService:
             repetition_penalty=float(repetition_penalty),
             logprobs=int(logprobs),
         )
-        return GenerationRequest(prompt_ids, max_new_tokens, sampling, tuple(stop), seed)
+        return GenerationRequest(prompt_ids, max_new_tokens, sampling, tuple(stop), seed, timeout_s)
+
+    def _check_stops(self, stop: Sequence[str], param: str) -> None:
+        most, longest = self.settings.max_stop_sequences, self.settings.max_stop_chars
+        if len(stop) > most:
+            raise errors.InvalidRequest(f"at most {most} stop sequences are allowed, got {len(stop)}", param=param)
+        for s in stop:
+            if len(s) > longest:
+                raise errors.InvalidRequest(
+                    f"a stop sequence has {len(s)} characters; this server accepts at most {longest}", param=param
+                )
 
     # ------------------------------------------------------------------ running
     def _key(self, req: GenerationRequest) -> str | None:
@@ -164,6 +180,19 @@ class GenerationService:
         )
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Completion]:
+        # The caller's token quota (frontend.security.accounting): reserve, then settle or refund.
+        account = current_account.get()
+        if account is None:
+            items = self._stream(req)
+        else:
+            items = account.metered(
+                self._stream(req), prompt_tokens=len(req.prompt_ids), max_new_tokens=req.max_new_tokens
+            )
+        async with aclosing(items):  # type: ignore[type-var]  # an async generator, typed as an iterator
+            async for item in items:
+                yield item
+
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Completion]:
         started = time.monotonic()
         key = self._key(req)
         if key is not None:
@@ -216,7 +245,8 @@ class GenerationService:
         first_token_at: float | None = None
         last_token_at = started
         finish_reason = "length"
-        deadline = started + self.request_timeout_s
+        timeout_s = min(req.timeout_s or self.request_timeout_s, self.request_timeout_s)
+        deadline = started + timeout_s
         try:
             while True:
                 try:
@@ -228,7 +258,7 @@ class GenerationService:
                             event = await handle.events.get()
                     except TimeoutError as err:
                         raise errors.UpstreamTimeout(
-                            f"generation did not finish within {self.request_timeout_s:.0f} s"
+                            f"generation did not finish within its deadline of {timeout_s:g} s"
                         ) from err
                 if isinstance(event, ErrorEvent):
                     raise _api_error(event.error)
@@ -317,12 +347,14 @@ def _to_cached(c: Completion) -> CachedResult:
 def _api_error(err: Exception) -> errors.APIError:
     if isinstance(err, errors.APIError):
         return err
+    if isinstance(err, QueueFull):  # the waiting cap: refused at once, try again shortly
+        return errors.RateLimited(str(err), code="queue_full", retry_after_s=1)
     if isinstance(err, Overloaded):
         return errors.Overloaded(str(err), retry_after_s=1)
     if isinstance(err, StepTimeout):
         return errors.UpstreamTimeout(str(err))
-    if isinstance(err, StepUnavailable):
-        return errors.UpstreamUnavailable(str(err), retry_after_s=1)
+    if isinstance(err, StepUnavailable):  # BreakerOpen carries when its next probe is due
+        return errors.UpstreamUnavailable(str(err), retry_after_s=max(1.0, getattr(err, "retry_after_s", 1.0)))
     if isinstance(err, StepRejected):
         return errors.UpstreamError(str(err))
     return errors.APIError("internal error during generation")

@@ -71,6 +71,7 @@ async def app(settings: Settings, fake: FakeEngine, cache: MemoryResultCache) ->
     """The app with its lifespan running (httpx's ASGITransport does not run lifespans)."""
     application = create_app(settings, engine_factory=lambda _s, _m: fake, cache=cache)
     async with application.router.lifespan_context(application):
+        assert await application.state.lifecycle.wait_started(5)  # the engine starts in the background
         assert fake.started
         yield application
         await fake.drain()

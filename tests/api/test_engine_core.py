@@ -311,6 +311,7 @@ async def app_client(
     )
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        assert await app.state.lifecycle.wait_started(5)  # the engine starts in the background
         yield c
 
 

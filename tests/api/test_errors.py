@@ -365,8 +365,9 @@ async def test_openai_stream_failure_mid_way_is_an_error_chunk(client: httpx.Asy
     assert r.status_code == 200
     events = parse_sse(r.text)
     assert all(e.event is None for e in events)
-    assert [e.data for e in events].count("[DONE]") == 0
-    chunks = [e.json() for e in events]
+    assert [e.data for e in events][-1] == "[DONE]"  # the error chunk, then [DONE] (clients stop cleanly)
+    assert [e.data for e in events].count("[DONE]") == 1
+    chunks = [e.json() for e in events[:-1]]
     assert all("choices" in c for c in chunks[:-1]) and len(chunks) == 3
     assert set(chunks[-1]) == {"error"}
     assert set(chunks[-1]["error"]) == {"message", "type", "param", "code"}

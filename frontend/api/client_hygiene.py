@@ -1,0 +1,259 @@
+"""Client hygiene: what a slow, stalled, vanished or oversized client may cost the gateway.
+
+* `BodyLimitMiddleware`: a request body larger than `max_body_bytes` gets a 413 in the error
+  envelope before anything parses it: a declared `Content-Length` over the limit is refused
+  before a byte of the body is read, a chunked body is counted as it arrives and cut at the limit.
+  A body that trickles in slower than `body_timeout_s` (start to end) gets a 408. Both close the
+  connection. Hand-written: Starlette's `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`)
+  replaces any response with a plain-text 413 outside the project's envelope and has no timeout.
+* `CancelOnDisconnectMiddleware`: while a request is being worked on and no response has
+  started (a non-streaming generation, or a stream waiting for its first token), a client that
+  disconnects cancels the work, so the generation's `finally` frees its KV slot at once.
+  Streams that have started are sse-starlette's job (disconnect listener + `send_timeout`).
+* `GuardedH11Protocol`: uvicorn's h11 protocol with a header-read deadline. uvicorn (0.54) has
+  no header timeout (its keep-alive timer only runs between requests and any byte cancels it),
+  so a slowloris client that trickles a header forever holds its connection forever; this
+  subclass closes a connection whose request head is not complete `header_timeout_s` after the
+  connection opened (or after its first byte, for the next request on a kept-alive connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from typing import Any, ClassVar
+
+import h11
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from frontend.errors import error_body
+from frontend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+async def _send_error(send: Send, status: int, message: str, error_type: str, code: str) -> None:
+    body = json.dumps(error_body(message, error_type, None, code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),  # the unread rest of the body is never read
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            await _send_error(send, 413, _too_large(limit), "invalid_request_error", "request_too_large")
+            return
+
+        received = 0
+        body_done = False
+        refused = False  # our error went out; whatever the app says after that is dropped
+        started = False
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+
+        async def refuse(status: int, message: str, code: str) -> Message:
+            nonlocal refused
+            refused = True
+            if not started:
+                await _send_error(send, status, message, "invalid_request_error", code)
+            return _DISCONNECT  # the app sees a client that went away
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done, deadline
+            if refused:
+                return _DISCONNECT
+            if body_done:
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                return await refuse(408, f"the request body did not arrive within {self.body_timeout_s:g} s", "timeout")
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    return await refuse(413, _too_large(limit), "request_too_large")
+                body_done = not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            log.debug("request refused for its body; the app's error is dropped", exc_info=True)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body exceeds this server's limit of {limit} bytes"
+
+
+class CancelOnDisconnectMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        watcher: asyncio.Task[None] | None = None
+        gone = False
+        started = False
+
+        async def watch() -> None:
+            nonlocal gone
+            message = await receive()  # after the body, the only message left is the disconnect
+            if message["type"] == "http.disconnect" and not started:
+                gone = True
+                work.cancel()
+
+        def stop_watching() -> None:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+
+        async def watched_receive() -> Message:
+            nonlocal watcher
+            if watcher is not None:  # the app listens itself now (a stream's disconnect listener)
+                stop_watching()
+                if gone:
+                    return _DISCONNECT
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False) and not started:
+                watcher = asyncio.get_running_loop().create_task(watch(), name="disconnect-watch")
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                stop_watching()
+            await send(message)
+
+        async def run() -> None:
+            await self.app(scope, watched_receive, watched_send)
+
+        work: asyncio.Task[None] = asyncio.get_running_loop().create_task(run())
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():  # we were cancelled ourselves: take the work down with us
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                raise
+            if not gone:
+                raise
+            log.info("client disconnected before the response; its generation was cancelled")
+        except SendTimeoutError:
+            # A stream whose reader stopped reading: sse-starlette closed the generator (which
+            # cancels the generation); uvicorn closes the connection when we return.
+            log.warning("dropped an SSE client that stopped reading")
+        finally:
+            stop_watching()
+
+
+# --------------------------------------------------------------------------- uvicorn
+@functools.cache
+def _env_header_timeout() -> float:
+    return Settings().header_timeout_s
+
+
+class GuardedH11Protocol(H11Protocol):
+    """h11 with a deadline on reading a request head (see the module docstring)."""
+
+    header_timeout_s: ClassVar[float | None] = None  # None: GATEWAY_HEADER_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        timeout = type(self).header_timeout_s
+        self._header_timeout_s = _env_header_timeout() if timeout is None else timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_header_timer()  # (part of) a request head: the clock runs from its first byte
+        else:
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closing a connection whose request head did not arrive within %g s", self._header_timeout_s)
+            self.transport.close()
+
+
+def guarded_h11(header_timeout_s: float) -> type[GuardedH11Protocol]:
+    """The protocol class with a fixed header deadline (one process; `--workers N` uses
+    `GuardedH11Protocol` itself, which reads GATEWAY_HEADER_TIMEOUT_S in each worker)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": header_timeout_s})
+
+
+def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
+    """The uvicorn.run / uvicorn.Config arguments of the slow-client controls."""
+    return {
+        "http": guarded_h11(settings.header_timeout_s) if workers == 1 else GuardedH11Protocol,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+    }
