@@ -97,6 +97,7 @@ class ActiveSequence:
     generated: list[int] = field(default_factory=list)
     on_server: bool = False
     done: bool = False
+    needed_full_row: bool = False  # its last step's window did not decide: ask for the row up front
     temperature: float = field(init=False)
     sink: EventSink = field(init=False)  # where events go: `events`, or the engine core's outbox
 
@@ -338,9 +339,14 @@ class Scheduler:
         released = len(self._releases)
         self._releases.clear()
         window = max((s.window for s in seqs), default=1)
+        # When most rows will need their full row anyway (a repetition penalty, or a window that
+        # did not decide their last step, e.g. a wide top-p nucleus), ask for the rows in this
+        # request instead of a second round trip.
+        wanting = sum(1 for s in seqs if s.full_rows or s.needed_full_row)
+        want_logits = wanting > 0 and 2 * wanting >= len(seqs)
         started = time.perf_counter()
         try:
-            out = await self.client.step(rows, window=window)
+            out = await self.client.step(rows, window=window, want_logits=want_logits)
         except StepError as err:
             # The whole step failed: the server may or may not have run it. Fail its sequences
             # and release their ids (a release of an unknown sequence is a no-op).
@@ -420,6 +426,7 @@ class Scheduler:
         tops, eos = batch.top_logprobs, self.eos_token_id
         for j, seq in enumerate(chosen):
             if decided[j]:  # the common case, inlined: append, event, finish check
+                seq.needed_full_row = False
                 token = tokens[j]
                 seq.generated.append(token)
                 seq.sink.put_nowait(TokenEvent(token, logprobs[j], tops[j]))
@@ -431,10 +438,15 @@ class Scheduler:
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
             try:  # the reference sampler decides what the batch declined, or asks for the row
                 picked = sample(step, seq.params, float(u[j]), self._seen(seq))
+                seq.needed_full_row = False
             except NeedFullRow as why:
                 self.observer.full_row_fetched(why.reason)
-                fetch.append((seq, float(u[j]), step))
-                continue
+                seq.needed_full_row = True
+                if out.logits is None:
+                    fetch.append((seq, float(u[j]), step))
+                    continue
+                full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[index[j]])
+                picked = sample(full, seq.params, float(u[j]), self._seen(seq))  # the same draw
             self._emit(seq, picked)
         return fetch
 

@@ -33,12 +33,14 @@ class ScriptedBackend:
         self.fail_at: tuple[int, Exception] | None = None  # (step number, error)
         self.hold: asyncio.Event | None = None  # when set: steps wait for it
         self.batches: list[StepBatch] = []
+        self.wanted_logits: list[bool] = []
         self.max_live = 0
         self.refused_full = 0
 
     async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
         batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
         self.batches.append(batch)
+        self.wanted_logits.append(want_logits)
         if self.hold is not None:
             await self.hold.wait()
         if self.fail_at is not None and self.fail_at[0] == len(self.batches):
@@ -190,3 +192,29 @@ async def test_seeded_sampling_is_independent_of_batch_company() -> None:
     alone = await run(0)
     assert alone == await run(9)
     assert len(set(alone)) > 1  # it really sampled
+
+
+async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_itself() -> None:
+    # A wide top-p nucleus: the scripted window holds ~58% of the mass, so it decides top-p 0.95
+    # only when the draw lands early (the exact bounds). A step whose window did not decide
+    # needs a second request for the full row; the next step then asks for the rows itself.
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+
+    async def run() -> tuple[list[int], ScriptedBackend]:
+        backend = ScriptedBackend(capacity=4)
+        sched = scheduler(backend)
+        sched.start()
+        seq = sched.submit([1, 2], params, 6, seed=11)
+        seq.sequence_id = 5
+        events = await drain(seq.events)  # type: ignore[arg-type]
+        await sched.close()
+        return [e.token_id for e in events if isinstance(e, TokenEvent)], backend
+
+    tokens, backend = await run()
+    assert len(tokens) == 6
+    calls = list(zip(backend.batches, backend.wanted_logits, strict=True))
+    fetches = [i for i, (b, _) in enumerate(calls) if not b.lengths.any() and not b.end.any()]
+    carried = [i for i, (b, want) in enumerate(calls) if want and b.lengths.any()]
+    assert fetches and carried  # the first undecided step fetched; later ones carried their rows
+    assert all(not calls[i - 1][1] for i in fetches)  # never a fetch after a step that had the rows
+    assert tokens == (await run())[0]  # deterministic for a seed
