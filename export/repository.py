@@ -21,7 +21,7 @@ import step_model
 from step_model import contract
 
 STEP_MODEL_DIR = Path(step_model.__file__).parent
-STEP_MODEL_FILES = ("__init__.py", "contract.py", "engine.py")  # what runs inside Triton
+STEP_MODEL_FILES = ("__init__.py", "contract.py", "rows.py", "ort_runtime.py", "engine.py")  # what runs inside Triton
 
 
 class RepositoryError(ValueError):

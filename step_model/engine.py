@@ -39,65 +39,49 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from step_model import contract
 from step_model.contract import RowStatus
+from step_model.ort_runtime import (
+    DecodeBuffers,
+    available_device,
+    bind_kv,
+    bind_tensor,
+    env_var,
+    make_session,
+    pruned_to_logits,
+)
+from step_model.rows import EngineError, InvalidRequest, StepRequest, StepResult, check_shapes, row_status
+
+# The engine's public surface (request types and errors live in step_model.rows).
+__all__ = [
+    "EngineError",
+    "EngineStats",
+    "InvalidRequest",
+    "ModelMeta",
+    "StepEngine",
+    "StepRequest",
+    "StepResult",
+    "available_device",
+]
 
 log = logging.getLogger(__name__)
 
-_ELEMENT_TYPES = {torch.float16: np.float16, torch.float32: np.float32}
 # Decode buckets on the GPU: a step over b live slots runs the smallest bucket >= b.
 _GPU_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 _CACHED_BINDINGS = 32  # eager decode bindings kept per session (CPU: one per distinct b)
-
-
-class EngineError(Exception):
-    """A request the engine refuses as a whole; `code` is the Triton error class it maps to."""
-
-    code = contract.ErrorCode.INVALID_ARG
-
-
-class InvalidRequest(EngineError):
-    code = contract.ErrorCode.INVALID_ARG
-
-
-@dataclass
-class StepRequest:
-    """One caller's rows. Row i: sequence_ids[i], its new tokens input_ids[i, :lengths[i]]."""
-
-    sequence_ids: np.ndarray  # uint64 [N]
-    input_ids: np.ndarray  # int64 [N, T], right-padded
-    lengths: np.ndarray  # int32 [N]; 0 = no new token (fetch logits, or release with end)
-    start: np.ndarray  # bool [N]; the row's tokens are a new sequence's prompt
-    end: np.ndarray  # bool [N]; free the sequence after this step
-    temperature: np.ndarray  # float32 [N]
-    window: int = 1  # K of the top-K window returned
-    want_logits: bool = False  # also return the full temperature-scaled row
-
-
-@dataclass
-class StepResult:
-    status: np.ndarray  # int32 [N], RowStatus; rows not OK carry zeros below
-    topk_logits: np.ndarray  # float32 [N, window]
-    topk_ids: np.ndarray  # int64 [N, window]
-    logsumexp: np.ndarray  # float32 [N]
-    logits: np.ndarray | None = None  # float32 [N, V] when asked
-    messages: dict[int, str] = field(default_factory=dict)  # row -> why it was refused
 
 
 @dataclass
@@ -143,81 +127,6 @@ class ModelMeta:
         )
 
 
-def available_device(preference: str = "auto") -> str:
-    """'cuda' when asked or when auto and both torch and ONNX Runtime see a GPU, else 'cpu'."""
-    gpu = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
-    if preference == "cuda" and not gpu:
-        raise RuntimeError("device=cuda asked for, but torch or onnxruntime sees no CUDA GPU")
-    if preference == "cpu":
-        return "cpu"
-    return "cuda" if gpu else "cpu"
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the duration (ONNX Runtime reads some kernel choices
-    from the environment when a session creates its kernels)."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
-
-
-def _pruned_to_logits(model_path: Path) -> bytes:
-    """The step graph without its top-K / log-sum-exp tail: only the nodes `logits` and the
-    KV outputs depend on (the engine takes the tail with torch on the GPU)."""
-    model = onnx.load(str(model_path))
-    graph = model.graph
-    keep_outputs = [o for o in graph.output if o.name == "logits" or o.name.startswith("present_")]
-    needed = {o.name for o in keep_outputs}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):  # nodes are in topological order
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    del graph.output[:]
-    graph.output.extend(keep_outputs)
-    inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    return model.SerializeToString()  # type: ignore[no-any-return]
-
-
-@dataclass
-class _Decode:
-    """Device buffers and the IOBinding of decode runs over b slots (fixed addresses)."""
-
-    rows: int
-    binding: Any
-    input_ids: torch.Tensor  # [b, 1] int64
-    positions: torch.Tensor  # [b, 1] int64
-    seqlens_k: torch.Tensor  # [b] int32
-    temperature: torch.Tensor  # [b] float32
-    total_length: np.ndarray  # [] int32 (host input)
-    window: np.ndarray  # [1] int64 (host input)
-    logits: torch.Tensor  # [b, V] float32
-    lse: torch.Tensor  # [b] float32
-    gather_index: torch.Tensor  # [b] int64, constant 0..b-1
-    topk_logits: torch.Tensor | None = None  # [b, K]
-    topk_ids: torch.Tensor | None = None
-    host: dict[str, torch.Tensor] = field(default_factory=dict)  # pinned copies of the outputs
-    graph_id: int = -1  # >= 0: replayed as this CUDA graph
-    runs: int = 0
-    key: int = 0  # this buffer's id in the engine's logits-home table
-    session: Any = None  # the ONNX Runtime session this binding belongs to
-    torch_tail: bool = False  # top-K / log-sum-exp by torch (the session runs the pruned graph)
-
-
 class StepEngine:
     """Runs decoding steps for many sequences at once; see the module docstring."""
 
@@ -258,7 +167,7 @@ class StepEngine:
         # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
         # Decode sessions then run a copy of the graph pruned to `logits` and the KV outputs.
         self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
-        pruned: Path | bytes = _pruned_to_logits(model_path) if self.torch_tail else model_path
+        pruned: Path | bytes = pruned_to_logits(model_path) if self.torch_tail else model_path
         self.session = self._make_session(model_path, strict_device, threads, graphs=False)
         self._decode_session = (
             self._make_session(pruned, strict_device, threads, graphs=False) if self.torch_tail else self.session
@@ -275,9 +184,9 @@ class StepEngine:
             try:
                 # Small buckets: the full graph (its own top-K tail was faster than torch's up
                 # to 64 rows) with XQA; large buckets: the pruned graph, torch's tail, cuDNN.
-                with _env("ORT_ENABLE_XQA", "1"):
+                with env_var("ORT_ENABLE_XQA", "1"):
                     self._graphed = self._make_session(model_path, True, threads, graphs=True)
-                with _env("ORT_ENABLE_XQA", "0"):
+                with env_var("ORT_ENABLE_XQA", "0"):
                     self._graphed_large = self._make_session(pruned, True, threads, graphs=True)
             except Exception as err:  # e.g. a node that cannot be captured: serve eagerly instead
                 log.warning("CUDA graphs disabled, the graph session failed: %s", err)
@@ -293,41 +202,29 @@ class StepEngine:
         self._sequence_of = np.zeros(capacity, dtype=np.uint64)
         self._free_slots = list(range(capacity))  # a heap: lowest slot first keeps b small
         self._buckets = self._bucket_sizes()
-        self._eager: OrderedDict[int, _Decode] = OrderedDict()
-        self._graphs: dict[int, _Decode] = {}
+        self._eager: OrderedDict[int, DecodeBuffers] = OrderedDict()
+        self._graphs: dict[int, DecodeBuffers] = {}
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the
         # row did not step (a bystander of another caller's step) or evicted, or when fetched.
         self._home = np.full(capacity, -1, dtype=np.int64)
-        self._buffers: dict[int, _Decode] = {}
+        self._buffers: dict[int, DecodeBuffers] = {}
         self._lock = threading.Lock()
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
     # ----------------------------------------------------------------------------- set-up
     def _make_session(self, model: Path | bytes, strict_device: bool, threads: int, *, graphs: bool) -> Any:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        if self.device_kind == "cpu":
-            # Triton, the gateway and this process share the cores: idle threads sleep instead of
-            # spinning, so they do not take CPU time from the gateway between steps.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.device_kind == "cuda":
-            stream = self._stream.cuda_stream
-            # One stream for torch and ORT: copies into the pool are ordered with the run.
-            cuda_options = {"device_id": str(self._device_id), "user_compute_stream": str(stream)}
-            if graphs:
-                cuda_options["enable_cuda_graph"] = "1"
-            providers = [("CUDAExecutionProvider", cuda_options)]
-            if strict_device or graphs:  # every node on the GPU, or session creation fails
-                options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-            else:
-                providers.append("CPUExecutionProvider")
-        source = model if isinstance(model, bytes) else str(model)
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
+        stream = self._stream.cuda_stream if self._stream is not None else None
+        return make_session(
+            model,
+            device_kind=self.device_kind,
+            device_id=self._device_id,
+            cuda_stream=stream,
+            strict_device=strict_device,
+            threads=threads,
+            cuda_graphs=graphs,
+        )
 
     def _bucket_sizes(self) -> tuple[int, ...]:
         if self.device_kind != "cuda":
@@ -386,73 +283,6 @@ class StepEngine:
         return np.fromiter(map(self._slot_of.get, sequence_ids.tolist(), repeat(-1)), dtype=np.int64, count=n)
 
     # ----------------------------------------------------------------------------- validation
-    def _check_shapes(self, req: StepRequest, claimed: set[int]) -> None:
-        n = int(req.sequence_ids.shape[0])
-        if n == 0:
-            raise InvalidRequest("request carries no sequences")
-        for name, arr in (
-            (contract.LENGTH, req.lengths),
-            (contract.START, req.start),
-            (contract.END, req.end),
-            (contract.TEMPERATURE, req.temperature),
-        ):
-            if arr.shape[0] != n:
-                raise InvalidRequest(f"{name} has {arr.shape[0]} rows, {contract.SEQUENCE_ID} has {n}")
-        if req.input_ids.ndim != 2 or req.input_ids.shape[0] != n:
-            raise InvalidRequest(f"{contract.INPUT_IDS} must be [{n}, T], got {list(req.input_ids.shape)}")
-        if not 1 <= req.window <= self.meta.vocab_size:
-            raise InvalidRequest(f"logits_window must be in [1, {self.meta.vocab_size}], got {req.window}")
-        ids = req.sequence_ids.tolist()
-        unique = set(ids)
-        if len(unique) != n or not unique.isdisjoint(claimed):
-            raise InvalidRequest("a sequence appears twice in one step")
-        claimed |= unique
-
-    def _row_status(self, req: StepRequest, slots: np.ndarray, free_left: int) -> tuple[np.ndarray, dict[int, str]]:
-        """RowStatus per row (vectorized) and a message for each refused row."""
-        n, width = req.input_ids.shape
-        lengths = req.lengths.astype(np.int64)
-        start, known = req.start.astype(bool), slots >= 0
-        status = np.zeros(n, dtype=np.int32)
-        messages: dict[int, str] = {}
-
-        def refuse(mask: np.ndarray, code: RowStatus, why: str) -> None:
-            rows = np.flatnonzero(mask & (status == RowStatus.OK))
-            status[rows] = code
-            for i in rows.tolist():  # refused rows only
-                messages[i] = f"sequence {int(req.sequence_ids[i])}: {why}"
-
-        in_row = np.arange(width)[None, :] < lengths[:, None]
-        bad_token = ((req.input_ids < 0) | (req.input_ids >= self.meta.vocab_size)) & in_row
-        temperature = req.temperature
-        refuse((lengths < 0) | (lengths > width), RowStatus.INVALID, f"LENGTH must be in [0, {width}]")
-        refuse(bad_token.any(axis=1), RowStatus.INVALID, f"token ids must be in [0, {self.meta.vocab_size})")
-        refuse(~np.isfinite(temperature) | (temperature <= 0), RowStatus.INVALID, "TEMPERATURE must be > 0")
-        refuse(start & known, RowStatus.ALREADY_EXISTS, "already exists")
-        refuse(start & (lengths == 0), RowStatus.INVALID, "a start row needs at least one token")
-        refuse(
-            start & (lengths > self.meta.max_context),
-            RowStatus.INVALID,
-            f"prompt exceeds the context of {self.meta.max_context} tokens",
-        )
-        release_unknown = ~start & ~known & (lengths == 0) & req.end.astype(bool)  # a no-op, not an error
-        refuse(~start & ~known & ~release_unknown, RowStatus.NOT_FOUND, "unknown (never started, ended, or evicted)")
-        refuse(~start & (lengths > 1), RowStatus.INVALID, "a decode row carries one token")
-        cached = np.where(known, self._length[np.maximum(slots, 0)], 0)
-        refuse(
-            ~start & known & (cached + lengths > self.meta.max_context),
-            RowStatus.INVALID,
-            f"would exceed the context of {self.meta.max_context} tokens",
-        )
-        # Start rows take the free slots in row order; the rest wait for a later step.
-        starting = np.flatnonzero(start & (status == RowStatus.OK))
-        if starting.size > free_left:
-            over = np.zeros(n, dtype=bool)
-            over[starting[max(free_left, 0) :]] = True
-            refuse(over, RowStatus.CACHE_FULL, f"KV cache full ({self.capacity} slots in use)")
-            self.stats.rejected_full_total += int(over.sum())
-        return status, messages
-
     # ----------------------------------------------------------------------------- stepping
     def step(self, requests: list[StepRequest]) -> list[StepResult | EngineError]:
         """Run one step for every request; a malformed one gets its error, others go on."""
@@ -467,12 +297,16 @@ class StepEngine:
         parts: list[tuple[StepRequest, np.ndarray, StepResult]] = []
         for req in requests:
             try:
-                self._check_shapes(req, claimed)
+                check_shapes(req, claimed, self.meta.vocab_size)
             except EngineError as err:
                 outcomes.append(err)
                 continue
             slots = self._slots(req.sequence_ids)
-            status, messages = self._row_status(req, slots, free_left)
+            cached = np.where(slots >= 0, self._length[np.maximum(slots, 0)], 0)
+            status, messages, refused_full = row_status(
+                req, slots >= 0, cached, free_left, vocab_size=self.meta.vocab_size, max_context=self.meta.max_context
+            )
+            self.stats.rejected_full_total += refused_full
             free_left -= int((req.start & (status == RowStatus.OK)).sum())
             n = status.shape[0]
             result = StepResult(
@@ -589,9 +423,9 @@ class StepEngine:
         return self._buckets[min(i, len(self._buckets) - 1)]
 
     # ----------------------------------------------------------------------------- decode buffers
-    def _new_decode(self, b: int, session: Any, *, torch_tail: bool) -> _Decode:
+    def _new_decode(self, b: int, session: Any, *, torch_tail: bool) -> DecodeBuffers:
         dev = self.device
-        decode = _Decode(
+        decode = DecodeBuffers(
             rows=b,
             binding=session.io_binding(),
             input_ids=torch.zeros((b, 1), dtype=torch.int64, device=dev),
@@ -625,7 +459,7 @@ class StepEngine:
             self._bind(binding, "logsumexp", decode.lse, output=True)
         return decode
 
-    def _graph_decode(self, b: int) -> _Decode:
+    def _graph_decode(self, b: int) -> DecodeBuffers:
         decode = self._graphs.get(b)
         if decode is None:
             small = b <= self.xqa_max_rows
@@ -638,7 +472,7 @@ class StepEngine:
             self._graphs[b] = decode
         return decode
 
-    def _eager_decode(self, b: int) -> _Decode:
+    def _eager_decode(self, b: int) -> DecodeBuffers:
         decode = self._eager.get(b)
         if decode is None:
             decode = self._new_decode(b, self._decode_session, torch_tail=self.torch_tail)
@@ -651,7 +485,7 @@ class StepEngine:
             self._eager.move_to_end(b)
         return decode
 
-    def _bind_window(self, decode: _Decode, window: int) -> None:
+    def _bind_window(self, decode: DecodeBuffers, window: int) -> None:
         if decode.topk_logits is not None and decode.topk_logits.shape[1] == window:
             return
         b, dev = decode.rows, self.device
@@ -667,7 +501,9 @@ class StepEngine:
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
 
-    def _fill_decode(self, decode: _Decode, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray) -> None:
+    def _fill_decode(
+        self, decode: DecodeBuffers, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray
+    ) -> None:
         """Stage one decode step's inputs: stepping slots get their token, the rest a dummy."""
         b = decode.rows
         positions = np.minimum(self._length[:b], self.meta.max_context - 1)
@@ -684,7 +520,7 @@ class StepEngine:
             decode.total_length[...] = int(positions.max()) + 1
             decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
 
-    def _run_decode_binding(self, decode: _Decode, *, graphed: bool) -> None:
+    def _run_decode_binding(self, decode: DecodeBuffers, *, graphed: bool) -> None:
         if graphed:
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(decode.graph_id))
@@ -703,14 +539,14 @@ class StepEngine:
             self._stream.synchronize()
 
     # ----------------------------------------------------------------------------- stored logits
-    def _save_rows(self, decode: _Decode, slots: np.ndarray) -> None:
+    def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray) -> None:
         """Copy rows whose latest logits live in `decode`'s buffer into `last_logits`."""
         if slots.size:
             index = torch.from_numpy(slots).to(self.device)
             self.last_logits.index_copy_(0, index, decode.logits.index_select(0, index))
             self._home[slots] = -1
 
-    def _save_bystanders(self, decode: _Decode, stepping: np.ndarray) -> None:
+    def _save_bystanders(self, decode: DecodeBuffers, stepping: np.ndarray) -> None:
         """Before `decode` overwrites its buffer: keep the rows of slots that do not step now."""
         mine = self._home[: decode.rows] == decode.key
         if mine.any():
@@ -726,24 +562,10 @@ class StepEngine:
 
     # ----------------------------------------------------------------------------- ORT plumbing
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, *, output: bool) -> None:
-        assert tensor.is_contiguous()
-        element_type = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}.get(
-            tensor.dtype, _ELEMENT_TYPES.get(tensor.dtype)
-        )
-        args = (name, self.device_kind, self._device_id, element_type, tuple(tensor.shape), tensor.data_ptr())
-        (binding.bind_output if output else binding.bind_input)(*args)
+        bind_tensor(binding, name, tensor, self.device_kind, self._device_id, output=output)
 
     def _bind_kv(self, binding: Any, kv: torch.Tensor) -> None:
-        """Bind past and present of every layer to the same block of `kv` [L, 2, b, H, S, D]."""
-        element_type = _ELEMENT_TYPES[self.dtype]
-        dev, dev_id = self.device_kind, self._device_id
-        for layer in range(self.meta.n_layer):
-            for kind, half in (("key", 0), ("value", 1)):
-                block = kv[layer, half]
-                assert block.is_contiguous()
-                shape, ptr = tuple(block.shape), block.data_ptr()
-                binding.bind_input(f"past_{kind}_{layer}", dev, dev_id, element_type, shape, ptr)
-                binding.bind_output(f"present_{kind}_{layer}", dev, dev_id, element_type, shape, ptr)
+        bind_kv(binding, kv, self.device_kind, self._device_id, self.meta.n_layer)
 
     def _run_eager(
         self, feeds: dict[str, np.ndarray], kv: torch.Tensor, batch: int

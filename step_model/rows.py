@@ -1,0 +1,127 @@
+"""Step requests, their per-row outcome, and the checks that decide it (vectorized: array
+operations over the rows, no Python loop but over refused rows). Pure numpy; `step_model.engine`
+applies the outcome to its sequence table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from step_model import contract
+from step_model.contract import RowStatus
+
+__all__ = ["EngineError", "InvalidRequest", "StepRequest", "StepResult", "check_shapes", "row_status"]
+
+
+class EngineError(Exception):
+    """A request the engine refuses as a whole; `code` is the Triton error class it maps to."""
+
+    code = contract.ErrorCode.INVALID_ARG
+
+
+class InvalidRequest(EngineError):
+    code = contract.ErrorCode.INVALID_ARG
+
+
+@dataclass
+class StepRequest:
+    """One caller's rows. Row i: sequence_ids[i], its new tokens input_ids[i, :lengths[i]]."""
+
+    sequence_ids: np.ndarray  # uint64 [N]
+    input_ids: np.ndarray  # int64 [N, T], right-padded
+    lengths: np.ndarray  # int32 [N]; 0 = no new token (fetch logits, or release with end)
+    start: np.ndarray  # bool [N]; the row's tokens are a new sequence's prompt
+    end: np.ndarray  # bool [N]; free the sequence after this step
+    temperature: np.ndarray  # float32 [N]
+    window: int = 1  # K of the top-K window returned
+    want_logits: bool = False  # also return the full temperature-scaled row
+
+
+@dataclass
+class StepResult:
+    status: np.ndarray  # int32 [N], RowStatus; rows not OK carry zeros below
+    topk_logits: np.ndarray  # float32 [N, window]
+    topk_ids: np.ndarray  # int64 [N, window]
+    logsumexp: np.ndarray  # float32 [N]
+    logits: np.ndarray | None = None  # float32 [N, V] when asked
+    messages: dict[int, str] = field(default_factory=dict)  # row -> why it was refused
+
+
+def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
+    """Refuse a malformed request as a whole (nothing is changed); `claimed` collects the ids
+    of the step so far, since a sequence may appear only once per step."""
+    n = int(req.sequence_ids.shape[0])
+    if n == 0:
+        raise InvalidRequest("request carries no sequences")
+    for name, arr in (
+        (contract.LENGTH, req.lengths),
+        (contract.START, req.start),
+        (contract.END, req.end),
+        (contract.TEMPERATURE, req.temperature),
+    ):
+        if arr.shape[0] != n:
+            raise InvalidRequest(f"{name} has {arr.shape[0]} rows, {contract.SEQUENCE_ID} has {n}")
+    if req.input_ids.ndim != 2 or req.input_ids.shape[0] != n:
+        raise InvalidRequest(f"{contract.INPUT_IDS} must be [{n}, T], got {list(req.input_ids.shape)}")
+    if not 1 <= req.window <= vocab_size:
+        raise InvalidRequest(f"logits_window must be in [1, {vocab_size}], got {req.window}")
+    unique = set(req.sequence_ids.tolist())
+    if len(unique) != n or not unique.isdisjoint(claimed):
+        raise InvalidRequest("a sequence appears twice in one step")
+    claimed |= unique
+
+
+def row_status(
+    req: StepRequest,
+    known: np.ndarray,
+    cached: np.ndarray,
+    free_left: int,
+    *,
+    vocab_size: int,
+    max_context: int,
+) -> tuple[np.ndarray, dict[int, str], int]:
+    """(RowStatus per row, a message per refused row, start rows refused for a full cache).
+
+    `known[i]`: the row's sequence is live; `cached[i]`: its cached tokens (0 when unknown);
+    `free_left`: free KV slots, taken by start rows in row order.
+    """
+    n, width = req.input_ids.shape
+    lengths = req.lengths.astype(np.int64)
+    start = req.start.astype(bool)
+    status = np.zeros(n, dtype=np.int32)
+    messages: dict[int, str] = {}
+
+    def refuse(mask: np.ndarray, code: RowStatus, why: str) -> None:
+        rows = np.flatnonzero(mask & (status == RowStatus.OK))
+        status[rows] = code
+        for i in rows.tolist():  # refused rows only
+            messages[i] = f"sequence {int(req.sequence_ids[i])}: {why}"
+
+    in_row = np.arange(width)[None, :] < lengths[:, None]
+    bad_token = ((req.input_ids < 0) | (req.input_ids >= vocab_size)) & in_row
+    temperature = req.temperature
+    refuse((lengths < 0) | (lengths > width), RowStatus.INVALID, f"LENGTH must be in [0, {width}]")
+    refuse(bad_token.any(axis=1), RowStatus.INVALID, f"token ids must be in [0, {vocab_size})")
+    refuse(~np.isfinite(temperature) | (temperature <= 0), RowStatus.INVALID, "TEMPERATURE must be > 0")
+    refuse(start & known, RowStatus.ALREADY_EXISTS, "already exists")
+    refuse(start & (lengths == 0), RowStatus.INVALID, "a start row needs at least one token")
+    refuse(start & (lengths > max_context), RowStatus.INVALID, f"prompt exceeds the context of {max_context} tokens")
+    release_unknown = ~start & ~known & (lengths == 0) & req.end.astype(bool)  # a no-op, not an error
+    refuse(~start & ~known & ~release_unknown, RowStatus.NOT_FOUND, "unknown (never started, ended, or evicted)")
+    refuse(~start & (lengths > 1), RowStatus.INVALID, "a decode row carries one token")
+    refuse(
+        ~start & known & (cached + lengths > max_context),
+        RowStatus.INVALID,
+        f"would exceed the context of {max_context} tokens",
+    )
+    # Start rows take the free slots in row order; the rest wait for a later step.
+    starting = np.flatnonzero(start & (status == RowStatus.OK))
+    refused_full = 0
+    if starting.size > free_left:
+        over = np.zeros(n, dtype=bool)
+        over[starting[max(free_left, 0) :]] = True
+        refused_full = int(over.sum())
+        refuse(over, RowStatus.CACHE_FULL, "KV cache full")
+    return status, messages, refused_full
