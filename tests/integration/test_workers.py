@@ -132,4 +132,7 @@ def test_ctrl_c_stops_every_process_and_frees_the_kv_cache(
     output = log.read_text()
     assert "Traceback" not in output, output
     assert "engine core stopped" in output
+    deadline = time.monotonic() + 3  # the model publishes its gauges every 0.1 s
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
