@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,23 +25,11 @@ from frontend.security import cli
 from frontend.security.keys import RedisKeyStore, SQLiteKeyStore, make_record, redis_client
 from frontend.settings import Settings
 from tests.api.fake_engine import FakeEngine
-from tests.integration.test_redis_cache import REDIS_SERVER, RedisServer
+from tests.integration.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 MODEL = "tiny"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server binary not installed")
-    server = RedisServer(REDIS_SERVER, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
