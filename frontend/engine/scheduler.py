@@ -423,17 +423,11 @@ class Scheduler:
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
         tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
-        tops, eos = batch.top_logprobs, self.eos_token_id
+        tops = batch.top_logprobs
         for j, seq in enumerate(chosen):
-            if decided[j]:  # the common case, inlined: append, event, finish check
+            if decided[j]:  # the common case
                 seq.needed_full_row = False
-                token = tokens[j]
-                seq.generated.append(token)
-                seq.sink.put_nowait(TokenEvent(token, logprobs[j], tops[j]))
-                if token == eos:
-                    self._finish(seq, FinishEvent("stop"))
-                elif len(seq.generated) >= seq.max_new_tokens:
-                    self._finish(seq, FinishEvent("length"))
+                self._emit_token(seq, tokens[j], logprobs[j], tops[j])
                 continue
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
             try:  # the reference sampler decides what the batch declined, or asks for the row
