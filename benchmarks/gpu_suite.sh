@@ -25,7 +25,8 @@
 #
 # Knobs: OUT (/tmp/out), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S (480), SUITE_WORKERS ("1 8"),
 # SUITE_TOPP_TOKENS (32), SUITE_FRESH_EXPORT=1 (export again even when SUITE_REPO has a model),
-# SUITE_SKIP (stages to leave out, any of "tests engine hf stack"; skipped stages are recorded).
+# SUITE_SKIP (stages to leave out, any of "tests engine hf stack"; skipped stages are recorded),
+# SUITE_RUNS (the whole-stack runs, default "single streams seed topp"), SUITE_STREAM_REQUESTS (2).
 # For a dry run without a GPU: SUITE_DEVICE=cpu SUITE_MODEL=tiny SUITE_PY=.venv/bin/python
 # SUITE_STREAMS=64 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
 set -u -o pipefail
@@ -43,6 +44,8 @@ TOPP_STREAMS=${SUITE_TOPP_STREAMS:-64} # at 512 the full-row sampling of random 
 DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
 STREAMS=${SUITE_STREAMS:-512}
+STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-2} # per user in the 512-stream run
+RUNS=${SUITE_RUNS:-single streams seed topp} # the whole-stack runs, per worker count
 SKIP=" ${SUITE_SKIP:-} "
 GW_PORT=8080
 if [ "$DEVICE" = cuda ]; then
@@ -64,6 +67,7 @@ SETSID=$(command -v setsid) # own process group per server; without it, stop_gro
 note() { echo "=== $(date -u +%H:%M:%S) +$((SECONDS - T0))s $*"; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$STAGES"; }
 left_s() { echo $((BUDGET_S - (SECONDS - T0) - RESERVE_S)); }
+run_wanted() { [[ " $RUNS " == *" $1 "* ]]; }
 wanted() { [[ "$SKIP" != *" $1 "* ]] || { record "$1" "skipped (SUITE_SKIP)" - 0 -; return 1; }; }
 
 # run_stage NAME LIMIT_S LOG CMD...: CMD under `timeout` (its limit capped by the budget), output to
@@ -233,9 +237,18 @@ load_run() { # load_run DIR TAG LIMIT ARGS...
 # profile_bg DIR: after a few seconds of load, 8 s of py-spy samples (folded stacks) of the process
 # that runs the step loop (the engine core with several workers, else the gateway) and of Triton's
 # Python-backend stub (the step model). Skipped when py-spy is not installed.
+find_pyspy() { # pip --target skips bin/ when /root/site/bin exists: take the binary from the staged wheel
+  command -v py-spy && return 0
+  [ -x /root/site/bin/py-spy ] && { echo /root/site/bin/py-spy; return 0; }
+  local whl
+  whl=$(ls /root/stage/py_spy-*.whl 2> /dev/null | head -1) || return 1
+  [ -n "$whl" ] || return 1
+  mkdir -p /root/pyspy && (cd /root/pyspy && "$PY" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); n = [m for m in z.namelist() if m.endswith('/scripts/py-spy')][0]; open('py-spy', 'wb').write(z.read(n))" "$whl") &&
+    chmod +x /root/pyspy/py-spy && echo /root/pyspy/py-spy
+}
 profile_bg() {
   local spy
-  spy=$(command -v py-spy || ls /root/site/bin/py-spy 2> /dev/null) || return 0
+  spy=$(find_pyspy) || return 0
   sleep 6
   local loop
   loop=$(pgrep -f "from multiprocessing.spawn" | head -1)
@@ -244,11 +257,17 @@ profile_bg() {
   stub=$(pgrep -f triton_python_backend_stub | head -1)
   local pids=()
   if [ -n "$loop" ]; then
-    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_step_loop.txt" -p "$loop" > /dev/null 2>&1 &
+    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --idle --format raw -o "$1/pyspy_step_loop.txt" -p "$loop" > /dev/null 2>&1 &
+    pids+=($!)
+  fi
+  local worker
+  worker=$(pgrep -f "from multiprocessing.spawn" | sed -n 2p) # with several workers: one HTTP worker
+  if [ -n "$worker" ]; then
+    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --idle --format raw -o "$1/pyspy_http_worker.txt" -p "$worker" > /dev/null 2>&1 &
     pids+=($!)
   fi
   if [ -n "$stub" ]; then
-    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --format raw -o "$1/pyspy_triton_stub.txt" -p "$stub" > /dev/null 2>&1 &
+    timeout 20 "$spy" record --nonblocking -r 250 -d 8 --idle --format raw -o "$1/pyspy_triton_stub.txt" -p "$stub" > /dev/null 2>&1 &
     pids+=($!)
   fi
   [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
@@ -280,30 +299,34 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
       fi
       mkdir -p "$D"
       t=$SECONDS
-      GATEWAY_MODEL=gpt2 GATEWAY_REPOSITORY="$REPO" GATEWAY_MAX_RUNNING=640 GATEWAY_HOST=127.0.0.1 \
+      # GATEWAY_IP_RPM=0: auth is off here, and the per-IP limit for anonymous traffic (600/min) would
+      # refuse most of one load client's requests (the 2026-12-01 profile run: 43% were 429s).
+      GATEWAY_MODEL=gpt2 GATEWAY_REPOSITORY="$REPO" GATEWAY_MAX_RUNNING=640 GATEWAY_HOST=127.0.0.1 GATEWAY_IP_RPM=0 \
         $SETSID "$PY" -m frontend --port "$GW_PORT" --workers "$W" > "$D/gateway.log" 2>&1 &
       GW=$!
       if wait_ready "localhost:$GW_PORT/health/ready" "$GW" 120; then
         record "gateway_w$W" ok 0 $((SECONDS - t)) 120
         # The top-k 50 runs keep load.py's default top-p 0.95, as the 2026-11-30 runs and hf_* do.
-        load_run "$D" single 60 --endpoint stream --concurrency 1 --requests 12 --max-new-tokens 128 "${PROMPTS[@]}" \
+        run_wanted single && load_run "$D" single 60 --endpoint stream --concurrency 1 --requests 12 --max-new-tokens 128 "${PROMPTS[@]}" \
           --top-k 50 --warmup 2 --timeout-s 25
+        run_wanted streams && {
         profile_bg "$D" & # where the host time goes during the 512-stream run (py-spy, when staged)
         SPY=$!
-        load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests 2 --max-new-tokens 128 \
-          "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50
+        load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
+          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50
         wait "$SPY" # only the profiler: a bare `wait` would also wait for the servers (it hung the 2026-11-30 run)
+        }
         # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
-        scrape "$D" seed before
-        for SC in light medium heavy; do
+        run_wanted seed && scrape "$D" seed before
+        run_wanted seed && for SC in light medium heavy; do
           run_stage "w${W}_seed_$SC" 45 "$D/load_seed_$SC.log" "$PY" -m benchmarks.load --out "$D" --tag seed \
             --base-url "http://127.0.0.1:$GW_PORT" --scenario "$SC" --endpoint generate --temperature 0.8 --top-k 50 \
             --timeout-s 30
         done
-        scrape "$D" seed after
+        run_wanted seed && scrape "$D" seed after
         # Report only. Top-p over random weights needs every full row on the host (a few ms of sampling
         # per row per step in the gateway), so this run generates $TOPP_TOKENS tokens per stream, not 128.
-        load_run "$D" topp 90 --endpoint generate --concurrency "$TOPP_STREAMS" --requests 1 \
+        run_wanted topp && load_run "$D" topp 90 --endpoint generate --concurrency "$TOPP_STREAMS" --requests 1 \
           --max-new-tokens "$TOPP_TOKENS" "${PROMPTS[@]}" --top-k 0 --top-p 0.95 --warmup 1 --timeout-s 70
       else
         tail -n 20 "$D/gateway.log"

@@ -153,6 +153,8 @@ class Scheduler:
         queue_timeout_s: float = 30.0,
         cache_full_backoff_s: float = 0.02,
         max_prefill_tokens: int = 16_384,
+        prefill_batch: int = 16,
+        prefill_hold_s: float = 0.02,
         observer: StepObserver | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
@@ -166,6 +168,11 @@ class Scheduler:
         self.queue_timeout_s = queue_timeout_s
         self.cache_full_backoff_s = cache_full_backoff_s
         self.max_prefill_tokens = max_prefill_tokens
+        # A step with prefills costs the decode plus one eager (un-graphed) prompt pass, whose cost
+        # barely depends on how many prompts it carries: while sequences are decoding, new ones wait
+        # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
+        self.prefill_batch = prefill_batch
+        self.prefill_hold_s = prefill_hold_s
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
@@ -316,9 +323,12 @@ class Scheduler:
         decode_temperature = np.fromiter((s.temperature for s in seqs), dtype=np.float32, count=n)
         starts: list[tuple[int, Sequence[int], float]] = []
         budget, allowance = self.max_prefill_tokens, self._start_allowance
-        for s in self._running:
-            if s.on_server:
-                continue
+        new = [s for s in self._running if not s.on_server] if len(self._running) > n else []
+        if n and new and len(new) < self.prefill_batch:
+            oldest = min(s.submitted_at for s in new)
+            if time.monotonic() - oldest < self.prefill_hold_s:
+                new = []  # held: the next steps decode without them (see prefill_batch)
+        for s in new:
             if allowance is not None and allowance <= 0:
                 break
             if len(s.prompt_ids) > budget and budget < self.max_prefill_tokens:

@@ -66,6 +66,8 @@ class TritonEngine:
         connect_retries: int = 2,
         breaker_failures: int = 3,
         breaker_reset_s: float = 1.0,
+        prefill_batch: int = 16,
+        prefill_hold_s: float = 0.02,
     ) -> None:
         self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
@@ -89,6 +91,8 @@ class TritonEngine:
             "max_running": max_running,
             "max_waiting": max_waiting,
             "queue_timeout_s": queue_timeout_s,
+            "prefill_batch": prefill_batch,
+            "prefill_hold_s": prefill_hold_s,
             "observer": observer,
         }
         self._client: StepClient | None = None

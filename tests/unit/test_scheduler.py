@@ -9,6 +9,7 @@ step in flight.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ class ScriptedBackend:
         self.poisoned: set[int] = set()  # decode rows of these sequences are refused as INVALID
         self.fail_at: tuple[int, Exception] | None = None  # (step number, error)
         self.hold: asyncio.Event | None = None  # when set: steps wait for it
+        self.delay_s = 0.0  # a step's duration (0: the scheduler's loop never yields between steps)
         self.batches: list[StepBatch] = []
         self.wanted_logits: list[bool] = []
         self.max_live = 0
@@ -43,6 +45,8 @@ class ScriptedBackend:
         self.wanted_logits.append(want_logits)
         if self.hold is not None:
             await self.hold.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.fail_at is not None and self.fail_at[0] == len(self.batches):
             raise self.fail_at[1]
         n = len(batch)
@@ -218,3 +222,40 @@ async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_it
     assert fetches and carried  # the first undecided step fetched; later ones carried their rows
     assert all(not calls[i - 1][1] for i in fetches)  # never a fetch after a step that had the rows
     assert tokens == (await run())[0]  # deterministic for a seed
+
+
+async def test_new_sequences_wait_to_start_together_while_others_decode() -> None:
+    backend = ScriptedBackend(capacity=16)
+    backend.delay_s = 0.001
+    sched = scheduler(backend, prefill_batch=3, prefill_hold_s=60.0)  # only the batch size releases them
+    sched.start()
+    first = sched.submit([1], GREEDY, 50, seed=None)
+    await first.events.get()  # it started alone at once: nothing was decoding
+    late = [sched.submit([2], GREEDY, 2, seed=None) for _ in range(2)]
+    for _ in range(5):  # two waiting (< 3): the steps carry the decode only
+        await first.events.get()
+    assert not first.done and not any(s.on_server for s in late)
+    third = sched.submit([3], GREEDY, 2, seed=None)
+    await asyncio.gather(*(drain(s.events) for s in [*late, third]))  # type: ignore[arg-type]
+    starts = [int(b.start.sum()) for b in backend.batches]
+    assert starts[0] == 1 and 3 in starts and set(starts) <= {0, 1, 3}  # the three started in one step
+    sched.cancel(first)
+    await sched.close()
+
+
+async def test_a_held_sequence_starts_once_it_has_waited_prefill_hold_s() -> None:
+    backend = ScriptedBackend(capacity=16)
+    backend.delay_s = 0.001
+    sched = scheduler(backend, prefill_batch=100, prefill_hold_s=0.05)
+    sched.start()
+    first = sched.submit([1], GREEDY, 10_000, seed=None)
+    await first.events.get()
+    late = sched.submit([2], GREEDY, 2, seed=None)
+    await late.events.get()  # its first token: it started
+    assert time.monotonic() - late.submitted_at >= 0.05  # not before it had waited prefill_hold_s
+    events = await drain(late.events)  # type: ignore[arg-type]
+    assert [type(e) for e in events] == [TokenEvent, FinishEvent]
+    held_steps = next(i for i, b in enumerate(backend.batches) if b.start.any() and i > 0) - 1
+    assert held_steps > 5  # decode-only steps ran while it was held
+    sched.cancel(first)
+    await sched.close()
