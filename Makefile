@@ -6,12 +6,23 @@ MODEL ?= gpt2
 REPOSITORY ?= model_repository
 PORT ?= 8080
 REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu.txt,requirements-cpu.txt)
+# Without nvidia-smi, torch's CPU build: uv's `--torch-backend cpu` knows where PyTorch publishes
+# it. Where that cannot be reached, pip installs the build its own indexes offer (PyPI's is the
+# CUDA build: several GB, but it runs on a CPU too).
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
+UV := uv==0.13.9
 
 .PHONY: setup run test lint format export triton bench clean redis-server
 
 $(BIN)/.installed: requirements.txt requirements-cpu.txt requirements-gpu.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ "$(REQUIREMENTS)" = requirements-cpu.txt ]; then \
+	  echo "no nvidia-smi: installing torch's CPU build ($(TORCH_PIN))"; \
+	  $(BIN)/python -m pip install -q "$(UV)" && \
+	  $(BIN)/python -m uv pip install -q --python $(BIN)/python --torch-backend cpu "$(TORCH_PIN)" || \
+	  echo "torch's CPU build could not be fetched; pip installs the torch its indexes offer"; \
+	fi
 	$(BIN)/python -m pip install -q -r requirements-dev.txt -r $(REQUIREMENTS)
 	touch $@
 
@@ -48,5 +59,5 @@ triton: setup ## only the embedded tritonserver on $(REPOSITORY)
 bench: setup ## load benchmark against a running gateway; see docs/benchmarks.md
 	$(BIN)/python -m benchmarks.load $(ARGS)
 
-clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+clean: ## the virtual environment, tool caches, and the embedded Triton's work directory
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(HOME)/.cache/gpt2-serving

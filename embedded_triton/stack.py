@@ -4,12 +4,19 @@
    reachable, otherwise a locally built GPT-2-shaped model with random weights (loudly: its text
    is noise; it exists so the stack runs anywhere).
 2. Start the embedded tritonserver on the repository and wait until it is ready.
-3. Start the gateway (`python -m frontend`) against it and print the URLs.
+3. Start the gateway (`python -m frontend`) against it and print the URLs (and, when the newest
+   version has random weights, say so again: that export may have happened on an earlier run).
+
+Ctrl-C: the terminal sends SIGINT to its foreground process group. tritonserver and the gateway
+run in their own sessions, so only this process gets it, and it stops each of them ONCE (the
+gateway with SIGTERM): the gateway drains and shuts down cleanly (a second signal would make it
+stop at once, mid-shutdown).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -28,6 +35,31 @@ BANNER = "=" * 78
 def has_version(repository: Path, model: str) -> bool:
     model_dir = repository / model
     return model_dir.is_dir() and any(p.name.isdigit() and (p / "model.onnx").exists() for p in model_dir.iterdir())
+
+
+def random_weights_source(repository: Path, model: str) -> str | None:
+    """The newest version's `source` when it was exported with random weights (`random:<shape>...`)."""
+    model_dir = repository / model
+    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), reverse=True)
+    for version in versions:
+        meta = model_dir / str(version) / "metadata.json"
+        if not meta.is_file():
+            continue
+        try:
+            source = str(json.loads(meta.read_text()).get("source", ""))
+        except (OSError, ValueError):
+            return None
+        return source if source.startswith("random:") else None
+    return None
+
+
+def random_weights_warning(model: str) -> str:
+    return (
+        f"\n{BANNER}\nWARNING: the model {model!r} has RANDOM weights and a locally built tokenizer (no model hub\n"
+        f"was reachable when it was exported). It runs the whole stack at real cost, but its text is noise.\n"
+        f"Export a real checkpoint with:\n"
+        f'    make export ARGS="--model /path/to/gpt2 --name {model}"\n{BANNER}\n'
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -68,13 +100,7 @@ def export_default(repository: Path, model: str) -> None:
         print(f"exporting the hub's gpt2 into {repository}/{model} ...", flush=True)
         cmd = [sys.executable, "-m", "export", "--model", "gpt2", *common]
     else:
-        print(
-            f"\n{BANNER}\nWARNING: no model hub is reachable, so the default model is a GPT-2-shaped model with\n"
-            f"RANDOM weights and a locally built tokenizer. It runs the whole stack at real cost, but its\n"
-            f"text is noise. Export a real checkpoint with:\n"
-            f'    make export ARGS="--model /path/to/gpt2 --name {model}"\n{BANNER}\n',
-            flush=True,
-        )
+        print(random_weights_warning(model), flush=True)
         cmd = [sys.executable, "-m", "export", "--random-config", "gpt2", *common]
     subprocess.run(cmd, check=True)
 
@@ -124,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         GATEWAY_MODEL=args.model,
         GATEWAY_REPOSITORY=str(args.repository.resolve()),
     )
-    gateway = subprocess.Popen([sys.executable, "-m", "frontend", "--port", str(args.port)], env=env)
-    stop = StopFlag()
+    stop = StopFlag()  # before the gateway starts: from here a Ctrl-C is a request, not an exception
+    try:
+        # Its own session: the terminal's SIGINT reaches only this process, which forwards one.
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "frontend", "--port", str(args.port)], env=env, start_new_session=True
+        )
+    except OSError:
+        triton.stop()
+        raise
     base = f"http://127.0.0.1:{args.port}"
     code = 0
     if wait_ready(f"{base}/health/ready", gateway, stop, timeout_s=180):
@@ -136,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  Ctrl-C stops both.\n{BANNER}\n",
             flush=True,
         )
+        if random_weights_source(args.repository, args.model):
+            print(random_weights_warning(args.model), flush=True)
     elif not stop.requested:
         print("error: the gateway did not become ready (see its log above)", file=sys.stderr)
         stop.requested = True
@@ -152,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         if gateway.poll() is None:
-            gateway.send_signal(signal.SIGINT)
+            # Once, and SIGTERM: the gateway drains (GATEWAY_DRAIN_TIMEOUT_S) and stops. uvicorn re-raises
+            # the signal it caught after its shutdown; a re-raised SIGINT meets asyncio's own handler
+            # and ends in a CancelledError/KeyboardInterrupt traceback, SIGTERM just ends the process.
+            gateway.send_signal(signal.SIGTERM)
             try:
-                gateway.wait(15)
+                gateway.wait(30)
             except subprocess.TimeoutExpired:
-                gateway.kill()
+                os.killpg(gateway.pid, signal.SIGKILL)
+                gateway.wait()
         triton.stop()
         print("stopped.", flush=True)
     return code

@@ -2,23 +2,23 @@
 
 With `--workers N` (N > 1) the scheduler runs in ONE engine-core process (frontend.engine.core)
 started first; the N uvicorn workers parse, tokenize, detokenize and stream, and reach it at the
-ipc:// address passed to them as GATEWAY_ENGINE_CORE_URL. Ctrl-C / SIGTERM: the workers drain and
-close, then the core closes (releasing every KV slot on Triton).
+ipc:// address passed to them as GATEWAY_ENGINE_CORE_URL. Ctrl-C / SIGTERM: every worker drains
+(`DrainingServer`, as a single process does) and closes, then the core closes (releasing every KV
+slot on Triton).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
-from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 
 from frontend.api.client_hygiene import uvicorn_options
 from frontend.app import create_app
+from frontend.draining import DrainingMultiprocess, DrainingServer
+from frontend.observability.logs import configure_logging, uvicorn_log_config
+from frontend.observability.multiprocess import multiprocess_dir
 from frontend.settings import Settings
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = p.parse_args()
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)  # GATEWAY_LOG_FORMAT: text (default) or json
     if args.workers > 1:
         _serve_with_engine_core(settings, args.workers)
     else:
@@ -46,41 +46,11 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             log_level="info",
-            access_log=False,
+            access_log=False,  # the gateway writes its own (frontend.observability.requests)
+            log_config=uvicorn_log_config(settings.log_format),
             **uvicorn_options(settings),  # header and keep-alive timeouts (docs/security.md)
         )
         DrainingServer(config, app, settings.drain_timeout_s).run()
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains before the server stops (frontend.lifecycle):
-    readiness and new requests get 503 at once, running generations get `drain_timeout_s`, streams
-    still open then end with an error event, KV slots are released; a second signal stops at once."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
-        super().__init__(config)
-        self._app = app
-        self._drain_timeout_s = drain_timeout_s
-        self._drain_task: asyncio.Future[None] | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        lifecycle = getattr(self._app.state, "lifecycle", None)
-        if self._drain_task is not None or lifecycle is None or self.should_exit:
-            super().handle_exit(sig, frame)  # a second signal, or nothing to drain: stop now
-            return
-        loop = asyncio.get_event_loop()
-
-        async def drain() -> None:
-            try:
-                await lifecycle.drain(self._drain_timeout_s)
-            finally:
-                super(DrainingServer, self).handle_exit(sig, None)
-
-        def begin() -> None:
-            self._drain_task = loop.create_task(drain(), name="gateway-drain")
-
-        self._drain_task = asyncio.Future()  # marks "draining" until the task replaces it
-        loop.call_soon_threadsafe(begin)  # a signal handler: wake the loop through its self-pipe
 
 
 def _serve_with_engine_core(settings: Settings, workers: int) -> None:
@@ -95,7 +65,7 @@ def _serve_with_engine_core(settings: Settings, workers: int) -> None:
     # Worker processes build their own app from the same GATEWAY_* environment, plus the core's address.
     os.environ["GATEWAY_ENGINE_CORE_URL"] = core.address
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             "frontend.app:create_app",
             factory=True,
             host=settings.host,
@@ -104,7 +74,16 @@ def _serve_with_engine_core(settings: Settings, workers: int) -> None:
             **uvicorn_options(settings, workers=workers),
             log_level="info",
             access_log=False,
+            log_config=uvicorn_log_config(settings.log_format),
         )
+        sock = config.bind_socket()
+        # One metrics directory for this run's workers (set after the core started, which keeps its
+        # own series in memory): any worker's /metrics sums them all. Removed when they stopped.
+        with multiprocess_dir():
+            try:
+                DrainingMultiprocess(config, [sock], settings.drain_timeout_s).run()
+            finally:
+                sock.close()
     finally:
         core.stop()  # after the workers have drained and said goodbye
     if core.died:

@@ -7,20 +7,29 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from frontend.api import health, native, openai
 from frontend.api.client_hygiene import BodyLimitMiddleware, CancelOnDisconnectMiddleware
+from frontend.api.docs import install_local_docs
 from frontend.api.openapi import install_openapi
+from frontend.api.tokenize.router import router as tokenize_router
 from frontend.cache import ResultCache, build_result_cache
 from frontend.engine.protocol import Engine
 from frontend.engine.remote import ModelLoader, RemoteEngine
-from frontend.engine.triton_engine import TritonEngine
+from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
 from frontend.metrics import GatewayMetrics, MetricsMiddleware
-from frontend.security.gateway import Security, guard_operations
+from frontend.observability import RequestContextMiddleware, configure_logging, install_tracing, note_api_key
+from frontend.security.gateway import (
+    Principal,
+    RateLimitHeadersMiddleware,
+    Security,
+    guard_operations,
+    require_generate,
+)
 from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,8 @@ EngineFactory = Callable[[Settings, GatewayMetrics], Engine]
 
 
 def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
+    # vllm:kv_cache_usage_perc = running sequences / the model's KV slots (README "Metrics").
+    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
     return TritonEngine(
         triton_url=settings.triton_url,
         model=settings.model,
@@ -46,6 +57,8 @@ def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
         connect_retries=settings.connect_retries,
         breaker_failures=settings.breaker_failures,
         breaker_reset_s=settings.breaker_reset_s,
+        prefill_batch=settings.prefill_batch,
+        prefill_hold_s=settings.prefill_hold_ms / 1000,
     )
 
 
@@ -75,9 +88,9 @@ def create_app(
     if engine_factory is None:  # the engine core's address is set by `python -m frontend --workers N`
         engine_factory = remote_engine if settings.engine_core_url else triton_engine
     make_engine = engine_factory
-    if not logging.getLogger().handlers:  # worker processes of `--workers N` start bare
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = GatewayMetrics()
+    if settings.log_format == "json" or not logging.getLogger().handlers:  # `--workers N` workers start bare
+        configure_logging(settings.log_format)
+    metrics = GatewayMetrics(model_name=settings.model)
     security = Security.from_settings(settings)  # API keys and rate limits (docs/security.md)
 
     @asynccontextmanager
@@ -99,13 +112,15 @@ def create_app(
         finally:
             await lifecycle.close()
             await result_cache.close()
+            metrics.close()  # `--workers N`: this worker's live gauges leave the sums
 
     app = FastAPI(
         title="GPT-2 serving gateway",
         version="0.1.0",
         description="Exact custom sampling over NVIDIA Triton; OpenAI-compatible and native routes.",
         lifespan=security.lifespan(lifespan),  # closes the key store and limit storage at shutdown
-        **security.fastapi_kwargs(),
+        # /docs and /redoc with local assets (frontend.api.docs) unless security installs its own.
+        **{"docs_url": None, "redoc_url": None, **security.fastapi_kwargs()},
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -113,8 +128,11 @@ def create_app(
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(native.router)
+    app.include_router(tokenize_router)
     app.include_router(health.router, dependencies=[Depends(guard_operations)])
     security.install_docs(app)
+    if not security.fastapi_kwargs():
+        install_local_docs(app)
     install_openapi(app, settings)  # 400 (not 422) and the settings' limits in the schema
     # Client hygiene (docs/security.md): cancel work whose client left; refuse oversized or slow bodies.
     app.add_middleware(CancelOnDisconnectMiddleware)  # type: ignore[arg-type]
@@ -123,5 +141,24 @@ def create_app(
         max_body_bytes=settings.body_limit,
         body_timeout_s=settings.body_timeout_s,
     )
+    # x-ratelimit-* headers on every admitted response, not only on 429s (docs/security.md).
+    app.add_middleware(RateLimitHeadersMiddleware)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    # Outermost: the request id and its record exist for everything inside; one access-log line.
+    app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)  # type: ignore[arg-type]
+    install_tracing(app, settings.otlp_endpoint, service_name=settings.otel_service_name)
+    _note_key_names(app)
     return app
+
+
+def _note_key_names(app: FastAPI) -> None:
+    """The access log names the API key of a generation request: the generate dependency is
+    wrapped to hand the authenticated key's NAME (never the key) to the request's record."""
+
+    async def require_generate_noted(request: Request) -> Principal:
+        principal = await require_generate(request)
+        if principal.key_id is not None:
+            note_api_key(principal.name)
+        return principal
+
+    app.dependency_overrides.setdefault(require_generate, require_generate_noted)

@@ -13,6 +13,9 @@
     ├── UpstreamError           502  upstream_error (Triton refused a step)
     └── UpstreamTimeout         504  upstream_timeout
 
+Every error body also carries the request's id (`"request_id"` inside `"error"`, next to the four
+keys above; the same id as the `X-Request-Id` response header, frontend.observability.requests).
+
 Routes raise these and hold no try/except ladders; `install_error_handlers` renders them, plus
 FastAPI's validation errors (400, with the offending field as `param`) and anything unexpected
 (500, no traceback to the client; logged with one).
@@ -31,6 +34,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from frontend.observability.requests import HEADER as REQUEST_ID_HEADER
+from frontend.observability.requests import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None
     code: str | None
+    request_id: str | None = None  # the X-Request-Id of the request (absent outside one)
 
 
 class ErrorResponse(BaseModel):
@@ -145,7 +152,11 @@ class ErrorResponse(BaseModel):
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    error: dict[str, Any] = {"message": message, "type": error_type, "param": param, "code": code}
+    request_id = current_request_id()
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def render(err: APIError) -> JSONResponse:
@@ -214,4 +225,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return ErrorJSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+        # Rendered outside the request-id middleware (Starlette's outermost layer): set its header here.
+        request_id = current_request_id()
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        return ErrorJSONResponse(
+            error_body("internal server error", "internal_error"), status_code=500, headers=headers
+        )

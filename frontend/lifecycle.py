@@ -10,6 +10,8 @@
   `drain_timeout_s` to finish; then the engine is closed, which ends every generation still running
   with an error (a stream gets a final error event, and `[DONE]` on the OpenAI route) and releases
   its KV slot on Triton. Only then does the server stop.
+
+The signal side (uvicorn's server and worker supervisor) is `frontend.draining`.
 """
 
 from __future__ import annotations
@@ -91,13 +93,21 @@ class Lifecycle:
             return
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        log.info("draining: %d running, %d waiting; up to %.0f s", *self.engine.load(), timeout_s)
-        while self.engine.load() != (0, 0) and time.monotonic() < deadline:
+        log.info("draining: %d generations in flight; up to %.1f s", self._in_flight(), timeout_s)
+        while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        running, waiting = self.engine.load()
-        if running or waiting:
-            log.warning("drain timeout: ending %d running and %d waiting generations", running, waiting)
+        if left := self._in_flight():
+            log.warning("drain timeout: ending %d generations", left)
         await self.close()
+
+    def _in_flight(self) -> int:
+        """This process's generations: a worker of `--workers N` has its own (`in_flight`); the
+        engine's load is the whole engine core's, as of its last heartbeat."""
+        in_flight = getattr(self.engine, "in_flight", None)
+        if callable(in_flight):
+            return int(in_flight())
+        running, waiting = self.engine.load()
+        return running + waiting
 
     async def close(self) -> None:
         """Stop starting, close the engine (idempotent)."""

@@ -6,6 +6,7 @@ Built in `create_app()` (never at import time) and passed down; see README "Conf
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,12 @@ class Settings(BaseSettings):
     max_running: int = Field(256, ge=1, description="sequences stepping together")
     max_waiting: int = Field(1024, ge=0, description="generations queued beyond max_running")
     queue_timeout_s: float = Field(30.0, gt=0)
+    prefill_batch: int = Field(
+        16, ge=1, description="while sequences decode, new ones start together once this many wait"
+    )
+    prefill_hold_ms: float = Field(
+        20.0, ge=0, description="...or once the oldest has waited this long (0 = start each at once)"
+    )
     default_window: int = Field(64, ge=1, description="top-K window for truncation-free sampling")
 
     # Request limits (input checks).
@@ -53,6 +60,7 @@ class Settings(BaseSettings):
     # Client hygiene and hostile input (frontend/api/client_hygiene.py, docs/security.md).
     max_stop_sequences: int = Field(4, ge=0, description="most stop strings in one request")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_stop_token_ids: int = Field(64, ge=0, description="most stop token ids (stop_token_ids) in one request")
     max_body_bytes: int | None = Field(
         None, ge=1024, description="largest request body; unset = room for the largest legal request (body_limit)"
     )
@@ -70,6 +78,12 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(3, ge=1, description="consecutive failed steps that open the circuit breaker")
     breaker_reset_s: float = Field(1.0, gt=0, description="open breaker: seconds between probe steps")
     drain_timeout_s: float = Field(10.0, ge=0, description="SIGTERM: how long in-flight generations may finish")
+
+    # Chat: the Jinja chat template for /v1/chat/completions (Hugging Face format, as vLLM's
+    # --chat-template); unset = the checkpoint's own `chat_template`, if it has one.
+    chat_template: Path | None = Field(
+        None, description="chat template file; wins over the checkpoint's (example: examples/chat_template.jinja)"
+    )
 
     # Result cache: in-process unless a Redis URL is given.
     cache_url: str | None = None
@@ -92,6 +106,14 @@ class Settings(BaseSettings):
     trusted_proxies: str = Field("", description="comma list of proxy addresses/CIDRs whose X-Forwarded-For counts")
     security_timeout_s: float = Field(0.5, gt=0, le=1.0, description="deadline of one key-store or limit call")
 
+    # Observability (frontend/observability, README "Operations").
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per log line")
+    access_log: bool = Field(True, description="one access-log line per request on the gateway.access logger")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset = no tracing"
+    )
+    otel_service_name: str = Field("gpt2-gateway", description="service.name of the exported spans")
+
     @property
     def body_limit(self) -> int:
         """`max_body_bytes`, or room for the largest legal request: `max_batch_requests` prompts of
@@ -103,6 +125,11 @@ class Settings(BaseSettings):
     @field_validator("keys_path", "keys_url", "ratelimit_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("otlp_endpoint", mode="before")
+    @classmethod
+    def _blank_endpoint_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")

@@ -252,8 +252,12 @@ def guarded_h11(header_timeout_s: float) -> type[GuardedH11Protocol]:
 
 
 def uvicorn_options(settings: Settings, *, workers: int = 1) -> dict[str, Any]:
-    """The uvicorn.run / uvicorn.Config arguments of the slow-client controls."""
+    """The uvicorn.run / uvicorn.Config arguments of the slow-client controls. `proxy_headers` off:
+    uvicorn would otherwise take the client address from X-Forwarded-For of any loopback peer
+    (its FORWARDED_ALLOW_IPS default), so a local client could pick its own identity; the gateway
+    honours X-Forwarded-For only from GATEWAY_TRUSTED_PROXIES (frontend.security.clientip)."""
     return {
         "http": guarded_h11(settings.header_timeout_s) if workers == 1 else GuardedH11Protocol,
         "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "proxy_headers": False,
     }

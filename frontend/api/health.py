@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness, vLLM's /health, the version, and metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import contextlib
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
-from frontend.errors import error_body
+from frontend.errors import ErrorResponse, error_body
 
 router = APIRouter(tags=["operations"])
 
@@ -24,6 +25,28 @@ async def ready(request: Request) -> Response:
     """Ready only when the engine has started, the gateway is not draining, the circuit breaker is
     closed, and Triton reports the model ready within the probe deadline (a frozen Triton: 503
     in under a second)."""
+    return await _readiness(request)
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse, "description": "not ready (see /health/ready)"}})
+async def health(request: Request) -> Response:
+    """vLLM's health check, which benchmark tools probe: 200 with an empty body when ready (the
+    same test as /health/ready), else /health/ready's 503."""
+    answer = await _readiness(request)
+    return Response(status_code=200) if answer.status_code == 200 else answer
+
+
+class Version(BaseModel):
+    version: str
+
+
+@router.get("/version", response_model=Version)
+async def version(request: Request) -> Version:
+    """The gateway's version, as vLLM's /version."""
+    return Version(version=request.app.version)
+
+
+async def _readiness(request: Request) -> JSONResponse:
     state = request.app.state
     lifecycle = getattr(state, "lifecycle", None)
     settings = state.settings
@@ -40,7 +63,7 @@ async def ready(request: Request) -> Response:
             ok = await engine.ready()
     if not ok:
         return _not_ready("the model server is not ready", "not_ready")
-    model = engine.model
+    model = state.service.model
     running, waiting = engine.load()
     body = {"status": "ready", "model": model.name, "version": model.version, "running": running, "waiting": waiting}
     if breaker_state is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from frontend import errors
 from frontend.api.deps import AuthDep, ServiceDep, SettingsDep, TimeoutHeaderDep
+from frontend.api.fanin import merge_streams
 from frontend.api.native_protocol import (
     BatchItem,
     BatchRequest,
@@ -19,7 +21,9 @@ from frontend.api.native_protocol import (
     Timings,
     Usage,
 )
-from frontend.api.streaming import prime, sse_json, sse_response
+from frontend.api.responses import GENERATION_ERRORS, error_responses
+from frontend.api.streaming import sse_json, sse_response
+from frontend.generation.params import FieldNames
 from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
 
 router = APIRouter(tags=["native"])
@@ -28,28 +32,15 @@ router = APIRouter(tags=["native"])
 def _prepare(
     service: GenerationService, body: GenerateRequest, prefix: str = "", timeout_s: float | None = None
 ) -> GenerationRequest:
-    ids = service.tokenize(body.prompt, param=f"{prefix}prompt")
-    return service.request(
-        ids,
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
-        stop=body.stop,
-        seed=body.seed,
-        prompt_param=f"{prefix}prompt",
-        max_tokens_param=f"{prefix}max_new_tokens",
-        stop_param=f"{prefix}stop",
-        timeout_s=body.timeout or timeout_s,
-    )
+    names = FieldNames().under(prefix)
+    ids = service.tokenize(body.prompt, param=names.prompt)
+    return service.prepare(ids, body.to_generation_params(timeout_s=timeout_s), names)
 
 
 def _response(service: GenerationService, c: Completion) -> GenerateResponse:
     return GenerateResponse(
         generated_text=c.text,
-        model=service.engine.model.name,
+        model=service.model_name,
         finish_reason=c.finish_reason,
         completion_tokens=c.completion_tokens,
         usage=Usage(**c.usage),
@@ -58,7 +49,7 @@ def _response(service: GenerationService, c: Completion) -> GenerateResponse:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=error_responses(*GENERATION_ERRORS))
 async def generate(
     body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
 ) -> GenerateResponse:
@@ -66,26 +57,18 @@ async def generate(
     return _response(service, completion)
 
 
-@router.post("/generate/stream", response_class=EventSourceResponse)
+@router.post("/generate/stream", response_class=EventSourceResponse, responses=error_responses(*GENERATION_ERRORS))
 async def generate_stream(
     body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
 ) -> EventSourceResponse:
     """SSE: `token` events {text, position, token_id}, then `done` {finish_reason, usage, cached}."""
-    stream = await prime(service.stream(_prepare(service, body, timeout_s=timeout)))
+    # Raises here, before any byte, when the generation cannot start: a plain JSON error.
+    merged = await merge_streams([service.stream(_prepare(service, body, timeout_s=timeout))])
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        async for item in stream:
-            if isinstance(item, TextChunk):
-                data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
-                yield ServerSentEvent(sse_json(data), event="token")
-            elif isinstance(item, Completion):
-                data = {
-                    "finish_reason": item.finish_reason,
-                    "usage": item.usage,
-                    "cached": item.cached,
-                    "generated_text": item.text,
-                }
-                yield ServerSentEvent(sse_json(data), event="done")
+        async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels it
+            async for _, item in merged:
+                yield _stream_event(item)
 
     return sse_response(
         events(),
@@ -94,7 +77,20 @@ async def generate_stream(
     )
 
 
-@router.post("/generate/batch", response_model=BatchResponse)
+def _stream_event(item: TextChunk | Completion) -> ServerSentEvent:
+    if isinstance(item, TextChunk):
+        data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
+        return ServerSentEvent(sse_json(data), event="token")
+    done = {
+        "finish_reason": item.finish_reason,
+        "usage": item.usage,
+        "cached": item.cached,
+        "generated_text": item.text,
+    }
+    return ServerSentEvent(sse_json(done), event="done")
+
+
+@router.post("/generate/batch", response_model=BatchResponse, responses=error_responses(*GENERATION_ERRORS))
 async def generate_batch(
     body: BatchRequest, _auth: AuthDep, service: ServiceDep, settings: SettingsDep, timeout: TimeoutHeaderDep
 ) -> BatchResponse:

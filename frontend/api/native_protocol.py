@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from frontend.api.text_fields import Text
+from frontend.generation.params import GenerationParams
 
 
 class GenerateRequest(BaseModel):
@@ -37,6 +38,20 @@ class GenerateRequest(BaseModel):
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
         return value
+
+    def to_generation_params(self, *, timeout_s: float | None = None) -> GenerationParams:
+        """`timeout_s`: the X-Request-Timeout header's, used when the body sets no `timeout`."""
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+            timeout_s=self.timeout or timeout_s,
+        )
 
 
 class Usage(BaseModel):

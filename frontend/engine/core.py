@@ -109,6 +109,7 @@ class EngineCore:
         self._closed = False
         self.event_messages = 0
         self.events_sent = 0
+        self._limits: Any = None  # the workers' shared rate-limit storage, made on first use
 
     @property
     def workers(self) -> int:
@@ -147,6 +148,9 @@ class EngineCore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.engine.close()  # generations still running end with an error event
+        timer = getattr(self._limits, "timer", None)  # MemoryStorage's expiry task
+        if timer is not None and not timer.done():
+            timer.cancel()
         for worker in list(self._workers.values()):
             self._flush(worker)  # those errors leave now, before the socket closes
         if self._sock is not None:
@@ -183,8 +187,8 @@ class EngineCore:
             log.info("engine core: worker %s connected", identity.decode(errors="replace"))
         worker.last_seen = self._loop.time()
         if kind == ipc.SUBMIT:
-            _, rid, prompt_ids, params, max_new_tokens, seed = msg
-            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed)
+            _, rid, prompt_ids, params, max_new_tokens, seed, stops = msg
+            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops)
         elif kind == ipc.CANCEL:
             handle = worker.live.pop(msg[1], None)
             if handle is not None:
@@ -206,6 +210,8 @@ class EngineCore:
         elif kind == ipc.GOODBYE:
             log.info("engine core: worker %s said goodbye", identity.decode(errors="replace"))
             self._drop(worker, notify=False)
+        elif kind == ipc.LIMITS:
+            self._spawn(self._answer_limits(worker, msg[1], msg[2], msg[3]), "engine-core-limits")
         else:
             log.warning("engine core: unknown message %r", kind)
 
@@ -217,10 +223,21 @@ class EngineCore:
         params: SamplingParams,
         max_new_tokens: int,
         seed: int | None,
+        stops: tuple[bool, int, tuple[int, ...]] = (False, 0, ()),
     ) -> None:
         sink = _Sink(self, worker, rid)
+        ignore_eos, min_tokens, stop_token_ids = stops
         try:
-            handle = self.engine.submit(prompt_ids, params, max_new_tokens, seed, events=sink)
+            handle = self.engine.submit(
+                prompt_ids,
+                params,
+                max_new_tokens,
+                seed,
+                events=sink,
+                ignore_eos=ignore_eos,
+                min_tokens=min_tokens,
+                stop_token_ids=stop_token_ids,
+            )
         except Exception as err:  # Overloaded, UpstreamUnavailable, ...: the worker gets it as an event
             sink.put_nowait(ErrorEvent(err))
             return
@@ -235,6 +252,25 @@ class EngineCore:
             log.warning("engine core: readiness check failed: %s", err)
             ok = False
         self._send(worker, (ipc.REPLY, corr, ok))
+
+    _LIMITS_METHODS = frozenset(
+        {"incr", "get", "get_expiry", "check", "reset", "clear", "acquire_entry", "get_moving_window"}
+    )
+
+    async def _answer_limits(self, worker: _Worker, corr: int, method: str, args: tuple[Any, ...]) -> None:
+        """One operation on the rate-limit storage all workers share (frontend.security.core_storage).
+        Atomic: it runs on this one event loop, and MemoryStorage locks each key's read-modify-write."""
+        if self._limits is None:
+            from limits.aio.storage import MemoryStorage
+
+            self._limits = MemoryStorage()
+        try:
+            if method not in self._LIMITS_METHODS:
+                raise ValueError(f"unknown limits operation {method!r}")
+            reply: Any = await getattr(self._limits, method)(*args)
+        except Exception as err:
+            reply = ipc.portable_error(err)
+        self._send(worker, (ipc.REPLY, corr, reply))
 
     # ------------------------------------------------------------------ sending
     def _flush(self, worker: _Worker) -> None:

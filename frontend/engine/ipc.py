@@ -5,12 +5,16 @@ first element names it (the ROUTER adds and strips the worker's identity frame).
 Worker -> core:
 
     ("hello", corr)                                           -> ("reply", corr, (model, version))
-    ("submit", rid, prompt_ids, params, max_new_tokens, seed)    no reply; failures come as events
+    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids))
+                                                                 no reply; failures come as events
     ("cancel", rid)
     ("heartbeat",)                                            -> ("load", running, waiting)
     ("ready", corr)                                           -> ("reply", corr, bool)
     ("metrics", corr)                                         -> ("reply", corr, exposition bytes)
     ("goodbye",)                                                 the core cancels the worker's generations
+    ("limits", corr, method, args)                            -> ("reply", corr, value): one rate-limit
+                              storage operation on the core's `limits` MemoryStorage, so every
+                              worker shares the same windows and quotas (frontend.security.core_storage)
 
 Core -> worker:
 
@@ -47,6 +51,7 @@ HEARTBEAT = "heartbeat"
 READY = "ready"
 METRICS = "metrics"
 GOODBYE = "goodbye"
+LIMITS = "limits"
 EVENTS = "events"
 REPLY = "reply"
 LOAD = "load"

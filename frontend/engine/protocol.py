@@ -31,9 +31,18 @@ class Engine(Protocol):
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> GenerationHandle:
         """Start a generation. Its events go to `events` when given (the engine core passes a sink
-        that batches them per worker), else to the returned handle's `events` queue."""
+        that batches them per worker), else to the returned handle's `events` queue.
+
+        vLLM's stop controls: `ignore_eos` (the end-of-text token is emitted like any other and
+        does not finish the generation), `stop_token_ids` (emitting one finishes it with
+        FinishEvent("stop") right after its TokenEvent), `min_tokens` (while fewer were generated,
+        end-of-text and the stop ids have probability 0, the distribution renormalised)."""
         ...
 
     def cancel(self, handle: GenerationHandle) -> None: ...

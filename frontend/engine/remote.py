@@ -141,6 +141,10 @@ class RemoteEngine:
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> GenerationHandle:
         if self._sock is None or self._closed:
             raise UpstreamUnavailable("the engine core is not connected")
@@ -148,7 +152,8 @@ class RemoteEngine:
             raise UpstreamUnavailable("the engine core is not answering")
         handle = RemoteHandle(next(self._ids), sink=events)
         self._handles[handle.request_id] = handle
-        self._send((ipc.SUBMIT, handle.request_id, list(prompt_ids), params, max_new_tokens, seed))
+        stops = (ignore_eos, min_tokens, tuple(stop_token_ids))
+        self._send((ipc.SUBMIT, handle.request_id, list(prompt_ids), params, max_new_tokens, seed, stops))
         return handle
 
     def cancel(self, handle: GenerationHandle) -> None:
@@ -162,12 +167,23 @@ class RemoteEngine:
         """The core's (running, waiting), as of its last heartbeat answer."""
         return self._load
 
+    def in_flight(self) -> int:
+        """This worker's own live generations (a worker drains these, not the whole core's)."""
+        return len(self._handles)
+
     async def engine_metrics(self) -> bytes:
         """The core's exposition of the scheduler's series (GatewayMetrics.engine_exposition)."""
         if self._sock is None or self._closed:
             return b""
         value = await self._ask(ipc.METRICS, self._query_timeout_s)
         return value if isinstance(value, bytes) else b""
+
+    async def limits_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """One rate-limit storage operation run by the core (frontend.security.core_storage); the
+        caller bounds the wait. Raises ConnectionError while the core is not connected."""
+        if self._sock is None or self._closed or not self._core_up:
+            raise ConnectionError("the engine core is not connected")
+        return await self._ask(ipc.LIMITS, None, method, args)
 
     async def close(self) -> None:
         if self._closed:
@@ -202,12 +218,12 @@ class RemoteEngine:
         elif (err := future.exception()) is not None:
             log.error("worker: sending %r to the engine core failed: %s", msg[0], err)
 
-    async def _ask(self, kind: str, timeout_s: float) -> Any:
+    async def _ask(self, kind: str, timeout_s: float | None, *payload: Any) -> Any:
         corr = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[corr] = future
         try:
-            self._send((kind, corr))
+            self._send((kind, corr, *payload))
             async with asyncio.timeout(timeout_s):
                 value = await future
         finally:

@@ -98,6 +98,13 @@ class ActiveSequence:
     on_server: bool = False
     done: bool = False
     needed_full_row: bool = False  # its last step's window did not decide: ask for the row up front
+    # vLLM's stop controls: the end-of-text token does not finish it (ignore_eos); these ids do
+    # (stop_ids); and while fewer than min_tokens were generated, `banned` (end-of-text and the stop
+    # ids) have probability 0 (sampled from the renormalised full row).
+    ignore_eos: bool = False
+    stop_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0
+    banned: tuple[int, ...] = ()
     temperature: float = field(init=False)
     sink: EventSink = field(init=False)  # where events go: `events`, or the engine core's outbox
 
@@ -221,9 +228,14 @@ class Scheduler:
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
-        `events` when given, else to a new asyncio.Queue on the returned sequence."""
+        `events` when given, else to a new asyncio.Queue on the returned sequence. The stop
+        controls are vLLM's (see `ActiveSequence`)."""
         if self._closed:
             raise Overloaded("the gateway is shutting down")
         if self.breaker is not None:
@@ -238,6 +250,10 @@ class Scheduler:
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
             full_rows=needs_full_row(params),
             submitted_at=time.monotonic(),
+            ignore_eos=ignore_eos,
+            stop_ids=frozenset(stop_token_ids),
+            min_tokens=min_tokens,
+            banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
         )
         if events is not None:
             seq.sink = events
@@ -435,13 +451,14 @@ class Scheduler:
         tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
         tops = batch.top_logprobs
         for j, seq in enumerate(chosen):
-            if decided[j]:  # the common case
+            banned = self._banned(seq)
+            if decided[j] and not banned:  # the common case
                 seq.needed_full_row = False
                 self._emit_token(seq, tokens[j], logprobs[j], tops[j])
                 continue
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
             try:  # the reference sampler decides what the batch declined, or asks for the row
-                picked = sample(step, seq.params, float(u[j]), self._seen(seq))
+                picked = sample(step, seq.params, float(u[j]), self._seen(seq), banned)
                 seq.needed_full_row = False
             except NeedFullRow as why:
                 self.observer.full_row_fetched(why.reason)
@@ -450,7 +467,7 @@ class Scheduler:
                     fetch.append((seq, float(u[j]), step))
                     continue
                 full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[index[j]])
-                picked = sample(full, seq.params, float(u[j]), self._seen(seq))  # the same draw
+                picked = sample(full, seq.params, float(u[j]), self._seen(seq), banned)  # the same draw
             self._emit(seq, picked)
         return fetch
 
@@ -470,7 +487,7 @@ class Scheduler:
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
                 continue
             full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[i])
-            self._emit(seq, sample(full, seq.params, u, self._seen(seq)))
+            self._emit(seq, sample(full, seq.params, u, self._seen(seq), self._banned(seq)))
 
     def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
         exc = error if isinstance(error, Exception) else RuntimeError(str(error))
@@ -481,6 +498,10 @@ class Scheduler:
     def _seen(seq: ActiveSequence) -> list[int]:
         return seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else []
 
+    @staticmethod
+    def _banned(seq: ActiveSequence) -> tuple[int, ...]:
+        return seq.banned if len(seq.generated) < seq.min_tokens else ()
+
     def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
         self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
 
@@ -489,7 +510,7 @@ class Scheduler:
     ) -> None:
         seq.generated.append(token_id)
         seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
-        if token_id == self.eos_token_id:
+        if (token_id == self.eos_token_id and not seq.ignore_eos) or token_id in seq.stop_ids:
             self._finish(seq, FinishEvent("stop"))
         elif len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq, FinishEvent("length"))

@@ -178,10 +178,23 @@ class TritonEngine:
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
-        return self._scheduler.submit(prompt_ids, params, max_new_tokens, seed, events)
+        return self._scheduler.submit(
+            prompt_ids,
+            params,
+            max_new_tokens,
+            seed,
+            events,
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
+        )
 
     def cancel(self, handle: GenerationHandle) -> None:
         if self._scheduler is not None and isinstance(handle, ActiveSequence):

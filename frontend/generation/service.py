@@ -12,23 +12,36 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from frontend import errors
 from frontend.cache import CachedResult, ResultCache, cache_key, is_cacheable
-from frontend.engine.protocol import Engine
+from frontend.chat import load_chat_template, render_chat
+from frontend.engine.model import ServedModel
+from frontend.engine.protocol import Engine, GenerationHandle
 from frontend.engine.scheduler import ErrorEvent, FinishEvent, Overloaded, QueueFull, TokenEvent
 from frontend.engine.triton_client import StepError, StepRejected
 from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
 from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
+from frontend.generation.params import FieldNames, GenerationParams
 from frontend.metrics import GatewayMetrics
+from frontend.observability.requests import current_request, current_request_id
 from frontend.sampling import SamplingParams
 from frontend.security.accounting import current_account
 from frontend.settings import Settings
 from frontend.text import IncrementalDecoder, StopMatcher
+
+__all__ = [
+    "Completion",
+    "FieldNames",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationService",
+    "TextChunk",
+]
 
 
 @dataclass(frozen=True)
@@ -39,14 +52,38 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     timeout_s: float | None = None  # the client's deadline (capped by settings.request_timeout_s)
+    # vLLM's stop controls (carried to the engine) and text options (applied here).
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # The HTTP request's id (X-Request-Id), for the engine to pass on; never part of the cache key.
+    request_id: str | None = field(default_factory=current_request_id, compare=False)
 
     def cache_params(self) -> dict[str, Any]:
-        return {
+        params: dict[str, Any] = {
             **asdict(self.sampling),
             "max_new_tokens": self.max_new_tokens,
             "stop": list(self.stop),
             "seed": self.seed,
         }
+        # Only options that differ from their neutral value: keys of plain requests stay as they were.
+        for name, neutral in _NEUTRAL_OPTIONS.items():
+            value = getattr(self, name)
+            if value != neutral:
+                params[name] = list(value) if isinstance(value, tuple) else value
+        return params
+
+
+_FIELD_NAMES = FieldNames()
+_NEUTRAL_OPTIONS: dict[str, object] = {
+    "ignore_eos": False,
+    "min_tokens": 0,
+    "stop_token_ids": (),
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+}
 
 
 @dataclass(frozen=True)
@@ -95,9 +132,59 @@ class GenerationService:
         self.metrics = metrics
         self.settings = settings  # limits are read per request
         self.request_timeout_s = settings.request_timeout_s
+        # GATEWAY_CHAT_TEMPLATE: read now, so a bad file fails the start rather than a request.
+        self._chat_template = load_chat_template(settings.chat_template)
+
+    # ------------------------------------------------------------------ the served model
+    @property
+    def model(self) -> ServedModel:
+        """The served model (raises UpstreamUnavailable until the engine has started)."""
+        return self.engine.model
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model.name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.model.tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        """GATEWAY_CHAT_TEMPLATE's template, else the checkpoint's own, else None."""
+        return self._chat_template or getattr(self.engine.model.tokenizer, "chat_template", None)
+
+    def check_model(self, name: str | None, *, param: str = "model") -> None:
+        """404 (model_not_found) unless `name` is the served model (None: any)."""
+        served = self.engine.model.name
+        if name is not None and name != served:
+            raise errors.ModelNotFound(
+                f"The model `{name}` does not exist. This server serves `{served}`.", param=param
+            )
 
     # ------------------------------------------------------------------ preparation
-    def tokenize(self, prompt: str | Sequence[int], *, param: str = "prompt") -> tuple[int, ...]:
+    def chat_prompt(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, param: str = "messages"
+    ) -> str:
+        """The conversation rendered by the chat template (400 with how to configure one when there is none)."""
+        if not messages:
+            raise errors.InvalidRequest("messages must not be empty", param=param)
+        return render_chat(
+            self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt, param=param
+        )
+
+    def detokenize(self, token_ids: Sequence[int], *, param: str = "tokens", skip_special_tokens: bool = False) -> str:
+        self._check_token_ids(token_ids, param)
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def _check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        vocab_size = self.engine.model.vocab_size
+        if any(t < 0 or t >= vocab_size for t in token_ids):
+            raise errors.InvalidRequest(f"token ids must be in [0, {vocab_size})", param=param)
+
+    def tokenize(
+        self, prompt: str | Sequence[int], *, param: str = "prompt", add_special_tokens: bool = True
+    ) -> tuple[int, ...]:
         model = self.engine.model
         if isinstance(prompt, str):
             if not prompt:
@@ -107,14 +194,72 @@ class GenerationService:
                 raise errors.InvalidRequest(
                     f"prompt has {len(prompt)} characters; this server accepts at most {limit}", param=param
                 )
-            ids = tuple(model.tokenizer(prompt)["input_ids"])
+            ids = tuple(model.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         else:
             ids = tuple(int(t) for t in prompt)
-            if any(t < 0 or t >= model.vocab_size for t in ids):
-                raise errors.InvalidRequest(f"token ids must be in [0, {model.vocab_size})", param=param)
+            self._check_token_ids(ids, param)
         if not ids:
             raise errors.InvalidRequest("prompt must not be empty", param=param)
         return ids
+
+    def prepare(
+        self, prompt_ids: tuple[int, ...], params: GenerationParams, names: FieldNames = _FIELD_NAMES
+    ) -> GenerationRequest:
+        """Check what needs the model or the server's limits (field ranges are the schema's job) and
+        build the request. `names` are the client's field names, for error messages."""
+        self._check_stops(params.stop, names.stop)
+        model = self.engine.model
+        max_new_tokens = params.max_new_tokens
+        limit = self.settings.max_new_tokens_limit
+        if max_new_tokens > limit:
+            raise errors.InvalidRequest(
+                f"{names.max_new_tokens} {max_new_tokens} exceeds this server's limit of {limit}",
+                param=names.max_new_tokens,
+            )
+        total = len(prompt_ids) + max_new_tokens
+        if total > model.max_context:
+            raise errors.ContextLengthExceeded(
+                f"This model's maximum context length is {model.max_context} tokens, however you requested "
+                f"{total} tokens ({len(prompt_ids)} in your prompt; {max_new_tokens} for the completion).",
+                param=names.prompt,
+            )
+        self._check_stop_controls(params, names)
+        sampling = SamplingParams(
+            temperature=float(params.temperature),
+            top_k=0 if params.top_k >= model.vocab_size else int(params.top_k),
+            top_p=float(params.top_p),
+            min_p=float(params.min_p),
+            repetition_penalty=float(params.repetition_penalty),
+            logprobs=int(params.logprobs),
+        )
+        return GenerationRequest(
+            prompt_ids,
+            max_new_tokens,
+            sampling,
+            tuple(params.stop),
+            params.seed,
+            params.timeout_s,
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
+            stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids)),
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+
+    def _check_stop_controls(self, params: GenerationParams, names: FieldNames) -> None:
+        if params.min_tokens > params.max_new_tokens:
+            raise errors.InvalidRequest(
+                f"{names.min_tokens} ({params.min_tokens}) must not exceed {names.max_new_tokens} "
+                f"({params.max_new_tokens})",
+                param=names.min_tokens,
+            )
+        if len(params.stop_token_ids) > self.settings.max_stop_token_ids:
+            raise errors.InvalidRequest(
+                f"at most {self.settings.max_stop_token_ids} stop token ids are allowed, "
+                f"got {len(params.stop_token_ids)}",
+                param=names.stop_token_ids,
+            )
+        self._check_token_ids(params.stop_token_ids, names.stop_token_ids)
 
     def request(
         self,
@@ -134,31 +279,21 @@ class GenerationService:
         stop_param: str = "stop",
         timeout_s: float | None = None,
     ) -> GenerationRequest:
-        """Check limits that need the model (context length); field ranges are the schema's job.
-        `prompt_param` / `max_tokens_param` name the client's fields in error messages."""
-        self._check_stops(stop, stop_param)
-        model = self.engine.model
-        limit = self.settings.max_new_tokens_limit
-        if max_new_tokens > limit:
-            raise errors.InvalidRequest(
-                f"{max_tokens_param} {max_new_tokens} exceeds this server's limit of {limit}", param=max_tokens_param
-            )
-        total = len(prompt_ids) + max_new_tokens
-        if total > model.max_context:
-            raise errors.ContextLengthExceeded(
-                f"This model's maximum context length is {model.max_context} tokens, however you requested "
-                f"{total} tokens ({len(prompt_ids)} in your prompt; {max_new_tokens} for the completion).",
-                param=prompt_param,
-            )
-        sampling = SamplingParams(
-            temperature=float(temperature),
-            top_k=0 if top_k >= model.vocab_size else int(top_k),
-            top_p=float(top_p),
-            min_p=float(min_p),
-            repetition_penalty=float(repetition_penalty),
-            logprobs=int(logprobs),
+        """`prepare` with the parameters spelt out (kept for callers outside the API layer)."""
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            stop=tuple(stop),
+            seed=seed,
+            logprobs=logprobs,
+            timeout_s=timeout_s,
         )
-        return GenerationRequest(prompt_ids, max_new_tokens, sampling, tuple(stop), seed, timeout_s)
+        names = FieldNames(prompt=prompt_param, max_new_tokens=max_tokens_param, stop=stop_param)
+        return self.prepare(prompt_ids, params, names)
 
     def _check_stops(self, stop: Sequence[str], param: str) -> None:
         most, longest = self.settings.max_stop_sequences, self.settings.max_stop_chars
@@ -197,7 +332,12 @@ class GenerationService:
         key = self._key(req)
         if key is not None:
             hit = await self.cache.get(key)
-            self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
+            self.metrics.cache_lookup(hit is not None)
+            record = current_request()  # the access log's counts (frontend.observability.requests)
+            if record is not None:
+                record.add_cache_lookup(hit is not None)
+                if hit is not None:
+                    record.add_generation(prompt_tokens=hit.prompt_tokens, generated_tokens=hit.completion_tokens)
             if hit is not None:
                 async for item in self._replay(hit, started):
                     yield item
@@ -234,11 +374,12 @@ class GenerationService:
     ) -> AsyncIterator[TextChunk | Completion]:
         model = self.engine.model
         try:
-            handle = self.engine.submit(req.prompt_ids, req.sampling, req.max_new_tokens, req.seed)
+            handle = self._submit(req)
         except (Overloaded, StepError) as err:
             raise _api_error(err) from err
-        decoder = IncrementalDecoder(model.tokenizer, req.prompt_ids)
-        matcher = StopMatcher(req.stop)
+        decoder = IncrementalDecoder(model.tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
+        matcher = StopMatcher(req.stop, include_stop=req.include_stop_str_in_output)
+        stop_token_ids = frozenset(req.stop_token_ids)
         chunks: list[TextChunk] = []
         token_ids: list[int] = []
         generated = 0
@@ -278,14 +419,28 @@ class GenerationService:
                 now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = now
-                    self.metrics.time_to_first_token.observe(now - started)
+                    self.metrics.first_token(now - started)
                 else:
-                    self.metrics.inter_token_latency.observe(now - last_token_at)
+                    self.metrics.token_gap(now - last_token_at)
                 last_token_at = now
                 generated += 1
-                if event.token_id == model.eos_token_id:
+                # Stop conditions count only once min_tokens were generated (vLLM's order).
+                checking = generated >= req.min_tokens
+                if checking and event.token_id in stop_token_ids:
+                    # Ends here whatever the engine does next; its text only when asked for.
+                    tail = decoder.push(event.token_id) if req.include_stop_str_in_output else ""
+                    tail, _ = matcher.push(tail + decoder.flush())
+                    tail += matcher.flush()
+                    chunk = TextChunk(tail, event.token_id, generated - 1, event.logprob, event.top_logprobs)
+                    token_ids.append(event.token_id)
+                    chunks.append(chunk)
+                    yield chunk
+                    finish_reason = "stop"
+                    break
+                if event.token_id == model.eos_token_id and not req.ignore_eos:
                     continue  # counted as a completion token, never shown as text
-                text, stopped = matcher.push(decoder.push(event.token_id))
+                text = decoder.push(event.token_id)
+                text, stopped = matcher.push(text) if checking else (text, False)
                 chunk = TextChunk(text, event.token_id, generated - 1, event.logprob, event.top_logprobs)
                 token_ids.append(event.token_id)
                 chunks.append(chunk)
@@ -307,13 +462,25 @@ class GenerationService:
             time_to_first_token_s=None if first_token_at is None else first_token_at - started,
             total_s=total_s,
         )
-        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        self.metrics.generated_tokens.inc(generated)
-        self.metrics.generation_duration.observe(total_s)
-        self.metrics.finish_reasons.labels(finish_reason).inc()
+        self.metrics.generation_finished(
+            prompt_tokens=len(req.prompt_ids), generated_tokens=generated, total_s=total_s, reason=finish_reason
+        )
+        if (record := current_request()) is not None:
+            record.add_generation(prompt_tokens=len(req.prompt_ids), generated_tokens=generated)
         if key is not None:
             await self.cache.put(key, _to_cached(completion))
         yield completion
+
+    def _submit(self, req: GenerationRequest) -> GenerationHandle:
+        return self.engine.submit(
+            req.prompt_ids,
+            req.sampling,
+            req.max_new_tokens,
+            req.seed,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            stop_token_ids=req.stop_token_ids,
+        )
 
     async def complete(self, req: GenerationRequest) -> Completion:
         async for item in self.stream(req):

@@ -217,6 +217,7 @@ def sample(
     params: SamplingParams,
     u: float,
     seen_token_ids: Sequence[int] | NDArray[np.integer[Any]] = (),
+    banned_token_ids: Sequence[int] = (),
 ) -> Sampled:
     """Choose the next token; see the module docstring for the exact semantics.
 
@@ -226,6 +227,9 @@ def sample(
         u: the step's uniform draw in [0, 1) (unused but still consumed when greedy).
         seen_token_ids: ids the repetition penalty applies to (prompt + generated so far, as in
             transformers); ids outside the vocabulary are ignored, duplicates count once.
+        banned_token_ids: ids given probability 0 (logit -inf before everything else, the row
+            renormalised: vLLM's min_tokens); only the full row can do that exactly. Reported
+            logprobs stay those of the unmodified distribution.
 
     Raises:
         NeedFullRow: ``step.full_logits`` is None and the window does not decide this step.
@@ -237,9 +241,11 @@ def sample(
     if not math.isfinite(lse):
         raise ValueError(f"logsumexp must be finite, got {lse!r}")
     if step.full_logits is not None:
-        return _sample_full(step.full_logits, lse, params, u, seen_token_ids, _FULL_ROW_PREFIXES)
+        return _sample_full(step.full_logits, lse, params, u, seen_token_ids, _FULL_ROW_PREFIXES, banned_token_ids)
     if params.repetition_penalty != 1.0 and len(seen_token_ids) > 0:
         raise NeedFullRow("repetition_penalty")
+    if len(banned_token_ids) > 0:
+        raise NeedFullRow("min_tokens")  # the banned tokens' mass leaves the normaliser: unknown from a window
     logits = np.asarray(step.topk_logits)
     ids = np.asarray(step.topk_ids)
     if logits.ndim != 1 or logits.shape != ids.shape or logits.size == 0:
@@ -377,6 +383,7 @@ def _sample_full(
     u: float,
     seen_token_ids: Sequence[int] | NDArray[np.integer[Any]],
     prefixes: Sequence[int],
+    banned_token_ids: Sequence[int] = (),
 ) -> Sampled:
     """Full-row path: repetition penalty, then the same selection as the window path.
 
@@ -394,6 +401,13 @@ def _sample_full(
         seen = seen[(seen >= 0) & (seen < vocab)]
         if seen.size:
             z, z_lse = _apply_repetition_penalty(raw, lse, seen, params.repetition_penalty)
+    if len(banned_token_ids) > 0:
+        banned = np.asarray(banned_token_ids, dtype=np.int64)
+        banned = banned[(banned >= 0) & (banned < vocab)]
+        z = z.copy() if z is raw else z
+        z[banned] = -np.inf
+        top_z = float(z.max())
+        z_lse = top_z + math.log(float(np.exp(z - top_z).sum()))
 
     if params.temperature == 0.0:
         idx = int(np.argmax(z))  # first maximum = lowest id among ties, like torch.argmax

@@ -10,6 +10,11 @@
    (and count as a failure of that IP); a valid key without the route's scope gets 403;
 4. the key's requests-per-minute window takes one request (429 with x-ratelimit-*-requests);
 5. the key's token account is published for the generation service (frontend.security.accounting).
+
+Every response to an admitted request carries OpenAI's `x-ratelimit-*` headers of the windows it
+was counted in (requests) and of its token reservation (tokens), not only 429s: `admit` and the
+reservation record them in the request's state and `RateLimitHeadersMiddleware` adds them to the
+response head.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend import errors
 from frontend.security import accounting
 from frontend.security.clientip import client_ip, parse_networks
+from frontend.security.core_storage import EngineCoreStorage
 from frontend.security.keys import KeyRecord, KeyStore, build_key_store, parse_key, verify
-from frontend.security.ratelimit import RateLimiter, build_storage
+from frontend.security.ratelimit import Decision, RateLimiter, build_storage
 from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"health", "metrics", "docs"})
 _QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "token", "authorization"})
+RATELIMIT_STATE = "ratelimit_headers"  # request.state attribute: headers for the response
 UNAUTHORIZED_MESSAGE = (
     "Incorrect or missing API key. Send it in the Authorization header: `Authorization: Bearer <key>`."
 )
@@ -68,16 +76,18 @@ def parse_protected(spec: str) -> frozenset[str]:
 class _Account:
     """A key's token quota for one request (accounting.TokenAccount)."""
 
-    def __init__(self, limiter: RateLimiter, key_id: str, limit: int) -> None:
+    def __init__(self, limiter: RateLimiter, key_id: str, limit: int, headers: dict[str, str]) -> None:
         self.limiter = limiter
         self.key_id = key_id
         self.limit = limit
+        self.headers = headers  # the request's x-ratelimit-* headers (the last reservation's tokens)
 
     def metered(self, items: AsyncIterator[Any], *, prompt_tokens: int, max_new_tokens: int) -> AsyncIterator[Any]:
         return accounting.metered(self, items, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
 
     async def reserve(self, amount: int) -> _Reservation:
         decision, counter = await self.limiter.reserve_tokens(self.limit, self.key_id, amount)
+        _record(self.headers, decision, "tokens")
         if not decision.allowed:
             raise decision.refusal(
                 "tokens",
@@ -98,6 +108,45 @@ class _Reservation:
             await self.limiter.adjust_tokens(self.counter, used - self.amount)
 
 
+def _record(headers: dict[str, str], decision: Decision, kind: str) -> None:
+    """Keep a successful decision's headers for the response (unknown under fail-open: none)."""
+    if decision.allowed and decision.limit > 0 and decision.remaining >= 0:
+        headers.update(decision.headers(kind))
+
+
+def _response_headers(request: Request) -> dict[str, str]:
+    headers: dict[str, str] | None = getattr(request.state, RATELIMIT_STATE, None)
+    if headers is None:
+        headers = {}
+        setattr(request.state, RATELIMIT_STATE, headers)
+    return headers
+
+
+class RateLimitHeadersMiddleware:
+    """Adds the request's `x-ratelimit-*` headers (recorded by `Security.admit`) to its response,
+    whatever the route returns (JSON, a stream); a 429 already carries its own, which win."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra: dict[str, str] | None = scope.get("state", {}).get(RATELIMIT_STATE)
+                if extra:
+                    present = {name.lower() for name, _ in message.get("headers", [])}
+                    added = [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
+                    if added:
+                        message = {**message, "headers": [*message.get("headers", []), *added]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class Security:
     def __init__(
         self, settings: Settings, *, store: KeyStore | None = None, limiter: RateLimiter | None = None
@@ -106,7 +155,9 @@ class Security:
         self.timeout_s = settings.security_timeout_s
         self.store = store
         self.limiter = limiter or RateLimiter(
-            build_storage(settings.ratelimit_url, settings.security_timeout_s),
+            build_storage(
+                settings.ratelimit_url, settings.security_timeout_s, engine_core=bool(settings.engine_core_url)
+            ),
             timeout_s=settings.security_timeout_s,
             fail_open=settings.ratelimit_fail_open,
         )
@@ -141,6 +192,7 @@ class Security:
                 decision = await self.limiter.hit(self.settings.ip_rpm, "ip", ip)
                 if not decision.allowed:
                     raise decision.refusal("requests", "Too many requests from this address; slow down.")
+                _record(_response_headers(request), decision, "requests")
             return ANONYMOUS
         fails = self.settings.auth_failures_per_ip
         blocked = await self.limiter.exhausted(fails, "authfail", ip)
@@ -159,9 +211,11 @@ class Security:
             decision = await self.limiter.hit(rpm, "key", record.id)
             if not decision.allowed:
                 raise decision.refusal("requests", f"Rate limit of {rpm} requests per minute reached for this key.")
+            headers = _response_headers(request)
+            _record(headers, decision, "requests")
             tpd = self.settings.default_key_tokens_per_day if record.tokens_per_day is None else record.tokens_per_day
             if tpd > 0:
-                accounting.current_account.set(_Account(self.limiter, record.id, tpd))
+                accounting.current_account.set(_Account(self.limiter, record.id, tpd, headers))
         return Principal(record.id, record.name, record.scopes)
 
     async def _lookup(self, request: Request) -> KeyRecord | None:
@@ -246,6 +300,9 @@ class Security:
         async def wrapped(app: FastAPI) -> AsyncIterator[None]:
             try:
                 async with inner(app):
+                    storage = self.limiter.storage
+                    if isinstance(storage, EngineCoreStorage):  # `--workers N`: limits live in the core
+                        storage.attach(app.state.lifecycle.engine)
                     yield
             finally:
                 await self.close()

@@ -10,6 +10,11 @@
 
 Every storage call is bounded by `timeout_s`; a storage error or timeout raises
 `SecurityBackendUnavailable` (503), or, with `fail_open`, lets the request through unmetered.
+
+Storage: Redis when a URL is given (shared by every gateway, kept across restarts); else, with
+`python -m frontend --workers N`, the engine core's memory over its IPC (`EngineCoreStorage`: one
+process and one event loop hold every window, so the workers share them and `limits`' per-key
+asyncio locks keep each operation atomic); else this process's memory.
 """
 
 from __future__ import annotations
@@ -70,8 +75,13 @@ class Decision:
         return errors.RateLimited(message, retry_after_s=max(1, math.ceil(self.reset_s)), headers=self.headers(kind))
 
 
-def build_storage(url: str | None, timeout_s: float) -> Storage:
+def build_storage(url: str | None, timeout_s: float, *, engine_core: bool = False) -> Storage:
+    """Redis for `url`; else the engine core's memory when there is one (`--workers N`), else ours."""
     if not url or not url.strip():
+        if engine_core:
+            from frontend.security.core_storage import EngineCoreStorage
+
+            return EngineCoreStorage()
         return MemoryStorage()
     from frontend.security.keys import redis_pool
 
@@ -119,9 +129,11 @@ class RateLimiter:
             return Decision(True, 0, 0, 0.0)
         item = _per_minute(limit)
         ok = await self._bounded(lambda: self.window.hit(item, *ids))
-        if ok is None or ok:
+        if ok is None:  # fail-open: nothing is known about the window
             return Decision(True, limit, -1, 0.0)
-        return await self.stats(limit, *ids, allowed=False)
+        # One more storage call on success: the x-ratelimit-* headers of every response say
+        # how much of the window is left.
+        return await self.stats(limit, *ids, allowed=bool(ok))
 
     async def exhausted(self, limit: int, *ids: str) -> Decision | None:
         """The refusal when the window is already full (nothing is taken), else None."""
@@ -137,7 +149,7 @@ class RateLimiter:
         item = _per_minute(limit)
         stats = await self._bounded(lambda: self.window.get_window_stats(item, *ids))
         if stats is None:
-            return Decision(allowed, limit, 0, 60.0)
+            return Decision(allowed, limit, 0 if not allowed else -1, 60.0)
         return Decision(allowed, limit, stats.remaining, max(0.0, stats.reset_time - time.time()))
 
     # ------------------------------------------------------------------ tokens per day

@@ -7,6 +7,8 @@ Contract of :class:`StopMatcher` (pure: no I/O, no global state):
   is a proper prefix of some stop string is held back, since it may still become a stop string.
 * When a stop string appears, ``push`` returns the text before it and ``stopped=True``; the stop
   string and anything after it are never emitted. Later ``push`` calls return ``("", True)``.
+  With ``include_stop=True`` (vLLM's ``include_stop_str_in_output``) the stop string itself is
+  returned too; what follows it still never is.
 * ``flush()`` releases the held-back text when generation ends for another reason (eos, length);
   after a stop it returns ``""``. After ``flush()``, ``push`` raises ``RuntimeError``.
 * With an empty stop list everything passes straight through.
@@ -33,15 +35,25 @@ __all__ = ["StopMatcher"]
 class StopMatcher:
     """Find stop strings in streamed text; see the module docstring for the contract."""
 
-    __slots__ = ("_flushed", "_held", "_matched", "_max_hold", "_prefixes", "_stopped", "_stops")
+    __slots__ = (
+        "_flushed",
+        "_held",
+        "_include_stop",
+        "_matched",
+        "_max_hold",
+        "_prefixes",
+        "_stopped",
+        "_stops",
+    )
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
         if isinstance(stops, str):
             raise TypeError("stops must be a sequence of strings, not a single string")
         unique = list(dict.fromkeys(stops))
         if any(not isinstance(s, str) or not s for s in unique):
             raise ValueError("stop strings must be non-empty str")
         self._stops: tuple[str, ...] = tuple(unique)
+        self._include_stop = include_stop
         # Proper prefixes of any stop string: candidates to hold back.
         prefixes = (stop[:i] for stop in self._stops for i in range(1, len(stop)))
         self._prefixes: frozenset[str] = frozenset(prefixes)
@@ -99,7 +111,7 @@ class StopMatcher:
             self._stopped = True
             self._matched = best
             self._held = ""
-            return buf[:best_start], True
+            return buf[: best_end if self._include_stop else best_start], True
 
         hold = self._hold_length(buf)
         self._held = buf[len(buf) - hold :]

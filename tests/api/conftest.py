@@ -101,12 +101,14 @@ async def oai(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
 
 # ------------------------------------------------------------------------------------ helpers
 def assert_error_envelope(response: httpx.Response) -> dict[str, Any]:
-    """The body is EXACTLY {"error": {"message": str, "type": str, "param": str|None, "code": str|None}}."""
+    """The body is EXACTLY {"error": {"message": str, "type": str, "param": str|None, "code": str|None,
+    "request_id": str}}, and `request_id` is the response's X-Request-Id."""
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
     assert set(body) == {"error"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
+    assert set(err) == {"message", "type", "param", "code", "request_id"}, err
+    assert err["request_id"] == response.headers["x-request-id"], (err, response.headers)
     assert isinstance(err["message"], str) and err["message"]
     assert isinstance(err["type"], str) and err["type"]
     assert err["param"] is None or isinstance(err["param"], str)

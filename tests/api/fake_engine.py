@@ -11,7 +11,11 @@ and then one `FinishEvent` (or an `ErrorEvent` when a fault is injected):
     - sampled without a seed: fresh OS entropy, so two calls differ;
 * a prompt whose text contains `EOS_TRIGGER` emits eos at step `EOS_STEP` (finish "stop");
   otherwise the generation ends with finish "length" after `max_new_tokens` tokens;
-* `TokenEvent.top_logprobs` has exactly `params.logprobs` entries, the chosen token first.
+* `TokenEvent.top_logprobs` has exactly `params.logprobs` entries, the chosen token first;
+* vLLM's stop controls, as `Engine.submit` says every engine honours them: `ignore_eos`
+  (the eos is emitted and generation goes on), `stop_token_ids` (emitting one finishes with
+  "stop"), `min_tokens` (eos and stop token ids are replaced by the next other pool token while
+  fewer than `min_tokens` tokens were generated).
 
 Fault knobs (set per test): `delay_s` before every token, `fail_after` (an `ErrorEvent(error)`
 after that many tokens; only for prompts containing `fail_only_if_prompt_contains` when that is
@@ -46,6 +50,9 @@ class FakeHandle:
     params: SamplingParams
     max_new_tokens: int
     seed: int | None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     sink: EventSink | None = None  # where events go instead of `events` (the engine core's batching sink)
     emitted: list[int] = field(default_factory=list)
@@ -98,10 +105,23 @@ class FakeEngine:
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> FakeHandle:
         if self.submit_error is not None:
             raise self.submit_error
-        handle = FakeHandle(list(prompt_ids), params, max_new_tokens, seed, sink=events)
+        handle = FakeHandle(
+            list(prompt_ids),
+            params,
+            max_new_tokens,
+            seed,
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
+            stop_token_ids=tuple(stop_token_ids),
+            sink=events,
+        )
         self.handles.add(handle)
         self.submitted.append(handle)
         handle.task = asyncio.get_running_loop().create_task(self._run(handle), name="fake-generation")
@@ -145,24 +165,43 @@ class FakeEngine:
         return np.random.default_rng()
 
     def expected_tokens(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        seed: int | None,
+        *,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ) -> list[int]:
-        """What a (deterministic) generation emits, eos included."""
+        """What a (deterministic) generation emits, eos and a final stop token included."""
         rng = self.rng_for(prompt_ids, params, seed)
         eos_trigger = EOS_TRIGGER in self.model.tokenizer.decode(list(prompt_ids))
         out = []
         for step in range(max_new_tokens):
-            token, _ = self._draw(rng, step, eos_trigger)
+            token, _ = self._draw(rng, step, eos_trigger, min_tokens, stop_token_ids)
             out.append(token)
-            if token == self.model.eos_token_id:
+            if token in stop_token_ids or (token == self.model.eos_token_id and not ignore_eos):
                 break
         return out
 
-    def _draw(self, rng: np.random.Generator, step: int, eos_trigger: bool) -> tuple[int, int]:
+    def _draw(
+        self,
+        rng: np.random.Generator,
+        step: int,
+        eos_trigger: bool,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
+    ) -> tuple[int, int]:
         index = int(rng.integers(len(self.token_pool)))
-        if eos_trigger and step == EOS_STEP:
+        if eos_trigger and step == EOS_STEP and step >= min_tokens:
             return self.model.eos_token_id, index
-        return self.token_pool[index], index
+        token = self.token_pool[index]
+        while step < min_tokens and token in stop_token_ids:  # masked: the next pool token instead
+            index = (index + 1) % len(self.token_pool)
+            token = self.token_pool[index]
+        return token, index
 
     async def _run(self, handle: FakeHandle) -> None:
         rng = self.rng_for(handle.prompt_ids, handle.params, handle.seed)
@@ -181,14 +220,14 @@ class FakeEngine:
             if fail_after is not None and step == fail_after:
                 out.put_nowait(ErrorEvent(self.error))
                 return
-            token, index = self._draw(rng, step, eos_trigger)
+            token, index = self._draw(rng, step, eos_trigger, handle.min_tokens, handle.stop_token_ids)
             logprob = -0.25 * (1 + step % 4)
             top = [(token, logprob)]
             for j in range(1, k):
                 top.append((self.token_pool[(index + j) % len(self.token_pool)], logprob - j))
             handle.emitted.append(token)
             out.put_nowait(TokenEvent(token, logprob, tuple(top[:k])))
-            if token == self.model.eos_token_id:
+            if token in handle.stop_token_ids or (token == self.model.eos_token_id and not handle.ignore_eos):
                 out.put_nowait(FinishEvent("stop"))
                 return
         out.put_nowait(FinishEvent("length"))

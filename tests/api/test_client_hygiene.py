@@ -152,7 +152,8 @@ def _assert_413(status: int, headers: dict[str, str], body: bytes) -> None:
     assert headers["content-type"].startswith("application/json")
     assert headers.get("connection") == "close"
     err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "param", "code"}
+    assert set(err) == {"message", "type", "param", "code", "request_id"}
+    assert err["request_id"] == headers["x-request-id"]
     assert err["code"] == "request_too_large"
 
 

@@ -147,6 +147,7 @@ class LockstepEngine(FakeEngine):
         max_new_tokens: int,
         seed: int | None,
         events: EventSink | None = None,
+        **stop_controls: object,  # the engine Protocol's stop controls: unused by this engine
     ) -> FakeHandle:
         assert events is not None
         self._next += 1
@@ -222,6 +223,9 @@ async def test_goodbye_cancels_the_workers_generations(
     await eventually(lambda: fake.live == 0 and core.workers == 0, timeout_s=WORKER_TIMEOUT_S / 2)
 
 
+NO_STOPS = (False, 0, ())  # the SUBMIT message's stop controls (ignore_eos, min_tokens, stop ids)
+
+
 async def test_a_silent_worker_loses_its_generations(
     core: EngineCore, address: str, fake: FakeEngine, served_model: ServedModel
 ) -> None:
@@ -231,8 +235,8 @@ async def test_a_silent_worker_loses_its_generations(
     ipc.configure(sock)
     sock.connect(address)
     try:
-        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None)))
-        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS)))
         await eventually(lambda: fake.live == 2)
         assert core.workers == 1
         await eventually(lambda: fake.live == 0, timeout_s=WORKER_TIMEOUT_S * 3)

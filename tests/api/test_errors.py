@@ -184,7 +184,7 @@ OPENAI_CASES = [
     ("seed -1", _with(OPENAI, seed=-1), 400, "seed", None),
     ("extra field", _with(OPENAI, max_new_tokens=4), 400, "max_new_tokens", None),
     ("stream wrong type", _with(OPENAI, stream="maybe"), 400, "stream", None),
-    ("top_k extension -1", _with(OPENAI, top_k=-1), 400, "top_k", None),
+    ("top_k extension -2", _with(OPENAI, top_k=-2), 400, "top_k", None),  # -1 is vLLM's "off"
 ]
 
 
@@ -242,9 +242,7 @@ async def test_openai_context_length_names_the_list_item(client: httpx.AsyncClie
 
 
 # --------------------------------------------------------------------------- routing 4xx
-@pytest.mark.parametrize(
-    ("method", "path"), [("GET", "/nope"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models/x")]
-)
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/v1/embeddings"), ("GET", "/v1/models/x")])
 async def test_unknown_route_404(client: httpx.AsyncClient, method: str, path: str) -> None:
     r = await client.request(method, path)
     assert r.status_code == 404
@@ -354,7 +352,8 @@ async def test_native_stream_failure_mid_way_is_an_error_event(client: httpx.Asy
     events = parse_sse(r.text)
     assert [e.event for e in events] == ["token", "token", "error"]
     err = events[-1].json()
-    assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}
+    assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert err["error"]["request_id"] == r.headers["x-request-id"]
     assert err["error"]["code"] == "triton_unavailable"
     assert fake.live == 0
 
@@ -370,7 +369,7 @@ async def test_openai_stream_failure_mid_way_is_an_error_chunk(client: httpx.Asy
     chunks = [e.json() for e in events[:-1]]
     assert all("choices" in c for c in chunks[:-1]) and len(chunks) == 3
     assert set(chunks[-1]) == {"error"}
-    assert set(chunks[-1]["error"]) == {"message", "type", "param", "code"}
+    assert set(chunks[-1]["error"]) == {"message", "type", "param", "code", "request_id"}
     assert chunks[-1]["error"]["type"] == "upstream_unavailable"
     await fake.drain()
     assert fake.live == 0

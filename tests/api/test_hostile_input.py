@@ -235,7 +235,7 @@ async def test_the_openapi_documents_400_with_the_envelope_and_never_422(app: Fa
     assert "HTTPValidationError" not in components
     envelope = components["ErrorResponse"]
     assert envelope["required"] == ["error"]
-    assert set(components["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    assert set(components["ErrorDetail"]["properties"]) == {"message", "type", "param", "code", "request_id"}
     with_input = 0
     for path, operations in schema["paths"].items():
         for method, op in operations.items():

@@ -219,7 +219,7 @@ async def test_batch_item_failure_is_reported_per_item(client: httpx.AsyncClient
     ok, failed = r.json()["results"]
     assert ok["error"] is None and ok["completion_tokens"] == 1
     assert failed["generated_text"] is None
-    assert set(failed["error"]) == {"message", "type", "param", "code"}
+    assert set(failed["error"]) == {"message", "type", "param", "code", "request_id"}
     assert failed["error"]["code"] == "triton_unavailable"
     assert fake.live == 0
 

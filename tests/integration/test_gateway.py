@@ -228,7 +228,8 @@ def test_validation_errors_are_4xx_in_one_shape(gateway: str) -> None:
         r = httpx.post(f"{gateway}/generate", json=body, timeout=30)
         assert r.status_code == 400, (body, r.text)
         error = r.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+        assert set(error) == {"message", "type", "param", "code", "request_id"} and error["param"] == param
+        assert error["request_id"] == r.headers["x-request-id"]
 
 
 def test_readiness_and_metrics(gateway: str) -> None:

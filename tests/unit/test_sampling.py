@@ -576,3 +576,37 @@ def test_same_u_sequence_same_tokens_whatever_the_path() -> None:
     assert run(1234, window_first=False)[0] == first
     assert 0 < full_rows < len(rows)  # both paths were exercised
     assert run(4321, window_first=True)[0] != first
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_k=5), SamplingParams(0.0)],
+    ids=["top_p", "top_k", "greedy"],
+)
+def test_banned_tokens_follow_transformers_min_new_tokens(hf: Any, params: SamplingParams) -> None:
+    """min_tokens (vLLM) / MinNewTokensLengthLogitsProcessor (transformers): the end-of-text and
+    stop ids get logit -inf before the other processors; the rest renormalises."""
+    import torch
+
+    raw = STAT_ROW
+    vocab = raw.shape[0]
+    z = scaled(raw, params.temperature)
+    banned = [int(i) for i in np.argsort(-raw, kind="stable")[:2]]  # the two likeliest tokens
+    scores = torch.tensor(raw, dtype=torch.float64)[None, :]
+    masked = hf.MinNewTokensLengthLogitsProcessor(1, 3, eos_token_id=banned)(torch.tensor([[0]]), scores)
+    exact = hf_probs(hf, masked[0].numpy().astype(np.float32), params)
+    full = full_step(z)
+    with pytest.raises(NeedFullRow):  # a window cannot know the banned tokens' share of the normaliser
+        sample(window_step(z, 16), params, 0.5, (), banned)
+    n_grid = 2000
+    grid = (np.arange(n_grid) + 0.5) / n_grid
+    picks = [sample(full, params, float(u), (), banned) for u in grid]
+    freq = np.bincount([p.token_id for p in picks], minlength=vocab) / n_grid
+    assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
+    assert not set(banned) & {p.token_id for p in picks}
+    # Reported logprobs stay those of the unmodified (scaled) distribution.
+    first = picks[0]
+    assert first.logprob == pytest.approx(float(z[first.token_id] - full.logsumexp), abs=1e-9)
+    # Power: without the ban the same grid lands on the banned tokens.
+    unbanned = np.bincount([sample(full, params, float(u)).token_id for u in grid], minlength=vocab) / n_grid
+    assert tv(unbanned, exact) > 0.05

@@ -34,6 +34,7 @@ class ScriptedBackend:
         self.fail_at: tuple[int, Exception] | None = None  # (step number, error)
         self.hold: asyncio.Event | None = None  # when set: steps wait for it
         self.delay_s = 0.0  # a step's duration (0: the scheduler's loop never yields between steps)
+        self.top_token: dict[int, int] = {}  # sequence id -> its window's top token (default sid % 50 + 1)
         self.batches: list[StepBatch] = []
         self.wanted_logits: list[bool] = []
         self.max_live = 0
@@ -72,6 +73,8 @@ class ScriptedBackend:
         # Window: descending distinct logits; the top token is (sid % 50) + 1.
         values = np.tile(np.arange(window, 0, -1, dtype=np.float32), (n, 1))
         top = (batch.sequence_ids % 50).astype(np.int64) + 1
+        for i, sid in enumerate(batch.sequence_ids.tolist()):
+            top[i] = self.top_token.get(sid, top[i])
         ids = (top[:, None] + np.arange(window)[None, :]) % VOCAB
         lse = np.full(n, float(window) + 1.0, dtype=np.float32)
         logits = None
@@ -259,3 +262,31 @@ async def test_a_held_sequence_starts_once_it_has_waited_prefill_hold_s() -> Non
     assert held_steps > 5  # decode-only steps ran while it was held
     sched.cancel(first)
     await sched.close()
+
+
+async def test_stop_controls_ignore_eos_stop_token_ids_and_min_tokens() -> None:
+    backend = ScriptedBackend(capacity=8)
+    sched = scheduler(backend)
+    sched.start()
+    plain = sched.submit([1], GREEDY, 6, seed=None)
+    ignoring = sched.submit([1], GREEDY, 4, seed=None, ignore_eos=True)
+    stopping = sched.submit([1], GREEDY, 6, seed=None, stop_token_ids=[7])
+    held = sched.submit([1], GREEDY, 6, seed=None, min_tokens=3)
+    for seq in (plain, ignoring, held):
+        backend.top_token[seq.sequence_id] = EOS  # greedy would end them at once
+    backend.top_token[stopping.sequence_id] = 7
+    got = {}
+    for name, seq in (("plain", plain), ("ignoring", ignoring), ("stopping", stopping), ("held", held)):
+        events = await drain(seq.events)  # type: ignore[arg-type]
+        tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
+        assert isinstance(events[-1], FinishEvent)
+        got[name] = (tokens, events[-1].reason)
+    assert got["plain"] == ([EOS], "stop")
+    assert got["ignoring"] == ([EOS] * 4, "length")  # emitted like any token, only the length ends it
+    assert got["stopping"] == ([7], "stop")
+    # While fewer than 3 tokens exist, EOS has probability 0: greedy takes the next best (EOS + 1),
+    # from the full row (the window cannot renormalise without EOS's share); then EOS ends it.
+    assert got["held"] == ([(EOS + 1) % VOCAB] * 3 + [EOS], "stop")
+    assert any(backend.wanted_logits)
+    await sched.close()
+    assert not backend.live

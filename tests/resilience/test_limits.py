@@ -1,8 +1,14 @@
-"""API keys and limits shared through a real, throw-away redis-server (frontend.security).
+"""Limits under attack, with real servers: a throw-away redis-server, a real tritonserver, real
+gateways on loopback ports.
 
-Two app instances stand for two gateways (or workers): they share keys, rate windows and token
-quotas through Redis; a revocation made with the CLI is refused by both at their next request;
-a Redis that goes away costs a 503 within a second, never a hang.
+* through Redis, two app instances stand for two gateways: they share keys, rate windows and
+  token quotas (200 concurrent requests against a quota of 100 admit exactly 100), a restarted
+  gateway still sees the spent window, a CLI revocation is refused by both at their next request,
+  and a Redis that goes away costs a 503 within a second, never a hang;
+* WITHOUT Redis, `python -m frontend --workers 2` shares one window between its workers (the
+  engine core keeps the limits: frontend.security.core_storage);
+* brute force of bad keys ends in 429 for the address, a spoofed X-Forwarded-For from an
+  untrusted peer does not open new buckets, and successful responses carry x-ratelimit-* headers.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from frontend.security.keys import RedisKeyStore, SQLiteKeyStore, make_record, r
 from frontend.settings import Settings
 from tests.api.fake_engine import FakeEngine
 from tests.integration.redis_server import RedisServer
+from tests.resilience.conftest import GatewayProcess, ThreadGateway, gateway_env, gateway_settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+pytestmark = [pytest.mark.resilience, pytest.mark.asyncio]
 
 MODEL = "tiny"
 

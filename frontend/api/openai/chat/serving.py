@@ -1,0 +1,133 @@
+"""Chat completions: the conversation becomes one prompt through the chat template
+(frontend.chat), then runs exactly as a completion with `n` choices."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from frontend.api.fanin import collect, merge_streams
+from frontend.api.openai.chat import protocol as chat
+from frontend.api.openai.serving import check_request, openai_sse, usage
+from frontend.api.streaming import sse_json
+from frontend.generation.params import FieldNames
+from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
+from frontend.settings import Settings
+
+# What OpenAI reports for a token the model gives no probability (JSON has no -Infinity).
+_IMPROBABLE = -9999.0
+
+
+def plan_chat(
+    body: chat.ChatCompletionRequest, service: GenerationService, timeout_s: float | None = None
+) -> list[GenerationRequest]:
+    """One request per choice; choice j samples with seed + j."""
+    prompt = service.chat_prompt(
+        [m.for_template() for m in body.messages], add_generation_prompt=body.add_generation_prompt
+    )
+    # The template writes every special token itself (vLLM's default for chat).
+    ids = service.tokenize(prompt, param="messages", add_special_tokens=False)
+    params = body.to_generation_params(timeout_s=timeout_s)
+    names = FieldNames(prompt="messages", max_new_tokens=body.max_tokens_field)
+    return [service.prepare(ids, params.for_choice(j), names) for j in range(body.n)]
+
+
+def _logprob(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else _IMPROBABLE
+
+
+def chat_logprobs(service: GenerationService, chunks: Sequence[TextChunk]) -> chat.ChoiceLogprobs:
+    decode = service.tokenizer.decode
+
+    def entry(token_id: int, logprob: float | None) -> chat.TopLogprob:
+        token = decode([token_id])
+        return chat.TopLogprob(token=token, logprob=_logprob(logprob), bytes=list(token.encode()))
+
+    content = []
+    for ch in chunks:
+        if ch.token_id is None:
+            continue
+        top = [entry(t, lp) for t, lp in ch.top_logprobs]
+        content.append(chat.TokenLogprob(**entry(ch.token_id, ch.logprob).model_dump(), top_logprobs=top))
+    return chat.ChoiceLogprobs(content=content)
+
+
+async def create_chat_completion(
+    body: chat.ChatCompletionRequest, service: GenerationService, settings: Settings, *, timeout_s: float | None
+) -> chat.ChatCompletion | EventSourceResponse:
+    check_request(body, service, settings)
+    plan = plan_chat(body, service, timeout_s)
+    completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    created = int(time.time())
+    streams = [service.stream(req) for req in plan]
+    if body.stream:
+        # Raises here, before any byte, when no choice could start: a plain JSON error.
+        merged = await merge_streams(streams)
+        return openai_sse(_chat_events(body, service, len(plan), merged, completion_id, created), service)
+    items = await collect(streams)
+    choices = []
+    completion_tokens = 0
+    for index in range(len(plan)):
+        result = items[index][-1]
+        assert isinstance(result, Completion)
+        completion_tokens += result.completion_tokens
+        choices.append(
+            chat.ChatChoice(
+                index=index,
+                message=chat.AssistantMessage(content=result.text),
+                logprobs=chat_logprobs(service, result.chunks) if body.logprobs else None,
+                finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            )
+        )
+    return chat.ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=service.model_name,
+        choices=choices,
+        usage=usage(len(plan[0].prompt_ids), completion_tokens),
+    )
+
+
+async def _chat_events(
+    body: chat.ChatCompletionRequest,
+    service: GenerationService,
+    n: int,
+    merged: AsyncIterator[tuple[int, TextChunk | Completion]],
+    completion_id: str,
+    created: int,
+) -> AsyncIterator[ServerSentEvent]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    model = service.model_name
+
+    def chunk(choices: list[chat.ChatChunkChoice], usage_: chat.Usage | None = None) -> ServerSentEvent:
+        data = chat.ChatCompletionChunk(
+            id=completion_id, created=created, model=model, choices=choices, usage=usage_
+        ).model_dump(exclude_none=True)
+        if include_usage and usage_ is None:
+            data["usage"] = None
+        return ServerSentEvent(sse_json(data))
+
+    # Every choice opens with the assistant's role (OpenAI's first chunk), once one has started.
+    for index in range(n):
+        yield chunk([chat.ChatChunkChoice(index=index, delta=chat.Delta(role="assistant", content=""))])
+    prompt_tokens = completion_tokens = 0
+    async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
+        async for index, item in merged:
+            if isinstance(item, TextChunk):
+                logprobs = chat_logprobs(service, [item]) if body.logprobs and item.token_id is not None else None
+                if item.text or logprobs is not None:
+                    delta = chat.Delta(content=item.text)
+                    yield chunk([chat.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+            else:
+                prompt_tokens = item.prompt_tokens
+                completion_tokens += item.completion_tokens
+                finish = item.finish_reason
+                yield chunk([chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)])  # type: ignore[arg-type]
+    if include_usage:
+        yield chunk([], usage(prompt_tokens, completion_tokens))
+    yield ServerSentEvent("[DONE]")

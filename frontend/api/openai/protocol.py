@@ -1,0 +1,170 @@
+"""Request and response models shared by the OpenAI routes, and those of legacy completions and
+models, as the official `openai` SDK sends and reads them. Requests convert themselves into
+generation parameters (`to_generation_params()`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from frontend import errors
+from frontend.api.text_fields import NonEmptyText, Text
+from frontend.generation.params import GenerationParams
+
+Prompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+)
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """The sampling and stopping fields /v1/completions and /v1/chat/completions share: OpenAI's,
+    then vLLM's extensions (pass them with the SDK's `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    timeout: float | None = Field(
+        None, gt=0, description="seconds this completion may take (capped by the server's maximum); then 504"
+    )
+    user: Text | None = Field(None, max_length=256)
+    # Accepted for compatibility; only their neutral values are supported (check_supported).
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions.
+    top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = Field(False, description="keep generating after the end-of-text token")
+    min_tokens: int = Field(0, ge=0, description="tokens to generate before eos, stop_token_ids or stop may end it")
+    stop_token_ids: list[TokenId] | None = Field(None, description="token ids that end the generation (finish stop)")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string or stop token in the text")
+    skip_special_tokens: bool = Field(True, description="leave special tokens out of the text")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_supported(self) -> None:
+        """Fields the schema accepts but this server does not implement (400 that names them)."""
+        if self.presence_penalty or self.frequency_penalty:
+            raise errors.InvalidRequest(
+                "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+                param="presence_penalty" if self.presence_penalty else "frequency_penalty",
+            )
+        if self.logit_bias:
+            raise errors.InvalidRequest("logit_bias is not supported", param="logit_bias")
+
+    def _generation_params(self, *, max_new_tokens: int, logprobs: int, timeout_s: float | None) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k),
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop_list()),
+            seed=self.seed,
+            logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            timeout_s=self.timeout or timeout_s,
+        )
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    # Accepted for compatibility; only their neutral values are supported (check_supported).
+    best_of: int | None = Field(None, ge=1)
+    suffix: Text | None = None
+
+    def check_supported(self) -> None:
+        if self.best_of not in (None, self.n):
+            raise errors.InvalidRequest("best_of is not supported", param="best_of")
+        super().check_supported()
+        if self.suffix:
+            raise errors.InvalidRequest("suffix is not supported", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise errors.InvalidRequest(
+                "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo"
+            )
+
+    def to_generation_params(self, *, timeout_s: float | None = None) -> GenerationParams:
+        """`timeout_s`: the X-Request-Timeout header's, used when the body sets no `timeout`."""
+        return self._generation_params(
+            max_new_tokens=self.max_tokens or 16, logprobs=self.logprobs or 0, timeout_s=timeout_s
+        )
+
+
+class LogProbs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: LogProbs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gpt2-serving"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -1,0 +1,199 @@
+"""Legacy completions (`/v1/completions`) and the model list: the work behind the HTTP routes.
+
+Also what the chat serving shares with it: the request checks, and the SSE framing of OpenAI
+streams (a failure mid-stream is the last data event, then `[DONE]`)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from frontend import errors
+from frontend.api.fanin import collect, merge_streams
+from frontend.api.openai import protocol as oai
+from frontend.api.streaming import sse_json, sse_response
+from frontend.generation.params import FieldNames
+from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
+from frontend.settings import Settings
+
+
+def check_request(body: oai.SamplingRequest, service: GenerationService, settings: Settings) -> None:
+    """Checks every OpenAI generation request goes through before any work: the model, `n`, and the
+    fields this server accepts but does not implement."""
+    service.check_model(body.model)
+    if body.n > settings.max_n:
+        raise errors.InvalidRequest(f"n must be at most {settings.max_n}", param="n")
+    body.check_supported()
+
+
+def openai_sse(events: AsyncIterator[ServerSentEvent], service: GenerationService) -> EventSourceResponse:
+    def on_error(err: errors.APIError) -> list[ServerSentEvent]:
+        # The error as the last data event, then `[DONE]`: clients that wait for it stop cleanly
+        # (e.g. a generation ended by the drain on SIGTERM or by its deadline).
+        return [ServerSentEvent(sse_json(err.body())), ServerSentEvent("[DONE]")]
+
+    return sse_response(events, on_error, send_timeout_s=service.settings.sse_send_timeout_s)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> oai.Usage:
+    return oai.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+# ------------------------------------------------------------------------------------ models
+def list_models(service: GenerationService) -> oai.ModelList:
+    model = service.model
+    return oai.ModelList(data=[oai.Model(id=model.name, created=model.created)])
+
+
+def get_model(service: GenerationService, model_id: str) -> oai.Model:
+    service.check_model(model_id, param="model")
+    return oai.Model(id=service.model.name, created=service.model.created)
+
+
+# ------------------------------------------------------------------------------- completions
+@dataclass(frozen=True)
+class PlannedChoice:
+    index: int  # prompt index * n + j
+    echo: str  # the prompt text when `echo`, else ""
+    request: GenerationRequest
+
+
+def _prompts(body: oai.CompletionRequest) -> list[str | list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]  # type: ignore[arg-type]
+    return list(p)  # type: ignore[arg-type]
+
+
+def plan_completion(
+    body: oai.CompletionRequest, service: GenerationService, timeout_s: float | None = None
+) -> list[PlannedChoice]:
+    """A choice for every prompt x n; choice j of a prompt samples with seed + j."""
+    prompts = _prompts(body)
+    limit = service.settings.max_batch_requests
+    if len(prompts) * body.n > limit:
+        raise errors.InvalidRequest(
+            f"{len(prompts)} prompts x n={body.n} asks for more than {limit} completions in one request", param="prompt"
+        )
+    params = body.to_generation_params(timeout_s=timeout_s)
+    plan = []
+    for p_index, prompt in enumerate(prompts):
+        param = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
+        names = FieldNames(prompt=param, max_new_tokens="max_tokens")
+        ids = service.tokenize(prompt, param=param)
+        echo = (prompt if isinstance(prompt, str) else service.detokenize(ids, param=param)) if body.echo else ""
+        for j in range(body.n):
+            plan.append(PlannedChoice(p_index * body.n + j, echo, service.prepare(ids, params.for_choice(j), names)))
+    return plan
+
+
+def completion_logprobs(
+    service: GenerationService, chunks: Sequence[TextChunk], offset: int
+) -> tuple[oai.LogProbs, int]:
+    """OpenAI's logprobs for `chunks`, the first token at text offset `offset`; returns the offset
+    after the last token. Offsets advance by each token's own text (not by the text released with
+    it, which a pending stop string can delay)."""
+    decode = service.tokenizer.decode
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for ch in chunks:
+        if ch.token_id is None:
+            continue
+        token = decode([ch.token_id])
+        tokens.append(token)
+        token_lps.append(ch.logprob)
+        tops.append({decode([t]): lp for t, lp in ch.top_logprobs} if ch.top_logprobs else None)
+        offsets.append(offset)
+        offset += len(token)
+    return oai.LogProbs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets), offset
+
+
+async def create_completion(
+    body: oai.CompletionRequest, service: GenerationService, settings: Settings, *, timeout_s: float | None
+) -> oai.Completion | EventSourceResponse:
+    check_request(body, service, settings)
+    plan = plan_completion(body, service, timeout_s)
+    completion_id = f"cmpl-{secrets.token_hex(12)}"
+    created = int(time.time())
+    streams = [service.stream(c.request) for c in plan]
+    if body.stream:
+        # Raises here, before any byte, when no choice could start: a plain JSON error.
+        merged = await merge_streams(streams)
+        return openai_sse(_completion_events(body, service, plan, merged, completion_id, created), service)
+    items = await collect(streams)
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    for choice in plan:
+        result = items[choice.index][-1]
+        assert isinstance(result, Completion)
+        logprobs = (
+            completion_logprobs(service, result.chunks, len(choice.echo))[0] if body.logprobs is not None else None
+        )
+        choices.append(
+            oai.Choice(
+                text=choice.echo + result.text,
+                index=choice.index,
+                logprobs=logprobs,
+                finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            )
+        )
+        if choice.index % body.n == 0:  # a prompt shared by n choices counts once
+            prompt_tokens += len(choice.request.prompt_ids)
+        completion_tokens += result.completion_tokens
+    return oai.Completion(
+        id=completion_id,
+        created=created,
+        model=service.model_name,
+        choices=choices,
+        usage=usage(prompt_tokens, completion_tokens),
+    )
+
+
+async def _completion_events(
+    body: oai.CompletionRequest,
+    service: GenerationService,
+    plan: list[PlannedChoice],
+    merged: AsyncIterator[tuple[int, TextChunk | Completion]],
+    completion_id: str,
+    created: int,
+) -> AsyncIterator[ServerSentEvent]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    model = service.model_name
+
+    def chunk(choices: list[oai.Choice], usage_: oai.Usage | None = None) -> ServerSentEvent:
+        body_ = oai.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage_)
+        data = body_.model_dump(exclude_none=not include_usage)
+        if include_usage and usage_ is None:
+            data["usage"] = None
+        return ServerSentEvent(sse_json(data))
+
+    echoes = {c.index: c.echo for c in plan}
+    offsets = {c.index: len(c.echo) for c in plan}
+    prompt_tokens = completion_tokens = 0
+    async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
+        async for index, item in merged:
+            prefix = echoes.pop(index, "")  # the prompt, before the choice's first text
+            if isinstance(item, TextChunk):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, offsets[index] = completion_logprobs(service, [item], offsets[index])
+                yield chunk([oai.Choice(text=prefix + item.text, index=index, logprobs=logprobs)])
+            else:
+                if index % body.n == 0:
+                    prompt_tokens += item.prompt_tokens
+                completion_tokens += item.completion_tokens
+                finish = item.finish_reason
+                yield chunk([oai.Choice(text=prefix, index=index, finish_reason=finish)])  # type: ignore[arg-type]
+    if include_usage:
+        yield chunk([], usage(prompt_tokens, completion_tokens))
+    yield ServerSentEvent("[DONE]")

@@ -1,0 +1,1 @@
+"""POST /tokenize and POST /detokenize, with vLLM's request and response shapes."""
