@@ -14,7 +14,7 @@
 #   2. the step engine alone at 1, 64, 512 rows; kernel tables at 1 and 512        -> engine/
 #   4. transformers on the same card: plain generate; static cache + compile        -> hf/
 #   3. the whole stack (embedded Triton + gateway, GATEWAY_MAX_RUNNING=640) with 1 then 8 gateway
-#      workers: single stream, 512 streams, the seed scenarios, top-p 0.95 at 512 streams, with
+#      workers: single stream, 512 streams (/generate, then SSE), the seed scenarios, top-p 0.95, with
 #      Triton's and the gateway's /metrics scraped around every run                 -> stack_w<W>/
 #   6. benchmarks.gpu_summary -> summary.md (target vs measured); $OUT/gpu_suite.tgz; summary printed
 #
@@ -26,7 +26,8 @@
 # Knobs: OUT (/tmp/out), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S (480), SUITE_WORKERS ("1 8"),
 # SUITE_TOPP_TOKENS (32), SUITE_FRESH_EXPORT=1 (export again even when SUITE_REPO has a model),
 # SUITE_SKIP (stages to leave out, any of "tests engine hf stack"; skipped stages are recorded),
-# SUITE_RUNS (the whole-stack runs, default "single streams seed topp"), SUITE_STREAM_REQUESTS (2).
+# SUITE_RUNS (the whole-stack runs, default "single streams sse seed topp"), SUITE_STREAM_REQUESTS (2),
+# SUITE_LOAD_PROCESSES (8: load-generator processes of every run but the single stream).
 # For a dry run without a GPU: SUITE_DEVICE=cpu SUITE_MODEL=tiny SUITE_PY=.venv/bin/python
 # SUITE_STREAMS=64 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
 set -u -o pipefail
@@ -45,7 +46,8 @@ DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
 STREAMS=${SUITE_STREAMS:-512}
 STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-2} # per user in the 512-stream run
-RUNS=${SUITE_RUNS:-single streams seed topp} # the whole-stack runs, per worker count
+RUNS=${SUITE_RUNS:-single streams sse seed topp} # the whole-stack runs, per worker count
+LOAD_PROCS=${SUITE_LOAD_PROCESSES:-8} # load-generator processes for the many-user runs (one could not keep up)
 SKIP=" ${SUITE_SKIP:-} "
 GW_PORT=8080
 if [ "$DEVICE" = cuda ]; then
@@ -313,21 +315,25 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
         profile_bg "$D" & # where the host time goes during the 512-stream run (py-spy, when staged)
         SPY=$!
         load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
-          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50
+          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
         wait "$SPY" # only the profiler: a bare `wait` would also wait for the servers (it hung the 2026-11-30 run)
         }
+        # The same load streamed: one SSE event per token to each of the 512 clients.
+        run_wanted sse && load_run "$D" sse 120 --endpoint stream --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
+          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
         # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
         run_wanted seed && scrape "$D" seed before
         run_wanted seed && for SC in light medium heavy; do
           run_stage "w${W}_seed_$SC" 45 "$D/load_seed_$SC.log" "$PY" -m benchmarks.load --out "$D" --tag seed \
             --base-url "http://127.0.0.1:$GW_PORT" --scenario "$SC" --endpoint generate --temperature 0.8 --top-k 50 \
-            --timeout-s 30
+            --timeout-s 30 --processes "$LOAD_PROCS"
         done
         run_wanted seed && scrape "$D" seed after
         # Report only. Top-p over random weights needs every full row on the host (a few ms of sampling
         # per row per step in the gateway), so this run generates $TOPP_TOKENS tokens per stream, not 128.
         run_wanted topp && load_run "$D" topp 90 --endpoint generate --concurrency "$TOPP_STREAMS" --requests 1 \
-          --max-new-tokens "$TOPP_TOKENS" "${PROMPTS[@]}" --top-k 0 --top-p 0.95 --warmup 1 --timeout-s 70
+          --max-new-tokens "$TOPP_TOKENS" "${PROMPTS[@]}" --top-k 0 --top-p 0.95 --warmup 1 --timeout-s 70 \
+          --processes "$LOAD_PROCS"
       else
         tail -n 20 "$D/gateway.log"
         record "gateway_w$W" failed 1 $((SECONDS - t)) 120

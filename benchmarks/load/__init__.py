@@ -37,7 +37,7 @@ from __future__ import annotations
 from benchmarks.load.charts import CHARTS, Series, write_charts
 from benchmarks.load.cli import build_parser, configs_from_args, main
 from benchmarks.load.client import CSV_FIELDS, RequestResult, request_body, send
-from benchmarks.load.runner import RunResult, execute, run_closed_loop, run_open_loop
+from benchmarks.load.runner import RunResult, execute
 from benchmarks.load.scenarios import (
     BATCH_SIZE,
     DEFAULT_BASE_URL,
@@ -109,8 +109,6 @@ __all__ = [
     "prompt_pool",
     "render_markdown",
     "request_body",
-    "run_closed_loop",
-    "run_open_loop",
     "run_shape",
     "seed_row_for",
     "send",

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests before each run (default %(default)s)")
     p.add_argument("--api-key", help="Bearer key (default: $BENCH_API_KEY if set)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="load processes the users (or arrivals) are spread over, so the client keeps up with "
+        "hundreds of concurrent streams (default %(default)s)",
+    )
     p.add_argument("--out", help="directory for <name>.md/.csv/.json")
     p.add_argument("--tag", help="suffix for the run names / output files")
     p.add_argument(
@@ -90,6 +97,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         "warmup": args.warmup,
         "api_key": api_key,
         "think_time_s": args.think_time_s,
+        "processes": max(1, args.processes),
     }
     if args.rate is not None:
         if args.scenario or args.concurrency or args.requests:

@@ -165,6 +165,7 @@ class RunConfig:
     scenario: str | None = None  # light|medium|heavy when run as a named scenario
     modified: bool = False  # the named scenario's sizes were overridden by flags
     warmup: int = 1
+    processes: int = 1  # load processes the users / arrivals are spread over (runner.py)
     api_key: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:

@@ -126,6 +126,7 @@ class StepObserver(Protocol):
     def step_finished(self, rows: int, duration_s: float) -> None: ...
     def full_row_fetched(self, reason: str) -> None: ...
     def queue_changed(self, waiting: int, running: int) -> None: ...
+    def sequence_admitted(self, queue_s: float) -> None: ...
 
 
 class _NullObserver:
@@ -136,6 +137,9 @@ class _NullObserver:
         pass
 
     def queue_changed(self, waiting: int, running: int) -> None:
+        pass
+
+    def sequence_admitted(self, queue_s: float) -> None:
         pass
 
 
@@ -324,7 +328,9 @@ class Scheduler:
     def _admit(self) -> None:
         now = time.monotonic()
         while self._waiting and len(self._running) < self.max_running:
-            self._running.append(self._waiting.popleft())
+            seq = self._waiting.popleft()
+            self._running.append(seq)
+            self.observer.sequence_admitted(now - seq.submitted_at)
         while self._waiting and now - self._waiting[0].submitted_at > self.queue_timeout_s:
             self._finish(self._waiting.popleft(), ErrorEvent(Overloaded("waited too long for a free slot")))
         self.observer.queue_changed(len(self._waiting), len(self._running))

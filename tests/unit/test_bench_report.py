@@ -6,16 +6,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import io
 import json
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from benchmarks import baseline, load
+from benchmarks.load import runner
 from benchmarks.report import (
     NA,
     Distribution,
@@ -321,19 +326,38 @@ def test_baseline_args() -> None:
         baseline.config_from_args(argparse.Namespace(**{**vars(args), "device": "cuda"}), cuda_available=False)
 
 
-# ------------------------------------------------------------------- request handlers (httpx.MockTransport)
+# ------------------------------------------------------------------- request handlers (a loopback aiohttp server)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _send(cfg: load.RunConfig, handler: object, prompts: int = 1) -> load.RequestResult:
-    """Run load.send against an in-process mock transport (no sockets)."""
+def _send(cfg: load.RunConfig, handler: Handler, prompts: int = 1) -> load.RequestResult:
+    """Run load.send against a real loopback server whose every POST is `handler`."""
     plan = load.RequestPlan(0, 0, ("hi",) * prompts, (None,) * prompts)
 
     async def go() -> load.RequestResult:
-        transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            return await load.send(client, cfg, plan, run_t0=0.0)
+        app = web.Application()
+        app.router.add_post("/{path:.*}", handler)
+        async with TestServer(app, host="127.0.0.1") as server:
+            live = dataclasses.replace(cfg, base_url=str(server.make_url("")).rstrip("/"))
+            async with runner._client(live, max_connections=4) as client:
+                return await load.send(client, live, plan, run_t0=0.0)
 
     return asyncio.run(go())
+
+
+def _json(payload: object, status: int = 200) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(payload, status=status)
+
+    return handler
+
+
+def _raw(body: bytes, status: int = 200) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, status=status)
+
+    return handler
 
 
 def _usage(n: int) -> dict[str, int]:
@@ -341,17 +365,17 @@ def _usage(n: int) -> dict[str, int]:
 
 
 def test_generate_ok_and_http_error() -> None:
-    def ok(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        assert request.url.path == "/generate" and body["seed"] is None and body["top_k"] == 0
+    async def ok(request: web.Request) -> web.Response:
+        body = await request.json()
+        assert request.path == "/generate" and body["seed"] is None and body["top_k"] == 0
         payload = {"generated_text": "x", "completion_tokens": 5, "finish_reason": "length", "usage": _usage(5)}
         payload |= {"cached": True, "timings": {"time_to_first_token_s": 0.01, "total_s": 0.2}}
-        return httpx.Response(200, json=payload)
+        return web.json_response(payload)
 
     res = _send(_cfg(endpoint="generate"), ok)
     assert res.ok and res.completion_tokens == 5 and res.prompt_tokens == 2 and res.cache_hits == 1
     assert res.server_total_s == 0.2 and res.latency_s is not None
-    res = _send(_cfg(endpoint="generate"), lambda r: httpx.Response(503, json={"error": {"message": "busy"}}))
+    res = _send(_cfg(endpoint="generate"), _json({"error": {"message": "busy"}}, status=503))
     assert not res.ok and res.status == 503 and res.error is not None and res.error.startswith("HTTP 503")
 
 
@@ -359,10 +383,9 @@ def test_batch_items_with_null_error_are_ok() -> None:
     item = {"generated_text": "x", "finish_reason": "length", "completion_tokens": 3, "usage": _usage(3)}
     good = {**item, "cached": False, "error": None}
     bad = {"generated_text": None, "usage": None, "cached": False, "error": {"message": "nope"}}
-    res = _send(_cfg(endpoint="batch"), lambda r: httpx.Response(200, json={"results": [good] * 4, "cache_hits": 0}), 4)
+    res = _send(_cfg(endpoint="batch"), _json({"results": [good] * 4, "cache_hits": 0}), 4)
     assert res.ok and res.items_ok == 4 and res.completion_tokens == 12 and res.cache_hits == 0
-    body = {"results": [good, good, bad, good], "cache_hits": 0}
-    res = _send(_cfg(endpoint="batch"), lambda r: httpx.Response(200, json=body), 4)
+    res = _send(_cfg(endpoint="batch"), _json({"results": [good, good, bad, good], "cache_hits": 0}), 4)
     assert not res.ok and res.items_ok == 3 and "1 of 4" in (res.error or "")
 
 
@@ -373,27 +396,84 @@ def _sse(*events: tuple[str, object]) -> bytes:
 def test_stream_ttft_itl_and_usage() -> None:
     tokens = [("token", {"text": f" t{i}", "position": i, "token_id": i}) for i in range(4)]
     done = ("done", {"finish_reason": "length", "usage": _usage(4), "cached": False})
-    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens, done)))
+
+    async def streamed(request: web.Request) -> web.StreamResponse:  # event by event, as the gateway sends them
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in (*tokens, done):
+            await resp.write(_sse(event))
+            await asyncio.sleep(0.002)
+        await resp.write_eof()
+        return resp
+
+    res = _send(_cfg(), streamed)
     assert res.ok and res.completion_tokens == 4 and res.ttft_s is not None and len(res.itl_s) == 3
+    assert all(gap > 0.001 for gap in res.itl_s)  # measured as the events arrived
     error = ("error", {"error": {"message": "engine died"}})
-    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens[:2], error)))
+    res = _send(_cfg(), _raw(_sse(*tokens[:2], error)))
     assert not res.ok and "engine died" in (res.error or "")
-    res = _send(_cfg(), lambda r: httpx.Response(200, content=_sse(*tokens[:2])))
+    res = _send(_cfg(), _raw(_sse(*tokens[:2])))
     assert not res.ok and "without a done event" in (res.error or "")
 
 
 def test_connection_errors_and_timeouts_are_failures_not_crashes() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    refused = _cfg(endpoint="generate", base_url=f"http://127.0.0.1:{_free_port()}")
+    plan = load.RequestPlan(0, 0, ("hi",), (None,))
 
-    res = _send(_cfg(endpoint="generate"), refuse)
-    assert not res.ok and res.error is not None and res.error.startswith("ConnectError")
+    async def go() -> load.RequestResult:
+        async with runner._client(refused, max_connections=1) as client:
+            return await load.send(client, refused, plan, run_t0=0.0)
 
-    async def slow(request: httpx.Request) -> httpx.Response:
+    res = asyncio.run(go())
+    assert not res.ok and res.error is not None and res.error.startswith("ClientConnectorError")
+
+    async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(5)
-        return httpx.Response(200, json={})
+        return web.json_response({})
 
     res = _send(_cfg(endpoint="generate", timeout_s=0.05), slow)
     assert not res.ok and res.error == "timeout after 0.05 s"
-    res = _send(_cfg(endpoint="generate"), lambda r: httpx.Response(200, content=b"not json"))
+    res = _send(_cfg(endpoint="generate"), _raw(b"not json"))
     assert not res.ok and res.error is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_run_spread_over_processes_sends_every_request_once(mode: str) -> None:
+    """Two spawned load processes share the users (or arrivals) and start on one clock."""
+    seen: list[int] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(len(body["prompt"]))
+        await asyncio.sleep(0.01)
+        return web.json_response({"generated_text": "x", "finish_reason": "length", "usage": _usage(2)})
+
+    async def go() -> load.RunResult:
+        app = web.Application()
+        app.router.add_post("/generate", generate)
+        async with TestServer(app, host="127.0.0.1") as server:
+            shape = {"users": 4, "requests_per_user": 3} if mode == "closed" else {"rate": 40.0, "duration_s": 0.5}
+            cfg = _cfg(
+                endpoint="generate",
+                mode=mode,
+                base_url=str(server.make_url("")).rstrip("/"),
+                processes=2,
+                warmup=1,
+                think_time_s=0.0,
+                timeout_s=10.0,
+                **shape,
+            )
+            return await load.execute(cfg, ["a prompt"])
+
+    run = asyncio.run(go())
+    planned = 12 if mode == "closed" else len(load.poisson_arrivals(40.0, 0.5, 0))
+    assert [r.index for r in run.results] == list(range(planned))  # each planned request once, merged
+    assert all(r.ok for r in run.results) and len(seen) == planned + 2  # + one warm-up per process
+    assert run.wall_s >= max(r.start_s + (r.latency_s or 0) for r in run.results) - 1e-6
+    assert min(r.start_s for r in run.results) >= 0.0

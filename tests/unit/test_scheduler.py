@@ -290,3 +290,25 @@ async def test_stop_controls_ignore_eos_stop_token_ids_and_min_tokens() -> None:
     assert any(backend.wanted_logits)
     await sched.close()
     assert not backend.live
+
+
+async def test_each_admission_reports_its_queue_time() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.queued: list[float] = []
+
+        def step_finished(self, rows: int, duration_s: float) -> None: ...
+        def full_row_fetched(self, reason: str) -> None: ...
+        def queue_changed(self, waiting: int, running: int) -> None: ...
+        def sequence_admitted(self, queue_s: float) -> None:
+            self.queued.append(queue_s)
+
+    recorder = Recorder()
+    backend = ScriptedBackend(capacity=8)
+    sched = scheduler(backend, max_running=1, observer=recorder)  # one at a time: the others queue
+    sched.start()
+    seqs = [sched.submit([1], GREEDY, 3, seed=None) for _ in range(3)]
+    await asyncio.gather(*(drain(s.events) for s in seqs))  # type: ignore[arg-type]
+    await sched.close()
+    assert len(recorder.queued) == 3 and all(q >= 0 for q in recorder.queued)
+    assert recorder.queued[2] > recorder.queued[0]  # the last one waited for two generations
