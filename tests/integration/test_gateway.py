@@ -46,10 +46,13 @@ def _serve(triton: TritonServer, model_repository: Path) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
+    url = f"http://127.0.0.1:{port}"
+    # It listens at once (liveness) and is ready once Triton's model is: wait for readiness, so
+    # whichever test runs first (e.g. with -k) does not meet a 503 "starting".
+    while not (server.started and httpx.get(f"{url}/health/ready", timeout=5).status_code == 200):
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not become ready"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield url
     server.should_exit = True
     thread.join(10)
 

@@ -201,6 +201,18 @@ def fault_triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactor
         yield server
 
 
+@pytest.fixture(autouse=True)
+def _triton_is_up(request: pytest.FixtureRequest) -> None:
+    """Isolation: a test that left this tier's tritonserver dead (a failed kill/restart, or Triton
+    crashing after a freeze) must not fail the tests after it; that test fails on its own."""
+    if "fault_triton" not in request.fixturenames:
+        return
+    server: TritonServer = request.getfixturevalue("fault_triton")
+    if server.process is None or server.process.poll() is not None:
+        server.stop()
+        server.start(120)
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if REDIS_SERVER is None:  # `make test` and .ci/run install it: a missing binary is a broken setup

@@ -32,7 +32,6 @@ from frontend.security.keys import RedisKeyStore, SQLiteKeyStore, make_record, r
 from frontend.settings import Settings
 from tests.api.fake_engine import FakeEngine
 from tests.integration.redis_server import RedisServer
-from tests.resilience.conftest import GatewayProcess, ThreadGateway, gateway_env, gateway_settings
 
 pytestmark = [pytest.mark.resilience, pytest.mark.asyncio]
 
