@@ -7,9 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 
 from frontend.api import health, native, openai
+from frontend.api.admission import AdmissionGateMiddleware
 from frontend.api.client_hygiene import BodyLimitMiddleware, CancelOnDisconnectMiddleware
 from frontend.api.docs import install_local_docs
 from frontend.api.openapi import install_openapi
@@ -22,13 +23,11 @@ from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
 from frontend.metrics import GatewayMetrics, MetricsMiddleware
-from frontend.observability import RequestContextMiddleware, configure_logging, install_tracing, note_api_key
+from frontend.observability import RequestContextMiddleware, configure_logging, install_tracing
 from frontend.security.gateway import (
-    Principal,
     RateLimitHeadersMiddleware,
     Security,
     guard_operations,
-    require_generate,
 )
 from frontend.settings import Settings
 
@@ -59,6 +58,7 @@ def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
         breaker_reset_s=settings.breaker_reset_s,
         prefill_batch=settings.prefill_batch,
         prefill_hold_s=settings.prefill_hold_ms / 1000,
+        resume_timeout_s=settings.resume_timeout_s,
     )
 
 
@@ -143,22 +143,10 @@ def create_app(
     )
     # x-ratelimit-* headers on every admitted response, not only on 429s (docs/security.md).
     app.add_middleware(RateLimitHeadersMiddleware)  # type: ignore[arg-type]
+    # Shed generation requests while the waiting queue is full, before any per-request work.
+    app.add_middleware(AdmissionGateMiddleware, max_waiting=settings.max_waiting)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     # Outermost: the request id and its record exist for everything inside; one access-log line.
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)  # type: ignore[arg-type]
     install_tracing(app, settings.otlp_endpoint, service_name=settings.otel_service_name)
-    _note_key_names(app)
     return app
-
-
-def _note_key_names(app: FastAPI) -> None:
-    """The access log names the API key of a generation request: the generate dependency is
-    wrapped to hand the authenticated key's NAME (never the key) to the request's record."""
-
-    async def require_generate_noted(request: Request) -> Principal:
-        principal = await require_generate(request)
-        if principal.key_id is not None:
-            note_api_key(principal.name)
-        return principal
-
-    app.dependency_overrides.setdefault(require_generate, require_generate_noted)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     prefill_batch: int = Field(
         16, ge=1, description="while sequences decode, new ones start together once this many wait"
     )
+    resume_timeout_s: float = Field(
+        30.0, ge=0, description="a generation Triton lost (restart) waits this long to start again on it; 0 = fail"
+    )
     prefill_hold_ms: float = Field(
         20.0, ge=0, description="...or once the oldest has waited this long (0 = start each at once)"
     )

@@ -1,4 +1,7 @@
-"""Typed dependencies: route signatures read like prose (`service: ServiceDep`)."""
+"""Typed dependencies: route signatures read like prose (`service: ServiceDep`).
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+dependency per request (most of a refused request's cost before this was noticed)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from frontend.security.gateway import Principal, require_generate
 from frontend.settings import Settings
 
 
-def get_service(request: Request) -> GenerationService:
+async def get_service(request: Request) -> GenerationService:
     """The service, once the engine has started and while not draining (else 503, Retry-After)."""
     lifecycle = getattr(request.app.state, "lifecycle", None)
     if lifecycle is not None:
@@ -19,7 +22,7 @@ def get_service(request: Request) -> GenerationService:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
-def request_timeout(
+async def request_timeout(
     x_request_timeout: Annotated[
         float | None,
         Header(gt=0, description="seconds this generation may take (capped by the server's maximum)"),
@@ -28,7 +31,7 @@ def request_timeout(
     return x_request_timeout
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 

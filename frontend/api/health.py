@@ -28,7 +28,14 @@ async def ready(request: Request) -> Response:
     return await _readiness(request)
 
 
-@router.get("/health", responses={503: {"model": ErrorResponse, "description": "not ready (see /health/ready)"}})
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={
+        200: {"content": {}, "description": "ready: an empty body"},
+        503: {"model": ErrorResponse, "description": "not ready (see /health/ready)"},
+    },
+)
 async def health(request: Request) -> Response:
     """vLLM's health check, which benchmark tools probe: 200 with an empty body when ready (the
     same test as /health/ready), else /health/ready's 503."""

@@ -459,11 +459,17 @@ class EngineCoreProcess:
     def _watch(self) -> None:
         """The core is the only scheduler: when it dies, stop the gateway (a supervisor restarts it)."""
         assert self._process is not None
-        multiprocessing.connection.wait([self._process.sentinel])  # waits without reaping: stop() joins
-        if not self._stopping:
+        multiprocessing.connection.wait([self._process.sentinel])
+        if self._stopping:
+            return
+        if self._process.exitcode == 0:
+            # A signal to the whole process group (SIGTERM from a supervisor) stopped the core too: it
+            # waited for the workers to drain and say goodbye, then closed. A clean stop, not a death.
+            log.info("engine core stopped; stopping the gateway")
+        else:
             self.died = True
-            log.error("engine core exited unexpectedly; stopping the gateway")
-            os.kill(os.getpid(), signal.SIGTERM)
+            log.error("engine core exited unexpectedly (exit %s); stopping the gateway", self._process.exitcode)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
         """Ask the core to stop (SIGTERM: it closes the engine, releasing every KV slot) and wait."""

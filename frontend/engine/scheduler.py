@@ -34,7 +34,16 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from frontend.engine.breaker import CircuitBreaker
-from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepError, StepOutput, StepRejected
+from frontend.engine.triton_client import (
+    ROW_REFUSALS,
+    Row,
+    StepBatch,
+    StepError,
+    StepOutput,
+    StepRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from frontend.sampling import (
     BatchParams,
     NeedFullRow,
@@ -105,6 +114,15 @@ class ActiveSequence:
     stop_ids: frozenset[int] = frozenset()
     min_tokens: int = 0
     banned: tuple[int, ...] = ()
+    # Lost by the model server (a failed step, a restart): waiting since `parked_at` to start again
+    # under a new id with prompt + generated tokens (see Scheduler.resume_timeout_s).
+    parked_at: float | None = None
+    parked_by: Exception | None = None
+
+    def context(self) -> list[int]:
+        """The tokens a start row carries: the prompt, plus what was generated when resuming."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
+
     temperature: float = field(init=False)
     sink: EventSink = field(init=False)  # where events go: `events`, or the engine core's outbox
 
@@ -166,6 +184,7 @@ class Scheduler:
         max_prefill_tokens: int = 16_384,
         prefill_batch: int = 16,
         prefill_hold_s: float = 0.02,
+        resume_timeout_s: float = 30.0,
         observer: StepObserver | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
@@ -184,6 +203,12 @@ class Scheduler:
         # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
         self.prefill_batch = prefill_batch
         self.prefill_hold_s = prefill_hold_s
+        # Sequences the model server lost (Triton restarted, a step failed in transit) start again on
+        # it with their prompt plus the tokens generated so far, under a new id: the n-th token still
+        # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
+        # most resume_timeout_s for a server that takes them (0: fail them at once instead).
+        self.resume_timeout_s = resume_timeout_s
+        self._parked: list[ActiveSequence] = []
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
@@ -301,8 +326,10 @@ class Scheduler:
         """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
         send one probe step (a one-token sequence that starts and ends at once, plus the pending
         releases); its outcome closes or re-opens the breaker."""
-        pending = [*self._waiting, *self._running]
+        # New work is refused at once; generations the server lost wait (parked) for it to return.
+        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
         self._waiting.clear()
+        self._expire_parked()
         if pending:
             try:
                 breaker.check()
@@ -333,6 +360,8 @@ class Scheduler:
             self.observer.sequence_admitted(now - seq.submitted_at)
         while self._waiting and now - self._waiting[0].submitted_at > self.queue_timeout_s:
             self._finish(self._waiting.popleft(), ErrorEvent(Overloaded("waited too long for a free slot")))
+        if self._parked:
+            self._expire_parked()
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
     def _plan(self) -> tuple[list[ActiveSequence], StepBatch]:
@@ -353,12 +382,13 @@ class Scheduler:
         for s in new:
             if allowance is not None and allowance <= 0:
                 break
-            if len(s.prompt_ids) > budget and budget < self.max_prefill_tokens:
+            if len(s.prompt_ids) + len(s.generated) > budget and budget < self.max_prefill_tokens:
                 break  # the rest waits for the next step; a single long prompt always goes
-            budget -= len(s.prompt_ids)
+            context = s.context()
+            budget -= len(context)
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
-            starts.append((s.sequence_id, s.prompt_ids, s.temperature))
+            starts.append((s.sequence_id, context, s.temperature))
         batch = StepBatch.compose(decode_ids, decode_tokens, decode_temperature, starts, sorted(self._releases))
         return seqs, batch
 
@@ -380,17 +410,22 @@ class Scheduler:
         try:
             out = await self.client.step(rows, window=window, want_logits=want_logits)
         except StepError as err:
-            # The whole step failed: the server may or may not have run it. Fail its sequences
-            # and release their ids (a release of an unknown sequence is a no-op).
+            # The whole step failed: the server may or may not have run it. Its ids are released
+            # (a release of an unknown sequence is a no-op); its sequences start again under new
+            # ids once a step succeeds (an unreachable, timed-out or restarted server), else fail.
             if self.breaker is not None:
                 self.breaker.record_failure(err)
+            resumable = self.resume_timeout_s > 0 and isinstance(err, UpstreamUnavailable | UpstreamTimeout)
             for seq in seqs:
-                self._finish(seq, ErrorEvent(err))
-                self._releases.add(seq.sequence_id)
+                if resumable and not seq.done:
+                    self._park(seq, err)
+                else:
+                    self._finish(seq, ErrorEvent(err))
+                    self._releases.add(seq.sequence_id)
             if not seqs:
                 log.warning("releasing %d sequences failed: %s", len(rows), err)
                 self._releases.clear()  # Triton's idle sweeper frees them
-            return True
+            return not resumable  # resumable: back off before the next attempt
         if self.breaker is not None:
             self.breaker.record_success()
         self.observer.step_finished(len(rows), time.perf_counter() - started)
@@ -410,11 +445,13 @@ class Scheduler:
         self._start_allowance = max(1, released) if full.any() else None
         for i in np.flatnonzero(full).tolist():
             seq = seqs[i]
-            if time.monotonic() - seq.submitted_at > self.queue_timeout_s:
+            if time.monotonic() - (seq.parked_at or seq.submitted_at) > self.queue_timeout_s:
                 self._finish(seq, ErrorEvent(Overloaded("the model server's KV cache stayed full")))
 
     def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepOutput) -> list[int]:
         """Apply each row's status; returns the indices of the rows to sample."""
+        if self._parked:
+            self._unpark([seqs[i] for i in np.flatnonzero(status == RowStatus.OK).tolist()])
         if not status.any():  # every row OK (the common case): no per-code dispatch
             sampling = []
             for i, seq in enumerate(seqs):
@@ -435,6 +472,9 @@ class Scheduler:
                     seq.on_server = False
                 else:
                     sampling.append(i)
+            elif code == RowStatus.NOT_FOUND and seq.on_server and self.resume_timeout_s > 0 and not seq.done:
+                # The server no longer knows it (restarted, or evicted it as idle): start it again.
+                self._park(seq, StepRejected(ROW_REFUSALS[code]))
             elif code != RowStatus.CACHE_FULL:
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
         return sampling
@@ -494,6 +534,28 @@ class Scheduler:
                 continue
             full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[i])
             self._emit(seq, sample(full, seq.params, u, self._seen(seq), self._banned(seq)))
+
+    def _park(self, seq: ActiveSequence, error: Exception) -> None:
+        """The server lost `seq` (or may have): release its id, and start it again under a new one."""
+        self._releases.add(seq.sequence_id)
+        seq.sequence_id = secrets.randbits(63)
+        seq.on_server = False
+        if seq.parked_at is None:
+            seq.parked_at, seq.parked_by = time.monotonic(), error
+            self._parked.append(seq)
+            log.info("sequence lost by the model server (%s); it starts again on the next step", error)
+
+    def _unpark(self, started: list[ActiveSequence]) -> None:
+        for seq in started:
+            if seq.parked_at is not None:
+                seq.parked_at = seq.parked_by = None
+        self._parked = [s for s in self._parked if s.parked_at is not None and not s.done]
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
+            self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
+        self._parked = [s for s in self._parked if not s.done]
 
     def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
         exc = error if isinstance(error, Exception) else RuntimeError(str(error))

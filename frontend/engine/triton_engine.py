@@ -68,6 +68,7 @@ class TritonEngine:
         breaker_reset_s: float = 1.0,
         prefill_batch: int = 16,
         prefill_hold_s: float = 0.02,
+        resume_timeout_s: float = 30.0,
     ) -> None:
         self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
@@ -93,6 +94,7 @@ class TritonEngine:
             "queue_timeout_s": queue_timeout_s,
             "prefill_batch": prefill_batch,
             "prefill_hold_s": prefill_hold_s,
+            "resume_timeout_s": resume_timeout_s,
             "observer": observer,
         }
         self._client: StepClient | None = None

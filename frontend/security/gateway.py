@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend import errors
+from frontend.observability.requests import note_api_key
 from frontend.security import accounting
 from frontend.security.clientip import client_ip, parse_networks
 from frontend.security.core_storage import EngineCoreStorage
@@ -320,7 +321,10 @@ def get_security(request: Request) -> Security:
 
 
 async def require_generate(request: Request) -> Principal:
-    return await get_security(request).admit(request, "generate")
+    principal = await get_security(request).admit(request, "generate")
+    if principal.key_id is not None:
+        note_api_key(principal.name)  # the access log names the key (never the key itself)
+    return principal
 
 
 async def guard_operations(request: Request) -> None:

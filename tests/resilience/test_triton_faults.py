@@ -84,6 +84,16 @@ class StreamReader:
     def tokens(self) -> int:
         return sum(1 for e, _ in self.events if e == "token")
 
+    def token_ids(self) -> list[int]:
+        return [json.loads(data)["token_id"] for e, data in self.events if e == "token"]
+
+
+def undisturbed_token_ids(url: str, body: dict) -> list[int]:
+    """The same request on a server nobody disturbs: what a resumed stream must equal."""
+    stream = StreamReader(url, body)
+    assert stream.done.wait(30) and stream.error is None and stream.events[-1][0] == "done", stream.events[-2:]
+    return stream.token_ids()
+
 
 def _ready_status(url: str) -> tuple[int, float]:
     started = time.monotonic()
@@ -113,7 +123,7 @@ def test_the_gateway_listens_while_triton_is_down(model_repository: Path) -> Non
         gateway.stop()
 
 
-def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it(
+def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it_and_the_stream_resumes(
     gateway: ThreadGateway, fault_triton: TritonServer
 ) -> None:
     assert fault_triton.process is not None
@@ -125,16 +135,14 @@ def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it(
         # The whole group: SIGSTOP of the server alone left its Python-backend stubs running, and
         # tritonserver 2.51 sometimes segfaulted after SIGCONT (its stub health checks had failed).
         os.killpg(group, signal.SIGSTOP)
-        frozen_at = time.monotonic()
         try:
             status, elapsed = _ready_status(gateway.url)
             assert status == 503 and elapsed < 1.0, (status, elapsed)  # readiness has a deadline
-            # The live stream ends with an error event after the step deadline (1 s), never hangs.
-            assert stream.done.wait(10), "the stream hung on a frozen Triton"
-            assert stream.error is None, stream.error
-            assert stream.events[-1][0] == "error", stream.events[-3:]
-            report(f"frozen Triton: the live stream ended with an error after {time.monotonic() - frozen_at:.2f} s")
+            # The step in flight times out (1 s): the breaker opens; the live stream waits (its
+            # sequence parked), neither ended nor failed.
             assert wait_for(lambda: _breaker_state(gateway.url) == 2, 5, 0.05), "the breaker did not open"
+            paused_at = stream.tokens()
+            assert not stream.done.is_set() and stream.events[-1][0] == "token", stream.events[-2:]
             for _ in range(3):
                 started = time.monotonic()
                 r = client.post("/generate", json=PROMPT)
@@ -146,12 +154,37 @@ def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it(
         finally:
             os.killpg(group, signal.SIGCONT)
         resumed = time.monotonic()
-        recovery_s = gateway.wait_ready(10)
-        report(f"frozen Triton: ready again {time.monotonic() - resumed:.2f} s after SIGCONT")
-        assert fault_triton.process.poll() is None, fault_triton.log_tail()
+
+        # tritonserver 2.51 itself does not always survive SIGSTOP/SIGCONT: on the 2-core machine it
+        # died with SIGSEGV or SIGABRT in 2 of 3 runs (2026-12-01), its log ending mid-run. The
+        # gateway's part is the same either way: readiness follows Triton, the breaker closes once
+        # a probe succeeds. A crashed server is restarted, as a supervisor would.
+        def settled() -> bool:  # ready again, or tritonserver died
+            assert fault_triton.process is not None
+            return fault_triton.process.poll() is not None or _ready_status(gateway.url)[0] == 200
+
+        assert wait_for(settled, 10, 0.02), "neither ready again nor crashed within 10 s of SIGCONT"
+        recovery_s = time.monotonic() - resumed
+        code = fault_triton.process.poll()
+        crashed = code is not None
+        if crashed:
+            assert _ready_status(gateway.url)[0] == 503
+            fault_triton.stop()
+            fault_triton.start(120)
+            recovery_s = gateway.wait_ready(10)  # from the restarted server's readiness
+        what = f"tritonserver crashed after SIGCONT (exit {code}); restarted" if crashed else "it survived SIGCONT"
+        report(f"frozen Triton: {what}; gateway ready again {recovery_s:.2f} s later")
+        assert fault_triton.process is not None and fault_triton.process.poll() is None, fault_triton.log_tail()
         assert recovery_s < 3.0, recovery_s  # the next probe (every 0.5 s, 1 s deadline) closes it
         assert _breaker_state(gateway.url) == 0
         assert client.post("/generate", json=PROMPT).status_code == 200
+        # The stream continued on the server that came back (prompt + its tokens prefilled again),
+        # token for token what an undisturbed run gives.
+        assert stream.done.wait(30) and stream.error is None, stream.error
+        assert stream.events[-1][0] == "done", stream.events[-2:]
+        resumed_ids = stream.token_ids()
+        report(f"frozen Triton: the stream paused after {paused_at} tokens and finished ({len(resumed_ids)} tokens)")
+    assert resumed_ids == undisturbed_token_ids(gateway.url, LONG_STREAM)
     assert_kv_released(fault_triton)
 
 
@@ -160,11 +193,7 @@ def test_a_triton_killed_mid_stream_then_restarted(gateway: ThreadGateway, fault
     stream = StreamReader(gateway.url, LONG_STREAM)
     assert wait_for(lambda: stream.tokens() >= 3 or stream.done.is_set(), 10)
     os.killpg(fault_triton.process.pid, signal.SIGKILL)  # a crash: server and stubs
-    killed_at = time.monotonic()
     fault_triton.stop()  # reaps it, removes its shared memory, closes its log
-    assert stream.done.wait(10), "the stream hung on a dead Triton"
-    assert stream.error is None and stream.events[-1][0] == "error", (stream.error, stream.events[-3:])
-    report(f"killed Triton: the live stream ended with an error after {time.monotonic() - killed_at:.2f} s")
     assert wait_for(lambda: _ready_status(gateway.url)[0] == 503, 2), "readiness did not notice Triton's death"
     r = httpx.post(f"{gateway.url}/generate", json=PROMPT, timeout=10)
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
@@ -179,6 +208,11 @@ def test_a_triton_killed_mid_stream_then_restarted(gateway: ThreadGateway, fault
     assert _breaker_state(gateway.url) == 0
     r = httpx.post(f"{gateway.url}/generate", json=PROMPT, timeout=10)
     assert r.status_code == 200, r.text
+    # The stream waited out the outage and continued on the new server, token for token.
+    assert stream.done.wait(30) and stream.error is None, stream.error
+    assert stream.events[-1][0] == "done", stream.events[-2:]
+    assert stream.token_ids() == undisturbed_token_ids(gateway.url, LONG_STREAM)
+    report(f"killed Triton: the live stream resumed on the restarted server ({stream.tokens()} tokens, as undisturbed)")
     assert_kv_released(fault_triton)
 
 

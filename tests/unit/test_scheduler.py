@@ -35,6 +35,10 @@ class ScriptedBackend:
         self.hold: asyncio.Event | None = None  # when set: steps wait for it
         self.delay_s = 0.0  # a step's duration (0: the scheduler's loop never yields between steps)
         self.top_token: dict[int, int] = {}  # sequence id -> its window's top token (default sid % 50 + 1)
+        # by_content: the top token is a function of the sequence's tokens so far (as a real model's
+        # is), so a sequence started again under a new id continues as it would have.
+        self.by_content = False
+        self.history: dict[int, list[int]] = {}
         self.batches: list[StepBatch] = []
         self.wanted_logits: list[bool] = []
         self.max_live = 0
@@ -73,6 +77,13 @@ class ScriptedBackend:
         # Window: descending distinct logits; the top token is (sid % 50) + 1.
         values = np.tile(np.arange(window, 0, -1, dtype=np.float32), (n, 1))
         top = (batch.sequence_ids % 50).astype(np.int64) + 1
+        if self.by_content:
+            for i, sid in enumerate(batch.sequence_ids.tolist()):
+                if status[i] == RowStatus.OK and batch.lengths[i]:
+                    seen = self.history.setdefault(sid, []) if not batch.start[i] else []
+                    seen += batch.input_ids[i, : batch.lengths[i]].tolist()
+                    self.history[sid] = seen
+                    top[i] = (sum(seen) * 31 + len(seen)) % 50 + 1
         for i, sid in enumerate(batch.sequence_ids.tolist()):
             top[i] = self.top_token.get(sid, top[i])
         ids = (top[:, None] + np.arange(window)[None, :]) % VOCAB
@@ -168,7 +179,7 @@ async def test_a_sequence_that_never_gets_a_slot_times_out_with_overloaded() -> 
 
 async def test_a_failed_step_fails_its_sequences_and_releases_their_ids() -> None:
     backend = ScriptedBackend(capacity=4)
-    sched = scheduler(backend)
+    sched = scheduler(backend, resume_timeout_s=0.0)  # resuming off (tested below)
     sched.start()
     backend.fail_at = (2, UpstreamUnavailable("triton went away"))  # the first decode step
     first = sched.submit([1], GREEDY, 5, seed=None)
@@ -312,3 +323,84 @@ async def test_each_admission_reports_its_queue_time() -> None:
     await sched.close()
     assert len(recorder.queued) == 3 and all(q >= 0 for q in recorder.queued)
     assert recorder.queued[2] > recorder.queued[0]  # the last one waited for two generations
+
+
+def restart(backend: ScriptedBackend) -> None:
+    """The model server restarted: it knows no sequence any more."""
+    backend.live.clear()
+    backend.history.clear()
+
+
+async def greedy_tokens(backend: ScriptedBackend, n: int, **kwargs: object) -> tuple[list[Event], Scheduler]:
+    sched = scheduler(backend, **kwargs)
+    sched.start()
+    seq = sched.submit([5, 6, 7], GREEDY, n, seed=None)
+    return await drain(seq.events), sched  # type: ignore[arg-type]
+
+
+async def test_a_restarted_server_gets_the_sequence_again_and_it_continues_token_for_token() -> None:
+    undisturbed = ScriptedBackend(capacity=4)
+    undisturbed.by_content = True
+    expected, sched = await greedy_tokens(undisturbed, 12)
+    await sched.close()
+
+    # 1. The step in flight fails (Triton went away); the server comes back empty.
+    backend = ScriptedBackend(capacity=4)
+    backend.by_content = True
+    backend.fail_at = (6, UpstreamUnavailable("connection refused"))
+    real_step = backend.step
+
+    async def step_then_restart(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
+        if len(backend.batches) + 1 == backend.fail_at[0]:  # type: ignore[index]
+            restart(backend)
+        return await real_step(rows, window=window, want_logits=want_logits)
+
+    backend.step = step_then_restart  # type: ignore[method-assign]
+    got, sched = await greedy_tokens(backend, 12)
+    await sched.close()
+    assert got == expected and isinstance(got[-1], FinishEvent)
+    resumed = [b for b in backend.batches[6:] if b.start.any()]
+    assert resumed and int(resumed[0].lengths[resumed[0].start][0]) == 3 + 5  # prompt + the 5 tokens so far
+    assert not backend.live
+
+    # 2. The server restarted between two steps: the next decode row is NOT_FOUND.
+    backend = ScriptedBackend(capacity=4)
+    backend.by_content = True
+    real_step2 = backend.step
+
+    async def restart_before_step_5(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
+        if len(backend.batches) == 4:
+            restart(backend)
+        return await real_step2(rows, window=window, want_logits=want_logits)
+
+    backend.step = restart_before_step_5  # type: ignore[method-assign]
+    got, sched = await greedy_tokens(backend, 12)
+    await sched.close()
+    assert got == expected
+
+
+async def test_a_server_that_does_not_come_back_fails_the_sequence_after_resume_timeout_s() -> None:
+    backend = ScriptedBackend(capacity=4)
+    backend.delay_s = 0.001
+    sched = scheduler(backend, resume_timeout_s=0.2)
+    sched.start()
+    seq = sched.submit([1], GREEDY, 10_000, seed=None)
+    await seq.events.get()
+
+    async def always_down(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
+        raise UpstreamUnavailable("down")
+
+    backend.step = always_down  # type: ignore[method-assign]
+    started = time.monotonic()
+    events = await drain(seq.events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamUnavailable)
+    assert time.monotonic() - started >= 0.2  # parked until resume_timeout_s, then failed
+    await sched.close()
+
+
+async def test_with_resume_off_a_failed_step_fails_its_sequences_at_once() -> None:
+    backend = ScriptedBackend(capacity=4)
+    backend.fail_at = (3, UpstreamUnavailable("down"))
+    events, sched = await greedy_tokens(backend, 12, resume_timeout_s=0.0)
+    await sched.close()
+    assert isinstance(events[-1], ErrorEvent) and len(events) == 3  # two tokens, then the error
