@@ -96,7 +96,7 @@ class FailingBackend(ScriptedBackend):
 async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() -> None:
     backend = FailingBackend()
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=0.2)
-    sched = scheduler(backend, breaker=breaker)
+    sched = scheduler(backend, breaker=breaker, resume_timeout_s=0.0)  # resuming: tests/unit/test_scheduler.py
     sched.start()
     backend.down = True
     # A failed step fails its generation; the release of its id fails too: two whole-step failures.
