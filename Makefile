@@ -12,7 +12,7 @@ REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
 UV := uv==0.13.9
 
-.PHONY: setup run test lint format export triton bench clean redis-server
+.PHONY: setup run test lint format export triton bench clean redis-server prometheus
 
 $(BIN)/.installed: requirements.txt requirements-cpu.txt requirements-gpu.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ setup: $(BIN)/.installed ## create the virtual environment
 run: setup ## export a default model if needed, start Triton + the gateway; Ctrl-C stops both
 	$(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
 
-test: setup redis-server ## the whole suite; real servers are started by fixtures
+test: setup redis-server prometheus ## the whole suite; real servers are started by fixtures
 	$(BIN)/python -m pytest
 
 redis-server: ## the Redis tests start a real redis-server: install Debian's package when missing
@@ -40,6 +40,13 @@ redis-server: ## the Redis tests start a real redis-server: install Debian's pac
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }; }
+
+prometheus: ## the dashboard test queries a real Prometheus: install Debian's package when missing
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (Debian package) for the dashboard test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }; }
 
 lint: setup
 	$(BIN)/ruff check .
