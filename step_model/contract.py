@@ -68,6 +68,10 @@ STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
 
 # ------------------------------------------------------------------------ parameters
 PARAM_LOGITS_WINDOW: Final = "logits_window"
+# The gateway's request ids of the step's rows, comma-separated in row order ("" for a row without
+# one, e.g. a release): a step carries many generations, so Triton's own request id names the
+# step and this names its rows (the model's log lines about a row quote its request id).
+PARAM_REQUEST_IDS: Final = "request_ids"
 
 
 class RowStatus(IntEnum):

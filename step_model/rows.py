@@ -37,6 +37,7 @@ class StepRequest:
     temperature: np.ndarray  # float32 [N]
     window: int = 1  # K of the top-K window returned
     want_logits: bool = False  # also return the full temperature-scaled row
+    request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
 
 
 @dataclass

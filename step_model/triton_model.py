@@ -165,7 +165,8 @@ class TritonPythonModel:
         try:
             results = iter(self.engine.step(valid)) if valid else iter(())
         except Exception as err:  # a failed run must answer every caller, not hang them
-            pb_utils.Logger.log_error(f"engine step failed: {err!r}")
+            named = sorted({rid for step in valid for rid in step.request_ids if rid})
+            pb_utils.Logger.log_error(f"engine step failed: {err!r}; gateway requests: {', '.join(named) or '-'}")
             message = f"step failed inside the model: {err}"
             return [self._error(message, contract.ErrorCode.INTERNAL) for _ in requests]
         responses = []
@@ -177,6 +178,11 @@ class TritonPythonModel:
             if isinstance(result, EngineError):
                 responses.append(self._error(str(result), result.code))
                 continue
+            for row, message in result.messages.items():  # refused rows, by the request they serve
+                if result.status[row] == contract.RowStatus.CACHE_FULL:
+                    continue  # routine while the cache is full: the gateway retries the row
+                rid = step.request_ids[row] if row < len(step.request_ids) else ""
+                pb_utils.Logger.log_warn(f"request {rid or '-'}: {message}")
             tensors = [
                 _output(contract.STATUS, result.status.reshape(-1, 1)),
                 _output(contract.TOPK_LOGITS, result.topk_logits),
@@ -217,6 +223,9 @@ class TritonPythonModel:
             temperature=column(contract.TEMPERATURE, np.float32),
             window=window,
             want_logits=contract.LOGITS in wanted,
+            request_ids=tuple(str(params.get(contract.PARAM_REQUEST_IDS, "")).split(","))
+            if params.get(contract.PARAM_REQUEST_IDS)
+            else (),
         )
 
     @staticmethod

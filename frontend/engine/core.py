@@ -187,8 +187,8 @@ class EngineCore:
             log.info("engine core: worker %s connected", identity.decode(errors="replace"))
         worker.last_seen = self._loop.time()
         if kind == ipc.SUBMIT:
-            _, rid, prompt_ids, params, max_new_tokens, seed, stops = msg
-            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops)
+            _, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id = msg
+            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id)
         elif kind == ipc.CANCEL:
             handle = worker.live.pop(msg[1], None)
             if handle is not None:
@@ -224,6 +224,7 @@ class EngineCore:
         max_new_tokens: int,
         seed: int | None,
         stops: tuple[bool, int, tuple[int, ...]] = (False, 0, ()),
+        request_id: str | None = None,
     ) -> None:
         sink = _Sink(self, worker, rid)
         ignore_eos, min_tokens, stop_token_ids = stops
@@ -237,6 +238,7 @@ class EngineCore:
                 ignore_eos=ignore_eos,
                 min_tokens=min_tokens,
                 stop_token_ids=stop_token_ids,
+                request_id=request_id,
             )
         except Exception as err:  # Overloaded, UpstreamUnavailable, ...: the worker gets it as an event
             sink.put_nowait(ErrorEvent(err))

@@ -5,7 +5,7 @@ first element names it (the ROUTER adds and strips the worker's identity frame).
 Worker -> core:
 
     ("hello", corr)                                           -> ("reply", corr, (model, version))
-    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids))
+    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids), request_id)
                                                                  no reply; failures come as events
     ("cancel", rid)
     ("heartbeat",)                                            -> ("load", running, waiting)

@@ -35,6 +35,7 @@ class Engine(Protocol):
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
+        request_id: str | None = None,
     ) -> GenerationHandle:
         """Start a generation. Its events go to `events` when given (the engine core passes a sink
         that batches them per worker), else to the returned handle's `events` queue.
@@ -42,7 +43,9 @@ class Engine(Protocol):
         vLLM's stop controls: `ignore_eos` (the end-of-text token is emitted like any other and
         does not finish the generation), `stop_token_ids` (emitting one finishes it with
         FinishEvent("stop") right after its TokenEvent), `min_tokens` (while fewer were generated,
-        end-of-text and the stop ids have probability 0, the distribution renormalised)."""
+        end-of-text and the stop ids have probability 0, the distribution renormalised).
+        `request_id` (the HTTP request's X-Request-Id) travels with the generation's step rows
+        to Triton (`step_model.contract.PARAM_REQUEST_IDS`)."""
         ...
 
     def cancel(self, handle: GenerationHandle) -> None: ...

@@ -145,6 +145,7 @@ class RemoteEngine:
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
+        request_id: str | None = None,
     ) -> GenerationHandle:
         if self._sock is None or self._closed:
             raise UpstreamUnavailable("the engine core is not connected")
@@ -153,7 +154,8 @@ class RemoteEngine:
         handle = RemoteHandle(next(self._ids), sink=events)
         self._handles[handle.request_id] = handle
         stops = (ignore_eos, min_tokens, tuple(stop_token_ids))
-        self._send((ipc.SUBMIT, handle.request_id, list(prompt_ids), params, max_new_tokens, seed, stops))
+        message = (ipc.SUBMIT, handle.request_id, list(prompt_ids), params, max_new_tokens, seed, stops, request_id)
+        self._send(message)
         return handle
 
     def cancel(self, handle: GenerationHandle) -> None:

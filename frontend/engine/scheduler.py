@@ -118,6 +118,7 @@ class ActiveSequence:
     # under a new id with prompt + generated tokens (see Scheduler.resume_timeout_s).
     parked_at: float | None = None
     parked_by: Exception | None = None
+    request_id: str = ""  # the HTTP request's id (X-Request-Id): sent with the sequence's rows
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -209,6 +210,7 @@ class Scheduler:
         # most resume_timeout_s for a server that takes them (0: fail them at once instead).
         self.resume_timeout_s = resume_timeout_s
         self._parked: list[ActiveSequence] = []
+        self._named = False  # some sequence carried a request id: steps send them along
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
@@ -261,6 +263,7 @@ class Scheduler:
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
+        request_id: str | None = None,
     ) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
         `events` when given, else to a new asyncio.Queue on the returned sequence. The stop
@@ -283,9 +286,11 @@ class Scheduler:
             stop_ids=frozenset(stop_token_ids),
             min_tokens=min_tokens,
             banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
+            request_id=request_id or "",
         )
         if events is not None:
             seq.sink = events
+        self._named = self._named or bool(seq.request_id)
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -389,7 +394,10 @@ class Scheduler:
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
-        batch = StepBatch.compose(decode_ids, decode_tokens, decode_temperature, starts, sorted(self._releases))
+        request_ids = [s.request_id for s in seqs] if self._named else []
+        batch = StepBatch.compose(
+            decode_ids, decode_tokens, decode_temperature, starts, sorted(self._releases), request_ids
+        )
         return seqs, batch
 
     async def _step(self) -> bool:

@@ -83,6 +83,7 @@ class StepBatch:
     start: np.ndarray  # bool [N]
     end: np.ndarray  # bool [N]
     temperature: np.ndarray  # float32 [N]
+    request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
 
     def __len__(self) -> int:
         return int(self.sequence_ids.shape[0])
@@ -111,6 +112,7 @@ class StepBatch:
         decode_temperature: np.ndarray,
         starts: Sequence[tuple[int, Sequence[int], float]],
         releases: Sequence[int],
+        request_ids: Sequence[str] = (),
     ) -> StepBatch:
         """Decode rows (one token each, given as arrays), then start rows (id, prompt,
         temperature), then release rows (ids): the layout of a scheduler step."""
@@ -135,7 +137,8 @@ class StepBatch:
         temperature = np.ones(n, dtype=np.float32)
         temperature[:d] = decode_temperature
         temperature[d : d + s] = [t for _, _, t in starts]
-        return cls(sequence_ids, ids, lengths, start, end, temperature)
+        row_ids = (*request_ids, *([""] * (n - len(request_ids)))) if any(request_ids) else ()
+        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +256,12 @@ class StepClient:
             inputs.append(tensor)
         names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
-        parameters = {contract.PARAM_LOGITS_WINDOW: int(window)}
+        parameters: dict[str, int | str] = {contract.PARAM_LOGITS_WINDOW: int(window)}
+        named = [rid for rid in batch.request_ids if rid]
+        if named:
+            parameters[contract.PARAM_REQUEST_IDS] = ",".join(batch.request_ids)
+        # Triton's request id names the step: the generation's own id when it is the only one.
+        request_id = named[0] if len(set(named)) == 1 else (f"step:{len(named)}-requests" if named else "")
         # Safe to send again only when no row has produced a token: start rows (a prefill that was
         # not served) and release rows (idempotent). A decode row never is.
         retryable = self.connect_retries > 0 and not bool((batch.lengths[~batch.start] > 0).any())
@@ -273,6 +281,7 @@ class StepClient:
                         model_version=self.version,
                         outputs=outputs,
                         parameters=parameters,
+                        request_id=request_id,
                         client_timeout=self.timeout_s,
                     )
                 except InferenceServerException as err:

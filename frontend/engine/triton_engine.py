@@ -184,6 +184,7 @@ class TritonEngine:
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
+        request_id: str | None = None,
     ) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
@@ -196,6 +197,7 @@ class TritonEngine:
             ignore_eos=ignore_eos,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
+            request_id=request_id,
         )
 
     def cancel(self, handle: GenerationHandle) -> None:

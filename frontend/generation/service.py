@@ -480,6 +480,7 @@ class GenerationService:
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             stop_token_ids=req.stop_token_ids,
+            request_id=req.request_id,
         )
 
     async def complete(self, req: GenerationRequest) -> Completion:

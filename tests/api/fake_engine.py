@@ -64,6 +64,7 @@ class FakeEngine:
     def __init__(self, model: ServedModel) -> None:
         self.model = model
         self.is_ready = True
+        self.request_ids: list[str | None] = []  # the request id of every submission, in order
         # fault injection
         self.delay_s = 0.0
         self.fail_after: int | None = None
@@ -109,7 +110,9 @@ class FakeEngine:
         ignore_eos: bool = False,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
+        request_id: str | None = None,
     ) -> FakeHandle:
+        self.request_ids.append(request_id)
         if self.submit_error is not None:
             raise self.submit_error
         handle = FakeHandle(

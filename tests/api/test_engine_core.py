@@ -224,6 +224,7 @@ async def test_goodbye_cancels_the_workers_generations(
 
 
 NO_STOPS = (False, 0, ())  # the SUBMIT message's stop controls (ignore_eos, min_tokens, stop ids)
+# ... then the request id (None: the worker had none)
 
 
 async def test_a_silent_worker_loses_its_generations(
@@ -235,8 +236,8 @@ async def test_a_silent_worker_loses_its_generations(
     ipc.configure(sock)
     sock.connect(address)
     try:
-        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS)))
-        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS, None)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS, None)))
         await eventually(lambda: fake.live == 2)
         assert core.workers == 1
         await eventually(lambda: fake.live == 0, timeout_s=WORKER_TIMEOUT_S * 3)

@@ -292,3 +292,9 @@ async def test_spans_carry_the_request_id(settings: Settings, fake: FakeEngine, 
     assert server, [(s.name, dict(s.attributes or {})) for s in spans]
     assert "/generate" in server[0].name
     assert server[0].resource.attributes["service.name"] == "test-gateway"
+
+
+async def test_the_request_id_is_handed_to_the_engine(client: httpx.AsyncClient, fake: FakeEngine) -> None:
+    r = await client.post("/generate", json=GEN, headers={"X-Request-Id": "to-the-engine-7"})
+    assert r.status_code == 200
+    assert fake.request_ids[-1] == "to-the-engine-7"  # the scheduler sends it with the rows to Triton

@@ -404,3 +404,17 @@ async def test_with_resume_off_a_failed_step_fails_its_sequences_at_once() -> No
     events, sched = await greedy_tokens(backend, 12, resume_timeout_s=0.0)
     await sched.close()
     assert isinstance(events[-1], ErrorEvent) and len(events) == 3  # two tokens, then the error
+
+
+async def test_rows_carry_their_generations_request_ids() -> None:
+    backend = ScriptedBackend(capacity=4)
+    backend.delay_s = 0.001
+    sched = scheduler(backend, prefill_hold_s=0.0)
+    sched.start()
+    named = sched.submit([1], GREEDY, 3, seed=None, request_id="req-a")
+    anonymous = sched.submit([2], GREEDY, 3, seed=None)
+    await asyncio.gather(drain(named.events), drain(anonymous.events))  # type: ignore[arg-type]
+    await sched.close()
+    first = backend.batches[0]
+    by_id = dict(zip(first.sequence_ids.tolist(), first.request_ids, strict=True))
+    assert by_id == {named.sequence_id: "req-a", anonymous.sequence_id: ""}
