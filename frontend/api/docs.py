@@ -4,8 +4,8 @@ FastAPI's built-in pages load Swagger UI and ReDoc from a public CDN, so they st
 machine without internet access. The assets come from the `fastapi-offline` package (it bundles
 swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js and a favicon) and are mounted at
 `/docs/static`. When docs are protected by API keys (GATEWAY_AUTH_PROTECT=docs) the security
-layer installs its own pages (`frontend.security.gateway.Security.install_docs`); they can use
-`swagger_ui_page` / `redoc_page` from here to get the same local assets.
+layer installs its own guarded pages (`frontend.security.gateway.Security.install_docs`) built
+with `swagger_ui_page` / `redoc_page` from here, on the same local assets.
 """
 
 from __future__ import annotations

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend import errors
+from frontend.api import docs as docs_pages
 from frontend.observability.requests import note_api_key
 from frontend.security import accounting
 from frontend.security.clientip import client_ip, parse_networks
@@ -281,15 +282,19 @@ class Security:
             await guard(request)
             return JSONResponse(app.openapi())
 
+        # The pages load their assets from the gateway (frontend.api.docs), not from a CDN; the
+        # assets are public files, the pages and the schema need the admin key.
+        app.mount(docs_pages.STATIC_URL, StaticFiles(directory=docs_pages.assets_dir()), name="docs-static")
+
         @app.get("/docs", include_in_schema=False)
         async def docs(request: Request) -> HTMLResponse:
             await guard(request)
-            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+            return docs_pages.swagger_ui_page(request, "/openapi.json", app.title)
 
         @app.get("/redoc", include_in_schema=False)
         async def redoc(request: Request) -> HTMLResponse:
             await guard(request)
-            return get_redoc_html(openapi_url="/openapi.json", title=app.title)
+            return docs_pages.redoc_page(request, "/openapi.json", app.title)
 
     # ------------------------------------------------------------------ lifecycle
     def lifespan(

@@ -265,6 +265,10 @@ async def test_operations_routes_can_require_an_admin_key(
             r = await c.get(path, headers=bearer(admin))
             assert r.status_code == 200, (path, r.text)
         assert "/generate" in (await c.get("/openapi.json", headers=bearer(admin))).json()["paths"]
+        # Protected pages load their assets from the gateway too, never from a CDN.
+        page = (await c.get("/docs", headers=bearer(admin))).text
+        assert "/docs/static/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+        assert (await c.get("/docs/static/swagger-ui-bundle.js")).status_code == 200
 
 
 # ------------------------------------------------------------------------------ environments
