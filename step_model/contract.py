@@ -46,6 +46,12 @@ TOPK_LOGITS: Final = "TOPK_LOGITS"
 TOPK_IDS: Final = "TOPK_IDS"
 LOGSUMEXP: Final = "LOGSUMEXP"
 LOGITS: Final = "LOGITS"
+# Prompt logprobs (OpenAI's `echo` with `logprobs`), for start rows that ask (PARAM_PROMPT_LOGPROBS):
+# [N, T]: position t holds log p(token t | tokens < t) of the row's prompt, unscaled (temperature
+# 1); position 0 and positions past the prompt hold 0. [N, T, K]: the K most likely tokens there.
+PROMPT_LOGPROBS: Final = "PROMPT_LOGPROBS"
+PROMPT_TOP_IDS: Final = "PROMPT_TOP_IDS"
+PROMPT_TOP_LOGPROBS: Final = "PROMPT_TOP_LOGPROBS"
 
 # name -> (Triton data type, dims after the batch dimension; -1 = variable)
 INPUTS: Final[dict[str, tuple[str, list[int]]]] = {
@@ -62,7 +68,11 @@ OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     TOPK_IDS: ("INT64", [-1]),
     LOGSUMEXP: ("FP32", [1]),
     LOGITS: ("FP32", [-1]),
+    PROMPT_LOGPROBS: ("FP32", [-1]),
+    PROMPT_TOP_IDS: ("INT64", [-1, -1]),
+    PROMPT_TOP_LOGPROBS: ("FP32", [-1, -1]),
 }
+PROMPT_OUTPUTS: Final = (PROMPT_LOGPROBS, PROMPT_TOP_IDS, PROMPT_TOP_LOGPROBS)
 # Outputs every step asks for; LOGITS only when full rows are needed.
 STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
 
@@ -72,6 +82,9 @@ PARAM_LOGITS_WINDOW: Final = "logits_window"
 # one, e.g. a release): a step carries many generations, so Triton's own request id names the
 # step and this names its rows (the model's log lines about a row quote its request id).
 PARAM_REQUEST_IDS: Final = "request_ids"
+# Per row, comma-separated: -1, or k >= 0 to get the row's prompt logprobs with k alternatives
+# (start rows only; PROMPT_OUTPUTS must be requested). One extra eager pass over those prompts.
+PARAM_PROMPT_LOGPROBS: Final = "prompt_logprobs"
 
 
 class RowStatus(IntEnum):

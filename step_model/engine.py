@@ -322,6 +322,7 @@ class StepEngine:
             return outcomes
         self.stats.live_at_step_total += len(self._slot_of)  # before this step's prefills
         window = max(req.window for req, _, _ in parts)
+        self._prompt_logprobs(parts)  # before the prefill: it reads the requests only
         self._run_prefills(parts, window, now)
         self._run_decodes(parts, window, now)
         self._finish(parts, now)
@@ -382,6 +383,49 @@ class StepEngine:
             res.logsumexp[rows] = lse[at : at + rows.size]
             at += rows.size
         self.stats.prefill_tokens_total += int(lengths.sum())
+
+    def _prompt_logprobs(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]]) -> None:
+        """OpenAI's `echo` logprobs: one extra eager pass over the prompts of the start rows that ask,
+        reading the logits at EVERY position (gather_index over all of them) at temperature 1, into
+        throw-away KV buffers. (Not folded into the prefill itself: that pass gathers only each
+        row's last position, and echo requests are rare.)"""
+        for req, _, res in parts:
+            if req.prompt_logprobs is None:
+                continue
+            n, width = req.input_ids.shape
+            k = max(1, int(req.prompt_logprobs.max(initial=0)))
+            res.prompt_logprobs = np.zeros((n, width), dtype=np.float32)
+            res.prompt_top_ids = np.zeros((n, width, k), dtype=np.int64)
+            res.prompt_top_logprobs = np.zeros((n, width, k), dtype=np.float32)
+            rows = np.flatnonzero(req.start & (res.status == RowStatus.OK) & (req.prompt_logprobs >= 0))
+            if not rows.size:
+                continue
+            lengths = req.lengths[rows].astype(np.int64)
+            b, s = int(rows.size), int(lengths.max())
+            ids = req.input_ids[rows, :s].astype(np.int64).copy()
+            ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
+            scratch = torch.empty(
+                (self.meta.n_layer, 2, b, self.meta.n_head, s, self.meta.head_dim), dtype=self.dtype, device=self.device
+            )
+            feeds: dict[str, np.ndarray] = {
+                "input_ids": ids,
+                "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+                "seqlens_k": (lengths - 1).astype(np.int32),
+                "total_sequence_length": np.array(s, dtype=np.int32),
+                "gather_index": np.arange(b * s, dtype=np.int64),  # every position of every row
+                "temperature": np.ones(b * s, dtype=np.float32),
+                "window": np.array([k], dtype=np.int64),
+            }
+            logits, top_values, top_ids, lse = self._run_eager(feeds, scratch, b * s)
+            # Position t predicts token t + 1: log p(ids[t + 1] | ids[: t + 1]) = logit - logsumexp.
+            nxt = torch.from_numpy(np.concatenate([ids[:, 1:], np.zeros((b, 1), dtype=np.int64)], axis=1))
+            picked = logits.view(b, s, -1).gather(2, nxt.to(self.device).view(b, s, 1)).view(b, s).cpu().numpy()
+            lse2 = lse.reshape(b, s)
+            valid = np.arange(1, s)[None, :] < lengths[:, None]  # [b, s - 1]: positions 1..len-1
+            res.prompt_logprobs[rows, 1:s] = np.where(valid, picked[:, :-1] - lse2[:, :-1], 0.0)
+            tops = (top_values.reshape(b, s, k) - lse2[:, :, None])[:, :-1]
+            res.prompt_top_logprobs[rows, 1:s] = np.where(valid[:, :, None], tops, 0.0)
+            res.prompt_top_ids[rows, 1:s] = np.where(valid[:, :, None], top_ids.reshape(b, s, k)[:, :-1], 0)
 
     def _run_decodes(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], window: int, now: float) -> None:
         chosen = [

@@ -38,6 +38,7 @@ class StepRequest:
     window: int = 1  # K of the top-K window returned
     want_logits: bool = False  # also return the full temperature-scaled row
     request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
+    prompt_logprobs: np.ndarray | None = None  # int32 [N]: -1, or k alternatives of the prompt's logprobs
 
 
 @dataclass
@@ -48,6 +49,10 @@ class StepResult:
     logsumexp: np.ndarray  # float32 [N]
     logits: np.ndarray | None = None  # float32 [N, V] when asked
     messages: dict[int, str] = field(default_factory=dict)  # row -> why it was refused
+    # When the request asked for prompt logprobs (contract.PROMPT_OUTPUTS): [N, T], [N, T, K], [N, T, K]
+    prompt_logprobs: np.ndarray | None = None
+    prompt_top_ids: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
 
 
 def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:

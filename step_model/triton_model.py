@@ -48,6 +48,16 @@ def _to_numpy(tensor: Any) -> np.ndarray:
         return tensor.as_numpy()  # dtypes DLPack cannot carry here (e.g. BOOL on some versions)
 
 
+def _per_row_ints(value: object, n: int) -> np.ndarray:
+    """A comma-separated per-row parameter ("-1,2,-1") as int32 [n]; absent: all -1."""
+    if not value:
+        return np.full(n, -1, dtype=np.int32)
+    out = np.array([int(v) for v in str(value).split(",")], dtype=np.int32)
+    if out.shape[0] != n:
+        raise ValueError(f"{contract.PARAM_PROMPT_LOGPROBS} names {out.shape[0]} rows, the request has {n}")
+    return out
+
+
 def _output(name: str, array: np.ndarray) -> Any:
     """A response tensor built through DLPack (see _to_numpy)."""
     contiguous = torch.from_numpy(np.ascontiguousarray(array))
@@ -191,6 +201,11 @@ class TritonPythonModel:
             ]
             if result.logits is not None:
                 tensors.append(_output(contract.LOGITS, result.logits))
+            if result.prompt_logprobs is not None:
+                assert result.prompt_top_ids is not None and result.prompt_top_logprobs is not None
+                tensors.append(_output(contract.PROMPT_LOGPROBS, result.prompt_logprobs))
+                tensors.append(_output(contract.PROMPT_TOP_IDS, result.prompt_top_ids))
+                tensors.append(_output(contract.PROMPT_TOP_LOGPROBS, result.prompt_top_logprobs))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
@@ -226,6 +241,9 @@ class TritonPythonModel:
             request_ids=tuple(str(params.get(contract.PARAM_REQUEST_IDS, "")).split(","))
             if params.get(contract.PARAM_REQUEST_IDS)
             else (),
+            prompt_logprobs=_per_row_ints(params.get(contract.PARAM_PROMPT_LOGPROBS), input_ids.shape[0])
+            if contract.PROMPT_LOGPROBS in wanted
+            else None,
         )
 
     @staticmethod

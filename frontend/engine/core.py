@@ -77,8 +77,10 @@ class _Sink:
         if type(item) is TokenEvent:  # the hot path: a plain tuple pickles ~35x faster
             worker.outbox.append((self._rid, item.token_id, item.logprob, item.top_logprobs))
         else:
-            worker.outbox.append(ipc.encode_event(self._rid, item))
-            worker.finished.append(self._rid)
+            encoded = ipc.encode_event(self._rid, item)
+            worker.outbox.append(encoded)
+            if ipc.is_terminal(encoded):
+                worker.finished.append(self._rid)
         if not worker.flush_scheduled:
             worker.flush_scheduled = True
             self._core._loop.call_soon(self._core._flush, worker)
@@ -187,8 +189,8 @@ class EngineCore:
             log.info("engine core: worker %s connected", identity.decode(errors="replace"))
         worker.last_seen = self._loop.time()
         if kind == ipc.SUBMIT:
-            _, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id = msg
-            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id)
+            _, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id, prompt_logprobs = msg
+            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id, prompt_logprobs)
         elif kind == ipc.CANCEL:
             handle = worker.live.pop(msg[1], None)
             if handle is not None:
@@ -225,6 +227,7 @@ class EngineCore:
         seed: int | None,
         stops: tuple[bool, int, tuple[int, ...]] = (False, 0, ()),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> None:
         sink = _Sink(self, worker, rid)
         ignore_eos, min_tokens, stop_token_ids = stops
@@ -239,6 +242,7 @@ class EngineCore:
                 min_tokens=min_tokens,
                 stop_token_ids=stop_token_ids,
                 request_id=request_id,
+                prompt_logprobs=prompt_logprobs,
             )
         except Exception as err:  # Overloaded, UpstreamUnavailable, ...: the worker gets it as an event
             sink.put_nowait(ErrorEvent(err))

@@ -5,7 +5,8 @@ first element names it (the ROUTER adds and strips the worker's identity frame).
 Worker -> core:
 
     ("hello", corr)                                           -> ("reply", corr, (model, version))
-    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids), request_id)
+    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids),
+     request_id, prompt_logprobs)
                                                                  no reply; failures come as events
     ("cancel", rid)
     ("heartbeat",)                                            -> ("load", running, waiting)
@@ -20,7 +21,8 @@ Core -> worker:
 
     ("events", [item, ...])   every event the scheduler emitted for this worker in one synchronous
                               pass (one step): item = (rid, token_id, logprob, top_logprobs) for a
-                              token, (rid, FinishEvent | ErrorEvent) for the end of a generation
+                              token, (rid, PromptLogprobsEvent, None) for a prompt's logprobs,
+                              (rid, FinishEvent | ErrorEvent) for the end of a generation
     ("reply", corr, value)    value may be an exception, raised by the asking worker
     ("load", running, waiting)
 
@@ -42,7 +44,7 @@ from typing import Any, cast
 
 import zmq
 
-from frontend.engine.scheduler import ErrorEvent, Event, TokenEvent
+from frontend.engine.scheduler import ErrorEvent, Event, PromptLogprobsEvent, TokenEvent
 
 HELLO = "hello"
 SUBMIT = "submit"
@@ -75,6 +77,8 @@ def encode_event(rid: int, event: Event) -> EventItem:
         return (rid, event.token_id, event.logprob, event.top_logprobs)
     if isinstance(event, ErrorEvent):
         return (rid, ErrorEvent(portable_error(event.error)))
+    if isinstance(event, PromptLogprobsEvent):
+        return (rid, event, None)  # three items: not a token, not the end
     return (rid, event)
 
 
@@ -87,7 +91,7 @@ def decode_event(item: EventItem) -> Event:
 
 
 def is_terminal(item: EventItem) -> bool:
-    return len(item) != 4
+    return len(item) == 2
 
 
 def portable_error(error: BaseException) -> Exception:

@@ -36,6 +36,7 @@ class Engine(Protocol):
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> GenerationHandle:
         """Start a generation. Its events go to `events` when given (the engine core passes a sink
         that batches them per worker), else to the returned handle's `events` queue.
@@ -45,7 +46,9 @@ class Engine(Protocol):
         FinishEvent("stop") right after its TokenEvent), `min_tokens` (while fewer were generated,
         end-of-text and the stop ids have probability 0, the distribution renormalised).
         `request_id` (the HTTP request's X-Request-Id) travels with the generation's step rows
-        to Triton (`step_model.contract.PARAM_REQUEST_IDS`)."""
+        to Triton (`step_model.contract.PARAM_REQUEST_IDS`). `prompt_logprobs` >= 0: a
+        PromptLogprobsEvent with that many alternatives per position comes before the first
+        token (OpenAI `echo`); with `max_new_tokens` 0 the generation ends after it."""
         ...
 
     def cancel(self, handle: GenerationHandle) -> None: ...

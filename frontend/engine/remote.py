@@ -146,6 +146,7 @@ class RemoteEngine:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> GenerationHandle:
         if self._sock is None or self._closed:
             raise UpstreamUnavailable("the engine core is not connected")
@@ -154,7 +155,17 @@ class RemoteEngine:
         handle = RemoteHandle(next(self._ids), sink=events)
         self._handles[handle.request_id] = handle
         stops = (ignore_eos, min_tokens, tuple(stop_token_ids))
-        message = (ipc.SUBMIT, handle.request_id, list(prompt_ids), params, max_new_tokens, seed, stops, request_id)
+        message = (
+            ipc.SUBMIT,
+            handle.request_id,
+            list(prompt_ids),
+            params,
+            max_new_tokens,
+            seed,
+            stops,
+            request_id,
+            prompt_logprobs,
+        )
         self._send(message)
         return handle
 

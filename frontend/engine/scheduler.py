@@ -78,6 +78,15 @@ class TokenEvent(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobsEvent:
+    """The prompt's own logprobs (OpenAI `echo` with `logprobs`), before the first token: entry t
+    is log p(prompt[t] | prompt[:t]) and its top alternatives; entry 0 is None (nothing precedes)."""
+
+    logprobs: tuple[float | None, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FinishEvent:
     reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
 
@@ -87,7 +96,7 @@ class ErrorEvent:
     error: Exception
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
 
 
 @dataclass
@@ -119,6 +128,7 @@ class ActiveSequence:
     parked_at: float | None = None
     parked_by: Exception | None = None
     request_id: str = ""  # the HTTP request's id (X-Request-Id): sent with the sequence's rows
+    prompt_logprobs: int = -1  # >= 0: send the prompt's logprobs with this many alternatives first
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -211,6 +221,7 @@ class Scheduler:
         self.resume_timeout_s = resume_timeout_s
         self._parked: list[ActiveSequence] = []
         self._named = False  # some sequence carried a request id: steps send them along
+        self._echo = False  # some sequence asked for its prompt's logprobs
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
@@ -264,6 +275,7 @@ class Scheduler:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
         `events` when given, else to a new asyncio.Queue on the returned sequence. The stop
@@ -287,10 +299,12 @@ class Scheduler:
             min_tokens=min_tokens,
             banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
             request_id=request_id or "",
+            prompt_logprobs=prompt_logprobs,
         )
         if events is not None:
             seq.sink = events
         self._named = self._named or bool(seq.request_id)
+        self._echo = self._echo or prompt_logprobs >= 0
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -395,8 +409,16 @@ class Scheduler:
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
         request_ids = [s.request_id for s in seqs] if self._named else []
+        # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
+        prompt_logprobs = [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]] if self._echo else []
         batch = StepBatch.compose(
-            decode_ids, decode_tokens, decode_temperature, starts, sorted(self._releases), request_ids
+            decode_ids,
+            decode_tokens,
+            decode_temperature,
+            starts,
+            sorted(self._releases),
+            request_ids,
+            [-1] * n + prompt_logprobs if any(k >= 0 for k in prompt_logprobs) else [],
         )
         return seqs, batch
 
@@ -441,10 +463,41 @@ class Scheduler:
         self._note_cache_full(seqs, status, released)
         progressed = released > 0 or bool((status != RowStatus.CACHE_FULL).any())
         sampling = self._settle_rows(seqs, status, out)
+        if out.prompt_logprobs is not None:
+            sampling = self._emit_prompt_logprobs(seqs, sampling, out)
         fetch = self._sample_rows(seqs, sampling, out)
         if fetch:
             await self._fetch_full_rows(fetch)
         return progressed
+
+    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepOutput) -> list[int]:
+        """Send each started sequence that asked its prompt's logprobs (before its first token);
+        one with max_new_tokens 0 (OpenAI `echo` with `max_tokens: 0`) ends there. Returns the rows
+        still to sample."""
+        assert out.prompt_logprobs is not None and out.prompt_top_ids is not None
+        assert out.prompt_top_logprobs is not None
+        keep = []
+        for i in sampling:
+            seq = seqs[i]
+            k = seq.prompt_logprobs
+            if k < 0 or seq.generated:
+                keep.append(i)
+                continue
+            seq.prompt_logprobs = -1  # once: a sequence started again does not send them again
+            n = len(seq.prompt_ids)
+            values = out.prompt_logprobs[i, :n].tolist()
+            ids, lps = out.prompt_top_ids[i, :n, :k].tolist(), out.prompt_top_logprobs[i, :n, :k].tolist()
+            seq.sink.put_nowait(
+                PromptLogprobsEvent(
+                    (None, *values[1:]),
+                    ((), *(tuple(zip(ids[t], lps[t], strict=True)) for t in range(1, n))),
+                )
+            )
+            if seq.max_new_tokens <= 0:
+                self._finish(seq, FinishEvent("length"))
+            else:
+                keep.append(i)
+        return keep
 
     def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
         full = status == RowStatus.CACHE_FULL

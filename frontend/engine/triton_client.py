@@ -84,6 +84,7 @@ class StepBatch:
     end: np.ndarray  # bool [N]
     temperature: np.ndarray  # float32 [N]
     request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
+    prompt_logprobs: tuple[int, ...] = ()  # per row: -1, or k alternatives of its prompt's logprobs; or ()
 
     def __len__(self) -> int:
         return int(self.sequence_ids.shape[0])
@@ -113,6 +114,7 @@ class StepBatch:
         starts: Sequence[tuple[int, Sequence[int], float]],
         releases: Sequence[int],
         request_ids: Sequence[str] = (),
+        prompt_logprobs: Sequence[int] = (),
     ) -> StepBatch:
         """Decode rows (one token each, given as arrays), then start rows (id, prompt,
         temperature), then release rows (ids): the layout of a scheduler step."""
@@ -138,7 +140,8 @@ class StepBatch:
         temperature[:d] = decode_temperature
         temperature[d : d + s] = [t for _, _, t in starts]
         row_ids = (*request_ids, *([""] * (n - len(request_ids)))) if any(request_ids) else ()
-        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids)
+        echo = (*prompt_logprobs, *([-1] * (n - len(prompt_logprobs)))) if prompt_logprobs else ()
+        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids, echo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,10 @@ class StepOutput:
     topk_ids: np.ndarray  # int64 [N, K]
     logsumexp: np.ndarray  # float32 [N]
     logits: np.ndarray | None  # float32 [N, V] when asked
+    # When some row asked for its prompt's logprobs: [N, T], [N, T, K], [N, T, K] (contract.PROMPT_OUTPUTS)
+    prompt_logprobs: np.ndarray | None = None
+    prompt_top_ids: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
 
 
 def _classify(err: InferenceServerException) -> StepError:
@@ -223,6 +230,17 @@ class StepClient:
         except InferenceServerException:
             return False
 
+    async def output_names(self) -> set[str]:
+        """The outputs the served model version declares (a version exported before an output
+        existed does not have it)."""
+        try:
+            meta = await self._client.get_model_metadata(
+                self.model, self.version, as_json=True, client_timeout=self.probe_timeout_s
+            )
+        except InferenceServerException as err:
+            raise UpstreamUnavailable(err.message() or str(err)) from err
+        return {str(o.get("name")) for o in meta.get("outputs", [])}
+
     async def ready_versions(self) -> list[str]:
         """Versions of the model Triton reports READY, newest first."""
         try:
@@ -254,12 +272,16 @@ class StepClient:
             tensor = grpcclient.InferInput(name, list(column.shape), dtype)
             tensor.set_data_from_numpy(column)
             inputs.append(tensor)
+        echo = bool(batch.prompt_logprobs)
         names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
+        names += list(contract.PROMPT_OUTPUTS) if echo else []
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         parameters: dict[str, int | str] = {contract.PARAM_LOGITS_WINDOW: int(window)}
         named = [rid for rid in batch.request_ids if rid]
         if named:
             parameters[contract.PARAM_REQUEST_IDS] = ",".join(batch.request_ids)
+        if echo:
+            parameters[contract.PARAM_PROMPT_LOGPROBS] = ",".join(map(str, batch.prompt_logprobs))
         # Triton's request id names the step: the generation's own id when it is the only one.
         request_id = named[0] if len(set(named)) == 1 else (f"step:{len(named)}-requests" if named else "")
         # Safe to send again only when no row has produced a token: start rows (a prefill that was
@@ -292,4 +314,7 @@ class StepClient:
             topk_ids=result.as_numpy(contract.TOPK_IDS),
             logsumexp=result.as_numpy(contract.LOGSUMEXP).reshape(-1),
             logits=result.as_numpy(contract.LOGITS) if want_logits else None,
+            prompt_logprobs=result.as_numpy(contract.PROMPT_LOGPROBS) if echo else None,
+            prompt_top_ids=result.as_numpy(contract.PROMPT_TOP_IDS) if echo else None,
+            prompt_top_logprobs=result.as_numpy(contract.PROMPT_TOP_LOGPROBS) if echo else None,
         )

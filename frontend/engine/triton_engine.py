@@ -15,7 +15,7 @@ from frontend.engine.breaker import BreakerState, CircuitBreaker
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
 from frontend.engine.scheduler import ActiveSequence, EventSink, Scheduler, StepObserver
-from frontend.engine.triton_client import Row, StepClient, StepError, UpstreamUnavailable
+from frontend.engine.triton_client import Row, StepClient, StepError, StepRejected, UpstreamUnavailable
 from frontend.sampling import SamplingParams
 from step_model import contract
 
@@ -101,6 +101,7 @@ class TritonEngine:
         self._scheduler: Scheduler | None = None
         self._model: ServedModel | None = None
         self._warm = False
+        self._prompt_outputs = False  # the served version declares contract.PROMPT_OUTPUTS
 
     @property
     def model(self) -> ServedModel:
@@ -132,6 +133,9 @@ class TritonEngine:
         self._model = ServedModel.load(self._repository, self._model_name, version)
         # Pin the resolved version so the tokenizer and the weights always match.
         self._client = StepClient(self._triton_url, self._model_name, version, **self._client_args)  # type: ignore[arg-type]
+        # Versions exported before prompt logprobs existed lack those outputs: asking for them would
+        # fail the whole step (every sequence in it), so such requests are refused alone.
+        self._prompt_outputs = set(contract.PROMPT_OUTPUTS) <= await self._client.output_names()
         capacity = model_kv_capacity(self._repository, self._model_name)
         max_running = self._max_running if capacity is None else max(1, min(self._max_running, capacity))
         log.info(
@@ -185,9 +189,15 @@ class TritonEngine:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
+        if prompt_logprobs >= 0 and not self._prompt_outputs:
+            raise StepRejected(
+                f"model {self._model_name!r} was exported before prompt logprobs (echo with logprobs) existed: "
+                "export it again"
+            )
         return self._scheduler.submit(
             prompt_ids,
             params,
@@ -198,6 +208,7 @@ class TritonEngine:
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             request_id=request_id,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def cancel(self, handle: GenerationHandle) -> None:

@@ -35,6 +35,7 @@ class GenerationParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int = -1  # >= 0: the prompt's own logprobs with this many alternatives (echo)
     timeout_s: float | None = None  # the client's deadline (capped by settings.request_timeout_s)
 
     def for_choice(self, j: int) -> GenerationParams:

@@ -22,7 +22,14 @@ from frontend.cache import CachedResult, ResultCache, cache_key, is_cacheable
 from frontend.chat import load_chat_template, render_chat
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import Engine, GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, FinishEvent, Overloaded, QueueFull, TokenEvent
+from frontend.engine.scheduler import (
+    ErrorEvent,
+    FinishEvent,
+    Overloaded,
+    PromptLogprobsEvent,
+    QueueFull,
+    TokenEvent,
+)
 from frontend.engine.triton_client import StepError, StepRejected
 from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
 from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
@@ -58,6 +65,7 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int = -1  # >= 0: the prompt's logprobs come first (OpenAI echo); never cached
     # The HTTP request's id (X-Request-Id), for the engine to pass on; never part of the cache key.
     request_id: str | None = field(default_factory=current_request_id, compare=False)
 
@@ -83,6 +91,7 @@ _NEUTRAL_OPTIONS: dict[str, object] = {
     "stop_token_ids": (),
     "include_stop_str_in_output": False,
     "skip_special_tokens": True,
+    "prompt_logprobs": -1,
 }
 
 
@@ -109,6 +118,9 @@ class Completion:
     chunks: list[TextChunk] = field(default_factory=list)
     time_to_first_token_s: float | None = None
     total_s: float = 0.0
+    # The prompt's own logprobs when asked (echo): entry t for prompt token t (None at t = 0).
+    prompt_logprobs: tuple[float | None, ...] | None = None
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
     @property
     def usage(self) -> dict[str, int]:
@@ -244,6 +256,7 @@ class GenerationService:
             stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids)),
             include_stop_str_in_output=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens,
+            prompt_logprobs=params.prompt_logprobs,
         )
 
     def _check_stop_controls(self, params: GenerationParams, names: FieldNames) -> None:
@@ -307,8 +320,8 @@ class GenerationService:
 
     # ------------------------------------------------------------------ running
     def _key(self, req: GenerationRequest) -> str | None:
-        if not is_cacheable(req.sampling.temperature, req.seed):
-            return None
+        if not is_cacheable(req.sampling.temperature, req.seed) or req.prompt_logprobs >= 0:
+            return None  # prompt logprobs are not kept in the cache
         model = self.engine.model
         return cache_key(
             model=model.name, model_version=model.version, prompt_ids=req.prompt_ids, params=req.cache_params()
@@ -384,6 +397,7 @@ class GenerationService:
         token_ids: list[int] = []
         generated = 0
         first_token_at: float | None = None
+        prompt_event: PromptLogprobsEvent | None = None
         last_token_at = started
         finish_reason = "length"
         timeout_s = min(req.timeout_s or self.request_timeout_s, self.request_timeout_s)
@@ -403,6 +417,9 @@ class GenerationService:
                         ) from err
                 if isinstance(event, ErrorEvent):
                     raise _api_error(event.error)
+                if isinstance(event, PromptLogprobsEvent):
+                    prompt_event = event
+                    continue
                 if isinstance(event, FinishEvent):
                     finish_reason = event.reason
                     tail, stopped = matcher.push(decoder.flush())
@@ -461,6 +478,8 @@ class GenerationService:
             chunks=chunks,
             time_to_first_token_s=None if first_token_at is None else first_token_at - started,
             total_s=total_s,
+            prompt_logprobs=None if prompt_event is None else prompt_event.logprobs,
+            prompt_top_logprobs=None if prompt_event is None else prompt_event.top_logprobs,
         )
         self.metrics.generation_finished(
             prompt_tokens=len(req.prompt_ids), generated_tokens=generated, total_s=total_s, reason=finish_reason
@@ -481,6 +500,7 @@ class GenerationService:
             min_tokens=req.min_tokens,
             stop_token_ids=req.stop_token_ids,
             request_id=req.request_id,
+            prompt_logprobs=req.prompt_logprobs,
         )
 
     async def complete(self, req: GenerationRequest) -> Completion:

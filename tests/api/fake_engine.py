@@ -36,7 +36,7 @@ import numpy as np
 
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, Event, EventSink, FinishEvent, TokenEvent
+from frontend.engine.scheduler import ErrorEvent, Event, EventSink, FinishEvent, PromptLogprobsEvent, TokenEvent
 from frontend.engine.triton_client import UpstreamUnavailable
 from frontend.sampling import SamplingParams
 
@@ -53,6 +53,7 @@ class FakeHandle:
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: int = -1
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     sink: EventSink | None = None  # where events go instead of `events` (the engine core's batching sink)
     emitted: list[int] = field(default_factory=list)
@@ -111,6 +112,7 @@ class FakeEngine:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         request_id: str | None = None,
+        prompt_logprobs: int = -1,
     ) -> FakeHandle:
         self.request_ids.append(request_id)
         if self.submit_error is not None:
@@ -123,6 +125,7 @@ class FakeEngine:
             ignore_eos=ignore_eos,
             min_tokens=min_tokens,
             stop_token_ids=tuple(stop_token_ids),
+            prompt_logprobs=prompt_logprobs,
             sink=events,
         )
         self.handles.add(handle)
@@ -158,6 +161,17 @@ class FakeEngine:
             await asyncio.sleep(0.001)
         for _ in range(3):
             await asyncio.sleep(0)
+
+    @staticmethod
+    def prompt_logprobs_event(prompt_ids: Sequence[int], k: int) -> PromptLogprobsEvent:
+        """Deterministic prompt logprobs: position t gets -0.1 * t; its alternatives are the token
+        itself and the next ids."""
+        values = tuple(None if t == 0 else -0.1 * t for t in range(len(prompt_ids)))
+        tops = tuple(
+            () if t == 0 else tuple((int(prompt_ids[t]) + j, -0.1 * t - j) for j in range(k))
+            for t in range(len(prompt_ids))
+        )
+        return PromptLogprobsEvent(values, tops)
 
     def rng_for(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int | None) -> np.random.Generator:
         prompt_hash = zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes())
@@ -215,6 +229,8 @@ class FakeEngine:
             fail_after = None
         k = handle.params.logprobs
         out = handle.sink if handle.sink is not None else handle.events
+        if handle.prompt_logprobs >= 0:
+            out.put_nowait(self.prompt_logprobs_event(handle.prompt_ids, handle.prompt_logprobs))
         for step in range(handle.max_new_tokens):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)

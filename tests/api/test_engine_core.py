@@ -22,7 +22,15 @@ from frontend.engine.core import EngineCore
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import GenerationHandle
 from frontend.engine.remote import RemoteEngine
-from frontend.engine.scheduler import ErrorEvent, Event, EventSink, FinishEvent, Overloaded, TokenEvent
+from frontend.engine.scheduler import (
+    ErrorEvent,
+    Event,
+    EventSink,
+    FinishEvent,
+    Overloaded,
+    PromptLogprobsEvent,
+    TokenEvent,
+)
 from frontend.engine.triton_client import StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.metrics import GatewayMetrics
 from frontend.sampling import SamplingParams
@@ -84,7 +92,7 @@ async def collect(handle: GenerationHandle, timeout_s: float = 2.0) -> list[Even
         while True:
             event = await handle.events.get()
             out.append(event)
-            if not isinstance(event, TokenEvent):
+            if not isinstance(event, TokenEvent | PromptLogprobsEvent):
                 return out
 
 
@@ -190,6 +198,17 @@ async def test_one_message_per_worker_per_step(address: str, served_model: Serve
         await core.close()
 
 
+async def test_prompt_logprobs_cross_to_the_worker_before_the_tokens(
+    remote: RemoteEngine, core: EngineCore, served_model: ServedModel
+) -> None:
+    ids = prompt(served_model, "Hello there")
+    echoed = await collect(remote.submit(ids, GREEDY, 2, None, prompt_logprobs=2))
+    assert echoed[0] == FakeEngine.prompt_logprobs_event(ids, 2)
+    assert [type(e) for e in echoed[1:]] == [TokenEvent, TokenEvent, FinishEvent]
+    only = await collect(remote.submit(ids, GREEDY, 0, None, prompt_logprobs=1))  # echo, max_tokens 0
+    assert [type(e) for e in only] == [PromptLogprobsEvent, FinishEvent]
+
+
 async def test_free_running_generations_are_batched(
     remote: RemoteEngine, core: EngineCore, served_model: ServedModel
 ) -> None:
@@ -224,7 +243,7 @@ async def test_goodbye_cancels_the_workers_generations(
 
 
 NO_STOPS = (False, 0, ())  # the SUBMIT message's stop controls (ignore_eos, min_tokens, stop ids)
-# ... then the request id (None: the worker had none)
+# ... then the request id (None: the worker had none) and the prompt logprobs asked (-1: none)
 
 
 async def test_a_silent_worker_loses_its_generations(
@@ -236,8 +255,8 @@ async def test_a_silent_worker_loses_its_generations(
     ipc.configure(sock)
     sock.connect(address)
     try:
-        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS, None)))
-        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS, None)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS, None, -1)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS, None, -1)))
         await eventually(lambda: fake.live == 2)
         assert core.workers == 1
         await eventually(lambda: fake.live == 0, timeout_s=WORKER_TIMEOUT_S * 3)

@@ -214,7 +214,7 @@ async def test_unknown_model_is_not_found(oai: openai.AsyncOpenAI) -> None:
     [
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"n": 9}, "n", "at most 3"),
-        ({"echo": True, "logprobs": 1}, "echo", "echo"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "echo", "stream"),
         ({"logprobs": 6}, "logprobs", "5"),
         ({"prompt": ""}, "prompt", "empty"),
     ],

@@ -281,3 +281,26 @@ def test_greedy_with_repetition_penalty_equals_transformers(gateway: str, tiny_c
     assert tokens == [t for t in expected if t != tokenizer.eos_token_id]
     plain = stream_events(gateway, {**body, "repetition_penalty": 1.0})
     assert [d["token_id"] for e, d in plain if e == "token" and d["token_id"] is not None] != tokens
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_logprobs_equal_transformers_log_softmax(
+    oai: openai.OpenAI, tiny_checkpoint: Path, max_tokens: int
+) -> None:
+    """lm-evaluation-harness's loglikelihood request: the prompt as token ids, echo, logprobs."""
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]
+    out = oai.completions.create(model=TINY, prompt=ids, max_tokens=max_tokens, temperature=0, logprobs=2, echo=True)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    expected = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    best = {tokenizer.decode([int(i)]) for i in torch.topk(ref[0], 2).indices}
+    assert set(lp.top_logprobs[1]) == best  # the alternatives after the first token
+    assert len(lp.token_logprobs) == len(ids) + max_tokens

@@ -85,3 +85,29 @@ def test_rows_are_refused_alone_and_malformed_requests_as_a_whole(version_dir: P
     released = eng.step([request([(s, [], False, True) for s in (1, 2, 3, 4, 77)])])[0]
     assert not isinstance(released, Exception) and (released.status == RowStatus.OK).all()
     assert eng.live_sequences() == 0
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(version_dir: Path, tiny_checkpoint: Path) -> None:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    eng = engine(version_dir)
+    req = request([(1, prompts[0], True, False), (2, prompts[1], True, False), (3, [4], True, False)])
+    req.prompt_logprobs = np.array([2, 3, -1], dtype=np.int32)
+    res = eng.step([req])[0]
+    assert res.prompt_logprobs is not None and res.prompt_top_ids is not None and res.prompt_top_logprobs is not None
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)
+        expected = [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))]
+        np.testing.assert_allclose(res.prompt_logprobs[row, 1 : len(prompt)], expected, atol=1e-4)
+        assert res.prompt_logprobs[row, 0] == 0.0 and not res.prompt_logprobs[row, len(prompt) :].any()
+        top = torch.topk(ref, 3, dim=-1)
+        for t in range(1, len(prompt)):
+            np.testing.assert_array_equal(res.prompt_top_ids[row, t], top.indices[t - 1].numpy())
+            np.testing.assert_allclose(res.prompt_top_logprobs[row, t], top.values[t - 1].numpy(), atol=1e-4)
+    assert not res.prompt_logprobs[2].any()  # the row that did not ask
+    # The prompts were prefilled as usual: their sequences decode on.
+    assert (eng.step([request([(1, [3], False, False), (2, [3], False, False)])])[0].status == RowStatus.OK).all()

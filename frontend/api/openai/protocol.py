@@ -4,6 +4,7 @@ generation parameters (`to_generation_params()`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -100,7 +101,7 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: the prompt and its logprobs alone")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     # Accepted for compatibility; only their neutral values are supported (check_supported).
@@ -113,16 +114,21 @@ class CompletionRequest(SamplingRequest):
         super().check_supported()
         if self.suffix:
             raise errors.InvalidRequest("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise errors.InvalidRequest(
-                "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo"
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise errors.InvalidRequest("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise errors.InvalidRequest("echo with logprobs is not supported with stream", param="echo")
 
     def to_generation_params(self, *, timeout_s: float | None = None) -> GenerationParams:
         """`timeout_s`: the X-Request-Timeout header's, used when the body sets no `timeout`."""
-        return self._generation_params(
-            max_new_tokens=self.max_tokens or 16, logprobs=self.logprobs or 0, timeout_s=timeout_s
+        params = self._generation_params(
+            max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
+            logprobs=self.logprobs or 0,
+            timeout_s=timeout_s,
         )
+        # echo + logprobs: the prompt's own logprobs too (computed in the prefill, lm-eval's
+        # loglikelihood requests).
+        return replace(params, prompt_logprobs=self.logprobs) if self.echo and self.logprobs is not None else params
 
 
 class LogProbs(BaseModel):
@@ -130,6 +136,15 @@ class LogProbs(BaseModel):
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+    def __add__(self, other: LogProbs) -> LogProbs:
+        """These tokens, then `other`'s (the echoed prompt, then the completion)."""
+        return LogProbs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
 
 
 FinishReason = Literal["stop", "length"]

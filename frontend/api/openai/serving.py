@@ -118,6 +118,25 @@ def completion_logprobs(
     return oai.LogProbs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets), offset
 
 
+def echo_logprobs(service: GenerationService, prompt_ids: Sequence[int], result: Completion) -> oai.LogProbs:
+    """OpenAI's logprobs of the echoed prompt: its tokens from offset 0, the first without a
+    logprob (nothing precedes it), the others with the logprob the model gives them after the
+    tokens before (computed by the step model during the prefill) and their top alternatives."""
+    decode = service.tokenizer.decode
+    assert result.prompt_logprobs is not None and result.prompt_top_logprobs is not None
+    tokens = [decode([t]) for t in prompt_ids]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    tops: list[dict[str, float] | None] = [
+        {decode([t]): lp for t, lp in top} if i else None for i, top in enumerate(result.prompt_top_logprobs)
+    ]
+    return oai.LogProbs(
+        tokens=tokens, token_logprobs=list(result.prompt_logprobs), top_logprobs=tops, text_offset=offsets
+    )
+
+
 async def create_completion(
     body: oai.CompletionRequest, service: GenerationService, settings: Settings, *, timeout_s: float | None
 ) -> oai.Completion | EventSourceResponse:
@@ -139,6 +158,8 @@ async def create_completion(
         logprobs = (
             completion_logprobs(service, result.chunks, len(choice.echo))[0] if body.logprobs is not None else None
         )
+        if logprobs is not None and body.echo:
+            logprobs = echo_logprobs(service, choice.request.prompt_ids, result) + logprobs
         choices.append(
             oai.Choice(
                 text=choice.echo + result.text,
