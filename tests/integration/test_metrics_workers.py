@@ -59,7 +59,9 @@ def two_workers(
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            # Every worker ready, not just the one that answered: ten fresh connections in a row
+            # (the kernel spreads them over the workers; a worker still starting answers 503).
+            if all(httpx.get(f"{url}/health/ready", timeout=2).status_code == 200 for _ in range(10)):
                 break
         except httpx.HTTPError:
             pass
@@ -94,6 +96,8 @@ def test_every_scrape_counts_every_worker(two_workers: tuple[str, subprocess.Pop
     url, proc, log = two_workers
     body = {"prompt": "count me", "max_new_tokens": 2, "temperature": 0}
 
+    refusals: list[str] = []
+
     async def load() -> list[int]:
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=0)  # new connections spread the workers
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
@@ -101,12 +105,15 @@ def test_every_scrape_counts_every_worker(two_workers: tuple[str, subprocess.Pop
 
             async def one() -> int:
                 async with sem:
-                    return (await client.post("/generate", json=body)).status_code
+                    r = await client.post("/generate", json=body)
+                    if r.status_code != 200:
+                        refusals.append(r.text)
+                    return r.status_code
 
             return await asyncio.gather(*(one() for _ in range(REQUESTS)))
 
     statuses = asyncio.run(load())
-    assert statuses.count(200) == REQUESTS, {s: statuses.count(s) for s in set(statuses)}
+    assert statuses.count(200) == REQUESTS, ({s: statuses.count(s) for s in set(statuses)}, refusals[:3])
     seen = []
     for _ in range(12):  # fresh connections: the scrapes land on both workers
         with httpx.Client(base_url=url, timeout=10) as client:

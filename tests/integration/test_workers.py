@@ -68,7 +68,8 @@ def launched(
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            # Every worker ready, not just the one that answered (a worker still starting answers 503).
+            if all(httpx.get(f"{url}/health/ready", timeout=2).status_code == 200 for _ in range(10)):
                 break
         except httpx.HTTPError:
             pass
