@@ -18,7 +18,9 @@ from frontend.api.native_protocol import (
     BatchResponse,
     GenerateRequest,
     GenerateResponse,
+    PromptTokenLogprob,
     Timings,
+    TokenLogprob,
     Usage,
 )
 from frontend.api.responses import GENERATION_ERRORS, error_responses
@@ -37,8 +39,27 @@ def _prepare(
     return service.prepare(ids, body.to_generation_params(timeout_s=timeout_s), names)
 
 
-def _response(service: GenerationService, c: Completion) -> GenerateResponse:
+def _only_on_generate(body: GenerateRequest, prefix: str = "") -> None:
+    if body.prompt_logprobs is not None:
+        raise errors.InvalidRequest("prompt_logprobs is returned by /generate only", param=f"{prefix}prompt_logprobs")
+
+
+def _response(service: GenerationService, c: Completion, prompt_ids: tuple[int, ...] = ()) -> GenerateResponse:
+    prompt_logprobs = None
+    if c.prompt_logprobs is not None and c.prompt_top_logprobs is not None:
+        decode = service.tokenizer.decode
+        prompt_logprobs = [
+            PromptTokenLogprob(
+                token_id=t,
+                text=decode([t]),
+                logprob=lp,
+                top_logprobs=[TokenLogprob(token_id=i, logprob=v) for i, v in top],
+            )
+            for t, lp, top in zip(prompt_ids, c.prompt_logprobs, c.prompt_top_logprobs, strict=True)
+        ]
+    extra = {} if prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs}  # only when asked
     return GenerateResponse(
+        **extra,  # type: ignore[arg-type]
         generated_text=c.text,
         model=service.model_name,
         finish_reason=c.finish_reason,
@@ -49,12 +70,18 @@ def _response(service: GenerationService, c: Completion) -> GenerateResponse:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=error_responses(*GENERATION_ERRORS))
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_unset=True,  # `prompt_logprobs` appears only when asked for
+    responses=error_responses(*GENERATION_ERRORS),
+)
 async def generate(
     body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
 ) -> GenerateResponse:
-    completion = await service.complete(_prepare(service, body, timeout_s=timeout))
-    return _response(service, completion)
+    prepared = _prepare(service, body, timeout_s=timeout)
+    completion = await service.complete(prepared)
+    return _response(service, completion, prepared.prompt_ids)
 
 
 @router.post("/generate/stream", response_class=EventSourceResponse, responses=error_responses(*GENERATION_ERRORS))
@@ -62,6 +89,7 @@ async def generate_stream(
     body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
 ) -> EventSourceResponse:
     """SSE: `token` events {text, position, token_id}, then `done` {finish_reason, usage, cached}."""
+    _only_on_generate(body)
     # Raises here, before any byte, when the generation cannot start: a plain JSON error.
     merged = await merge_streams([service.stream(_prepare(service, body, timeout_s=timeout))])
 
@@ -97,6 +125,8 @@ async def generate_batch(
     """Every item with its own parameters; results in request order; all items join one batch."""
     if len(body.requests) > settings.max_batch_requests:
         raise errors.InvalidRequest(f"a batch holds at most {settings.max_batch_requests} requests", param="requests")
+    for i, item in enumerate(body.requests):
+        _only_on_generate(item, f"requests[{i}].")
     prepared = [
         _prepare(service, item, prefix=f"requests[{i}].", timeout_s=timeout) for i, item in enumerate(body.requests)
     ]

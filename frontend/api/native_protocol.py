@@ -26,6 +26,13 @@ class GenerateRequest(BaseModel):
     timeout: float | None = Field(
         None, gt=0, description="seconds this generation may take (capped by the server's maximum); then 504"
     )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="/generate only: also return each prompt token's logprob given the tokens before it, "
+        "with this many alternatives (as OpenAI's echo + logprobs)",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -50,6 +57,7 @@ class GenerateRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             stop=tuple(self.stop),
             seed=self.seed,
+            prompt_logprobs=-1 if self.prompt_logprobs is None else self.prompt_logprobs,
             timeout_s=self.timeout or timeout_s,
         )
 
@@ -65,6 +73,18 @@ class Timings(BaseModel):
     total_s: float
 
 
+class TokenLogprob(BaseModel):
+    token_id: int
+    logprob: float
+
+
+class PromptTokenLogprob(BaseModel):
+    token_id: int
+    text: str
+    logprob: float | None  # None for the first token (nothing precedes it)
+    top_logprobs: list[TokenLogprob]
+
+
 class GenerateResponse(BaseModel):
     generated_text: str
     model: str
@@ -73,6 +93,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
     cached: bool
     timings: Timings
+    prompt_logprobs: list[PromptTokenLogprob] | None = None  # when the request asked (`prompt_logprobs`)
 
 
 class BatchRequest(BaseModel):

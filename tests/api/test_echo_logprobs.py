@@ -5,6 +5,7 @@ here are the fake engine's; their exactness against transformers is tested on th
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -54,3 +55,20 @@ async def test_echo_without_logprobs_asks_no_prompt_logprobs(oai: openai.AsyncOp
     c = await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, echo=True)
     assert c.choices[0].text.startswith("Hi") and c.choices[0].logprobs is None
     assert fake.submitted[-1].prompt_logprobs == -1
+
+
+async def test_the_native_route_returns_prompt_logprobs(client: httpx.AsyncClient, served_model: ServedModel) -> None:
+    r = await client.post(
+        "/generate", json={"prompt": "Hello there", "max_new_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    )
+    assert r.status_code == 200, r.text
+    ids = served_model.tokenizer("Hello there")["input_ids"]
+    entries = r.json()["prompt_logprobs"]
+    expected = FakeEngine.prompt_logprobs_event(ids, 2)
+    assert [e["token_id"] for e in entries] == ids
+    assert [e["logprob"] for e in entries] == pytest.approx(list(expected.logprobs))
+    assert entries[0]["top_logprobs"] == [] and len(entries[1]["top_logprobs"]) == 2
+    for path in ("/generate/stream", "/generate/batch"):
+        body = {"prompt": "Hi", "prompt_logprobs": 1}
+        r = await client.post(path, json={"requests": [body]} if path.endswith("batch") else body)
+        assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["param"]
