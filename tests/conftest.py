@@ -15,6 +15,7 @@ from embedded_triton import TritonPorts, TritonServer
 from export.checkpoint import build_random
 from export.cli import main as export_main
 from export.parity import TOLERANCES
+from tests.integration.redis_server import REDIS_SERVER, RedisServer
 
 TINY = "tiny"
 IDLE_TIMEOUT_S = 3.0
@@ -88,3 +89,16 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     server = TritonServer(model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log")
     with server:
         yield server
+
+
+# A throw-away redis-server for the integration and fault-and-abuse tiers.
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:  # `make test` and .ci/run install it: a missing binary is a broken setup
+        pytest.fail("redis-server is not installed (make redis-server installs Debian's package)")
+    server = RedisServer(REDIS_SERVER, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

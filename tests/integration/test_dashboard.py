@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from embedded_triton import TritonServer
-from frontend.app import create_app
-from frontend.settings import Settings
-from tests.conftest import TINY
+from tests.integration.conftest import free_port, serve_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +31,6 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashbo
 MAY_BE_EMPTY = ('status=~"4..|5.."', "gateway_full_row_fetches_total", "request_queue_time_seconds")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _exprs() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", []) if t.get("expr")]
@@ -49,21 +38,7 @@ def _exprs() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
-    settings = Settings(
-        environment="test", triton_url=triton.grpc_url, model=TINY, model_version="1", repository=model_repository
-    )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not (server.started and httpx.get(f"{url}/health/ready", timeout=5).status_code == 200):
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not become ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serve_gateway(triton, model_repository)
 
 
 @pytest.fixture
@@ -76,7 +51,7 @@ def prometheus(gateway: str, triton: TritonServer, tmp_path: Path) -> Iterator[s
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
         + "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['{t}']\n" for job, t in targets.items())
     )
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,57 +13,24 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from embedded_triton import TritonServer
-from frontend.app import create_app
-from frontend.settings import Settings
 from tests.conftest import TINY, hf_greedy
+from tests.integration.conftest import serve_gateway
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(triton: TritonServer, model_repository: Path) -> Iterator[str]:
-    settings = Settings(
-        environment="test",
-        triton_url=triton.grpc_url,
-        model=TINY,
-        model_version="1",
-        repository=model_repository,
-        default_window=16,
-    )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    url = f"http://127.0.0.1:{port}"
-    # It listens at once (liveness) and is ready once Triton's model is: wait for readiness, so
-    # whichever test runs first (e.g. with -k) does not meet a 503 "starting".
-    while not (server.started and httpx.get(f"{url}/health/ready", timeout=5).status_code == 200):
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not become ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
-    yield from _serve(triton, model_repository)
+    yield from serve_gateway(triton, model_repository, default_window=16)
 
 
 @pytest.fixture(scope="module")
 def second_gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
     """Another gateway process's worth of state (own scheduler, own cache) on the same Triton."""
-    yield from _serve(triton, model_repository)
+    yield from serve_gateway(triton, model_repository, default_window=16)
 
 
 @pytest.fixture(scope="module")

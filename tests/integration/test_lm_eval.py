@@ -10,21 +10,15 @@ the `datasets` loader; the model classes are what talks to the server).
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
 from embedded_triton import TritonServer
-from frontend.app import create_app
-from frontend.settings import Settings
 from tests.conftest import TINY
-from tests.integration.test_dashboard import _free_port
+from tests.integration.conftest import serve_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,21 +33,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the
 
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, model_repository: Path) -> Iterator[str]:
-    settings = Settings(
-        environment="test", triton_url=triton.grpc_url, model=TINY, model_version="1", repository=model_repository
-    )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not (server.started and httpx.get(f"{url}/health/ready", timeout=5).status_code == 200):
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not become ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serve_gateway(triton, model_repository)
 
 
 def _instances(request_type: str, arguments: list[tuple[Any, ...]]) -> list[Any]:

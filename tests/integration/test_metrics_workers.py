@@ -9,8 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_triton import TritonServer
-from tests.conftest import TINY
-from tests.integration.test_workers import _free_port
+from tests.integration.conftest import serve_workers
 
 pytestmark = pytest.mark.integration
 
@@ -32,44 +29,8 @@ def two_workers(
     triton: TritonServer, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     log = tmp_path_factory.mktemp("metrics-workers") / "gateway.log"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_ENVIRONMENT": "test",
-        "GATEWAY_TRITON_URL": triton.grpc_url,
-        "GATEWAY_MODEL": TINY,
-        "GATEWAY_MODEL_VERSION": "1",
-        "GATEWAY_REPOSITORY": str(model_repository),
-        "GATEWAY_IP_RPM": "0",  # 1,000 requests from one address
-        "GATEWAY_ACCESS_LOG": "false",
-    }
-    for name in ("GATEWAY_ENGINE_CORE_URL", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
-        env.pop(name, None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "frontend", "--workers", "2", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
-        try:
-            # Every worker ready, not just the one that answered: ten fresh connections in a row
-            # (the kernel spreads them over the workers; a worker still starting answers 503).
-            if all(httpx.get(f"{url}/health/ready", timeout=2).status_code == 200 for _ in range(10)):
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield url, proc, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # 1,000 requests from one address; no access log lines for them.
+    yield from serve_workers(triton, model_repository, log, GATEWAY_IP_RPM="0", GATEWAY_ACCESS_LOG="false")
 
 
 def _scrape(client: httpx.Client) -> dict[str, float]:

@@ -9,20 +9,16 @@ the step model quotes in its log lines about a row.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from embedded_triton import TritonPorts, TritonServer
-from frontend.app import create_app
-from frontend.settings import Settings
 from tests.conftest import TINY
-from tests.integration.test_dashboard import _free_port
+from tests.integration.conftest import serve_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -42,22 +38,7 @@ def traced(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def gateway(traced: tuple[TritonServer, Path], model_repository: Path) -> Iterator[str]:
-    triton, _ = traced
-    settings = Settings(
-        environment="test", triton_url=triton.grpc_url, model=TINY, model_version="1", repository=model_repository
-    )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not (server.started and httpx.get(f"{url}/health/ready", timeout=5).status_code == 200):
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not become ready"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serve_gateway(traced[0], model_repository)
 
 
 def _traced_request_ids(trace: Path) -> set[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.integration.test_workers import _free_port
+from tests.integration.redis_server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 def test_ctrl_c_stops_the_stack_cleanly(model_repository: Path, tmp_path: Path) -> None:
-    port, http, grpc, metrics = (_free_port() for _ in range(4))
+    port, http, grpc, metrics = (free_port() for _ in range(4))
     log = tmp_path / "stack.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GATEWAY_ENVIRONMENT": "test"}
     cmd = [

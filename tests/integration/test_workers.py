@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_triton import TritonServer
-from tests.conftest import TINY
+from tests.integration.conftest import serve_workers
 from tests.integration.test_gateway import triton_metric
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _group_alive(pgid: int) -> bool:
@@ -43,41 +35,7 @@ def launched(
     triton: TritonServer, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     log = tmp_path_factory.mktemp("workers") / "gateway.log"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_ENVIRONMENT": "test",
-        "GATEWAY_TRITON_URL": triton.grpc_url,
-        "GATEWAY_MODEL": TINY,
-        "GATEWAY_MODEL_VERSION": "1",
-        "GATEWAY_REPOSITORY": str(model_repository),
-        "GATEWAY_DEFAULT_WINDOW": "16",
-    }
-    env.pop("GATEWAY_ENGINE_CORE_URL", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "frontend", "--workers", "2", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a terminal gives it
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
-        try:
-            # Every worker ready, not just the one that answered (a worker still starting answers 503).
-            if all(httpx.get(f"{url}/health/ready", timeout=2).status_code == 200 for _ in range(10)):
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield url, proc, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    yield from serve_workers(triton, model_repository, log, GATEWAY_DEFAULT_WINDOW="16")
 
 
 def test_workers_share_the_engine_core(

@@ -25,7 +25,7 @@ from frontend.api.client_hygiene import uvicorn_options
 from frontend.app import create_app
 from frontend.settings import Settings
 from tests.conftest import TINY
-from tests.integration.redis_server import REDIS_SERVER, RedisServer
+from tests.integration.redis_server import free_port
 from tests.integration.test_gateway import triton_metric
 
 RESULTS: list[str] = []  # measurements reported at the end of the run (recovery times, latencies)
@@ -41,12 +41,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("fault-and-abuse measurements")
         for line in RESULTS:
             terminalreporter.write_line(line)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
@@ -211,15 +205,3 @@ def _triton_is_up(request: pytest.FixtureRequest) -> None:
     if server.process is None or server.process.poll() is not None:
         server.stop()
         server.start(120)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:  # `make test` and .ci/run install it: a missing binary is a broken setup
-        pytest.fail("redis-server is not installed (make redis-server installs Debian's package)")
-    server = RedisServer(REDIS_SERVER, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
