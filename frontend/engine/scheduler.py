@@ -220,8 +220,6 @@ class Scheduler:
         # most resume_timeout_s for a server that takes them (0: fail them at once instead).
         self.resume_timeout_s = resume_timeout_s
         self._parked: list[ActiveSequence] = []
-        self._named = False  # some sequence carried a request id: steps send them along
-        self._echo = False  # some sequence asked for its prompt's logprobs
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
@@ -303,8 +301,6 @@ class Scheduler:
         )
         if events is not None:
             seq.sink = events
-        self._named = self._named or bool(seq.request_id)
-        self._echo = self._echo or prompt_logprobs >= 0
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -408,17 +404,15 @@ class Scheduler:
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
-        request_ids = [s.request_id for s in seqs] if self._named else []
-        # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
-        prompt_logprobs = [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]] if self._echo else []
         batch = StepBatch.compose(
             decode_ids,
             decode_tokens,
             decode_temperature,
             starts,
             sorted(self._releases),
-            request_ids,
-            [-1] * n + prompt_logprobs if any(k >= 0 for k in prompt_logprobs) else [],
+            [s.request_id for s in seqs],
+            # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
+            [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]],
         )
         return seqs, batch
 

@@ -114,10 +114,12 @@ class StepBatch:
         starts: Sequence[tuple[int, Sequence[int], float]],
         releases: Sequence[int],
         request_ids: Sequence[str] = (),
-        prompt_logprobs: Sequence[int] = (),
+        start_prompt_logprobs: Sequence[int] = (),
     ) -> StepBatch:
         """Decode rows (one token each, given as arrays), then start rows (id, prompt,
-        temperature), then release rows (ids): the layout of a scheduler step."""
+        temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
+        the decode and start rows' (in that order); `start_prompt_logprobs` the start rows'. Each
+        is kept only when some row has one (an id, a k >= 0)."""
         d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
         n = d + s + r
         width = max([1, *(len(p) for _, p, _ in starts)])
@@ -140,7 +142,11 @@ class StepBatch:
         temperature[:d] = decode_temperature
         temperature[d : d + s] = [t for _, _, t in starts]
         row_ids = (*request_ids, *([""] * (n - len(request_ids)))) if any(request_ids) else ()
-        echo = (*prompt_logprobs, *([-1] * (n - len(prompt_logprobs)))) if prompt_logprobs else ()
+        echo = (
+            (*([-1] * d), *start_prompt_logprobs, *([-1] * (s + r - len(start_prompt_logprobs))))
+            if any(k >= 0 for k in start_prompt_logprobs)
+            else ()
+        )
         return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids, echo)
 
 
