@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,58 +258,76 @@ def load_model(cfg: BaselineConfig) -> Any:
     return model.to(cfg.device).eval()  # type: ignore[arg-type]
 
 
-def measure(cfg: BaselineConfig, model: Any, log: Callable[[str], None]) -> list[BatchResult]:
-    """Warm up and time generate() for every batch size. Raises RuntimeError if a row is short."""
+def prompt_batches(cfg: BaselineConfig, model: Any) -> Iterator[tuple[int, Any]]:
+    """(batch size, prompt ids on cfg.device) for every batch size, drawn in order from one generator
+    seeded by cfg.seed: random token ids excluding the EOS id. Raises ValueError (before any work)
+    if prompt + new tokens do not fit the model's n_positions."""
     import torch
 
     n_positions = model.config.n_positions
     if cfg.prompt_tokens + cfg.new_tokens > n_positions:
         raise ValueError(f"prompt + new tokens = {cfg.prompt_tokens + cfg.new_tokens} > n_positions {n_positions}")
-    vocab = model.config.vocab_size
+    vocab, eos = model.config.vocab_size, model.config.eos_token_id
+
+    def batches() -> Iterator[tuple[int, Any]]:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for bs in cfg.batch_sizes:
+            ids = torch.randint(0, vocab - 1, (bs, cfg.prompt_tokens), generator=gen)
+            if isinstance(eos, int):
+                ids[ids == eos] = (eos + 1) % vocab if eos + 1 < vocab else 0
+            yield bs, ids.to(cfg.device)
+
+    return batches()
+
+
+def timed_generate(cfg: BaselineConfig, model: Any, ids: Any, new: int, **extra: Any) -> Callable[[], float]:
+    """A function that runs one sampled generate() of exactly `new` tokens on `ids` (cfg's top-p, top-k
+    and temperature, `extra` passed on to generate) and returns its wall time in seconds, bracketed by
+    torch.cuda.synchronize() on cuda. It raises RuntimeError if generate returns another length."""
+    import torch
+
     eos = model.config.eos_token_id
-    pad = eos if isinstance(eos, int) else 0
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": True,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "temperature": cfg.temperature,
+        "max_new_tokens": new,
+        "min_new_tokens": new,
+        "pad_token_id": eos if isinstance(eos, int) else 0,
+        **extra,
+    }
     cuda = cfg.device == "cuda"
 
-    def sync() -> None:
+    def run() -> float:
         if cuda:
             torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if out.shape[1] != cfg.prompt_tokens + new:
+            raise RuntimeError(f"generate returned {out.shape[1] - cfg.prompt_tokens} new tokens, expected {new}")
+        return elapsed
 
-    gen = torch.Generator().manual_seed(cfg.seed)
+    return run
+
+
+def measure(cfg: BaselineConfig, model: Any, log: Callable[[str], None]) -> list[BatchResult]:
+    """Warm up and time generate() for every batch size. Raises RuntimeError if a row is short."""
     results = []
-    for bs in cfg.batch_sizes:
-        ids = torch.randint(0, vocab - 1, (bs, cfg.prompt_tokens), generator=gen)
-        if isinstance(eos, int):
-            ids[ids == eos] = (eos + 1) % vocab if eos + 1 < vocab else 0
-        ids = ids.to(cfg.device)
-        mask = torch.ones_like(ids)
-
-        def run(new: int, ids: Any = ids, mask: Any = mask) -> float:
-            sync()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=True,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k,
-                    temperature=cfg.temperature,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    pad_token_id=pad,
-                    use_cache=True,
-                )
-            sync()
-            elapsed = time.perf_counter() - t0
-            if out.shape[1] != cfg.prompt_tokens + new:
-                raise RuntimeError(f"generate returned {out.shape[1] - cfg.prompt_tokens} new tokens, expected {new}")
-            return elapsed
-
+    for bs, ids in prompt_batches(cfg, model):
+        run_full = timed_generate(cfg, model, ids, cfg.new_tokens, use_cache=True)
+        run_first = timed_generate(cfg, model, ids, 1, use_cache=True)
         for _ in range(cfg.warmup):
-            run(cfg.new_tokens)
-            run(1)
-        full = tuple(run(cfg.new_tokens) for _ in range(cfg.repeats))
-        first = tuple(run(1) for _ in range(cfg.repeats))
+            run_full()
+            run_first()
+        full = tuple(run_full() for _ in range(cfg.repeats))
+        first = tuple(run_first() for _ in range(cfg.repeats))
         result = BatchResult(bs, full, first, cfg.prompt_tokens, cfg.new_tokens)
         log(f"[baseline] batch {bs}: {result.tokens_per_s:.1f} tok/s, median {result.full_median_s:.3f} s")
         results.append(result)
@@ -337,28 +355,56 @@ def csv_rows(results: Sequence[BatchResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """Progress to stderr (stdout carries the report)."""
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 on success, 2 on bad arguments."""
-    parser = build_parser()
+def parse_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, BaselineConfig]:
+    """Parse argv with `parser` (build_parser's, perhaps extended) and resolve it; a bad combination
+    exits through parser.error. Sets torch's thread count when --threads is given."""
     args = parser.parse_args(argv)
     import torch
-    import transformers
 
     try:
         cfg = config_from_args(args, torch.cuda.is_available())
     except ValueError as err:
         parser.error(str(err))
-    if cfg.dtype == "fp16" and cfg.device == "cpu":
-        warnings.warn("fp16 on CPU is usually slower than fp32; measuring anyway", stacklevel=1)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return args, cfg
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> list[str]:
+    """The command as run, for the provenance."""
+    return [prog, *(sys.argv[1:] if argv is None else argv)]
+
+
+def output_name(prefix: str, cfg: BaselineConfig, tag: str | None) -> str:
+    """<prefix>-<checkpoint dir name | random-<shape>>-<device>-<dtype>[-<tag>]: the output files' stem."""
+    source = cfg.model.rstrip("/").split("/")[-1] if cfg.model else f"random-{cfg.random_config}"
+    return f"{prefix}-{source}-{cfg.device}-{cfg.dtype}{'-' + tag if tag else ''}"
+
+
+def parameter_count(model: Any) -> str:
+    """The model's parameter count, with thousands separators."""
+    return f"{sum(p.numel() for p in model.parameters()):,}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 on bad arguments."""
+    parser = build_parser()
+    args, cfg = parse_config(parser, argv)
+    import torch
+    import transformers
+
+    if cfg.dtype == "fp16" and cfg.device == "cpu":
+        warnings.warn("fp16 on CPU is usually slower than fp32; measuring anyway", stacklevel=1)
     model = load_model(cfg)
     try:
-        results = measure(cfg, model, _log)
+        results = measure(cfg, model, log)
     except ValueError as err:
         parser.error(str(err))
     extra = {
@@ -366,18 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transformers": transformers.__version__,
         "torch threads": torch.get_num_threads(),
         "device name": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
-        "model parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+        "model parameters": parameter_count(model),
     }
-    cli = ["python -m benchmarks.baseline", *(sys.argv[1:] if argv is None else argv)]
-    info = RunInfo.collect(to_jsonable(cfg), argv=cli)
+    info = RunInfo.collect(to_jsonable(cfg), argv=command_line("python -m benchmarks.baseline", argv))
     markdown = render_markdown(cfg, results, info, extra)
     sys.stdout.write(markdown)
     if args.out:
-        source = cfg.model.rstrip("/").split("/")[-1] if cfg.model else f"random-{cfg.random_config}"
-        name = f"baseline-{source}-{cfg.device}-{cfg.dtype}{'-' + args.tag if args.tag else ''}"
         summary = {"results": [r.summary() for r in results], "run": info.to_dict(), "environment": extra}
-        written = write_outputs(args.out, name, markdown, csv_rows(results), summary)
-        _log("[baseline] wrote " + ", ".join(str(p) for p in written))
+        written = write_outputs(args.out, output_name("baseline", cfg, args.tag), markdown, csv_rows(results), summary)
+        log("[baseline] wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -38,7 +38,7 @@ import math
 import re
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,29 +157,36 @@ class Counters:
         return ratio(self.rows, self.executions)
 
 
+# Counters field -> (scrape, counter): the field holds the counter's delta over the run.
+COUNTER_METRICS = {
+    "rows": ("triton", "nv_inference_count"),
+    "executions": ("triton", "nv_inference_exec_count"),
+    "requests": ("triton", "nv_inference_request_success"),
+    "compute_infer_us": ("triton", "nv_inference_compute_infer_duration_us"),
+    "compute_input_us": ("triton", "nv_inference_compute_input_duration_us"),
+    "compute_output_us": ("triton", "nv_inference_compute_output_duration_us"),
+    "queue_us": ("triton", "nv_inference_queue_duration_us"),
+    "gateway_step_rows": ("gateway", "gateway_step_rows_sum"),
+    "gateway_steps": ("gateway", "gateway_step_rows_count"),
+    "engine_rows": ("triton", "gpt2_rows_total"),
+    "engine_steps": ("triton", "gpt2_steps_total"),
+    "graph_replays": ("triton", "gpt2_graph_replays_total"),
+    "engine_decode_rows": ("triton", "gpt2_decode_tokens_total"),
+    "engine_live_at_step": ("triton", "gpt2_live_at_step_total"),
+}
+
+
 def run_counters(metrics_dir: Path, tag: str) -> Counters:
     """Counter deltas of the load run `tag` from its before/after scrapes."""
-    tb = read_metrics(metrics_dir / f"{tag}_before_triton.txt")
-    ta = read_metrics(metrics_dir / f"{tag}_after_triton.txt")
-    gb = read_metrics(metrics_dir / f"{tag}_before_gateway.txt")
-    ga = read_metrics(metrics_dir / f"{tag}_after_gateway.txt")
-    c = Counters(
-        rows=delta(tb, ta, "nv_inference_count"),
-        executions=delta(tb, ta, "nv_inference_exec_count"),
-        requests=delta(tb, ta, "nv_inference_request_success"),
-        compute_infer_us=delta(tb, ta, "nv_inference_compute_infer_duration_us"),
-        compute_input_us=delta(tb, ta, "nv_inference_compute_input_duration_us"),
-        compute_output_us=delta(tb, ta, "nv_inference_compute_output_duration_us"),
-        queue_us=delta(tb, ta, "nv_inference_queue_duration_us"),
-        gateway_step_rows=delta(gb, ga, "gateway_step_rows_sum"),
-        gateway_steps=delta(gb, ga, "gateway_step_rows_count"),
-        kv_live_after=metric_sum(ta, "gpt2_kv_live_sequences") if ta else None,
-        engine_rows=delta(tb, ta, "gpt2_rows_total"),
-        engine_steps=delta(tb, ta, "gpt2_steps_total"),
-        graph_replays=delta(tb, ta, "gpt2_graph_replays_total"),
-        engine_decode_rows=delta(tb, ta, "gpt2_decode_tokens_total"),
-        engine_live_at_step=delta(tb, ta, "gpt2_live_at_step_total"),
-    )
+    scrape = {
+        (server, when): read_metrics(metrics_dir / f"{tag}_{when}_{server}.txt")
+        for server in ("triton", "gateway")
+        for when in ("before", "after")
+    }
+    ta, gb, ga = scrape["triton", "after"], scrape["gateway", "before"], scrape["gateway", "after"]
+    c = Counters(kv_live_after=metric_sum(ta, "gpt2_kv_live_sequences") if ta else None)
+    for name, (server, metric) in COUNTER_METRICS.items():
+        setattr(c, name, delta(scrape[server, "before"], scrape[server, "after"], metric))
     if ga is not None:
         reasons = sorted({lab.get("reason", "") for lab, _ in ga.get("gateway_full_row_fetches_total", [])})
         for reason in reasons:
@@ -227,10 +234,7 @@ class StackRun:
 
 def read_stack(directory: Path, workers: int) -> StackRun:
     loads: dict[str, dict[str, Any] | None] = {
-        "single": load_summary(directory, "-single"),
-        "streams": load_summary(directory, "-streams"),
-        "sse": load_summary(directory, "-sse"),
-        "topp": load_summary(directory, "-topp"),
+        tag: load_summary(directory, f"-{tag}") for tag in LOAD_TAGS if tag != "seed"
     }
     for sc in SCENARIOS:
         loads[f"seed:{sc}"] = load_summary(directory, f"{sc}-generate-seed")
@@ -353,67 +357,103 @@ def _w(workers: int) -> str:
     return f"{workers} worker{'s' if workers != 1 else ''}"
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target judged met / missed / not run. `value` reads the figure from its source (a load summary,
+    an engine_bench row or a run's Counters; None when missing) and `shown` writes the measured column
+    from (source, value); `what` is a template for {streams}, {workers} and {route}."""
+
+    what: str
+    target: str
+    goal: float
+    higher_is_better: bool
+    value: Callable[[Any], float | None]
+    shown: Callable[[Any, float | None], str]
+
+    def row(self, source: Any, **names: Any) -> Row:
+        value = self.value(source)
+        what = self.what.format(**names)
+        return Row(what, self.target, self.shown(source, value), judge(value, self.goal, self.higher_is_better))
+
+
+# The many-stream runs, per gateway worker count: (load tag, route).
+STREAM_RUNS = (("streams", "/generate"), ("sse", "/generate/stream, SSE per token"))
+STREAM_TARGET = Target(
+    "{streams} streams, {route}, tok/s ({workers})",
+    f">= {TARGET_C512_TOK_S:,.0f}",
+    TARGET_C512_TOK_S,
+    True,
+    lambda load: num(load, "tokens_per_s"),
+    lambda load, tok: NA if load is None else f"{f0(tok)} tok/s ({pct(num(load, 'success_rate'))} ok)",
+)
+# From the single-stream run, per gateway worker count.
+SINGLE_STREAM_TARGETS = (
+    Target(
+        "single stream ITL p50 ({workers})",
+        f"<= {TARGET_ITL_P50_MS} ms",
+        TARGET_ITL_P50_MS,
+        False,
+        lambda load: _ms(dist(load, "itl", "p50")),
+        lambda _, ms: NA if ms is None else f"{ms:.2f} ms",
+    ),
+    Target(
+        "single stream TTFT p50 ({workers})",
+        f"<= {TARGET_TTFT_P50_MS:g} ms",
+        TARGET_TTFT_P50_MS,
+        False,
+        lambda load: _ms(dist(load, "ttft", "p50")),
+        lambda _, ms: NA if ms is None else f"{ms:.1f} ms",
+    ),
+)
+# The step engine alone, by engine_bench row count ("{streams}": the --streams count).
+ENGINE_TARGETS = {
+    "{streams}": Target(
+        "step engine alone, {streams} rows, tok/s",
+        f">= {TARGET_ENGINE_512_TOK_S:,.0f}",
+        TARGET_ENGINE_512_TOK_S,
+        True,
+        lambda row: num(row, "tok_per_s_at_p50"),
+        lambda row, tok: NA if row is None else f"{f0(tok)} tok/s ({f3(num(row, 'decode_step_p50_ms'))} ms/step)",
+    ),
+    "1": Target(
+        "step engine alone, 1 row, ms/step (p50)",
+        f"<= {TARGET_ENGINE_1_MS} ms",
+        TARGET_ENGINE_1_MS,
+        False,
+        lambda row: num(row, "decode_step_p50_ms"),
+        lambda _, ms: NA if ms is None else f"{ms:.3f} ms",
+    ),
+}
+# From the many-stream run's counters, per gateway worker count.
+LIVE_SHARE_TARGET = Target(
+    "live sequences stepping together at {streams} streams ({workers})",
+    f">= {TARGET_ROWS_PER_EXEC_FRACTION:.0%} of live sequences",
+    TARGET_ROWS_PER_EXEC_FRACTION,
+    True,
+    lambda c: c.live_share if c else None,
+    lambda _, share: NA if share is None else f"{pct(share)} (decode rows / live sequences at each step)",
+)
+
+
 def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
     """The "target vs measured" rows, in the order of the brief."""
     rows: list[Row] = []
     stacks = data.stacks or [StackRun(w, {}, {}) for w in (1, 8)]
-    for tag, route in (("streams", "/generate"), ("sse", "/generate/stream, SSE per token")):
+    for tag, route in STREAM_RUNS:
         for s in stacks:
             load = s.loads.get(tag)
             if load is None and tag == "sse":
                 continue  # suites before 2026-12-01 had no SSE run
-            tok = num(load, "tokens_per_s")
-            measured = NA if load is None else f"{f0(tok)} tok/s ({pct(num(load, 'success_rate'))} ok)"
-            rows.append(
-                Row(
-                    f"{streams} streams, {route}, tok/s ({_w(s.workers)})",
-                    f">= {TARGET_C512_TOK_S:,.0f}",
-                    measured,
-                    judge(tok, TARGET_C512_TOK_S, True),
-                )
-            )
-    for s in stacks:
-        itl = dist(s.loads.get("single"), "itl", "p50")
-        itl_ms = None if itl is None else itl * 1e3
-        rows.append(
-            Row(
-                f"single stream ITL p50 ({_w(s.workers)})",
-                f"<= {TARGET_ITL_P50_MS} ms",
-                NA if itl_ms is None else f"{itl_ms:.2f} ms",
-                judge(itl_ms, TARGET_ITL_P50_MS, False),
-            )
-        )
-    for s in stacks:
-        ttft = dist(s.loads.get("single"), "ttft", "p50")
-        ttft_ms = None if ttft is None else ttft * 1e3
-        rows.append(
-            Row(
-                f"single stream TTFT p50 ({_w(s.workers)})",
-                f"<= {TARGET_TTFT_P50_MS:g} ms",
-                NA if ttft_ms is None else f"{ttft_ms:.1f} ms",
-                judge(ttft_ms, TARGET_TTFT_P50_MS, False),
-            )
-        )
-    big = data.engine.get(str(streams)) if isinstance(data.engine.get(str(streams)), dict) else None
-    big_tok = num(big, "tok_per_s_at_p50")
-    rows.append(
-        Row(
-            f"step engine alone, {streams} rows, tok/s",
-            f">= {TARGET_ENGINE_512_TOK_S:,.0f}",
-            NA if big is None else f"{f0(big_tok)} tok/s ({f3(num(big, 'decode_step_p50_ms'))} ms/step)",
-            judge(big_tok, TARGET_ENGINE_512_TOK_S, True),
-        )
-    )
-    one = data.engine.get("1") if isinstance(data.engine.get("1"), dict) else None
-    one_ms = num(one, "decode_step_p50_ms")
-    rows.append(
-        Row(
-            "step engine alone, 1 row, ms/step (p50)",
-            f"<= {TARGET_ENGINE_1_MS} ms",
-            NA if one_ms is None else f"{one_ms:.3f} ms",
-            judge(one_ms, TARGET_ENGINE_1_MS, False),
-        )
-    )
+            rows.append(STREAM_TARGET.row(load, streams=streams, route=route, workers=_w(s.workers)))
+    for target in SINGLE_STREAM_TARGETS:
+        rows += [target.row(s.loads.get("single"), workers=_w(s.workers)) for s in stacks]
+    for key, target in ENGINE_TARGETS.items():
+        engine_row = data.engine.get(key.format(streams=streams))
+        rows.append(target.row(engine_row if isinstance(engine_row, dict) else None, streams=streams))
     for s in stacks:
         for sc in SCENARIOS:
             load = s.loads.get(f"seed:{sc}")
@@ -445,15 +485,7 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
                 REPORT if c is not None and rpe is not None else NOT_RUN,
             )
         )
-        share = c.live_share if c else None
-        rows.append(
-            Row(
-                f"live sequences stepping together at {streams} streams ({_w(s.workers)})",
-                f">= {TARGET_ROWS_PER_EXEC_FRACTION:.0%} of live sequences",
-                NA if share is None else f"{pct(share)} (decode rows / live sequences at each step)",
-                judge(share, TARGET_ROWS_PER_EXEC_FRACTION, True),
-            )
-        )
+        rows.append(LIVE_SHARE_TARGET.row(c, streams=streams, workers=_w(s.workers)))
     for s in stacks:
         load = s.loads.get("topp")
         c = s.counters.get("topp")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,53 +118,14 @@ def measure(
     log: Callable[[str], None],
     on_result: Callable[[list[StaticResult]], object] | None = None,
 ) -> list[StaticResult]:
-    """Warm up and time static-cache generate() per batch size; `on_result` sees the list after each size."""
-    import torch
-
-    n_positions = model.config.n_positions
-    if cfg.prompt_tokens + cfg.new_tokens > n_positions:
-        raise ValueError(f"prompt + new tokens = {cfg.prompt_tokens + cfg.new_tokens} > n_positions {n_positions}")
-    vocab, eos = model.config.vocab_size, model.config.eos_token_id
-    pad = eos if isinstance(eos, int) else 0
-    cuda = cfg.device == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Warm up and time static-cache generate() per batch size; `on_result` sees the list after each size.
+    The prompts and the timed call are baseline's (`prompt_batches`, `timed_generate`)."""
+    extra: dict[str, Any] = {"cache_implementation": "static"}
+    if not compile_:
+        extra["disable_compile"] = True
     results: list[StaticResult] = []
-    for bs in cfg.batch_sizes:
-        ids = torch.randint(0, vocab - 1, (bs, cfg.prompt_tokens), generator=gen)
-        if isinstance(eos, int):
-            ids[ids == eos] = (eos + 1) % vocab if eos + 1 < vocab else 0
-        ids = ids.to(cfg.device)
-        kwargs: dict[str, Any] = {
-            "attention_mask": torch.ones_like(ids),
-            "do_sample": True,
-            "top_p": cfg.top_p,
-            "top_k": cfg.top_k,
-            "temperature": cfg.temperature,
-            "max_new_tokens": cfg.new_tokens,
-            "min_new_tokens": cfg.new_tokens,
-            "pad_token_id": pad,
-            "cache_implementation": "static",
-        }
-        if not compile_:
-            kwargs["disable_compile"] = True
-
-        def run(ids: Any = ids, kwargs: dict[str, Any] = kwargs) -> float:
-            sync()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(ids, **kwargs)
-            sync()
-            elapsed = time.perf_counter() - t0
-            if out.shape[1] != cfg.prompt_tokens + cfg.new_tokens:
-                got = out.shape[1] - cfg.prompt_tokens
-                raise RuntimeError(f"generate returned {got} new tokens, expected {cfg.new_tokens}")
-            return elapsed
-
+    for bs, ids in baseline.prompt_batches(cfg, model):
+        run = baseline.timed_generate(cfg, model, ids, cfg.new_tokens, **extra)
         warm = tuple(run() for _ in range(cfg.warmup))
         timed = tuple(run() for _ in range(cfg.repeats))
         result = StaticResult(bs, cfg.prompt_tokens, cfg.new_tokens, warm, timed)
@@ -198,10 +158,6 @@ def csv_rows(results: Sequence[StaticResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 on success, 2 on bad arguments."""
     parser = baseline.build_parser()
@@ -209,21 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.description = "transformers generate() with the static KV cache (auto-compiled on CUDA)."
     parser.add_argument("--no-compile", action="store_true", help="static cache without torch.compile")
     parser.set_defaults(warmup=2)
-    args = parser.parse_args(argv)
+    args, cfg = baseline.parse_config(parser, argv)
     import torch
     import transformers
 
-    try:
-        cfg = baseline.config_from_args(args, torch.cuda.is_available())
-    except ValueError as err:
-        parser.error(str(err))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model = baseline.load_model(cfg)
-    cli = ["python -m benchmarks.hf_static", *(sys.argv[1:] if argv is None else argv)]
+    cli = baseline.command_line("python -m benchmarks.hf_static", argv)
     info = RunInfo.collect({**to_jsonable(cfg), "no_compile": args.no_compile}, argv=cli)
-    source = cfg.model.rstrip("/").split("/")[-1] if cfg.model else f"random-{cfg.random_config}"
-    name = f"hf-static-{source}-{cfg.device}-{cfg.dtype}{'-' + args.tag if args.tag else ''}"
+    name = baseline.output_name("hf-static", cfg, args.tag)
 
     def environment() -> dict[str, Any]:
         return {
@@ -231,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "device name": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
             "compiled": hasattr(model, "_compiled_call"),
-            "model parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+            "model parameters": baseline.parameter_count(model),
         }
 
     def write(results: list[StaticResult]) -> str:
@@ -240,11 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             summary = {"results": [r.summary() for r in results], "run": info.to_dict(), "environment": extra}
             written = write_outputs(args.out, name, markdown, csv_rows(results), summary)
-            _log("[hf_static] wrote " + ", ".join(str(p) for p in written))
+            baseline.log("[hf_static] wrote " + ", ".join(str(p) for p in written))
         return markdown
 
     try:
-        results = measure(cfg, model, not args.no_compile, _log, on_result=write)
+        results = measure(cfg, model, not args.no_compile, baseline.log, on_result=write)
     except ValueError as err:
         parser.error(str(err))
     sys.stdout.write(write(results))

@@ -26,6 +26,17 @@ from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
 from frontend.settings import Settings
 from tests.api.fake_engine import FakeEngine
+from tests.rawhttp import (
+    body_pieces,
+    closed_by_peer,
+    connect,
+    framing_header,
+    read_response,
+    request,
+    send_in_background,
+    send_json,
+    slowloris,
+)
 
 pytestmark = pytest.mark.api
 
@@ -40,12 +51,7 @@ class Server:
     settings: Settings
 
     def connect(self, rcvbuf: int | None = None) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.settimeout(5.0)
-        s.connect(("127.0.0.1", self.port))
-        return s
+        return connect(self.port, rcvbuf)
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ def server(served_model: ServedModel) -> Iterator[Server]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # started and the engine is up
         with contextlib.suppress(OSError):
-            if uv.started and _request(srv, "GET", "/health/ready")[0] == 200:
+            if uv.started and request(srv.port, "GET", "/health/ready")[0] == 200:
                 break
         time.sleep(0.02)
     else:
@@ -91,51 +97,6 @@ def server(served_model: ServedModel) -> Iterator[Server]:
         uv.should_exit = True
         thread.join(10)
         sock.close()
-
-
-def _read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body
-
-
-def _request(srv: Server, method: str, path: str, payload: Any = None) -> tuple[int, dict[str, str], bytes]:
-    body = b"" if payload is None else json.dumps(payload).encode()
-    with srv.connect() as s:
-        s.sendall(
-            f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        return _read_response(s)
-
-
-def _closed_by_peer(s: socket.socket, within_s: float) -> float | None:
-    """Seconds until the server closed `s` (EOF or reset), or None if it did not within `within_s`."""
-    started = time.monotonic()
-    s.settimeout(within_s)
-    try:
-        while True:
-            if not s.recv(4096):
-                return time.monotonic() - started
-    except TimeoutError:
-        return None
-    except OSError:
-        return time.monotonic() - started
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -158,32 +119,10 @@ def _assert_413(status: int, headers: dict[str, str], body: bytes) -> None:
 
 
 # --------------------------------------------------------------------------- body limit
-def _send_in_background(s: socket.socket, pieces: Callable[[], Iterator[bytes]]) -> threading.Thread:
-    def push() -> None:
-        with contextlib.suppress(OSError):  # the server closes the connection mid-body
-            for piece in pieces():
-                s.sendall(piece)
-
-    t = threading.Thread(target=push, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_10_mb_body_gets_413_and_costs_no_memory(server: Server, framing: str) -> None:
     total = 10_000_000
-    block = b"x" * 65536  # one buffer, sent again and again: the client allocates nothing per send
-    chunk_head = f"{len(block):x}\r\n".encode()
-
-    def pieces() -> Iterator[bytes]:
-        sent = 0
-        while sent < total:
-            yield (chunk_head + block + b"\r\n") if framing == "chunked" else block
-            sent += len(block)
-        if framing == "chunked":
-            yield b"0\r\n\r\n"
-
-    framing_header = "Transfer-Encoding: chunked" if framing == "chunked" else f"Content-Length: {total}"
+    pieces = body_pieces(framing, total)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -191,11 +130,11 @@ def test_a_10_mb_body_gets_413_and_costs_no_memory(server: Server, framing: str)
         with server.connect() as s:
             s.sendall(
                 f"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                f"{framing_header}\r\n\r\n".encode()
+                f"{framing_header(framing, total)}\r\n\r\n".encode()
             )
-            sender = _send_in_background(s, pieces)
-            status, headers, body = _read_response(s)
-            assert _closed_by_peer(s, 3.0) is not None, "the connection must be closed after the 413"
+            sender = send_in_background(s, pieces)
+            status, headers, body = read_response(s)
+            assert closed_by_peer(s, 3.0) is not None, "the connection must be closed after the 413"
             sender.join(5)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -209,10 +148,10 @@ def test_a_declared_10_gb_body_is_refused_before_it_is_sent(server: Server) -> N
     with server.connect() as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000000\r\n\r\n")
         started = time.monotonic()
-        status, headers, body = _read_response(s)
+        status, headers, body = read_response(s)
         assert time.monotonic() - started < 1.0
         _assert_413(status, headers, body)
-        assert _closed_by_peer(s, 2.0) is not None
+        assert closed_by_peer(s, 2.0) is not None
 
 
 def test_a_body_at_the_limit_is_parsed(server: Server) -> None:
@@ -228,7 +167,7 @@ def test_a_body_at_the_limit_is_parsed(server: Server) -> None:
             "Connection: close\r\n\r\n".encode()
             + body
         )
-        status, _, text = _read_response(s)
+        status, _, text = read_response(s)
     assert status == 200, text
 
 
@@ -238,7 +177,7 @@ def test_a_body_that_trickles_in_gets_408(server: Server) -> None:
             b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
         )
         started = time.monotonic()
-        status, headers, body = _read_response(s)
+        status, headers, body = read_response(s)
         assert status == 408, body
         assert json.loads(body)["error"]["code"] == "timeout"
         assert time.monotonic() - started < server.settings.body_timeout_s + 1.0
@@ -249,19 +188,9 @@ def test_a_body_that_trickles_in_gets_408(server: Server) -> None:
 def test_slowloris_connections_are_closed_within_the_header_deadline(server: Server) -> None:
     conns = [server.connect() for _ in range(20)]
     try:
-        for s in conns:
-            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n")
-        started = time.monotonic()
-        open_ = list(conns)
-        while open_ and time.monotonic() - started < TIMEOUT + 2.0:
-            time.sleep(0.1)
-            for s in list(open_):
-                try:
-                    s.sendall(b"X-Slow: 1\r\n")  # a header line every 100 ms: never complete
-                except OSError:
-                    open_.remove(s)
-        for s in open_:  # a write can succeed after the close; a read cannot
-            if _closed_by_peer(s, 0.2) is not None:
+        open_, started = slowloris(conns, TIMEOUT + 2.0)  # a header line every 100 ms: never complete
+        for s in list(open_):  # a write can succeed after the close; a read cannot
+            if closed_by_peer(s, 0.2) is not None:
                 open_.remove(s)
         assert not open_, f"{len(open_)} of {len(conns)} slowloris connections still open"
         assert time.monotonic() - started < TIMEOUT + 2.0
@@ -272,7 +201,7 @@ def test_slowloris_connections_are_closed_within_the_header_deadline(server: Ser
 
 def test_an_idle_connection_is_closed(server: Server) -> None:
     with server.connect() as s:
-        took = _closed_by_peer(s, TIMEOUT + 2.0)
+        took = closed_by_peer(s, TIMEOUT + 2.0)
     assert took is not None and took < TIMEOUT + 1.0
 
 
@@ -280,9 +209,9 @@ def test_keep_alive_serves_requests_then_closes_when_idle(server: Server) -> Non
     with server.connect() as s:
         for _ in range(2):
             s.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")
-            status, _, _ = _read_response(s)
+            status, _, _ = read_response(s)
             assert status == 200
-        took = _closed_by_peer(s, TIMEOUT + 2.0)
+        took = closed_by_peer(s, TIMEOUT + 2.0)
     assert took is not None and took < TIMEOUT + 1.0
 
 
@@ -292,20 +221,11 @@ def test_a_slow_but_steady_request_is_served(server: Server) -> None:
         for line in (b"GET /health/live HTTP/1.1\r\n", b"Host: t\r\n", b"\r\n"):
             s.sendall(line)
             time.sleep(TIMEOUT / 5)
-        status, _, _ = _read_response(s)
+        status, _, _ = read_response(s)
     assert status == 200
 
 
 # --------------------------------------------------------------------------- stalled and vanished clients
-def _post(s: socket.socket, path: str, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    s.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-
-
 @pytest.mark.parametrize(
     ("path", "payload"),
     [
@@ -318,12 +238,12 @@ def test_a_stalled_sse_reader_is_dropped_and_its_generation_cancelled(
 ) -> None:
     server.fake.delay_s = 0.0002
     with server.connect(rcvbuf=4096) as s:
-        _post(s, path, payload)  # and never read
+        send_json(s, path, payload)  # and never read
         assert _wait(lambda: bool(server.fake.submitted), 2.0)
         handle = server.fake.submitted[0]
         assert _wait(lambda: handle.cancelled, 15.0), f"not cancelled after {len(handle.emitted)} tokens"
         assert len(handle.emitted) < LONG
-        assert _closed_by_peer(s, 5.0) is not None, "the stalled connection must be closed"
+        assert closed_by_peer(s, 5.0) is not None, "the stalled connection must be closed"
     assert _wait(lambda: server.fake.live == 0, 2.0)
 
 
@@ -341,7 +261,7 @@ def test_a_client_that_disconnects_cancels_its_generations(
 ) -> None:
     server.fake.delay_s = 0.05 if path != "/generate/stream" else 30.0
     s = server.connect()
-    _post(s, path, payload)
+    send_json(s, path, payload)
     assert _wait(lambda: len(server.fake.submitted) == generations, 2.0)
     s.close()
     closed_at = time.monotonic()

@@ -24,6 +24,7 @@ from embedded_triton import TritonPorts, TritonServer
 from frontend.api.client_hygiene import uvicorn_options
 from frontend.app import create_app
 from frontend.settings import Settings
+from tests import rawhttp
 from tests.conftest import TINY
 from tests.integration.redis_server import free_port
 from tests.integration.test_gateway import triton_metric
@@ -114,12 +115,7 @@ class ThreadGateway:
         raise AssertionError(f"not ready within {timeout_s} s")
 
     def connect(self, rcvbuf: int | None = None, timeout_s: float = 5.0) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.settimeout(timeout_s)
-        s.connect(("127.0.0.1", self.port))
-        return s
+        return rawhttp.connect(self.port, rcvbuf, timeout_s)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -19,8 +19,16 @@ import numpy as np
 import pytest
 
 from embedded_triton import TritonServer
-from tests.api.test_client_hygiene import _closed_by_peer, _read_response, _send_in_background
 from tests.conftest import TINY
+from tests.rawhttp import (
+    body_pieces,
+    closed_by_peer,
+    framing_header,
+    read_response,
+    send_in_background,
+    send_json,
+    slowloris,
+)
 from tests.resilience.conftest import (
     GatewayProcess,
     ThreadGateway,
@@ -60,27 +68,16 @@ def gateway(fault_triton: TritonServer, model_repository: Path) -> Iterator[Thre
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_10_mb_body_is_refused_and_costs_no_memory(gateway: ThreadGateway, framing: str) -> None:
     total = 10_000_000
-    block = b"x" * 65536
-    chunk_head = f"{len(block):x}\r\n".encode()
-
-    def pieces() -> Iterator[bytes]:
-        sent = 0
-        while sent < total:
-            yield (chunk_head + block + b"\r\n") if framing == "chunked" else block
-            sent += len(block)
-        if framing == "chunked":
-            yield b"0\r\n\r\n"
-
-    framing_header = "Transfer-Encoding: chunked" if framing == "chunked" else f"Content-Length: {total}"
+    pieces = body_pieces(framing, total)
     tracemalloc.start()  # the gateway runs in this process: its allocations are traced
     try:
         tracemalloc.reset_peak()
         before = tracemalloc.get_traced_memory()[0]
         with gateway.connect() as s:
-            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\n{framing_header}\r\n\r\n".encode())
-            sender = _send_in_background(s, pieces)
-            status, _, body = _read_response(s)
-            assert _closed_by_peer(s, 3.0) is not None, "the connection must be closed after the 413"
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\n{framing_header(framing, total)}\r\n\r\n".encode())
+            sender = send_in_background(s, pieces)
+            status, _, body = read_response(s)
+            assert closed_by_peer(s, 3.0) is not None, "the connection must be closed after the 413"
             sender.join(5)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -95,21 +92,11 @@ def test_a_10_mb_body_is_refused_and_costs_no_memory(gateway: ThreadGateway, fra
 def test_slowloris_connections_are_cut(gateway: ThreadGateway) -> None:
     conns = [gateway.connect() for _ in range(20)]
     try:
-        for s in conns:
-            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n")
-        started = time.monotonic()
-        open_ = list(conns)
-        while open_ and time.monotonic() - started < DEADLINE_S + 3.0:
-            time.sleep(0.1)
-            for s in list(open_):
-                try:
-                    s.sendall(b"X-Slow: 1\r\n")  # a header line every 100 ms: the head never completes
-                except OSError:
-                    open_.remove(s)
+        open_, started = slowloris(conns, DEADLINE_S + 3.0)  # a header line every 100 ms: the head never completes
         assert not open_, f"{len(open_)} of 20 slowloris connections still open"
         report(f"slowloris: 20 of 20 connections cut after {time.monotonic() - started:.2f} s")
         with gateway.connect() as idle:  # and one that sends nothing at all
-            assert _closed_by_peer(idle, DEADLINE_S + 2.0) is not None
+            assert closed_by_peer(idle, DEADLINE_S + 2.0) is not None
     finally:
         for s in conns:
             s.close()
@@ -118,16 +105,10 @@ def test_slowloris_connections_are_cut(gateway: ThreadGateway) -> None:
 def test_a_stalled_sse_reader_is_dropped_and_its_kv_slot_freed(
     gateway: ThreadGateway, fault_triton: TritonServer
 ) -> None:
-    body = json.dumps(
-        {"model": TINY, "prompt": "Once upon a time", "max_tokens": 240, "n": 4, "stream": True, "logprobs": 5}
-    ).encode()
+    body = {"model": TINY, "prompt": "Once upon a time", "max_tokens": 240, "n": 4, "stream": True, "logprobs": 5}
     s = gateway.connect(rcvbuf=4096)
     try:
-        s.sendall(
-            f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        send_json(s, "/v1/completions", body)
         assert wait_for(lambda: kv_live(fault_triton) > 0, 5, 0.01), "the generation did not start"
         # Read nothing: the buffers fill, the send deadline passes, the gateway drops the stream.
         started = time.monotonic()
