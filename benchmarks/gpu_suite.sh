@@ -26,7 +26,7 @@
 # Knobs: OUT (/tmp/out), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S (480), SUITE_WORKERS ("1 8"),
 # SUITE_TOPP_TOKENS (32), SUITE_FRESH_EXPORT=1 (export again even when SUITE_REPO has a model),
 # SUITE_SKIP (stages to leave out, any of "tests engine hf stack"; skipped stages are recorded),
-# SUITE_RUNS (the whole-stack runs, default "single streams sse seed topp"), SUITE_STREAM_REQUESTS (2),
+# SUITE_RUNS (the whole-stack runs, default "single streams sse penalty seed topp"), SUITE_STREAM_REQUESTS (2),
 # SUITE_LOAD_PROCESSES (8: load-generator processes of every run but the single stream).
 # For a dry run without a GPU: SUITE_DEVICE=cpu SUITE_MODEL=tiny SUITE_PY=.venv/bin/python
 # SUITE_STREAMS=64 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
@@ -46,7 +46,7 @@ DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
 STREAMS=${SUITE_STREAMS:-512}
 STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-2} # per user in the 512-stream run
-RUNS=${SUITE_RUNS:-single streams sse seed topp} # the whole-stack runs, per worker count
+RUNS=${SUITE_RUNS:-single streams sse penalty seed topp} # the whole-stack runs, per worker count
 LOAD_PROCS=${SUITE_LOAD_PROCESSES:-8} # load-generator processes for the many-user runs (one could not keep up)
 SKIP=" ${SUITE_SKIP:-} "
 GW_PORT=8080
@@ -321,6 +321,11 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
         # The same load streamed: one SSE event per token to each of the 512 clients.
         run_wanted sse && load_run "$D" sse 120 --endpoint stream --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
           --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
+        # The 512-stream /generate run with presence, frequency and repetition penalties: every step
+        # names each row's seen ids to Triton (EXTRA_IDS) and samples the adjusted window (report only).
+        run_wanted penalty && load_run "$D" penalty 120 --endpoint generate --concurrency "$STREAMS" \
+          --requests "$STREAM_REQUESTS" --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --presence-penalty 0.5 \
+          --frequency-penalty 0.5 --repetition-penalty 1.1 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
         # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
         run_wanted seed && scrape "$D" seed before
         run_wanted seed && for SC in light medium heavy; do

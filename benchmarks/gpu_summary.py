@@ -46,7 +46,7 @@ from typing import Any
 from benchmarks.report import NA, markdown_table
 
 STREAMS = 512
-LOAD_TAGS = ("single", "streams", "sse", "seed", "topp")
+LOAD_TAGS = ("single", "streams", "sse", "penalty", "seed", "topp")
 SCENARIOS = ("light", "medium", "heavy")
 
 # Targets.
@@ -486,6 +486,24 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
             )
         )
         rows.append(LIVE_SHARE_TARGET.row(c, streams=streams, workers=_w(s.workers)))
+    for s in stacks:
+        load, plain = s.loads.get("penalty"), s.loads.get("streams")
+        c = s.counters.get("penalty")
+        fetches = sum(c.full_row_fetches.values()) if c and c.full_row_fetches else 0 if c else None
+        measured = NA
+        if load is not None:
+            measured = f"{f0(num(load, 'tokens_per_s'))} tok/s, {pct(num(load, 'success_rate'))} ok"
+            ratio = None if plain is None else (num(load, "tokens_per_s") or 0.0) / (num(plain, "tokens_per_s") or 1.0)
+            measured += f", {ratio:.2f}x the same run without penalties" if ratio is not None else ""
+            measured += f", full-row fetches {f0(fetches)}" if fetches is not None else ""
+        rows.append(
+            Row(
+                f"{streams} streams with presence 0.5, frequency 0.5, repetition 1.1 ({_w(s.workers)})",
+                "report only",
+                measured,
+                REPORT if load is not None else NOT_RUN,
+            )
+        )
     for s in stacks:
         load = s.loads.get("topp")
         c = s.counters.get("topp")

@@ -58,10 +58,15 @@ def check_writable(repository: Path) -> None:
         raise RepositoryError(f"repository {repository} is not writable: {err.strerror or err}") from err
 
 
-def _tensor_list(tensors: dict[str, tuple[str, list[int]]], ragged: frozenset[str] = frozenset()) -> str:
+def _tensor_list(
+    tensors: dict[str, tuple[str, list[int]]],
+    ragged: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(),
+) -> str:
     lines = []
     for name, (dtype, dims) in tensors.items():
         extra = " allow_ragged_batch: true" if name in ragged else ""
+        extra += " optional: true" if name in optional else ""
         lines.append(f'  {{ name: "{name}" data_type: TYPE_{dtype} dims: {dims}{extra} }}')
     return ",\n".join(lines)
 
@@ -76,7 +81,11 @@ def config_pbtxt(name: str, serving: ServingConfig) -> str:
         contract.CONFIG_CUDA_GRAPHS: int(serving.cuda_graphs),
     }
     parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
-    inputs = _tensor_list(contract.INPUTS, ragged=frozenset({contract.INPUT_IDS}))
+    inputs = _tensor_list(
+        contract.INPUTS,
+        ragged=frozenset({contract.INPUT_IDS, contract.EXTRA_IDS}),
+        optional=contract.OPTIONAL_INPUTS,
+    )
     outputs = _tensor_list(contract.OUTPUTS)
     return f"""# Written by `python -m export`; the contract is step_model/contract.py.
 name: "{name}"

@@ -14,6 +14,8 @@ A step request carries N rows (the batch dimension), one per sequence:
   START       bool   [N,1]  the row's tokens are a new sequence's prompt (it takes a KV slot)
   END         bool   [N,1]  free the sequence's slot after this step
   TEMPERATURE fp32   [N,1]  logits are divided by it (1.0 for greedy)
+  EXTRA_IDS   int64  [N,E]  optional: per row, token ids whose logits the caller adjusts itself
+                            (penalties, logit_bias, banned ids), padded with -1
 
 and answers, per row:
 
@@ -23,6 +25,10 @@ and answers, per row:
   TOPK_IDS    int64  [N,K]  their token ids
   LOGSUMEXP   fp32   [N,1]  log-sum-exp of the whole scaled row
   LOGITS      fp32   [N,V]  the whole scaled row; only when the caller requests this output
+  EXTRA_LOGITS fp32  [N,E]  with EXTRA_IDS: the scaled logits of those ids (0 at padding)
+  REST_LOGSUMEXP fp32 [N,1] with EXTRA_IDS: log-sum-exp of the scaled row WITHOUT those ids (computed
+                            by masking them, not by subtraction: no cancellation), so the caller
+                            can renormalise a row whose EXTRA_IDS logits it changed exactly
 
 Request parameter `logits_window` (int) sets K. A malformed request (wrong shapes, a sequence
 twice) fails as a whole with a Triton error and changes nothing.
@@ -40,12 +46,15 @@ LENGTH: Final = "LENGTH"
 START: Final = "START"
 END: Final = "END"
 TEMPERATURE: Final = "TEMPERATURE"
+EXTRA_IDS: Final = "EXTRA_IDS"
 
 STATUS: Final = "STATUS"
 TOPK_LOGITS: Final = "TOPK_LOGITS"
 TOPK_IDS: Final = "TOPK_IDS"
 LOGSUMEXP: Final = "LOGSUMEXP"
 LOGITS: Final = "LOGITS"
+EXTRA_LOGITS: Final = "EXTRA_LOGITS"
+REST_LOGSUMEXP: Final = "REST_LOGSUMEXP"
 # Prompt logprobs (OpenAI's `echo` with `logprobs`), for start rows that ask (PARAM_PROMPT_LOGPROBS):
 # [N, T]: position t holds log p(token t | tokens < t) of the row's prompt, unscaled (temperature
 # 1); position 0 and positions past the prompt hold 0. [N, T, K]: the K most likely tokens there.
@@ -61,18 +70,24 @@ INPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     START: ("BOOL", [1]),
     END: ("BOOL", [1]),
     TEMPERATURE: ("FP32", [1]),
+    EXTRA_IDS: ("INT64", [-1]),
 }
+OPTIONAL_INPUTS: Final = frozenset({EXTRA_IDS})
 OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     STATUS: ("INT32", [1]),
     TOPK_LOGITS: ("FP32", [-1]),
     TOPK_IDS: ("INT64", [-1]),
     LOGSUMEXP: ("FP32", [1]),
     LOGITS: ("FP32", [-1]),
+    EXTRA_LOGITS: ("FP32", [-1]),
+    REST_LOGSUMEXP: ("FP32", [1]),
     PROMPT_LOGPROBS: ("FP32", [-1]),
     PROMPT_TOP_IDS: ("INT64", [-1, -1]),
     PROMPT_TOP_LOGPROBS: ("FP32", [-1, -1]),
 }
 PROMPT_OUTPUTS: Final = (PROMPT_LOGPROBS, PROMPT_TOP_IDS, PROMPT_TOP_LOGPROBS)
+# Outputs of a step that carries EXTRA_IDS.
+EXTRA_OUTPUTS: Final = (EXTRA_LOGITS, REST_LOGSUMEXP)
 # Outputs every step asks for; LOGITS only when full rows are needed.
 STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
 

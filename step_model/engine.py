@@ -628,6 +628,29 @@ class StepEngine:
         return logits, topk_logits, topk_ids, lse
 
     # ----------------------------------------------------------------------------- answers
+    def _extra_logits(self, req: StepRequest, slots: np.ndarray, res: StepResult, answered: np.ndarray) -> None:
+        """The logits of each row's EXTRA_IDS and the log-sum-exp of the rest of its row (the
+        caller adjusts those ids itself: penalties, logit_bias). The rest is summed with the ids
+        masked to -inf, so it carries no cancellation however much mass the ids held."""
+        assert req.extra_ids is not None
+        extra = req.extra_ids.astype(np.int64, copy=False)
+        n, e = extra.shape
+        res.extra_logits = np.zeros((n, e), dtype=np.float32)
+        res.rest_logsumexp = res.logsumexp.copy()
+        valid = extra >= 0
+        rows = np.flatnonzero(answered & valid.any(axis=1))
+        if not rows.size or e == 0:
+            return
+        mine = extra[rows]
+        # Padding points at the row's first real id: a duplicate index writes the same -inf.
+        first = mine[np.arange(rows.size), valid[rows].argmax(axis=1)]
+        index = torch.from_numpy(np.where(valid[rows], mine, first[:, None])).to(self.device)
+        stored = self._stored_logits(slots[rows])
+        values = stored.gather(1, index).cpu().numpy()
+        rest = torch.logsumexp(stored.scatter(1, index, float("-inf")), dim=-1).cpu().numpy()
+        res.extra_logits[rows] = np.where(valid[rows], values, 0.0)
+        res.rest_logsumexp[rows] = rest
+
     def _finish(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], now: float) -> None:
         """Answer fetch rows from the stored logits, attach full rows when asked, free END rows."""
         for req, slots, res in parts:
@@ -641,6 +664,8 @@ class StepEngine:
                 res.topk_ids[fetch] = top_ids.cpu().numpy()
                 res.logsumexp[fetch] = torch.logsumexp(stored, dim=-1).cpu().numpy()
             self._last_used[slots[live]] = now
+            if req.extra_ids is not None:
+                self._extra_logits(req, slots, res, live & ~(req.end.astype(bool) & (req.lengths == 0)))
             if req.want_logits:
                 res.logits = np.zeros((res.status.shape[0], self.meta.vocab_size), dtype=np.float32)
                 rows = np.flatnonzero(live)

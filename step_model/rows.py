@@ -39,6 +39,7 @@ class StepRequest:
     want_logits: bool = False  # also return the full temperature-scaled row
     request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
     prompt_logprobs: np.ndarray | None = None  # int32 [N]: -1, or k alternatives of the prompt's logprobs
+    extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose logits to return, -1 = padding
 
 
 @dataclass
@@ -53,6 +54,9 @@ class StepResult:
     prompt_logprobs: np.ndarray | None = None
     prompt_top_ids: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
+    # When the request carried EXTRA_IDS: float32 [N, E] (0 at padding and refused rows), float32 [N]
+    extra_logits: np.ndarray | None = None
+    rest_logsumexp: np.ndarray | None = None
 
 
 def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
@@ -71,6 +75,8 @@ def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
             raise InvalidRequest(f"{name} has {arr.shape[0]} rows, {contract.SEQUENCE_ID} has {n}")
     if req.input_ids.ndim != 2 or req.input_ids.shape[0] != n:
         raise InvalidRequest(f"{contract.INPUT_IDS} must be [{n}, T], got {list(req.input_ids.shape)}")
+    if req.extra_ids is not None and (req.extra_ids.ndim != 2 or req.extra_ids.shape[0] != n):
+        raise InvalidRequest(f"{contract.EXTRA_IDS} must be [{n}, E], got {list(req.extra_ids.shape)}")
     if not 1 <= req.window <= vocab_size:
         raise InvalidRequest(f"logits_window must be in [1, {vocab_size}], got {req.window}")
     unique = set(req.sequence_ids.tolist())
@@ -110,6 +116,8 @@ def row_status(
     temperature = req.temperature
     refuse((lengths < 0) | (lengths > width), RowStatus.INVALID, f"LENGTH must be in [0, {width}]")
     refuse(bad_token.any(axis=1), RowStatus.INVALID, f"token ids must be in [0, {vocab_size})")
+    if req.extra_ids is not None:
+        refuse((req.extra_ids >= vocab_size).any(axis=1), RowStatus.INVALID, f"extra ids must be < {vocab_size}")
     refuse(~np.isfinite(temperature) | (temperature <= 0), RowStatus.INVALID, "TEMPERATURE must be > 0")
     refuse(start & known, RowStatus.ALREADY_EXISTS, "already exists")
     refuse(start & (lengths == 0), RowStatus.INVALID, "a start row needs at least one token")

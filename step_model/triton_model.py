@@ -201,6 +201,9 @@ class TritonPythonModel:
             ]
             if result.logits is not None:
                 tensors.append(_output(contract.LOGITS, result.logits))
+            if result.extra_logits is not None and result.rest_logsumexp is not None:
+                tensors.append(_output(contract.EXTRA_LOGITS, result.extra_logits))
+                tensors.append(_output(contract.REST_LOGSUMEXP, result.rest_logsumexp.reshape(-1, 1)))
             if result.prompt_logprobs is not None:
                 assert result.prompt_top_ids is not None and result.prompt_top_logprobs is not None
                 tensors.append(_output(contract.PROMPT_LOGPROBS, result.prompt_logprobs))
@@ -222,6 +225,7 @@ class TritonPythonModel:
                 raise ValueError(f"{name} must be [N, 1], got {list(value.shape)}")
             return value.reshape(-1).astype(dtype, copy=False)
 
+        extra = pb_utils.get_input_tensor_by_name(request, contract.EXTRA_IDS)  # optional
         raw = request.parameters()  # type: ignore[attr-defined]
         params = json.loads(raw) if raw else {}
         window = int(params.get(contract.PARAM_LOGITS_WINDOW, self.default_window))
@@ -244,6 +248,7 @@ class TritonPythonModel:
             prompt_logprobs=_per_row_ints(params.get(contract.PARAM_PROMPT_LOGPROBS), input_ids.shape[0])
             if contract.PROMPT_LOGPROBS in wanted
             else None,
+            extra_ids=_to_numpy(extra).astype(np.int64, copy=False) if extra is not None else None,
         )
 
     @staticmethod

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="picks prompts (and per-request seeds); default %(default)s")
     p.add_argument("--seeded", action="store_true", help="send a per-request sampling seed (else seed: null)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit (default %(default)s)")
@@ -83,7 +86,14 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     if args.timeout_s <= 0:
         raise ValueError("--timeout-s must be positive")
-    sampling = Sampling(args.temperature, args.top_p, args.top_k)
+    sampling = Sampling(
+        args.temperature,
+        args.top_p,
+        args.top_k,
+        args.presence_penalty,
+        args.frequency_penalty,
+        args.repetition_penalty,
+    )
     api_key = args.api_key if args.api_key is not None else os.environ.get("BENCH_API_KEY") or None
     suffix = f"-{args.tag}" if args.tag else ""
     common: dict[str, Any] = {

@@ -79,7 +79,7 @@ CSV_FIELDS = list(RequestResult(0, 0, "").row())
 
 def request_body(prompt: str, max_new_tokens: int, sampling: Sampling, seed: int | None) -> dict[str, Any]:
     """The JSON body of /generate and /generate/stream (and one item of /generate/batch)."""
-    return {
+    body: dict[str, Any] = {
         "prompt": prompt,
         "max_new_tokens": max_new_tokens,
         "temperature": sampling.temperature,
@@ -87,6 +87,10 @@ def request_body(prompt: str, max_new_tokens: int, sampling: Sampling, seed: int
         "top_k": sampling.top_k,
         "seed": seed,
     }
+    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(sampling, name) != neutral:
+            body[name] = getattr(sampling, name)
+    return body
 
 
 def _tokens_from(payload: Any) -> tuple[int, int | None]:

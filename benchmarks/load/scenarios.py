@@ -141,6 +141,10 @@ class Sampling:
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 0
+    # Sent only when set (not 0 / 1): OpenAI's penalties and the repetition penalty.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

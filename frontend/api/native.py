@@ -26,7 +26,14 @@ from frontend.api.native_protocol import (
 from frontend.api.responses import GENERATION_ERRORS, error_responses
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
-from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
+from frontend.generation.service import (
+    Completion,
+    GenerationRequest,
+    GenerationService,
+    PromptLogprobs,
+    StreamItem,
+    TextChunk,
+)
 
 router = APIRouter(tags=["native"])
 
@@ -105,7 +112,8 @@ async def generate_stream(
     )
 
 
-def _stream_event(item: TextChunk | Completion) -> ServerSentEvent:
+def _stream_event(item: StreamItem) -> ServerSentEvent:
+    assert not isinstance(item, PromptLogprobs)  # refused on this route (_only_on_generate)
     if isinstance(item, TextChunk):
         data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
         return ServerSentEvent(sse_json(data), event="token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from frontend.api.sampling_fields import FrequencyPenalty, LogitBias, PresencePenalty, logit_bias_pairs
 from frontend.api.text_fields import Text
 from frontend.generation.params import GenerationParams
 
@@ -18,6 +19,9 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0 = off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: PresencePenalty = 0.0
+    frequency_penalty: FrequencyPenalty = 0.0
+    logit_bias: LogitBias = None
     stop: list[Text] = Field(
         default_factory=list,
         description="stop strings (not returned); count and length limited by the server's settings",
@@ -55,6 +59,9 @@ class GenerateRequest(BaseModel):
             top_k=self.top_k,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=logit_bias_pairs(self.logit_bias),
             stop=tuple(self.stop),
             seed=self.seed,
             prompt_logprobs=-1 if self.prompt_logprobs is None else self.prompt_logprobs,

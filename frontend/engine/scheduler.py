@@ -28,7 +28,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -46,11 +46,12 @@ from frontend.engine.triton_client import (
 )
 from frontend.sampling import (
     BatchParams,
+    LogitAdjustment,
     NeedFullRow,
     Sampled,
     SamplingParams,
     StepLogits,
-    needs_full_row,
+    logit_adjustment,
     sample,
     sample_window_batch,
     window_size,
@@ -108,6 +109,10 @@ class ActiveSequence:
     max_new_tokens: int
     rng_key: int  # the sequence's stream of uniforms (frontend.sampling.uniform)
     window: int
+    # Its logits are adjusted (logit_bias, penalties, min_tokens): each step names the adjusted ids
+    # to the server for their logits (EXTRA_IDS), or, from a server without that output, asks for
+    # full rows (`full_rows`).
+    adjusted: bool
     full_rows: bool
     submitted_at: float
     sequence_id: int = field(default_factory=lambda: secrets.randbits(63))
@@ -118,7 +123,7 @@ class ActiveSequence:
     needed_full_row: bool = False  # its last step's window did not decide: ask for the row up front
     # vLLM's stop controls: the end-of-text token does not finish it (ignore_eos); these ids do
     # (stop_ids); and while fewer than min_tokens were generated, `banned` (end-of-text and the stop
-    # ids) have probability 0 (sampled from the renormalised full row).
+    # ids) have probability 0 (the row renormalised without them: a logit adjustment).
     ignore_eos: bool = False
     stop_ids: frozenset[int] = frozenset()
     min_tokens: int = 0
@@ -219,6 +224,9 @@ class Scheduler:
         # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
         # most resume_timeout_s for a server that takes them (0: fail them at once instead).
         self.resume_timeout_s = resume_timeout_s
+        # The step model returns the logits of ids a row names (contract.EXTRA_IDS): adjusted
+        # sequences then need no full rows. False for a model version exported before that input.
+        self.extra_logits = True
         self._parked: list[ActiveSequence] = []
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
@@ -284,13 +292,21 @@ class Scheduler:
             self.breaker.check()  # raises BreakerOpen: refused at once, no Triton call
         if len(self._waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self._waiting)} generations already waiting")
+        adjusted = bool(
+            params.repetition_penalty != 1.0
+            or params.presence_penalty
+            or params.frequency_penalty
+            or params.logit_bias
+            or min_tokens > 0
+        )
         seq = ActiveSequence(
             prompt_ids=list(prompt_ids),
             params=params,
             max_new_tokens=max_new_tokens,
             rng_key=sequence_key(seed, secrets.randbits(64)),
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
-            full_rows=needs_full_row(params),
+            adjusted=adjusted,
+            full_rows=adjusted and not self.extra_logits,
             submitted_at=time.monotonic(),
             ignore_eos=ignore_eos,
             stop_ids=frozenset(stop_token_ids),
@@ -379,9 +395,10 @@ class Scheduler:
             self._expire_parked()
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
-    def _plan(self) -> tuple[list[ActiveSequence], StepBatch]:
+    def _plan(self) -> tuple[list[ActiveSequence], StepBatch, list[LogitAdjustment | None]]:
         """The rows of the next step: decodes, then new sequences (within the prefill budget and
-        the start allowance), then releases. Returns the stepping sequences and the batch."""
+        the start allowance), then releases. Returns the stepping sequences, the batch and each
+        sequence's logit adjustment for this step (None for most)."""
         seqs = [s for s in self._running if s.on_server]
         n = len(seqs)
         decode_ids = np.fromiter((s.sequence_id for s in seqs), dtype=np.uint64, count=n)
@@ -404,6 +421,7 @@ class Scheduler:
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
+        adjustments = [self._adjustment(s) if s.adjusted else None for s in seqs]
         batch = StepBatch.compose(
             decode_ids,
             decode_tokens,
@@ -413,13 +431,14 @@ class Scheduler:
             [s.request_id for s in seqs],
             # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
             [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]],
+            [a.ids if a is not None else None for a in adjustments] if self.extra_logits else (),
         )
-        return seqs, batch
+        return seqs, batch, adjustments
 
     async def _step(self) -> bool:
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
-        seqs, rows = self._plan()
+        seqs, rows, adjustments = self._plan()
         if not len(rows):
             return False
         released = len(self._releases)
@@ -459,7 +478,7 @@ class Scheduler:
         sampling = self._settle_rows(seqs, status, out)
         if out.prompt_logprobs is not None:
             sampling = self._emit_prompt_logprobs(seqs, sampling, out)
-        fetch = self._sample_rows(seqs, sampling, out)
+        fetch = self._sample_rows(seqs, sampling, out, adjustments)
         if fetch:
             await self._fetch_full_rows(fetch)
         return progressed
@@ -535,8 +554,12 @@ class Scheduler:
         return sampling
 
     def _sample_rows(
-        self, seqs: list[ActiveSequence], rows: list[int], out: StepOutput
-    ) -> list[tuple[ActiveSequence, float, StepLogits]]:
+        self,
+        seqs: list[ActiveSequence],
+        rows: list[int],
+        out: StepOutput,
+        adjustments: list[LogitAdjustment | None],
+    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
         """Sample the given rows of a step; returns the rows that need their full logits row."""
         if not rows:
             return []
@@ -548,47 +571,52 @@ class Scheduler:
         u = step_uniforms(keys, draws)
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
-        fetch: list[tuple[ActiveSequence, float, StepLogits]] = []
+        fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
         tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
         tops = batch.top_logprobs
         for j, seq in enumerate(chosen):
-            banned = self._banned(seq)
-            if decided[j] and not banned:  # the common case
+            adjustment = adjustments[rows[j]]
+            if decided[j] and adjustment is None:  # the common case (the batch knows no adjustment)
                 seq.needed_full_row = False
                 self._emit_token(seq, tokens[j], logprobs[j], tops[j])
                 continue
             step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
+            if adjustment is not None and out.extra_logits is not None and out.rest_logsumexp is not None:
+                at = index[j]
+                step = replace(step, extra_logits=out.extra_logits[at], rest_logsumexp=float(out.rest_logsumexp[at]))
             try:  # the reference sampler decides what the batch declined, or asks for the row
-                picked = sample(step, seq.params, float(u[j]), self._seen(seq), banned)
+                picked = sample(step, seq.params, float(u[j]), adjustment)
                 seq.needed_full_row = False
             except NeedFullRow as why:
                 self.observer.full_row_fetched(why.reason)
                 seq.needed_full_row = True
                 if out.logits is None:
-                    fetch.append((seq, float(u[j]), step))
+                    fetch.append((seq, float(u[j]), step, adjustment))
                     continue
-                full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[index[j]])
-                picked = sample(full, seq.params, float(u[j]), self._seen(seq), banned)  # the same draw
+                full = replace(step, full_logits=out.logits[index[j]])
+                picked = sample(full, seq.params, float(u[j]), adjustment)  # the same draw
             self._emit(seq, picked)
         return fetch
 
-    async def _fetch_full_rows(self, fetch: list[tuple[ActiveSequence, float, StepLogits]]) -> None:
-        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _ in fetch]
+    async def _fetch_full_rows(
+        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]
+    ) -> None:
+        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch]
         try:
             out = await self.client.step(rows, window=1, want_logits=True)
         except StepError as err:
-            self._fail([seq for seq, _, _ in fetch], err)
+            self._fail([seq for seq, _, _, _ in fetch], err)
             return
         assert out.logits is not None
-        for i, (seq, u, step) in enumerate(fetch):
+        for i, (seq, u, step, adjustment) in enumerate(fetch):
             if seq.done:
                 continue
             if int(out.status[i]) != RowStatus.OK:
                 code = int(out.status[i])
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
                 continue
-            full = StepLogits(step.topk_logits, step.topk_ids, step.logsumexp, out.logits[i])
-            self._emit(seq, sample(full, seq.params, u, self._seen(seq), self._banned(seq)))
+            # The same numbers for the adjusted ids as the window had (the step's extra logits).
+            self._emit(seq, sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment))
 
     def _park(self, seq: ActiveSequence, error: Exception) -> None:
         """The server lost `seq` (or may have): release its id, and start it again under a new one."""
@@ -617,13 +645,15 @@ class Scheduler:
         for seq in seqs:
             self._finish(seq, ErrorEvent(exc))
 
-    @staticmethod
-    def _seen(seq: ActiveSequence) -> list[int]:
-        return seq.prompt_ids + seq.generated if seq.params.repetition_penalty != 1.0 else []
-
-    @staticmethod
-    def _banned(seq: ActiveSequence) -> tuple[int, ...]:
-        return seq.banned if len(seq.generated) < seq.min_tokens else ()
+    def _adjustment(self, seq: ActiveSequence) -> LogitAdjustment | None:
+        """The sequence's logit adjustment for its next token (its tokens so far)."""
+        return logit_adjustment(
+            seq.params,
+            prompt_ids=seq.prompt_ids,
+            output_ids=seq.generated,
+            banned_ids=seq.banned if len(seq.generated) < seq.min_tokens else (),
+            vocab_size=self.vocab_size,
+        )
 
     def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
         self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)

@@ -85,6 +85,7 @@ class StepBatch:
     temperature: np.ndarray  # float32 [N]
     request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
     prompt_logprobs: tuple[int, ...] = ()  # per row: -1, or k alternatives of its prompt's logprobs; or ()
+    extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose own logits each row needs, -1 = none
 
     def __len__(self) -> int:
         return int(self.sequence_ids.shape[0])
@@ -115,11 +116,13 @@ class StepBatch:
         releases: Sequence[int],
         request_ids: Sequence[str] = (),
         start_prompt_logprobs: Sequence[int] = (),
+        extra_ids: Sequence[np.ndarray | None] = (),
     ) -> StepBatch:
         """Decode rows (one token each, given as arrays), then start rows (id, prompt,
         temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
-        the decode and start rows' (in that order); `start_prompt_logprobs` the start rows'. Each
-        is kept only when some row has one (an id, a k >= 0)."""
+        the decode and start rows' (in that order); `start_prompt_logprobs` the start rows';
+        `extra_ids` the decode and start rows' ids whose logits they need (None: none). Each is
+        kept only when some row has one (an id, a k >= 0, an extra id)."""
         d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
         n = d + s + r
         width = max([1, *(len(p) for _, p, _ in starts)])
@@ -147,7 +150,19 @@ class StepBatch:
             if any(k >= 0 for k in start_prompt_logprobs)
             else ()
         )
-        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids, echo)
+        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids, echo, _pad_rows(extra_ids, n))
+
+
+def _pad_rows(rows: Sequence[np.ndarray | None], n: int) -> np.ndarray | None:
+    """Per-row id lists as one int64 [n, E] array padded with -1; None when every row has none."""
+    width = max((r.shape[0] for r in rows if r is not None), default=0)
+    if width == 0:
+        return None
+    out = np.full((n, width), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r is not None and r.shape[0]:
+            out[i, : r.shape[0]] = r
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +176,9 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None
     prompt_top_ids: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
+    # When the step carried extra ids: float32 [N, E] and [N] (contract.EXTRA_OUTPUTS)
+    extra_logits: np.ndarray | None = None
+    rest_logsumexp: np.ndarray | None = None
 
 
 def _classify(err: InferenceServerException) -> StepError:
@@ -271,6 +289,8 @@ class StepClient:
             contract.END: batch.end,
             contract.TEMPERATURE: batch.temperature,
         }
+        if batch.extra_ids is not None:
+            arrays[contract.EXTRA_IDS] = batch.extra_ids
         inputs = []
         for name, value in arrays.items():
             dtype, _ = contract.INPUTS[name]
@@ -281,6 +301,8 @@ class StepClient:
         echo = bool(batch.prompt_logprobs)
         names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
         names += list(contract.PROMPT_OUTPUTS) if echo else []
+        extra = batch.extra_ids is not None
+        names += list(contract.EXTRA_OUTPUTS) if extra else []
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         parameters: dict[str, int | str] = {contract.PARAM_LOGITS_WINDOW: int(window)}
         named = [rid for rid in batch.request_ids if rid]
@@ -323,4 +345,6 @@ class StepClient:
             prompt_logprobs=result.as_numpy(contract.PROMPT_LOGPROBS) if echo else None,
             prompt_top_ids=result.as_numpy(contract.PROMPT_TOP_IDS) if echo else None,
             prompt_top_logprobs=result.as_numpy(contract.PROMPT_TOP_LOGPROBS) if echo else None,
+            extra_logits=result.as_numpy(contract.EXTRA_LOGITS) if extra else None,
+            rest_logsumexp=result.as_numpy(contract.REST_LOGSUMEXP).reshape(-1) if extra else None,
         )

@@ -135,7 +135,8 @@ class TritonEngine:
         self._client = StepClient(self._triton_url, self._model_name, version, **self._client_args)  # type: ignore[arg-type]
         # Versions exported before prompt logprobs existed lack those outputs: asking for them would
         # fail the whole step (every sequence in it), so such requests are refused alone.
-        self._prompt_outputs = set(contract.PROMPT_OUTPUTS) <= await self._client.output_names()
+        outputs = await self._client.output_names()
+        self._prompt_outputs = set(contract.PROMPT_OUTPUTS) <= outputs
         capacity = model_kv_capacity(self._repository, self._model_name)
         max_running = self._max_running if capacity is None else max(1, min(self._max_running, capacity))
         log.info(
@@ -151,6 +152,8 @@ class TritonEngine:
             breaker=self.breaker,
             **{**self._scheduler_args, "max_running": max_running},  # type: ignore[arg-type]
         )
+        # ... and those exported before EXTRA_IDS get full rows for adjusted sequences instead.
+        self._scheduler.extra_logits = set(contract.EXTRA_OUTPUTS) <= outputs
         self._scheduler.start()
         await self._warm_up()
         log.info(

@@ -27,6 +27,9 @@ class GenerationParams:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int = 0  # alternatives per token in top_logprobs
@@ -53,6 +56,7 @@ class FieldNames:
     min_tokens: str = "min_tokens"
     stop_token_ids: str = "stop_token_ids"
     ignore_eos: str = "ignore_eos"
+    logit_bias: str = "logit_bias"
 
     def under(self, prefix: str) -> FieldNames:
         """The same names inside a list item, e.g. `requests[2].`."""

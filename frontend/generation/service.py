@@ -2,9 +2,10 @@
 engine, turn tokens into text (never splitting a character, cutting at stop strings), and store
 complete deterministic results.
 
-`stream()` yields `TextChunk`s then one final `Completion`; `complete()` collects a stream. A
-stream that is closed early (the client went away) cancels its generation, which frees the
-server's KV slot at the next step boundary; a failed or cancelled generation is never cached.
+`stream()` yields `TextChunk`s then one final `Completion` (with `prompt_logprobs`, a
+`PromptLogprobs` before them); `complete()` collects a stream. A stream that is closed early (the
+client went away) cancels its generation, which frees the server's KV slot at the next step
+boundary; a failed or cancelled generation is never cached.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ __all__ = [
     "GenerationParams",
     "GenerationRequest",
     "GenerationService",
+    "PromptLogprobs",
+    "StreamItem",
     "TextChunk",
 ]
 
@@ -70,8 +73,12 @@ class GenerationRequest:
     request_id: str | None = field(default_factory=current_request_id, compare=False)
 
     def cache_params(self) -> dict[str, Any]:
+        sampling = asdict(self.sampling)
+        for name, neutral in _NEUTRAL_SAMPLING.items():  # keys of plain requests stay as they were
+            if sampling[name] == neutral:
+                del sampling[name]
         params: dict[str, Any] = {
-            **asdict(self.sampling),
+            **sampling,
             "max_new_tokens": self.max_new_tokens,
             "stop": list(self.stop),
             "seed": self.seed,
@@ -85,6 +92,7 @@ class GenerationRequest:
 
 
 _FIELD_NAMES = FieldNames()
+_NEUTRAL_SAMPLING: dict[str, object] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": ()}
 _NEUTRAL_OPTIONS: dict[str, object] = {
     "ignore_eos": False,
     "min_tokens": 0,
@@ -105,6 +113,15 @@ class TextChunk:
     position: int | None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own logprobs (a request with `prompt_logprobs` >= 0), before its first
+    `TextChunk`: entry t for prompt token t (None at t = 0) and its top alternatives."""
+
+    logprobs: tuple[float | None, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,9 @@ class Completion:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+
+StreamItem = TextChunk | PromptLogprobs | Completion  # what `GenerationService.stream` yields
 
 
 class GenerationService:
@@ -243,6 +263,9 @@ class GenerationService:
             min_p=float(params.min_p),
             repetition_penalty=float(params.repetition_penalty),
             logprobs=int(params.logprobs),
+            presence_penalty=float(params.presence_penalty),
+            frequency_penalty=float(params.frequency_penalty),
+            logit_bias=params.logit_bias,
         )
         return GenerationRequest(
             prompt_ids,
@@ -273,6 +296,7 @@ class GenerationService:
                 param=names.stop_token_ids,
             )
         self._check_token_ids(params.stop_token_ids, names.stop_token_ids)
+        self._check_token_ids([i for i, _ in params.logit_bias], names.logit_bias)
 
     def request(
         self,
@@ -327,7 +351,7 @@ class GenerationService:
             model=model.name, model_version=model.version, prompt_ids=req.prompt_ids, params=req.cache_params()
         )
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Completion]:
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         # The caller's token quota (frontend.security.accounting): reserve, then settle or refund.
         account = current_account.get()
         if account is None:
@@ -340,7 +364,7 @@ class GenerationService:
             async for item in items:
                 yield item
 
-    async def _stream(self, req: GenerationRequest) -> AsyncIterator[TextChunk | Completion]:
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
         started = time.monotonic()
         key = self._key(req)
         if key is not None:
@@ -358,7 +382,7 @@ class GenerationService:
         async for item in self._generate(req, key, started):
             yield item
 
-    async def _replay(self, hit: CachedResult, started: float) -> AsyncIterator[TextChunk | Completion]:
+    async def _replay(self, hit: CachedResult, started: float) -> AsyncIterator[StreamItem]:
         chunks = []
         for record in hit.logprobs or []:
             chunk = TextChunk(
@@ -382,9 +406,7 @@ class GenerationService:
             total_s=time.monotonic() - started,
         )
 
-    async def _generate(
-        self, req: GenerationRequest, key: str | None, started: float
-    ) -> AsyncIterator[TextChunk | Completion]:
+    async def _generate(self, req: GenerationRequest, key: str | None, started: float) -> AsyncIterator[StreamItem]:
         model = self.engine.model
         try:
             handle = self._submit(req)
@@ -419,6 +441,7 @@ class GenerationService:
                     raise _api_error(event.error)
                 if isinstance(event, PromptLogprobsEvent):
                     prompt_event = event
+                    yield PromptLogprobs(event.logprobs, event.top_logprobs)
                     continue
                 if isinstance(event, FinishEvent):
                     finish_reason = event.reason

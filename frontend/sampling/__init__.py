@@ -1,20 +1,21 @@
 """Exact next-token sampling for the gateway from the server's top-K window or full logits row.
 
-Pure numpy, no I/O. Per request: ask the server for ``window_size(params, ...)`` entries (and
-for full rows every step when ``needs_full_row(params)``); per step draw one ``u`` from the
-request's generator and call ``sample``; on :class:`NeedFullRow`, fetch the full row and call
-``sample`` again with the same ``u``. See :mod:`frontend.sampling.sampler` for the contract.
+Pure numpy, no I/O. Per request: ask the server for ``window_size(params, ...)`` entries; per
+step build the step's ``logit_adjustment`` (penalties, logit_bias, banned ids: None for most
+requests), ask the server for the logits of its ids, draw one ``u`` from the request's generator
+and call ``sample``; on :class:`NeedFullRow`, fetch the full row and call ``sample`` again with
+the same ``u``. See :mod:`frontend.sampling.sampler` for the contract.
 :func:`sample_window_batch` does the window step for a whole batch at once (rows it leaves
 undecided go through ``sample``); see :mod:`frontend.sampling.batched`.
 """
 
+from frontend.sampling.adjust import LogitAdjustment, logit_adjustment
 from frontend.sampling.batched import BatchParams, BatchSampled, sample_window_batch
 from frontend.sampling.sampler import (
     NeedFullRow,
     Sampled,
     SamplingParams,
     StepLogits,
-    needs_full_row,
     sample,
     window_size,
 )
@@ -22,11 +23,12 @@ from frontend.sampling.sampler import (
 __all__ = [
     "BatchParams",
     "BatchSampled",
+    "LogitAdjustment",
     "NeedFullRow",
     "Sampled",
     "SamplingParams",
     "StepLogits",
-    "needs_full_row",
+    "logit_adjustment",
     "sample",
     "sample_window_batch",
     "window_size",

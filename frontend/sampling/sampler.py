@@ -8,11 +8,13 @@ only as a *window*: its K largest values (:attr:`StepLogits.topk_logits`, with i
 requests the server uses T = 1. :func:`sample` draws the next token from exactly the distribution
 that transformers' ``generate(do_sample=True)`` samples from with the same settings, i.e.
 ``RepetitionPenaltyLogitsProcessor -> TemperatureLogitsWarper -> TopKLogitsWarper ->
-TopPLogitsWarper -> MinPLogitsWarper -> softmax`` (greedy: argmax after the repetition penalty).
+TopPLogitsWarper -> MinPLogitsWarper -> softmax`` (greedy: argmax after the repetition penalty),
+with OpenAI's ``logit_bias`` before and its presence / frequency penalties after the repetition
+penalty (vLLM's order; :mod:`frontend.sampling.adjust`).
 When the window cannot *prove* the answer, it raises :class:`NeedFullRow`; the caller then fetches
 the full row for this step and calls :func:`sample` again **with the same ``u``**.
 
-Determinism: the token is a deterministic function of ``(row, params, u, seen_token_ids)``. The
+Determinism: the token is a deterministic function of ``(row, params, u, adjustment)``. The
 window path and the full-row path return the same token (and the same logprobs) for the same
 ``u``, because both run the same selection code over the same descending, stably tie-broken order
 of the row; the window path only answers when every quantity it needs is provably identical to
@@ -22,9 +24,10 @@ took, provided the caller consumes exactly one ``u`` per step.
 Semantics (all masses are ``p_i = exp(z_i - logsumexp)``, candidates sorted by descending logit,
 ties by ascending token id, the order ``np.argsort(-z, kind="stable")`` gives):
 
-* repetition penalty (only with the full row): for each distinct seen id, ``z < 0 -> z * penalty``
-  else ``z / penalty``; applying it to the scaled row is exact since it commutes with T > 0. The
-  row's logsumexp is then recomputed.
+* adjustments (logit_bias, repetition / presence / frequency penalties, banned ids) change the
+  logits of a known set of ids E (:class:`frontend.sampling.adjust.LogitAdjustment`). The server
+  returns those ids' logits and the log-sum-exp of the rest of the row (``rest``), so the adjusted
+  row's log-sum-exp is ``log(exp(rest) + sum exp(z'_E))``, without cancellation.
 * top-k keeps every token whose logit is >= the k-th largest (ties at the k-th value are all kept,
   as in ``TopKLogitsWarper``).
 * top-p keeps token i iff the (renormalised) mass of the tokens before it is < top_p: this is
@@ -57,11 +60,14 @@ so they equal the full row's over the whole window. The window answers iff:
 * no truncation: ``u`` lands inside the trusted prefix's mass;
 * and, in every case, the drawn candidate is trusted.
 Combinations use the same rules stage by stage (a min-p cut inside the window also settles a top-p
-cut beyond it). A repetition penalty with any seen token always needs the full row.
+cut beyond it). With an adjustment, the window is first merged with the adjusted ids: every
+other token keeps a logit <= ``w``, so the merged entries above ``w`` are the adjusted row's
+trusted prefix, entries equal to ``w`` are kept untrusted and entries below ``w`` are dropped
+(unknown tokens may precede them); then the same rules apply.
 :func:`window_size` asks for a few guard entries so that the entries used are normally trusted.
 
 ``logprob`` and ``top_logprobs`` describe the model's temperature-scaled distribution *before*
-the repetition penalty and any truncation: ``z_i - logsumexp`` with the server's logsumexp.
+any adjustment and truncation: ``z_i - logsumexp`` with the server's logsumexp.
 
 Numerics: float64 throughout. The server's logsumexp is trusted as the normaliser (with no
 truncation the total mass is 1 by definition), so probabilities are exact up to its rounding.
@@ -79,17 +85,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from frontend.sampling.adjust import LogitAdjustment
 
 __all__ = [
     "NeedFullRow",
     "Sampled",
     "SamplingParams",
     "StepLogits",
-    "needs_full_row",
     "sample",
     "window_size",
 ]
@@ -112,10 +120,6 @@ _TIE_GUARD = 4
 # safe. It only makes the window path slightly more willing to ask for the full row.
 _BOUND_SLACK = 1e-12
 
-# Below this remaining mass the incremental logsumexp update after a repetition penalty would
-# lose too many digits to cancellation; recompute from the row instead.
-_MIN_INCREMENTAL_MASS = 0.25
-
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -128,8 +132,11 @@ class SamplingParams:
             sampler may ask for the full row needlessly).
         top_p: in (0, 1]; 1 disables top-p.
         min_p: in [0, 1]; 0 disables min-p.
-        repetition_penalty: > 0; 1 disables it. Any other value needs the full row every step.
+        repetition_penalty: > 0; 1 disables it.
         logprobs: 0-5, how many most likely alternatives to report in ``top_logprobs``.
+        presence_penalty, frequency_penalty: OpenAI's, in raw-logit units; 0 disables them.
+        logit_bias: ``(token_id, bias)`` pairs added to the raw logits (OpenAI's ``logit_bias``).
+    The last four act through a :class:`frontend.sampling.adjust.LogitAdjustment`.
     """
 
     temperature: float = 1.0
@@ -138,6 +145,9 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -150,12 +160,17 @@ class StepLogits:
         topk_ids: int64 [K], their token ids.
         logsumexp: log-sum-exp of the whole scaled row.
         full_logits: float32 [V], the whole scaled row, when the gateway asked for it.
+        extra_logits: float32 [>= E], the scaled logits of the step's adjustment ids, in their
+            order (the server's EXTRA_LOGITS row; entries past E are padding).
+        rest_logsumexp: log-sum-exp of the scaled row without those ids (REST_LOGSUMEXP).
     """
 
     topk_logits: NDArray[np.float32]
     topk_ids: NDArray[np.int64]
     logsumexp: float
     full_logits: NDArray[np.float32] | None = None
+    extra_logits: NDArray[np.float32] | None = None
+    rest_logsumexp: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,18 +221,11 @@ def window_size(params: SamplingParams, *, default_window: int, vocab_size: int)
     return max(1, min(k, vocab_size))
 
 
-def needs_full_row(params: SamplingParams) -> bool:
-    """True when the window can never be enough: a repetition penalty reorders the logits and
-    changes the logsumexp in a way the window cannot reconstruct."""
-    return params.repetition_penalty != 1.0
-
-
 def sample(
     step: StepLogits,
     params: SamplingParams,
     u: float,
-    seen_token_ids: Sequence[int] | NDArray[np.integer[Any]] = (),
-    banned_token_ids: Sequence[int] = (),
+    adjustment: LogitAdjustment | None = None,
 ) -> Sampled:
     """Choose the next token; see the module docstring for the exact semantics.
 
@@ -225,11 +233,10 @@ def sample(
         step: the server's output for this sequence and step.
         params: the request's sampling settings.
         u: the step's uniform draw in [0, 1) (unused but still consumed when greedy).
-        seen_token_ids: ids the repetition penalty applies to (prompt + generated so far, as in
-            transformers); ids outside the vocabulary are ignored, duplicates count once.
-        banned_token_ids: ids given probability 0 (logit -inf before everything else, the row
-            renormalised: vLLM's min_tokens); only the full row can do that exactly. Reported
-            logprobs stay those of the unmodified distribution.
+        adjustment: the step's logit adjustment (logit_bias, penalties, banned ids; built by
+            :func:`frontend.sampling.adjust.logit_adjustment` from the sequence's tokens), or None.
+            The window path needs ``step.extra_logits`` and ``step.rest_logsumexp`` for its ids.
+            Reported logprobs stay those of the unadjusted distribution.
 
     Raises:
         NeedFullRow: ``step.full_logits`` is None and the window does not decide this step.
@@ -241,11 +248,7 @@ def sample(
     if not math.isfinite(lse):
         raise ValueError(f"logsumexp must be finite, got {lse!r}")
     if step.full_logits is not None:
-        return _sample_full(step.full_logits, lse, params, u, seen_token_ids, _FULL_ROW_PREFIXES, banned_token_ids)
-    if params.repetition_penalty != 1.0 and len(seen_token_ids) > 0:
-        raise NeedFullRow("repetition_penalty")
-    if len(banned_token_ids) > 0:
-        raise NeedFullRow("min_tokens")  # the banned tokens' mass leaves the normaliser: unknown from a window
+        return _sample_full(step, lse, params, u, adjustment, _FULL_ROW_PREFIXES)
     logits = np.asarray(step.topk_logits)
     ids = np.asarray(step.topk_ids)
     if logits.ndim != 1 or logits.shape != ids.shape or logits.size == 0:
@@ -257,9 +260,53 @@ def sample(
     n_trusted = _trusted_count(z)
     if params.logprobs > n_trusted:
         raise NeedFullRow("logprobs")
-    idx = _select(z, lse, params, u, n_trusted, complete=False)
     top = tuple((int(sorted_ids[i]), float(z[i] - lse)) for i in range(params.logprobs))
-    return Sampled(int(sorted_ids[idx]), float(z[idx] - lse), top)
+    if adjustment is None:
+        idx = _select(z, lse, params, u, n_trusted, complete=False)
+        return Sampled(int(sorted_ids[idx]), float(z[idx] - lse), top)
+    if step.extra_logits is None or step.rest_logsumexp is None:
+        raise NeedFullRow(adjustment.reason)
+    extra = np.asarray(step.extra_logits)[: adjustment.size].astype(np.float64)
+    adjusted = adjustment.apply(extra, params)
+    merged, merged_ids, trusted = _merge_window(z, sorted_ids, adjustment.ids, adjusted)
+    if not merged.size:
+        raise NeedFullRow("tie_at_window_edge")
+    j = _select(merged, _adjusted_logsumexp(float(step.rest_logsumexp), adjusted), params, u, trusted, complete=False)
+    token = int(merged_ids[j])
+    at = int(np.searchsorted(adjustment.ids, token))
+    if at < adjustment.size and int(adjustment.ids[at]) == token:
+        raw = float(extra[at])
+    else:  # not adjusted, so it is a window entry
+        raw = float(z[int(np.flatnonzero(sorted_ids == token)[0])])
+    return Sampled(token, raw - lse, top)
+
+
+def _merge_window(z: _F64, ids: _I64, adjusted_ids: _I64, adjusted: _F64) -> tuple[_F64, _I64, int]:
+    """The adjusted row's window: (values, ids, trusted count), in stable descending order.
+
+    Every token outside window and adjustment keeps its logit, which is <= the window's smallest
+    ``w``. So the entries (window entries not adjusted, plus adjusted ids) whose value is > ``w``
+    are exactly the adjusted row's first entries (trusted); those equal to ``w`` are known in
+    value, not in identity; those below ``w`` may have unknown tokens before them and are dropped.
+    Prefix sums over the result then equal the adjusted full row's, as for a server window.
+    """
+    w = z[-1]
+    keep = ~np.isin(ids, adjusted_ids)
+    values = np.concatenate((z[keep], adjusted))
+    names = np.concatenate((ids[keep], adjusted_ids))
+    usable = values >= w
+    values, names = values[usable], names[usable]
+    order = np.lexsort((names, -values))
+    return values[order], names[order], int(np.count_nonzero(values > w))
+
+
+def _adjusted_logsumexp(rest: float, adjusted: _F64) -> float:
+    """log(exp(rest) + sum(exp(adjusted))): the adjusted row's normaliser from the server's
+    log-sum-exp of the unadjusted ids and the adjusted ids' values (no subtraction anywhere)."""
+    top = max(rest, float(adjusted.max(initial=-np.inf)))
+    if not math.isfinite(top):
+        raise ValueError("the adjusted row has no finite logit")
+    return top + math.log(math.exp(rest - top) + float(np.exp(adjusted - top).sum()))
 
 
 def _trusted_count(z: _F64) -> int:
@@ -377,37 +424,42 @@ def _last_positive(cum: _F64, n: int) -> int:
 
 
 def _sample_full(
-    full_logits: NDArray[np.float32],
+    step: StepLogits,
     lse: float,
     params: SamplingParams,
     u: float,
-    seen_token_ids: Sequence[int] | NDArray[np.integer[Any]],
+    adjustment: LogitAdjustment | None,
     prefixes: Sequence[int],
-    banned_token_ids: Sequence[int] = (),
 ) -> Sampled:
-    """Full-row path: repetition penalty, then the same selection as the window path.
+    """Full-row path: the adjustment, then the same selection as the window path.
 
     ``prefixes`` are the sizes of top-M prefixes tried (as if they were server windows) before a
     full stable sort; the result does not depend on them (tests pass ``()`` to force the sort).
+    The adjusted ids take the values and the rest's log-sum-exp the server returned with the
+    window when it did (so both paths decide on the same numbers), else the row's own.
     """
-    raw = np.asarray(full_logits).astype(np.float64)
+    assert step.full_logits is not None
+    raw = np.asarray(step.full_logits).astype(np.float64)
     if raw.ndim != 1 or raw.size == 0:
         raise ValueError("full_logits must be a non-empty 1-D array")
     vocab = raw.shape[0]
     z = raw
     z_lse = lse
-    if params.repetition_penalty != 1.0 and len(seen_token_ids) > 0:
-        seen = np.unique(np.asarray(seen_token_ids, dtype=np.int64))
-        seen = seen[(seen >= 0) & (seen < vocab)]
-        if seen.size:
-            z, z_lse = _apply_repetition_penalty(raw, lse, seen, params.repetition_penalty)
-    if len(banned_token_ids) > 0:
-        banned = np.asarray(banned_token_ids, dtype=np.int64)
-        banned = banned[(banned >= 0) & (banned < vocab)]
-        z = z.copy() if z is raw else z
-        z[banned] = -np.inf
-        top_z = float(z.max())
-        z_lse = top_z + math.log(float(np.exp(z - top_z).sum()))
+    if adjustment is not None and adjustment.size:
+        ids = adjustment.ids
+        if step.extra_logits is not None and step.rest_logsumexp is not None:
+            extra = np.asarray(step.extra_logits)[: adjustment.size].astype(np.float64)
+            rest = float(step.rest_logsumexp)
+        else:
+            extra = raw[ids]
+            masked = raw.copy()
+            masked[ids] = -np.inf
+            top_rest = float(masked.max())
+            rest = top_rest + math.log(float(np.exp(masked - top_rest).sum())) if math.isfinite(top_rest) else top_rest
+        adjusted = adjustment.apply(extra, params)
+        z = raw.copy()
+        z[ids] = adjusted
+        z_lse = _adjusted_logsumexp(rest, adjusted)
 
     if params.temperature == 0.0:
         idx = int(np.argmax(z))  # first maximum = lowest id among ties, like torch.argmax
@@ -436,28 +488,6 @@ def _sample_full(
         best = _stable_top(raw, params.logprobs)
         top = tuple((int(i), float(raw[i] - lse)) for i in best)
     return Sampled(idx, float(raw[idx] - lse), top)
-
-
-def _apply_repetition_penalty(
-    z: _F64,
-    lse: float,
-    seen: _I64,
-    penalty: float,
-) -> tuple[_F64, float]:
-    """Penalised copy of the row (RepetitionPenaltyLogitsProcessor) and its logsumexp."""
-    old = z[seen]
-    new = np.where(old < 0.0, old * penalty, old / penalty)
-    out = z.copy()
-    out[seen] = new
-    # logsumexp changes only through the seen tokens: update it in O(len(seen)) when that is
-    # numerically safe (no overflow, little cancellation), else recompute it from the row.
-    new_rel = new - lse
-    if float(new_rel.max()) < 700.0:
-        remaining = 1.0 + float(np.exp(new_rel).sum() - np.exp(old - lse).sum())
-        if remaining >= _MIN_INCREMENTAL_MASS:
-            return out, lse + math.log(remaining)
-    top = float(out.max())
-    return out, top + math.log(float(np.exp(out - top).sum()))
 
 
 def _stable_descending(z: _F64) -> _I64:

@@ -4,6 +4,7 @@ one error shape for bad input (no template, unknown fields, out-of-range values)
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,43 @@ async def test_chat_stream_wire_format(client: httpx.AsyncClient) -> None:
     assert sorted(p["choices"][0]["index"] for p in payloads if p["choices"][0].get("finish_reason")) == [0, 1]
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_chat_stream_chunks_exactly(
+    client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine, include_usage: bool
+) -> None:
+    """A streamed chat's chunks byte for byte: every null left out (no `system_fingerprint`, no
+    `finish_reason` until the last), but with include_usage `"usage": null` in all but the last."""
+    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0}
+    body |= {"logprobs": True, "top_logprobs": 1}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    head = {"id": events[0].json()["id"], "object": "chat.completion.chunk", "created": events[0].json()["created"]}
+    head["model"] = MODEL
+    ids = _prompt_ids(served_model)
+    t0, t1 = [served_model.tokenizer.decode([t]) for t in fake.expected_tokens(ids, GREEDY, 2, None)]
+
+    def logprobs(token: str, value: float) -> dict[str, Any]:
+        entry = {"token": token, "logprob": value, "bytes": list(token.encode())}
+        return {"content": [{**entry, "top_logprobs": [entry]}]}
+
+    choices = [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+        [{"index": 0, "delta": {"content": t0}, "logprobs": logprobs(t0, -0.25)}],
+        [{"index": 0, "delta": {"content": t1}, "logprobs": logprobs(t1, -0.5)}],
+        [{"index": 0, "delta": {}, "finish_reason": "length"}],
+    ]
+    if include_usage:
+        expected = [{**head, "choices": c, "usage": None} for c in choices]
+        usage = {"prompt_tokens": len(ids), "completion_tokens": 2, "total_tokens": len(ids) + 2}
+        expected.append({**head, "choices": [], "usage": usage})
+    else:
+        expected = [{**head, "choices": c} for c in choices]
+    assert [e.data for e in events] == [json.dumps(x, ensure_ascii=False) for x in expected] + ["[DONE]"]
+
+
 async def test_chat_n_and_seed(oai: openai.AsyncOpenAI, fake: FakeEngine, served_model: ServedModel) -> None:
     c = await oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, max_tokens=3, temperature=0.7, seed=40)
     ids = _prompt_ids(served_model)
@@ -182,6 +220,26 @@ async def test_chat_extensions(
     assert handle.params == SamplingParams(temperature=0.0, top_k=4, min_p=0.01, repetition_penalty=1.1)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_penalties_and_logit_bias(oai: openai.AsyncOpenAI, fake: FakeEngine, stream: bool) -> None:
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 3,
+        "presence_penalty": -0.5,
+        "frequency_penalty": 1.5,
+        "logit_bias": {"13": 5, "0": -100},
+    }
+    if stream:
+        async for _ in await oai.chat.completions.create(stream=True, **args):
+            pass
+    else:
+        await oai.chat.completions.create(**args)
+    params = fake.submitted[-1].params
+    assert (params.presence_penalty, params.frequency_penalty) == (-0.5, 1.5)
+    assert params.logit_bias == ((0, -100.0), (13, 5.0))
+
+
 async def test_text_content_parts(oai: openai.AsyncOpenAI, fake: FakeEngine, served_model: ServedModel) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
     await oai.chat.completions.create(model=MODEL, messages=parts, max_tokens=2)  # type: ignore[arg-type]
@@ -212,7 +270,8 @@ async def test_text_content_parts(oai: openai.AsyncOpenAI, fake: FakeEngine, ser
         ),
         ({"top_logprobs": 6, "logprobs": True}, 400, "top_logprobs", "less than or equal"),
         ({"top_logprobs": 2}, 400, "top_logprobs", "logprobs: true"),
-        ({"presence_penalty": 1.0}, 400, "presence_penalty", "not supported"),
+        ({"presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal"),
+        ({"logit_bias": {"512": 1.0}}, 400, "logit_bias", "[0, 512)"),
         ({"n": 4}, 400, "n", "at most 3"),
         ({"min_tokens": 30, "max_tokens": 5}, 400, "min_tokens", "must not exceed max_tokens"),
         ({"model": "gpt-4o"}, 404, "model", "gpt-4o"),

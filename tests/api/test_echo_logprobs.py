@@ -1,16 +1,21 @@
 """OpenAI `echo` with `logprobs`: the prompt's own logprobs come back before the completion's
-(what lm-evaluation-harness's loglikelihood requests read), through the official SDK. The values
+(what lm-evaluation-harness's loglikelihood requests read), through the official SDK, streamed
+(vLLM's way: in each choice's first chunk) and not. The values
 here are the fake engine's; their exactness against transformers is tested on the step engine
 (tests/unit/test_step_engine.py) and through a real Triton (tests/integration)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
+from openai.types import CompletionChoice, CompletionUsage
 
 from frontend.engine.model import ServedModel
-from tests.api.conftest import MODEL
+from tests.api.conftest import MODEL, asgi_post, parse_sse
 from tests.api.fake_engine import FakeEngine
 
 pytestmark = [pytest.mark.api, pytest.mark.asyncio]
@@ -42,13 +47,145 @@ async def test_echo_returns_the_prompts_logprobs_first(
     assert fake.live == 0
 
 
-async def test_max_tokens_zero_needs_echo_and_echo_logprobs_do_not_stream(oai: openai.AsyncOpenAI) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_max_tokens_zero_needs_echo(oai: openai.AsyncOpenAI, stream: bool) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=0)
-    assert info.value.param == "max_tokens"
-    with pytest.raises(openai.BadRequestError) as info:
-        await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=1, echo=True, logprobs=1, stream=True)
-    assert info.value.param == "echo"
+        await oai.completions.create(model=MODEL, prompt="Hi", max_tokens=0, logprobs=1, stream=stream)
+    assert info.value.param == "max_tokens" and "echo" in info.value.message
+
+
+_FIELDS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+async def _streamed_choices(
+    oai: openai.AsyncOpenAI, args: dict[str, Any]
+) -> tuple[dict[int, list[CompletionChoice]], CompletionUsage | None]:
+    """Each choice's streamed pieces, in order, and the usage chunk's usage (None without one)."""
+    stream = await oai.completions.create(stream=True, **args)
+    pieces: dict[int, list[CompletionChoice]] = {}
+    usage = None
+    async for chunk in stream:
+        for c in chunk.choices:
+            pieces.setdefault(c.index, []).append(c)
+        if chunk.usage is not None:
+            assert chunk.choices == []  # only the last chunk carries the usage
+            usage = chunk.usage
+    return pieces, usage
+
+
+def _joined(pieces: list[CompletionChoice]) -> dict[str, Any]:
+    """A streamed choice put together: its text, finish_reason and logprobs, as one choice."""
+    logprobs: dict[str, list[Any]] = {field: [] for field in _FIELDS}
+    for piece in pieces:
+        if piece.logprobs is not None:
+            for field in _FIELDS:
+                logprobs[field] += getattr(piece.logprobs, field) or []
+    finishes = [p.finish_reason for p in pieces if p.finish_reason]
+    assert len(finishes) == 1 and pieces[-1].finish_reason  # one finish, in the choice's last piece
+    return {"text": "".join(p.text for p in pieces), "finish_reason": finishes[0], "logprobs": logprobs}
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("max_tokens", [0, 3])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}], ids=["greedy", "seeded"])
+async def test_streamed_echo_logprobs_equal_the_responses(
+    oai: openai.AsyncOpenAI,
+    served_model: ServedModel,
+    fake: FakeEngine,
+    include_usage: bool,
+    max_tokens: int,
+    sampling: dict[str, Any],
+) -> None:
+    """vLLM's streamed echo: each choice's first chunk opens with the prompt's text and the prompt's
+    logprobs; the generated tokens' chunks follow with theirs, text offsets continuing after the
+    prompt. Put together, the chunks of a choice are the choice of the same request not streamed."""
+    prompt = "Hello there, world"
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": prompt,
+        "n": 2,
+        "max_tokens": max_tokens,
+        "logprobs": 2,
+        "echo": True,
+        **sampling,
+    }
+    plain = await oai.completions.create(**args)
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    pieces, usage = await _streamed_choices(oai, {**args, **options})
+
+    assert sorted(pieces) == [c.index for c in plain.choices] == [0, 1]
+    ids = served_model.tokenizer(prompt)["input_ids"]
+    decode = served_model.tokenizer.decode
+    for choice in plain.choices:
+        assert choice.logprobs is not None
+        assert _joined(pieces[choice.index]) == {
+            "text": choice.text,
+            "finish_reason": choice.finish_reason,
+            "logprobs": {field: getattr(choice.logprobs, field) for field in _FIELDS},
+        }
+        first = pieces[choice.index][0]
+        assert first.text.startswith(prompt) and first.logprobs is not None
+        assert first.logprobs.tokens is not None and first.logprobs.token_logprobs is not None
+        assert first.logprobs.top_logprobs is not None and first.logprobs.text_offset is not None
+        assert first.logprobs.tokens[: len(ids)] == [decode([t]) for t in ids]
+        assert first.logprobs.token_logprobs[0] is None and first.logprobs.top_logprobs[0] is None
+        assert first.logprobs.text_offset[: len(ids)] == choice.logprobs.text_offset[: len(ids)]
+        assert first.logprobs.text_offset[0] == 0
+        if max_tokens == 0:  # the prompt alone, in one chunk that ends the choice
+            assert len(pieces[choice.index]) == 1 and first.text == prompt and first.finish_reason == "length"
+            assert len(first.logprobs.tokens) == len(ids)
+        else:  # then one chunk per generated token (the first token's logprobs with the prompt's), then the finish
+            assert len(pieces[choice.index]) == max_tokens + 1
+            later = [p.logprobs for p in pieces[choice.index][1:max_tokens]]
+            assert all(lp is not None and lp.text_offset and lp.text_offset[0] >= len(prompt) for lp in later)
+    if max_tokens:
+        assert plain.choices[0].text != plain.choices[1].text or "seed" not in sampling  # choice j: seed + j
+    assert usage == (plain.usage if include_usage else None)
+    assert [h.prompt_logprobs for h in fake.submitted] == [2] * 4  # each choice asked the prompt's logprobs
+
+
+async def test_streamed_echo_logprobs_wire_format(client: httpx.AsyncClient, served_model: ServedModel) -> None:
+    """lm-evaluation-harness's request streamed: two token-id prompts x n=2, max_tokens 0. Each choice
+    is one chunk (the prompt's text, its logprobs, finish_reason "length"), in the completions
+    stream's usual shape (nulls left out without include_usage)."""
+    prompts = [served_model.tokenizer(p)["input_ids"] for p in ("The cat sat", "A dog")]
+    body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    events = parse_sse(r.text)
+    assert events[-1].data == "[DONE]"
+    chunks = [e.json() for e in events[:-1]]
+    assert sorted(c["choices"][0]["index"] for c in chunks) == [0, 1, 2, 3]
+    decode = served_model.tokenizer.decode
+    for chunk in chunks:
+        assert set(chunk) == {"id", "object", "created", "model", "choices"}
+        (choice,) = chunk["choices"]
+        ids = prompts[choice["index"] // 2]
+        expected = FakeEngine.prompt_logprobs_event(ids, 1)
+        tokens = [decode([t]) for t in ids]
+        assert choice == {
+            "text": decode(ids),
+            "index": choice["index"],
+            "logprobs": {
+                "tokens": tokens,
+                "token_logprobs": list(expected.logprobs),
+                "top_logprobs": [None] + [{decode([t]): lp for t, lp in top} for top in expected.top_logprobs[1:]],
+                "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+            },
+            "finish_reason": "length",
+        }
+
+
+async def test_a_failed_streamed_echo_ends_with_the_error(client: httpx.AsyncClient, fake: FakeEngine) -> None:
+    fake.fail_after = 1
+    body = {"model": MODEL, "prompt": "Hi there", "max_tokens": 4, "echo": True, "logprobs": 1, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert [e.data for e in events[-1:]] == ["[DONE]"]
+    assert events[-2].json()["error"]["type"] == "upstream_unavailable"
+    await fake.drain()
+    assert fake.live == 0
 
 
 async def test_echo_without_logprobs_asks_no_prompt_logprobs(oai: openai.AsyncOpenAI, fake: FakeEngine) -> None:
@@ -72,3 +209,15 @@ async def test_the_native_route_returns_prompt_logprobs(client: httpx.AsyncClien
         body = {"prompt": "Hi", "prompt_logprobs": 1}
         r = await client.post(path, json={"requests": [body]} if path.endswith("batch") else body)
         assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["param"]
+
+
+async def test_streamed_echo_logprobs_come_before_the_generation_ends(app: FastAPI, fake: FakeEngine) -> None:
+    """The prompt's chunk leaves as soon as the first token is there: a client that goes away after
+    it cancels the generation long before max_tokens."""
+    fake.delay_s = 0.01
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 40, "echo": True, "logprobs": 1, "stream": True}
+    exchange = await asgi_post(app, "/v1/completions", body, disconnect_when=lambda text: "Hello there" in text)
+    assert exchange.status == 200 and '"token_logprobs": [null,' in exchange.body
+    await fake.drain()
+    fake.delay_s = 0
+    assert fake.live == 0 and len(fake.submitted[-1].emitted) < 10

@@ -3,6 +3,7 @@ the wire format)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -139,6 +140,46 @@ async def test_stream_wire_format(client: httpx.AsyncClient) -> None:
     assert per_choice == {i: 4 for i in range(4)}  # 3 tokens + the finish chunk
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_stream_chunks_exactly(
+    client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine, include_usage: bool
+) -> None:
+    """A streamed completion's chunks byte for byte: without include_usage every null is left out;
+    with it every field is there, `"usage": null` but in the last chunk."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2, "temperature": 0, "logprobs": 1}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = await client.post("/v1/completions", json={**body, "stream": True})
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    head = {"id": events[0].json()["id"], "object": "text_completion", "created": events[0].json()["created"]}
+    head["model"] = MODEL
+    ids = _ids(served_model, "Hello world")
+    t0, t1 = [served_model.tokenizer.decode([t]) for t in fake.expected_tokens(ids, GREEDY, 2, None)]
+    lp0 = {"tokens": [t0], "token_logprobs": [-0.25], "top_logprobs": [{t0: -0.25}], "text_offset": [0]}
+    lp1 = {"tokens": [t1], "token_logprobs": [-0.5], "top_logprobs": [{t1: -0.5}], "text_offset": [len(t0)]}
+    if include_usage:
+        nulls = {"usage": None, "system_fingerprint": None}
+        expected = [
+            {**head, "choices": [{"text": t0, "index": 0, "logprobs": lp0, "finish_reason": None}], **nulls},
+            {**head, "choices": [{"text": t1, "index": 0, "logprobs": lp1, "finish_reason": None}], **nulls},
+            {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}], **nulls},
+            {
+                **head,
+                "choices": [],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 2, "total_tokens": len(ids) + 2},
+                "system_fingerprint": None,
+            },
+        ]
+    else:
+        expected = [
+            {**head, "choices": [{"text": t0, "index": 0, "logprobs": lp0}]},
+            {**head, "choices": [{"text": t1, "index": 0, "logprobs": lp1}]},
+            {**head, "choices": [{"text": "", "index": 0, "finish_reason": "length"}]},
+        ]
+    assert [e.data for e in events] == [json.dumps(x, ensure_ascii=False) for x in expected] + ["[DONE]"]
+
+
 async def test_logprobs_shape(oai: openai.AsyncOpenAI, served_model: ServedModel, fake: FakeEngine) -> None:
     c = await oai.completions.create(model=MODEL, prompt="Hello world", max_tokens=4, temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
@@ -212,9 +253,9 @@ async def test_unknown_model_is_not_found(oai: openai.AsyncOpenAI) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "param", "fragment"),
     [
-        ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({"presence_penalty": -2.5}, "presence_penalty", "greater than or equal"),
         ({"n": 9}, "n", "at most 3"),
-        ({"echo": True, "logprobs": 1, "stream": True}, "echo", "stream"),
+        ({"max_tokens": 0, "stream": True}, "max_tokens", "echo"),
         ({"logprobs": 6}, "logprobs", "5"),
         ({"prompt": ""}, "prompt", "empty"),
     ],

@@ -186,8 +186,9 @@ async def test_options_are_part_of_the_cache_key(oai: openai.AsyncOpenAI, fake: 
         ({"top_k": -2}, "top_k", "greater than or equal"),
         ({"ignore_eos": "maybe"}, "ignore_eos", "boolean"),
         ({"skip_special_tokens": []}, "skip_special_tokens", "boolean"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "less than or equal"),
+        ({"logit_bias": {"512": 1.0}}, "logit_bias", "[0, 512)"),
+        ({"logit_bias": {"5": -100.5}}, "logit_bias", "[-100, 100]"),
         ({"ignore_eos_please": True}, "ignore_eos_please", "Extra inputs"),
     ],
 )
@@ -198,3 +199,29 @@ async def test_bad_extension_values(oai: openai.AsyncOpenAI, extra: dict[str, An
     assert info.value.type == "invalid_request_error"
     assert info.value.param == param
     assert fragment in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_penalties_and_logit_bias_reach_the_sampler(
+    oai: openai.AsyncOpenAI, fake: FakeEngine, stream: bool
+) -> None:
+    """OpenAI's presence_penalty, frequency_penalty and logit_bias, as the SDK sends them, become
+    the generation's sampling settings (their exactness: tests/unit/test_sampling.py, and through a
+    real Triton: tests/integration/test_gateway.py; chat: tests/api/test_chat.py)."""
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": "Hi",
+        "max_tokens": 3,
+        "temperature": 0.7,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "logit_bias": {"50": -100, "7": 2.5},
+    }
+    if stream:
+        async for _ in await oai.completions.create(stream=True, **args):
+            pass
+    else:
+        await oai.completions.create(**args)
+    params = fake.submitted[-1].params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.25)
+    assert params.logit_bias == ((7, 2.5), (50, -100.0))

@@ -27,9 +27,11 @@ def step(
     window: int = 8,
     logits: bool = False,
     version: str = "",
+    extra_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One step request; raises tritonclient's InferenceServerException when the model fails the
-    request as a whole. Per-row refusals are in the returned STATUS column (contract.RowStatus)."""
+    request as a whole. Per-row refusals are in the returned STATUS column (contract.RowStatus).
+    `extra_ids`: the optional EXTRA_IDS input, [N, E] padded with -1."""
     n, width = len(rows), max(1, max(len(r.tokens) for r in rows))
     ids = np.zeros((n, width), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -42,6 +44,8 @@ def step(
         "END": np.array([[r.end] for r in rows], dtype=bool),
         "TEMPERATURE": np.array([[r.temperature] for r in rows], dtype=np.float32),
     }
+    if extra_ids is not None:
+        arrays[contract.EXTRA_IDS] = extra_ids.astype(np.int64)
     return send(client, model, arrays, window=window, logits=logits, version=version)
 
 
@@ -67,6 +71,7 @@ def send(
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if logits else [])
+    names += list(contract.EXTRA_OUTPUTS) if contract.EXTRA_IDS in arrays else []
     outputs = [grpcclient.InferRequestedOutput(name) for name in names]
     result = client.infer(model, inputs, model_version=version, outputs=outputs, parameters={"logits_window": window})
     return {name: result.as_numpy(name) for name in names}

@@ -235,7 +235,8 @@ def test_two_gateways_share_one_triton(gateway: str, second_gateway: str, triton
 
 
 def test_greedy_with_repetition_penalty_equals_transformers(gateway: str, tiny_checkpoint: Path) -> None:
-    """The full-row path (a penalty reorders logits, so every step fetches the whole row)."""
+    """A penalty reorders the logits: every step asks Triton for the seen ids' own logits
+    (EXTRA_IDS) and samples from the adjusted window, or fetches the row when that does not decide."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     prompt = "repeat after me: la la la"
@@ -246,6 +247,83 @@ def test_greedy_with_repetition_penalty_equals_transformers(gateway: str, tiny_c
     assert tokens == [t for t in expected if t != tokenizer.eos_token_id]
     plain = stream_events(gateway, {**body, "repetition_penalty": 1.0})
     assert [d["token_id"] for e, d in plain if e == "token" and d["token_id"] is not None] != tokens
+
+
+def reference_greedy(
+    model: GPT2LMHeadModel,
+    prompt_ids: list[int],
+    new_tokens: int,
+    *,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    bias: dict[int, float] | None = None,
+    repetition: float = 1.0,
+) -> list[int]:
+    """Greedy decoding on transformers' logits with logit_bias (SequenceBiasLogitsProcessor), the
+    repetition penalty (RepetitionPenaltyLogitsProcessor) and OpenAI's presence / frequency
+    penalties (its documented formula over the generated tokens), in vLLM's order."""
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            scores = model(torch.tensor([ids])).logits[:, -1].double()
+            if bias:
+                scores = SequenceBiasLogitsProcessor([[[i], b] for i, b in bias.items()])(torch.tensor([ids]), scores)
+            if repetition != 1.0:
+                scores = RepetitionPenaltyLogitsProcessor(repetition)(torch.tensor([ids]), scores)
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=scores.shape[1]).double()
+            scores = scores - frequency * counts - presence * (counts > 0).double()
+            token = int(scores.argmax())
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"presence_penalty": 1.5},
+        {"frequency_penalty": 0.7},
+        {"presence_penalty": -1.0, "frequency_penalty": 0.4, "repetition_penalty": 1.2},
+        {"logit_bias": {"5": 8.0, "17": -100.0}},
+    ],
+    ids=["presence", "frequency", "mixed", "logit_bias"],
+)
+def test_greedy_with_penalties_and_logit_bias_equals_transformers(
+    gateway: str, oai: openai.OpenAI, tiny_checkpoint: Path, settings: dict
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    prompt = "the cat sat on the mat and the cat sat"
+    ids = tokenizer(prompt)["input_ids"]
+    expected = reference_greedy(
+        model,
+        ids,
+        20,
+        presence=settings.get("presence_penalty", 0.0),
+        frequency=settings.get("frequency_penalty", 0.0),
+        bias={int(k): float(v) for k, v in settings.get("logit_bias", {}).items()},
+        repetition=settings.get("repetition_penalty", 1.0),
+    )
+    # The native route returns token ids (eos included: the reference does not stop there) ...
+    body = {"prompt": prompt, "max_new_tokens": 20, "temperature": 0, **settings}
+    tokens = [d["token_id"] for e, d in stream_events(gateway, body) if e == "token" and d["token_id"] is not None]
+    stop = expected.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in expected else len(expected)
+    assert tokens == expected[:stop]
+    plain = stream_events(gateway, {"prompt": prompt, "max_new_tokens": 20, "temperature": 0})
+    assert [d["token_id"] for e, d in plain if e == "token" and d["token_id"] is not None] != tokens
+    # ... and the OpenAI route the same text (ignore_eos: all 20 tokens).
+    c = oai.completions.create(
+        model=TINY,
+        prompt=ids,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True, "repetition_penalty": settings.get("repetition_penalty", 1.0)},
+        **{k: v for k, v in settings.items() if k != "repetition_penalty"},
+    )
+    assert c.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])

@@ -188,3 +188,27 @@ def test_fetching_the_full_row_after_a_step(client, reference) -> None:
     np.testing.assert_allclose(again["TOPK_LOGITS"], first["TOPK_LOGITS"], atol=1e-6)
     assert_logits_close(again["LOGITS"][0], ref_logits(reference, prompt) / 0.7)
     step(client, TINY, [Row(sid, [], end=True)], version="1")
+
+
+def test_extra_ids_through_triton(client, reference) -> None:
+    """EXTRA_IDS (optional input): the named ids' scaled logits equal the row's, and REST_LOGSUMEXP
+    is the log-sum-exp of the row without them; a request without the input is unchanged."""
+    a, b = new_id(), new_id()
+    rows = [Row(a, [11, 12, 13], start=True, temperature=0.7), Row(b, [5, 6], start=True, temperature=1.0)]
+    extra = np.array([[12, 40, 3], [-1, -1, -1]], dtype=np.int64)
+    out = step(client, TINY, rows, window=4, logits=True, version="1", extra_ids=extra)
+    assert statuses(out) == [RowStatus.OK, RowStatus.OK]
+    full = out["LOGITS"].astype(np.float64)
+    np.testing.assert_array_equal(out["EXTRA_LOGITS"][0], out["LOGITS"][0][[12, 40, 3]])
+    assert not out["EXTRA_LOGITS"][1].any()
+    rest = full[0].copy()
+    rest[[12, 40, 3]] = -np.inf
+    top = rest.max()
+    assert out["REST_LOGSUMEXP"][0, 0] == pytest.approx(top + np.log(np.exp(rest - top).sum()), abs=1e-4)
+    assert out["REST_LOGSUMEXP"][1, 0] == out["LOGSUMEXP"][1, 0]
+    decode = step(
+        client, TINY, [Row(a, [40], temperature=0.7)], window=4, logits=True, version="1", extra_ids=extra[:1]
+    )
+    np.testing.assert_array_equal(decode["EXTRA_LOGITS"][0], decode["LOGITS"][0][[12, 40, 3]])
+    assert_logits_close(decode["LOGITS"][0], ref_logits(reference, [11, 12, 13, 40]) / 0.7)
+    step(client, TINY, [Row(a, [], end=True), Row(b, [], end=True)], version="1")

@@ -11,11 +11,12 @@ import pytest
 from numpy.typing import NDArray
 
 from frontend.sampling import (
+    LogitAdjustment,
     NeedFullRow,
     Sampled,
     SamplingParams,
     StepLogits,
-    needs_full_row,
+    logit_adjustment,
     sample,
     window_size,
 )
@@ -51,24 +52,42 @@ def server_topk(z: F32, k: int, rng: np.random.Generator | None = None) -> NDArr
     return perm[np.argsort(-z[perm], kind="stable")][:k].astype(np.int64)
 
 
-def window_step(z: F32, k: int, rng: np.random.Generator | None = None) -> StepLogits:
+def adjust(params: SamplingParams, seen: Sequence[int] = (), banned: Sequence[int] = ()) -> LogitAdjustment | None:
+    """The adjustment of a sequence whose prompt is ``seen`` (the repetition penalty's tokens)."""
+    return logit_adjustment(params, prompt_ids=seen, banned_ids=banned)
+
+
+def server_extras(z: F32, adjustment: LogitAdjustment | None) -> tuple[F32 | None, float | None]:
+    """What the server returns for EXTRA_IDS: their logits and the log-sum-exp of the rest (fp32)."""
+    if adjustment is None:
+        return None, None
+    masked = z.copy()
+    masked[adjustment.ids] = -np.inf
+    return z[adjustment.ids], float(np.float32(logsumexp(masked)))
+
+
+def window_step(
+    z: F32, k: int, rng: np.random.Generator | None = None, adjustment: LogitAdjustment | None = None
+) -> StepLogits:
     ids = server_topk(z, k, rng)
-    return StepLogits(z[ids], ids, logsumexp(z))
+    extra, rest = server_extras(z, adjustment)
+    return StepLogits(z[ids], ids, logsumexp(z), None, extra, rest)
 
 
-def full_step(z: F32) -> StepLogits:
+def full_step(z: F32, adjustment: LogitAdjustment | None = None) -> StepLogits:
     ids = server_topk(z, 1)
-    return StepLogits(z[ids], ids, logsumexp(z), z)
+    extra, rest = server_extras(z, adjustment)
+    return StepLogits(z[ids], ids, logsumexp(z), z, extra, rest)
 
 
 def try_window(
     step: StepLogits,
     params: SamplingParams,
     u: float,
-    seen: Sequence[int] = (),
+    adjustment: LogitAdjustment | None = None,
 ) -> Sampled | None:
     try:
-        return sample(step, params, u, seen)
+        return sample(step, params, u, adjustment)
     except NeedFullRow:
         return None
 
@@ -81,13 +100,14 @@ def gateway_sample(
     *,
     default_window: int = 16,
 ) -> tuple[Sampled, bool]:
-    """The gateway protocol: window first, full row on NeedFullRow (same u). -> (result, full?)"""
-    if not needs_full_row(params):
-        k = window_size(params, default_window=default_window, vocab_size=z.shape[0])
-        got = try_window(window_step(z, k), params, u, seen)
-        if got is not None:
-            return got, False
-    return sample(full_step(z), params, u, seen), True
+    """The gateway protocol: window (with the adjusted ids' logits) first, full row on NeedFullRow
+    (same u). -> (result, full?)"""
+    adjustment = adjust(params, seen)
+    k = window_size(params, default_window=default_window, vocab_size=z.shape[0])
+    got = try_window(window_step(z, k, adjustment=adjustment), params, u, adjustment)
+    if got is not None:
+        return got, False
+    return sample(full_step(z, adjustment), params, u, adjustment), True
 
 
 def peaky_row(rng: np.random.Generator, vocab: int, scale: float = 2.0) -> F32:
@@ -195,10 +215,11 @@ def test_window_size() -> None:
     assert size(SamplingParams(), 100) == 100
 
 
-def test_needs_full_row() -> None:
-    assert not needs_full_row(SamplingParams(top_p=0.5, min_p=0.1, top_k=3))
-    assert needs_full_row(SamplingParams(repetition_penalty=1.2))
-    assert needs_full_row(SamplingParams(temperature=0.0, repetition_penalty=0.9))
+def test_no_adjustment_without_settings_that_need_one() -> None:
+    assert adjust(SamplingParams(top_p=0.5, min_p=0.1, top_k=3), [1, 2]) is None
+    assert adjust(SamplingParams(repetition_penalty=1.2)) is None  # nothing seen yet
+    got = adjust(SamplingParams(repetition_penalty=1.2), [5, 3, 5])
+    assert got is not None and got.ids.tolist() == [3, 5]
 
 
 def test_rejects_bad_u() -> None:
@@ -240,21 +261,25 @@ def test_greedy_with_repetition_penalty(hf: Any) -> None:
     # Token 4 is the argmax, token 7 a close second; 4 was seen, so a penalty of 1.5 flips them.
     z = np.array([0.5, -2.0, 1.0, -0.5, 3.0, -4.0, 0.0, 2.5], dtype=np.float32)
     params = SamplingParams(temperature=0.0, repetition_penalty=1.5)
-    assert sample(full_step(z), params, 0.3, [4]).token_id == 7
-    assert sample(full_step(z), params, 0.3, [4, 4, 99]).token_id == 7  # dupes/out-of-vocab
-    assert sample(full_step(z), params, 0.3, [1]).token_id == 4
+    assert sample(full_step(z), params, 0.3, adjust(params, [4])).token_id == 7
+    assert (
+        sample(full_step(z), params, 0.3, logit_adjustment(params, prompt_ids=[4, 4, 99], vocab_size=8)).token_id == 7
+    )
+    assert sample(full_step(z), params, 0.3, adjust(params, [1])).token_id == 4
     # Negative logits are multiplied: seen tokens 3 (-0.4) and 2 (-0.45) drop below token 0 ...
     neg = np.array([-0.5, -3.0, -0.45, -0.4, -2.0], dtype=np.float32)
-    assert sample(full_step(neg), params, 0.3, [3, 2]).token_id == 0
+    assert sample(full_step(neg), params, 0.3, adjust(params, [3, 2])).token_id == 0
     for row, seen in ((z, [4]), (z, [1, 7]), (neg, [3, 2]), (neg, [0])):
         expected = int(np.argmax(hf_probs(hf, row, params, seen)))
-        assert sample(full_step(row), params, 0.3, seen).token_id == expected
-    # ... which the window cannot reproduce. Without seen tokens the penalty is a no-op.
-    with pytest.raises(NeedFullRow):
-        sample(window_step(z, 2), params, 0.3, [4])
-    assert sample(window_step(z, 2), params, 0.3, []).token_id == 4
+        assert sample(full_step(row), params, 0.3, adjust(params, seen)).token_id == expected
+        # The window decides it too once the server returns the seen ids' own logits.
+        window = window_step(row, 4, adjustment=adjust(params, seen))
+        assert sample(window, params, 0.3, adjust(params, seen)).token_id == expected
+    # A window without them cannot.
+    with pytest.raises(NeedFullRow, match="repetition_penalty"):
+        sample(window_step(z, 2), params, 0.3, adjust(params, [4]))
     # logprob is that of the unpenalised distribution.
-    got = sample(full_step(z), params, 0.3, [4])
+    got = sample(full_step(z), params, 0.3, adjust(params, [4]))
     assert got.logprob == pytest.approx(float(z[7]) - logsumexp(z), abs=1e-9)
 
 
@@ -299,7 +324,7 @@ def test_window_path_matches_full_row(name: str) -> None:
                 u = float(rng.random())
                 expected = sample(full, params, u)
                 # The prefix shortcut of the full path must not change anything.
-                assert expected == _sample_full(z, full.logsumexp, params, u, (), prefixes=())
+                assert expected == _sample_full(full, full.logsumexp, params, u, None, prefixes=())
                 # An adversarial server: random tie order and random edge-tie members.
                 got = try_window(window_step(z, k, rng), params, u)
                 if got is None:
@@ -446,9 +471,10 @@ def test_logprobs_equal_log_softmax_of_scaled_row(params: SamplingParams) -> Non
         top = np.argsort(-ref, kind="stable")[: params.logprobs]
         seen = list(rng.choice(200, size=5, replace=False))
         u = float(rng.random())
-        results = [sample(full_step(z), params, u, seen)]
+        adjustment = adjust(params, seen)
+        results = [sample(full_step(z, adjustment), params, u, adjustment)]
         k = window_size(params, default_window=32, vocab_size=200)
-        window = try_window(window_step(z, k), params, u, seen)
+        window = try_window(window_step(z, k, adjustment=adjustment), params, u, adjustment)
         if window is not None:
             results.append(window)
         for got in results:
@@ -510,15 +536,15 @@ def test_distribution_matches_transformers(hf: Any, name: str) -> None:
     vocab = raw.shape[0]
     z = scaled(raw, params.temperature)
     k = window_size(params, default_window=16, vocab_size=vocab)
-    window = window_step(z, k)
-    full = full_step(z)
+    adjustment = adjust(params, seen)
+    window = window_step(z, k, adjustment=adjustment)
+    full = full_step(z, adjustment)
 
     def draw(u: float) -> int:
-        if not needs_full_row(params):
-            got = try_window(window, params, u, seen)
-            if got is not None:
-                return int(got.token_id)
-        return sample(full, params, u, seen).token_id
+        got = try_window(window, params, u, adjustment)
+        if got is not None:
+            return int(got.token_id)
+        return sample(full, params, u, adjustment).token_id
 
     # 1. Exact check: a stratified grid of u gives each token a frequency within 1/n of its
     #    probability under inverse-CDF sampling.
@@ -595,12 +621,18 @@ def test_banned_tokens_follow_transformers_min_new_tokens(hf: Any, params: Sampl
     scores = torch.tensor(raw, dtype=torch.float64)[None, :]
     masked = hf.MinNewTokensLengthLogitsProcessor(1, 3, eos_token_id=banned)(torch.tensor([[0]]), scores)
     exact = hf_probs(hf, masked[0].numpy().astype(np.float32), params)
-    full = full_step(z)
-    with pytest.raises(NeedFullRow):  # a window cannot know the banned tokens' share of the normaliser
-        sample(window_step(z, 16), params, 0.5, (), banned)
+    adjustment = adjust(params, banned=banned)
+    full = full_step(z, adjustment)
+    with pytest.raises(NeedFullRow):  # a window cannot know the banned tokens' share of the normaliser ...
+        sample(window_step(z, 16), params, 0.5, adjustment)
     n_grid = 2000
     grid = (np.arange(n_grid) + 0.5) / n_grid
-    picks = [sample(full, params, float(u), (), banned) for u in grid]
+    picks = [sample(full, params, float(u), adjustment) for u in grid]
+    # ... unless the server returns their logits and the rest's log-sum-exp: then it mostly decides.
+    window = window_step(z, 64, adjustment=adjustment)
+    from_window = [try_window(window, params, float(u), adjustment) for u in grid]
+    assert sum(w is not None for w in from_window) > n_grid // 2
+    assert all(w is None or w == p for w, p in zip(from_window, picks, strict=True))
     freq = np.bincount([p.token_id for p in picks], minlength=vocab) / n_grid
     assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
     assert not set(banned) & {p.token_id for p in picks}
@@ -608,5 +640,206 @@ def test_banned_tokens_follow_transformers_min_new_tokens(hf: Any, params: Sampl
     first = picks[0]
     assert first.logprob == pytest.approx(float(z[first.token_id] - full.logsumexp), abs=1e-9)
     # Power: without the ban the same grid lands on the banned tokens.
-    unbanned = np.bincount([sample(full, params, float(u)).token_id for u in grid], minlength=vocab) / n_grid
+    unbanned = np.bincount([sample(full_step(z), params, float(u)).token_id for u in grid], minlength=vocab) / n_grid
     assert tv(unbanned, exact) > 0.05
+
+
+# ---------------------------------------- logit_bias, presence / frequency penalties (exact)
+
+
+def reference_adjusted_probs(
+    hf: Any,
+    raw: F32,
+    params: SamplingParams,
+    prompt: Sequence[int],
+    output: Sequence[int],
+    *,
+    order: str = "vllm",
+) -> F64:
+    """The exact distribution with logit_bias (transformers' SequenceBiasLogitsProcessor, one-token
+    sequences), the repetition penalty (RepetitionPenaltyLogitsProcessor over prompt + output) and
+    OpenAI's presence / frequency penalties (written here from OpenAI's documentation, transformers
+    has none: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence`` over the generated
+    tokens), in vLLM's order, then transformers' temperature and truncation (``hf_probs``).
+
+    Other ``order`` values build deliberately wrong pipelines (the tests' power checks)."""
+    import torch
+
+    scores = torch.tensor(raw, dtype=torch.float64)[None, :]
+    history = torch.tensor([list(prompt) + list(output) or [0]], dtype=torch.long)
+    if params.logit_bias and order != "no_bias":
+        bias = [[[i], b] for i, b in params.logit_bias]
+        scores = hf.SequenceBiasLogitsProcessor(bias)(history, scores)
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        scores = hf.RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(history, scores)
+    counts = np.bincount(np.asarray(output, dtype=np.int64), minlength=raw.shape[0]).astype(np.float64)
+    if order == "counts_from_prompt_too":
+        counts += np.bincount(np.asarray(prompt, dtype=np.int64), minlength=raw.shape[0])
+    if order == "presence_per_occurrence":
+        penalty = counts * (params.frequency_penalty + params.presence_penalty)
+    else:
+        penalty = counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+    adjusted = scores[0].numpy() - penalty
+    if order == "after_temperature":  # bias and penalties added to the scaled row: T times too strong
+        t = params.temperature or 1.0
+        bias = np.zeros(raw.shape[0])
+        for i, b in params.logit_bias:
+            bias[i] = b if order != "no_bias" else 0.0
+        adjusted = adjusted + (bias - penalty) * (t - 1.0)
+    return hf_probs(hf, adjusted.astype(np.float32), replace_params(params, repetition_penalty=1.0))
+
+
+def replace_params(params: SamplingParams, **changes: Any) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def _adjusted_row() -> F32:
+    """A short row with a few favourites: penalties on them move a lot of mass."""
+    rng = np.random.default_rng(77)
+    raw = rng.standard_normal(40) * 0.8
+    raw[[3, 11, 20, 31]] += np.array([3.0, 2.6, 2.2, 1.8])
+    return raw.astype(np.float32)
+
+
+ADJ_ROW = _adjusted_row()
+_HOT = [int(i) for i in np.argsort(-ADJ_ROW, kind="stable")[:4]]  # the row's four likeliest tokens
+_TAIL = [int(i) for i in np.argsort(-ADJ_ROW, kind="stable")[25:28]]
+# (params, prompt, generated tokens so far, wrong pipelines the test must tell apart)
+ADJUSTED_CASES: dict[str, tuple[SamplingParams, list[int], list[int], tuple[str, ...]]] = {
+    "logit_bias_top_p": (
+        SamplingParams(temperature=0.6, top_p=0.9, logit_bias=((_HOT[0], -100.0), (_TAIL[0], 4.0), (_TAIL[1], -2.5))),
+        [],
+        [],
+        ("no_bias", "after_temperature"),
+    ),
+    "frequency_presence": (
+        SamplingParams(temperature=0.5, top_p=0.95, frequency_penalty=0.3, presence_penalty=1.2),
+        [_HOT[2], _HOT[3]],
+        [_HOT[0], _HOT[0], _HOT[0], _HOT[1], _TAIL[0]],
+        ("counts_from_prompt_too", "presence_per_occurrence", "after_temperature"),
+    ),
+    "negative_penalties": (
+        SamplingParams(temperature=0.5, frequency_penalty=-0.5, presence_penalty=-2.0),
+        [],
+        [_TAIL[0], _TAIL[0], _TAIL[0], _TAIL[2]],
+        ("presence_per_occurrence", "after_temperature"),
+    ),
+    "everything": (
+        SamplingParams(
+            temperature=0.6,
+            top_k=20,
+            min_p=0.01,
+            repetition_penalty=1.3,
+            frequency_penalty=0.4,
+            presence_penalty=0.8,
+            logit_bias=((_TAIL[1], 3.0), (_HOT[1], -1.0)),
+        ),
+        [_HOT[0], _HOT[2]],
+        [_HOT[1], _HOT[1], _HOT[2], _TAIL[0]],
+        ("counts_from_prompt_too", "no_bias", "after_temperature"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ADJUSTED_CASES))
+def test_adjusted_distribution_is_exact(hf: Any, name: str) -> None:
+    """The gateway protocol (window + the adjusted ids' logits, full row on NeedFullRow) samples
+    exactly the reference distribution; wrong formulas fail the same checks."""
+    params, prompt, output, wrong_variants = ADJUSTED_CASES[name]
+    raw = ADJ_ROW
+    vocab = raw.shape[0]
+    exact = reference_adjusted_probs(hf, raw, params, prompt, output)
+    z = scaled(raw, params.temperature)
+    adjustment = logit_adjustment(params, prompt_ids=prompt, output_ids=output, vocab_size=vocab)
+    assert adjustment is not None
+    window = window_step(z, window_size(params, default_window=32, vocab_size=vocab), adjustment=adjustment)
+    full = full_step(z, adjustment)
+    by_window = 0
+
+    def draw(u: float) -> int:
+        nonlocal by_window
+        got = try_window(window, params, u, adjustment)
+        if got is not None:
+            by_window += 1
+            assert got == sample(full, params, u, adjustment)  # both paths agree, logprobs too
+            return int(got.token_id)
+        return sample(full, params, u, adjustment).token_id
+
+    n_grid = 2000
+    grid = (np.arange(n_grid) + 0.5) / n_grid
+    freq = np.bincount([draw(float(u)) for u in grid], minlength=vocab) / n_grid
+    assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
+    assert by_window > 0  # the window path took part
+
+    n = 20000
+    gen = np.random.default_rng(7)
+    counts = np.bincount([draw(float(gen.random())) for _ in range(n)], minlength=vocab)
+    threshold = tv_threshold(exact, n)
+    assert tv(counts / n, exact) < threshold
+
+    for variant in wrong_variants:
+        wrong = reference_adjusted_probs(hf, raw, params, prompt, output, order=variant)
+        assert tv(wrong, exact) > 2 * threshold, variant
+        wrong_counts = np.bincount(gen.choice(vocab, size=n, p=wrong), minlength=vocab)
+        assert tv(wrong_counts / n, exact) > threshold, variant
+
+
+def test_greedy_with_logit_bias_and_penalties() -> None:
+    z = np.array([0.5, -2.0, 1.0, -0.5, 3.0, -4.0, 0.0, 2.5], dtype=np.float32)
+    cases = [
+        (SamplingParams(temperature=0.0, logit_bias=((1, 10.0),)), [], 1),  # a bias lifts token 1 to the top
+        (SamplingParams(temperature=0.0, logit_bias=((4, -100.0),)), [], 7),  # -100 bans the argmax
+        (SamplingParams(temperature=0.0, presence_penalty=0.6), [4], 7),  # 3.0 - 0.6 < 2.5
+        (SamplingParams(temperature=0.0, frequency_penalty=0.3), [4], 4),  # 3.0 - 0.3 > 2.5 ...
+        (SamplingParams(temperature=0.0, frequency_penalty=0.3), [4, 4], 7),  # ... 3.0 - 0.6 < 2.5
+    ]
+    for params, output, expected in cases:
+        adjustment = logit_adjustment(params, output_ids=output, vocab_size=8)
+        assert sample(full_step(z, adjustment), params, 0.5, adjustment).token_id == expected
+        assert sample(window_step(z, 4, adjustment=adjustment), params, 0.5, adjustment).token_id == expected
+        # Reported logprobs are those of the unadjusted distribution.
+        got = sample(full_step(z, adjustment), params, 0.5, adjustment)
+        assert got.logprob == pytest.approx(float(z[expected]) - logsumexp(z), abs=1e-9)
+
+
+def test_adjusted_logsumexp_has_no_cancellation() -> None:
+    """A penalised token that held almost all the mass: subtracting its share from the row's
+    log-sum-exp would lose every digit of the rest; the server's masked sum does not."""
+    z = np.full(1000, -30.0, dtype=np.float32)
+    z[7] = 20.0  # p(7) = 1 - 5e-19: exp(lse) - exp(z7) is 0 in float64
+    params = SamplingParams(temperature=1.0, logit_bias=((7, -100.0),))
+    adjustment = logit_adjustment(params, vocab_size=1000)
+    window = window_step(z, 8, adjustment=adjustment)
+    # Every other token is equally likely: the draw u picks token floor(u * 999) of the rest.
+    for u in (0.0, 0.25, 0.5, 0.999):
+        got = sample(full_step(z, adjustment), params, u, adjustment).token_id
+        rest = [i for i in range(1000) if i != 7]
+        assert got == rest[int(u * 999)]
+        assert try_window(window, params, u, adjustment) in (
+            None,
+            sample(full_step(z, adjustment), params, u, adjustment),
+        )
+
+
+def test_logit_adjustment_building() -> None:
+    params = SamplingParams(
+        repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((9, 2.0), (3, -1.0))
+    )
+    got = logit_adjustment(params, prompt_ids=[1, 2], output_ids=[3, 3, 5, 99], banned_ids=[0], vocab_size=50)
+    assert got is not None
+    assert got.ids.tolist() == [0, 1, 2, 3, 5, 9]  # 99 is outside the vocabulary
+    assert got.bias.tolist() == [0, 0, 0, -1.0, 0, 2.0]
+    assert got.counts.tolist() == [0, 0, 0, 2, 1, 0]  # generated tokens only
+    assert got.repeated.tolist() == [False, True, True, True, True, False]
+    assert got.banned.tolist() == [True, False, False, False, False, False]
+    z = np.zeros(6)
+    # bias, then repetition (sign-based), then the penalties, all in raw units (T = 2 here).
+    adjusted = got.apply(z + 1.0, replace_params(params, temperature=2.0))
+    expected_3 = ((1.0 - 1.0 / 2.0) / 1.2) - (0.25 * 2 + 0.5) / 2.0
+    assert adjusted[3] == pytest.approx(expected_3)
+    assert adjusted[0] == -np.inf  # id 0: banned
+    assert adjusted[4] == pytest.approx(1.0 / 1.2 - (0.25 + 0.5) / 2.0)  # id 5: generated once
+    assert adjusted[1] == pytest.approx(1.0 / 1.2)  # id 1: in the prompt, repetition only
+    assert adjusted[5] == pytest.approx(1.0 + 2.0 / 2.0)  # id 9: biased only

@@ -43,6 +43,7 @@ class ScriptedBackend:
         self.wanted_logits: list[bool] = []
         self.max_live = 0
         self.refused_full = 0
+        self.answer_extras = False  # answer EXTRA_IDS (a model exported with them) or ignore them
 
     async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
         batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
@@ -89,10 +90,19 @@ class ScriptedBackend:
         ids = (top[:, None] + np.arange(window)[None, :]) % VOCAB
         lse = np.full(n, float(window) + 1.0, dtype=np.float32)
         logits = None
-        if want_logits:
-            logits = np.full((n, VOCAB), -30.0, dtype=np.float32)
-            logits[np.arange(n)[:, None], ids] = values
-        return StepOutput(status, values, ids, lse, logits)
+        row = np.full((n, VOCAB), -30.0, dtype=np.float32)
+        row[np.arange(n)[:, None], ids] = values
+        extra_logits = rest = None
+        if self.answer_extras and batch.extra_ids is not None:
+            named = np.maximum(batch.extra_ids, 0)
+            extra_logits = np.where(batch.extra_ids >= 0, np.take_along_axis(row, named, axis=1), 0.0)
+            masked = row.astype(np.float64)
+            for i in range(n):
+                masked[i, batch.extra_ids[i][batch.extra_ids[i] >= 0]] = -np.inf
+            top = masked.max(axis=1, keepdims=True)
+            rest = (top[:, 0] + np.log(np.exp(masked - top).sum(axis=1))).astype(np.float32)
+        logits = row if want_logits else None
+        return StepOutput(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
 
 
 def scheduler(backend: ScriptedBackend, **kwargs: object) -> Scheduler:
@@ -418,3 +428,33 @@ async def test_rows_carry_their_generations_request_ids() -> None:
     first = backend.batches[0]
     by_id = dict(zip(first.sequence_ids.tolist(), first.request_ids, strict=True))
     assert by_id == {named.sequence_id: "req-a", anonymous.sequence_id: ""}
+
+
+async def test_adjusted_sequences_name_their_ids_and_need_no_full_rows() -> None:
+    """A repetition penalty and min_tokens: every step names the row's adjusted ids (prompt and
+    generated tokens; end-of-text and stop ids while under min_tokens), and with their logits
+    returned no step asks for full rows."""
+    backend = ScriptedBackend(capacity=4)
+    backend.answer_extras = True
+    sched = scheduler(backend)
+    sched.start()
+    penalty = SamplingParams(temperature=0.8, repetition_penalty=1.3)
+    seq = sched.submit([1, 2, 3], penalty, 4, seed=7, min_tokens=2, stop_token_ids=[42])
+    plain = sched.submit([5], GREEDY, 4, seed=None)
+    events = await drain(seq.events)  # type: ignore[arg-type]
+    await drain(plain.events)  # type: ignore[arg-type]
+    await sched.close()
+    tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == 4 and isinstance(events[-1], FinishEvent)
+    assert not any(backend.wanted_logits)
+    named = []
+    for batch in backend.batches:
+        rows = np.flatnonzero(batch.sequence_ids == seq.sequence_id)
+        if rows.size and batch.lengths[rows[0]]:
+            assert batch.extra_ids is not None
+            named.append([int(t) for t in batch.extra_ids[rows[0]] if t >= 0])
+    assert len(named) == 4  # the start row and three decode rows
+    for step, ids in enumerate(named):
+        seen = {1, 2, 3, *tokens[:step]}
+        banned = {EOS, 42} if step < 2 else set()
+        assert ids == sorted(seen | banned)

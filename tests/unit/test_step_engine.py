@@ -111,3 +111,42 @@ def test_prompt_logprobs_equal_transformers_log_softmax(version_dir: Path, tiny_
     assert not res.prompt_logprobs[2].any()  # the row that did not ask
     # The prompts were prefilled as usual: their sequences decode on.
     assert (eng.step([request([(1, [3], False, False), (2, [3], False, False)])])[0].status == RowStatus.OK).all()
+
+
+def test_extra_ids_return_their_logits_and_the_rest_of_the_rows_logsumexp(version_dir: Path) -> None:
+    """EXTRA_IDS (the gateway's penalised / biased ids): their scaled logits, and the log-sum-exp
+    of the row without them, on start, decode and fetch rows; padding (-1) and rows without ids
+    get zeros and the whole row's log-sum-exp; an id beyond the vocabulary refuses its row."""
+    import dataclasses
+
+    import torch
+
+    eng = engine(version_dir)
+    vocab = eng.meta.vocab_size
+
+    def check(req: StepRequest, extra: np.ndarray) -> None:
+        req = dataclasses.replace(req, extra_ids=extra, want_logits=True)
+        res = eng.step([req])[0]
+        assert not isinstance(res, Exception)
+        assert res.logits is not None and res.extra_logits is not None and res.rest_logsumexp is not None
+        for i in range(extra.shape[0]):
+            row = torch.tensor(res.logits[i], dtype=torch.float64)
+            ids = [int(t) for t in extra[i] if t >= 0]
+            got = res.extra_logits[i]
+            assert got[: len(ids)].tolist() == pytest.approx(res.logits[i][ids].tolist(), abs=0)
+            assert not got[len(ids) :].any()  # padding
+            rest = row.clone()
+            rest[ids] = float("-inf")
+            assert float(res.rest_logsumexp[i]) == pytest.approx(float(torch.logsumexp(rest, 0)), abs=1e-4)
+            if not ids:
+                assert res.rest_logsumexp[i] == res.logsumexp[i]
+
+    start = request([(1, [5, 6, 7], True, False), (2, [8, 9], True, False)])
+    check(start, np.array([[7, 3, 5, -1], [-1, -1, -1, -1]], dtype=np.int64))
+    decode = request([(1, [11], False, False), (2, [12], False, False)])
+    check(decode, np.array([[0, vocab - 1, 4, 4], [12, -1, -1, -1]], dtype=np.int64))  # a repeated id is harmless
+    fetch = request([(1, [], False, False)])
+    check(fetch, np.array([[1, 2]], dtype=np.int64))
+    bad = dataclasses.replace(request([(2, [13], False, False)]), extra_ids=np.array([[vocab]], dtype=np.int64))
+    res = eng.step([bad])[0]
+    assert not isinstance(res, Exception) and res.status[0] == RowStatus.INVALID

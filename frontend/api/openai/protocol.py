@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from frontend import errors
+from frontend.api.sampling_fields import FrequencyPenalty, LogitBias, PresencePenalty, logit_bias_pairs
 from frontend.api.text_fields import NonEmptyText, Text
 from frontend.generation.params import GenerationParams
 
@@ -44,10 +45,9 @@ class SamplingRequest(BaseModel):
         None, gt=0, description="seconds this completion may take (capped by the server's maximum); then 504"
     )
     user: Text | None = Field(None, max_length=256)
-    # Accepted for compatibility; only their neutral values are supported (check_supported).
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: PresencePenalty | None = 0.0
+    frequency_penalty: FrequencyPenalty | None = 0.0
+    logit_bias: LogitBias = None
     # vLLM's sampling extensions.
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -71,13 +71,6 @@ class SamplingRequest(BaseModel):
 
     def check_supported(self) -> None:
         """Fields the schema accepts but this server does not implement (400 that names them)."""
-        if self.presence_penalty or self.frequency_penalty:
-            raise errors.InvalidRequest(
-                "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-                param="presence_penalty" if self.presence_penalty else "frequency_penalty",
-            )
-        if self.logit_bias:
-            raise errors.InvalidRequest("logit_bias is not supported", param="logit_bias")
 
     def _generation_params(self, *, max_new_tokens: int, logprobs: int, timeout_s: float | None) -> GenerationParams:
         return GenerationParams(
@@ -87,6 +80,9 @@ class SamplingRequest(BaseModel):
             top_k=max(0, self.top_k),
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=logit_bias_pairs(self.logit_bias),
             stop=tuple(self.stop_list()),
             seed=self.seed,
             logprobs=logprobs,
@@ -116,8 +112,6 @@ class CompletionRequest(SamplingRequest):
             raise errors.InvalidRequest("suffix is not supported", param="suffix")
         if self.max_tokens == 0 and not self.echo:
             raise errors.InvalidRequest("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
-        if self.echo and self.logprobs is not None and self.stream:
-            raise errors.InvalidRequest("echo with logprobs is not supported with stream", param="echo")
 
     def to_generation_params(self, *, timeout_s: float | None = None) -> GenerationParams:
         """`timeout_s`: the X-Request-Timeout header's, used when the body sets no `timeout`."""

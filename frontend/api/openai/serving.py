@@ -1,15 +1,16 @@
 """Legacy completions (`/v1/completions`) and the model list: the work behind the HTTP routes.
 
 Also what the chat serving shares with it: the request checks, and the SSE framing of OpenAI
-streams (a failure mid-stream is the last data event, then `[DONE]`)."""
+streams (`chunk_events`; a failure mid-stream is the last data event, then `[DONE]`)."""
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -18,7 +19,14 @@ from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai import protocol as oai
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
-from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
+from frontend.generation.service import (
+    Completion,
+    GenerationRequest,
+    GenerationService,
+    PromptLogprobs,
+    StreamItem,
+    TextChunk,
+)
 from frontend.settings import Settings
 
 
@@ -44,6 +52,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> oai.Usage:
     return oai.Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )
+
+
+C = TypeVar("C")  # the choice model of a stream's chunks
+
+
+async def chunk_events(
+    merged: AsyncIterator[tuple[int, StreamItem]],
+    *,
+    n: int,
+    include_usage: bool,
+    envelope: Callable[[list[C], oai.Usage | None], dict[str, Any]],
+    choices: Callable[[int, StreamItem], Iterable[C]],
+    opening: Iterable[C] = (),
+) -> AsyncIterator[ServerSentEvent]:
+    """The frame of every OpenAI stream (completions and chat): one chunk per choice object,
+    `opening`'s first, then those `choices(index, item)` makes of each item of the merged choice
+    streams, in arrival order; with `include_usage` (`stream_options`) `"usage": null` in each of
+    them and a last chunk with no choices and the usage (each prompt counted once: the `n` choices
+    of a prompt share it); then `[DONE]`. `envelope(choices, usage)` makes a chunk's JSON object,
+    with the nulls its endpoint leaves out. A failure raises out of here, for `openai_sse` to send
+    as the last event; closing this cancels the choices still running."""
+
+    def event(chunk_choices: list[C], usage_: oai.Usage | None = None) -> ServerSentEvent:
+        data = envelope(chunk_choices, usage_)
+        if include_usage and usage_ is None:
+            data["usage"] = None
+        return ServerSentEvent(sse_json(data))
+
+    prompt_tokens = completion_tokens = 0
+    async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
+        for choice in opening:
+            yield event([choice])
+        async for index, item in merged:
+            if isinstance(item, Completion):
+                if index % n == 0:  # a prompt shared by n choices counts once
+                    prompt_tokens += item.prompt_tokens
+                completion_tokens += item.completion_tokens
+            for choice in choices(index, item):
+                yield event([choice])
+    if include_usage:
+        yield event([], usage(prompt_tokens, completion_tokens))
+    yield ServerSentEvent("[DONE]")
 
 
 # ------------------------------------------------------------------------------------ models
@@ -118,23 +168,27 @@ def completion_logprobs(
     return oai.LogProbs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets), offset
 
 
-def echo_logprobs(service: GenerationService, prompt_ids: Sequence[int], result: Completion) -> oai.LogProbs:
+def echo_logprobs(
+    service: GenerationService, prompt_ids: Sequence[int], result: Completion | PromptLogprobs
+) -> oai.LogProbs:
     """OpenAI's logprobs of the echoed prompt: its tokens from offset 0, the first without a
     logprob (nothing precedes it), the others with the logprob the model gives them after the
     tokens before (computed by the step model during the prefill) and their top alternatives."""
     decode = service.tokenizer.decode
-    assert result.prompt_logprobs is not None and result.prompt_top_logprobs is not None
+    if isinstance(result, PromptLogprobs):
+        values, top_logprobs = result.logprobs, result.top_logprobs
+    else:
+        assert result.prompt_logprobs is not None and result.prompt_top_logprobs is not None
+        values, top_logprobs = result.prompt_logprobs, result.prompt_top_logprobs
     tokens = [decode([t]) for t in prompt_ids]
     offsets, at = [], 0
     for token in tokens:
         offsets.append(at)
         at += len(token)
     tops: list[dict[str, float] | None] = [
-        {decode([t]): lp for t, lp in top} if i else None for i, top in enumerate(result.prompt_top_logprobs)
+        {decode([t]): lp for t, lp in top} if i else None for i, top in enumerate(top_logprobs)
     ]
-    return oai.LogProbs(
-        tokens=tokens, token_logprobs=list(result.prompt_logprobs), top_logprobs=tops, text_offset=offsets
-    )
+    return oai.LogProbs(tokens=tokens, token_logprobs=list(values), top_logprobs=tops, text_offset=offsets)
 
 
 async def create_completion(
@@ -180,41 +234,76 @@ async def create_completion(
     )
 
 
-async def _completion_events(
+def _completion_events(
     body: oai.CompletionRequest,
     service: GenerationService,
     plan: list[PlannedChoice],
-    merged: AsyncIterator[tuple[int, TextChunk | Completion]],
+    merged: AsyncIterator[tuple[int, StreamItem]],
     completion_id: str,
     created: int,
 ) -> AsyncIterator[ServerSentEvent]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     model = service.model_name
 
-    def chunk(choices: list[oai.Choice], usage_: oai.Usage | None = None) -> ServerSentEvent:
+    def envelope(choices: list[oai.Choice], usage_: oai.Usage | None) -> dict[str, Any]:
+        # Every null left out, but with include_usage every field there (null or not).
         body_ = oai.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage_)
-        data = body_.model_dump(exclude_none=not include_usage)
-        if include_usage and usage_ is None:
-            data["usage"] = None
-        return ServerSentEvent(sse_json(data))
+        return body_.model_dump(exclude_none=not include_usage)
 
-    echoes = {c.index: c.echo for c in plan}
-    offsets = {c.index: len(c.echo) for c in plan}
-    prompt_tokens = completion_tokens = 0
-    async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
-        async for index, item in merged:
-            prefix = echoes.pop(index, "")  # the prompt, before the choice's first text
-            if isinstance(item, TextChunk):
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs, offsets[index] = completion_logprobs(service, [item], offsets[index])
-                yield chunk([oai.Choice(text=prefix + item.text, index=index, logprobs=logprobs)])
-            else:
-                if index % body.n == 0:
-                    prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
-                finish = item.finish_reason
-                yield chunk([oai.Choice(text=prefix, index=index, finish_reason=finish)])  # type: ignore[arg-type]
-    if include_usage:
-        yield chunk([], usage(prompt_tokens, completion_tokens))
-    yield ServerSentEvent("[DONE]")
+    choices = {c.index: _StreamedChoice(service, c, body) for c in plan}
+    return chunk_events(
+        merged,
+        n=body.n,
+        include_usage=include_usage,
+        envelope=envelope,
+        choices=lambda index, item: choices[index].chunks(item),
+    )
+
+
+class _StreamedChoice:
+    """One streamed completion choice: its items as the choices of its chunks.
+
+    With `echo`, the first chunk opens with the prompt's text, and with `logprobs` too its logprobs
+    open with the prompt's (vLLM's order: the prompt, then the first token's); the text offsets of
+    the generated tokens continue after the prompt's text, as in the response that is not streamed.
+    With echo and logprobs, the choice's chunks wait for the prompt's logprobs (`PromptLogprobs`,
+    which the service yields before the first token)."""
+
+    def __init__(self, service: GenerationService, planned: PlannedChoice, body: oai.CompletionRequest) -> None:
+        self._service = service
+        self._planned = planned
+        self._prefix = planned.echo  # sent before the choice's first text
+        self._offset = len(planned.echo)  # the text offset of the next token
+        self._logprobs = body.logprobs is not None
+        self._held: list[TextChunk] | None = [] if body.echo and self._logprobs else None
+        self._prompt_logprobs: oai.LogProbs | None = None  # sent in the choice's first chunk
+
+    def chunks(self, item: StreamItem) -> list[oai.Choice]:
+        if isinstance(item, PromptLogprobs):
+            self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
+            held, self._held = self._held or [], None
+            return [self._text(chunk) for chunk in held]
+        if isinstance(item, TextChunk):
+            if self._held is not None:
+                self._held.append(item)
+                return []
+            return [self._text(item)]
+        out = []
+        if self._held is not None:
+            self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
+            out = [self._text(chunk) for chunk in self._held]
+            self._held = None
+        prefix, self._prefix = self._prefix, ""
+        logprobs, self._prompt_logprobs = self._prompt_logprobs, None  # max_tokens 0: the prompt's alone
+        finish = item.finish_reason
+        out.append(oai.Choice(text=prefix, index=self._planned.index, logprobs=logprobs, finish_reason=finish))  # type: ignore[arg-type]
+        return out
+
+    def _text(self, chunk: TextChunk) -> oai.Choice:
+        prefix, self._prefix = self._prefix, ""
+        logprobs = None
+        if self._logprobs:
+            logprobs, self._offset = completion_logprobs(self._service, [chunk], self._offset)
+            if self._prompt_logprobs is not None:
+                logprobs, self._prompt_logprobs = self._prompt_logprobs + logprobs, None
+        return oai.Choice(text=prefix + chunk.text, index=self._planned.index, logprobs=logprobs)

@@ -7,16 +7,15 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai.chat import protocol as chat
-from frontend.api.openai.serving import check_request, openai_sse, usage
-from frontend.api.streaming import sse_json
+from frontend.api.openai.serving import check_request, chunk_events, openai_sse, usage
 from frontend.generation.params import FieldNames
-from frontend.generation.service import Completion, GenerationRequest, GenerationService, TextChunk
+from frontend.generation.service import Completion, GenerationRequest, GenerationService, StreamItem, TextChunk
 from frontend.settings import Settings
 
 # What OpenAI reports for a token the model gives no probability (JSON has no -Infinity).
@@ -93,41 +92,33 @@ async def create_chat_completion(
     )
 
 
-async def _chat_events(
+def _chat_events(
     body: chat.ChatCompletionRequest,
     service: GenerationService,
     n: int,
-    merged: AsyncIterator[tuple[int, TextChunk | Completion]],
+    merged: AsyncIterator[tuple[int, StreamItem]],
     completion_id: str,
     created: int,
 ) -> AsyncIterator[ServerSentEvent]:
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     model = service.model_name
 
-    def chunk(choices: list[chat.ChatChunkChoice], usage_: chat.Usage | None = None) -> ServerSentEvent:
-        data = chat.ChatCompletionChunk(
-            id=completion_id, created=created, model=model, choices=choices, usage=usage_
-        ).model_dump(exclude_none=True)
-        if include_usage and usage_ is None:
-            data["usage"] = None
-        return ServerSentEvent(sse_json(data))
+    def envelope(choices: list[chat.ChatChunkChoice], usage_: chat.Usage | None) -> dict[str, Any]:
+        # Every null left out, include_usage or not (its `"usage": null` is chunk_events' own).
+        body_ = chat.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage_)
+        return body_.model_dump(exclude_none=True)
+
+    def choices(index: int, item: StreamItem) -> list[chat.ChatChunkChoice]:
+        if isinstance(item, Completion):
+            finish = item.finish_reason
+            return [chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)]  # type: ignore[arg-type]
+        if not isinstance(item, TextChunk):
+            return []  # a chat never asks the prompt's logprobs
+        logprobs = chat_logprobs(service, [item]) if body.logprobs and item.token_id is not None else None
+        if not item.text and logprobs is None:
+            return []
+        return [chat.ChatChunkChoice(index=index, delta=chat.Delta(content=item.text), logprobs=logprobs)]
 
     # Every choice opens with the assistant's role (OpenAI's first chunk), once one has started.
-    for index in range(n):
-        yield chunk([chat.ChatChunkChoice(index=index, delta=chat.Delta(role="assistant", content=""))])
-    prompt_tokens = completion_tokens = 0
-    async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
-        async for index, item in merged:
-            if isinstance(item, TextChunk):
-                logprobs = chat_logprobs(service, [item]) if body.logprobs and item.token_id is not None else None
-                if item.text or logprobs is not None:
-                    delta = chat.Delta(content=item.text)
-                    yield chunk([chat.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
-            else:
-                prompt_tokens = item.prompt_tokens
-                completion_tokens += item.completion_tokens
-                finish = item.finish_reason
-                yield chunk([chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)])  # type: ignore[arg-type]
-    if include_usage:
-        yield chunk([], usage(prompt_tokens, completion_tokens))
-    yield ServerSentEvent("[DONE]")
+    opening = [chat.ChatChunkChoice(index=index, delta=chat.Delta(role="assistant", content="")) for index in range(n)]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return chunk_events(merged, n=n, include_usage=include_usage, envelope=envelope, choices=choices, opening=opening)
