@@ -160,7 +160,7 @@ if wanted tests; then
     tests/integration/test_triton_model.py --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
   run_stage tests_gateway_seeded 240 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
-    tests/integration/test_gateway.py -k "seeded or two_gateways" --junitxml "$R/tests/gateway_seeded.xml" &
+    tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
   BG2=$!
 fi
 
