@@ -83,9 +83,11 @@ def serve_workers(
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the gateway did not become ready:\n" + log.read_text()
         try:
-            # Every worker ready, not just the one that answered: ten fresh connections in a row
-            # (the kernel spreads them over the workers; a worker still starting answers 503).
-            if all(httpx.get(f"{url}/health/ready", timeout=2).status_code == 200 for _ in range(10)):
+            # Every worker ready, not just the one that answered: each logs when its engine core
+            # answered (a worker that does not accept yet gets no probe, so probes alone cannot tell),
+            # then ready probes pass (the core's model server is up).
+            started = log.read_text(errors="replace").count(": engine core at ")
+            if started >= workers and httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
