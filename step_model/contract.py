@@ -21,7 +21,8 @@ and answers, per row:
 
   STATUS      int32  [N,1]  RowStatus: OK, or why this row alone was refused (nothing changed
                             for a refused row; the others ran)
-  TOPK_LOGITS fp32   [N,K]  the K largest temperature-scaled logits, descending
+  TOPK_LOGITS fp32   [N,K]  the K largest temperature-scaled logits, descending (a row with
+                            EXTRA_IDS: the K largest among the other tokens)
   TOPK_IDS    int64  [N,K]  their token ids
   LOGSUMEXP   fp32   [N,1]  log-sum-exp of the whole scaled row
   LOGITS      fp32   [N,V]  the whole scaled row; only when the caller requests this output

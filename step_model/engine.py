@@ -629,9 +629,11 @@ class StepEngine:
 
     # ----------------------------------------------------------------------------- answers
     def _extra_logits(self, req: StepRequest, slots: np.ndarray, res: StepResult, answered: np.ndarray) -> None:
-        """The logits of each row's EXTRA_IDS and the log-sum-exp of the rest of its row (the
-        caller adjusts those ids itself: penalties, logit_bias). The rest is summed with the ids
-        masked to -inf, so it carries no cancellation however much mass the ids held."""
+        """The logits of each row's EXTRA_IDS, the log-sum-exp of the rest of its row, and the
+        row's window taken over the rest (the caller adjusts those ids itself: penalties,
+        logit_bias). The rest is summed with the ids masked to -inf, so it carries no cancellation
+        however much mass the ids held; and the window keeps K entries however many of the ids
+        would have filled it (a penalised favourite drops out of the adjusted row's top K)."""
         assert req.extra_ids is not None
         extra = req.extra_ids.astype(np.int64, copy=False)
         n, e = extra.shape
@@ -647,9 +649,13 @@ class StepEngine:
         index = torch.from_numpy(np.where(valid[rows], mine, first[:, None])).to(self.device)
         stored = self._stored_logits(slots[rows])
         values = stored.gather(1, index).cpu().numpy()
-        rest = torch.logsumexp(stored.scatter(1, index, float("-inf")), dim=-1).cpu().numpy()
+        masked = stored.scatter(1, index, float("-inf"))
+        rest = torch.logsumexp(masked, dim=-1).cpu().numpy()
+        top_values, top_ids = torch.topk(masked, res.topk_logits.shape[1], dim=-1)
         res.extra_logits[rows] = np.where(valid[rows], values, 0.0)
         res.rest_logsumexp[rows] = rest
+        res.topk_logits[rows] = top_values.cpu().numpy()
+        res.topk_ids[rows] = top_ids.cpu().numpy()
 
     def _finish(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], now: float) -> None:
         """Answer fetch rows from the stored logits, attach full rows when asked, free END rows."""

@@ -257,32 +257,43 @@ def sample(
     order = np.lexsort((ids, -logits))
     z = logits[order].astype(np.float64)
     sorted_ids = ids[order].astype(np.int64)
-    n_trusted = _trusted_count(z)
-    if params.logprobs > n_trusted:
-        raise NeedFullRow("logprobs")
-    top = tuple((int(sorted_ids[i]), float(z[i] - lse)) for i in range(params.logprobs))
     if adjustment is None:
+        n_trusted = _trusted_count(z)
+        if params.logprobs > n_trusted:
+            raise NeedFullRow("logprobs")
         idx = _select(z, lse, params, u, n_trusted, complete=False)
+        top = tuple((int(sorted_ids[i]), float(z[i] - lse)) for i in range(params.logprobs))
         return Sampled(int(sorted_ids[idx]), float(z[idx] - lse), top)
     if step.extra_logits is None or step.rest_logsumexp is None:
         raise NeedFullRow(adjustment.reason)
+    # The server's window covers the tokens not adjusted (or all of them, from a server that does
+    # not leave the adjusted ids out): merged with the adjusted ids' own values it is a window of
+    # the adjusted row, and merged with their raw values one of the raw row (reported logprobs).
     extra = np.asarray(step.extra_logits)[: adjustment.size].astype(np.float64)
+    raw, raw_ids, raw_trusted = _merge_window(z, sorted_ids, adjustment.ids, extra)
+    if params.logprobs > raw_trusted:
+        raise NeedFullRow("logprobs")
     adjusted = adjustment.apply(extra, params)
     merged, merged_ids, trusted = _merge_window(z, sorted_ids, adjustment.ids, adjusted)
-    if not merged.size:
+    if not merged.size:  # an unmasked window made only of adjusted ids, all pushed below its edge
         raise NeedFullRow("tie_at_window_edge")
     j = _select(merged, _adjusted_logsumexp(float(step.rest_logsumexp), adjusted), params, u, trusted, complete=False)
     token = int(merged_ids[j])
-    at = int(np.searchsorted(adjustment.ids, token))
-    if at < adjustment.size and int(adjustment.ids[at]) == token:
-        raw = float(extra[at])
-    else:  # not adjusted, so it is a window entry
-        raw = float(z[int(np.flatnonzero(sorted_ids == token)[0])])
-    return Sampled(token, raw - lse, top)
+    top = tuple((int(raw_ids[i]), float(raw[i] - lse)) for i in range(params.logprobs))
+    return Sampled(token, _raw_logit(token, adjustment.ids, extra, sorted_ids, z) - lse, top)
+
+
+def _raw_logit(token: int, adjusted_ids: _I64, extra: _F64, window_ids: _I64, window: _F64) -> float:
+    """The unadjusted logit of a token of the merged window: an adjusted id's own, or its window entry's."""
+    at = int(np.searchsorted(adjusted_ids, token))
+    if at < adjusted_ids.shape[0] and int(adjusted_ids[at]) == token:
+        return float(extra[at])
+    return float(window[int(np.flatnonzero(window_ids == token)[0])])
 
 
 def _merge_window(z: _F64, ids: _I64, adjusted_ids: _I64, adjusted: _F64) -> tuple[_F64, _I64, int]:
-    """The adjusted row's window: (values, ids, trusted count), in stable descending order.
+    """A window of the row whose ``adjusted_ids`` take the values ``adjusted`` (their adjusted or
+    their raw logits): (values, ids, trusted count), in stable descending order.
 
     Every token outside window and adjustment keeps its logit, which is <= the window's smallest
     ``w``. So the entries (window entries not adjusted, plus adjusted ids) whose value is > ``w``
@@ -291,7 +302,8 @@ def _merge_window(z: _F64, ids: _I64, adjusted_ids: _I64, adjusted: _F64) -> tup
     Prefix sums over the result then equal the adjusted full row's, as for a server window.
     """
     w = z[-1]
-    keep = ~np.isin(ids, adjusted_ids)
+    at = np.minimum(np.searchsorted(adjusted_ids, ids), max(adjusted_ids.shape[0] - 1, 0))
+    keep = adjusted_ids[at] != ids if adjusted_ids.shape[0] else np.ones(ids.shape[0], dtype=bool)
     values = np.concatenate((z[keep], adjusted))
     names = np.concatenate((ids[keep], adjusted_ids))
     usable = values >= w

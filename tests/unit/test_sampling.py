@@ -67,11 +67,23 @@ def server_extras(z: F32, adjustment: LogitAdjustment | None) -> tuple[F32 | Non
 
 
 def window_step(
-    z: F32, k: int, rng: np.random.Generator | None = None, adjustment: LogitAdjustment | None = None
+    z: F32,
+    k: int,
+    rng: np.random.Generator | None = None,
+    adjustment: LogitAdjustment | None = None,
+    *,
+    masked: bool = False,
 ) -> StepLogits:
-    ids = server_topk(z, k, rng)
-    extra, rest = server_extras(z, adjustment)
-    return StepLogits(z[ids], ids, logsumexp(z), None, extra, rest)
+    """A server window; `masked`: taken over the tokens not adjusted, as the step model does for a
+    row with EXTRA_IDS (else over all of them, which the sampler also handles)."""
+    if masked and adjustment is not None:
+        rest = z.copy()
+        rest[adjustment.ids] = -np.inf
+        ids = server_topk(rest, k, rng)
+    else:
+        ids = server_topk(z, k, rng)
+    extra, rest_lse = server_extras(z, adjustment)
+    return StepLogits(z[ids], ids, logsumexp(z), None, extra, rest_lse)
 
 
 def full_step(z: F32, adjustment: LogitAdjustment | None = None) -> StepLogits:
@@ -743,10 +755,12 @@ ADJUSTED_CASES: dict[str, tuple[SamplingParams, list[int], list[int], tuple[str,
 }
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["window_of_the_rest", "window_of_all"])
 @pytest.mark.parametrize("name", list(ADJUSTED_CASES))
-def test_adjusted_distribution_is_exact(hf: Any, name: str) -> None:
+def test_adjusted_distribution_is_exact(hf: Any, name: str, masked: bool) -> None:
     """The gateway protocol (window + the adjusted ids' logits, full row on NeedFullRow) samples
-    exactly the reference distribution; wrong formulas fail the same checks."""
+    exactly the reference distribution, whether the server's window leaves the adjusted ids out
+    (the step model does) or not; wrong formulas fail the same checks."""
     params, prompt, output, wrong_variants = ADJUSTED_CASES[name]
     raw = ADJ_ROW
     vocab = raw.shape[0]
@@ -754,7 +768,8 @@ def test_adjusted_distribution_is_exact(hf: Any, name: str) -> None:
     z = scaled(raw, params.temperature)
     adjustment = logit_adjustment(params, prompt_ids=prompt, output_ids=output, vocab_size=vocab)
     assert adjustment is not None
-    window = window_step(z, window_size(params, default_window=32, vocab_size=vocab), adjustment=adjustment)
+    k = window_size(params, default_window=32, vocab_size=vocab)
+    window = window_step(z, k, adjustment=adjustment, masked=masked)
     full = full_step(z, adjustment)
     by_window = 0
 
@@ -843,3 +858,23 @@ def test_logit_adjustment_building() -> None:
     assert adjusted[4] == pytest.approx(1.0 / 1.2 - (0.25 + 0.5) / 2.0)  # id 5: generated once
     assert adjusted[1] == pytest.approx(1.0 / 1.2)  # id 1: in the prompt, repetition only
     assert adjusted[5] == pytest.approx(1.0 + 2.0 / 2.0)  # id 9: biased only
+
+
+def test_reported_logprobs_are_the_unadjusted_rows_with_a_window_of_the_rest() -> None:
+    """With the step model's window of the tokens not adjusted, the reported alternatives still
+    come from the raw row: the adjusted ids' own (raw) logits are merged back in."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        z = scaled(peaky_row(rng, 300), 0.9)
+        order = np.argsort(-z, kind="stable")
+        params = SamplingParams(
+            temperature=0.9, top_k=20, logprobs=4, presence_penalty=1.0, logit_bias=((int(order[1]), -100.0),)
+        )
+        adjustment = logit_adjustment(params, output_ids=order[:3].tolist(), vocab_size=300)
+        assert adjustment is not None
+        full = sample(full_step(z, adjustment), params, 0.4, adjustment)
+        got = try_window(window_step(z, 30, adjustment=adjustment, masked=True), params, 0.4, adjustment)
+        assert got is not None
+        assert got == full
+        assert [i for i, _ in got.top_logprobs] == order[:4].tolist()
+        assert got.logprob == pytest.approx(float(z[got.token_id]) - logsumexp(z), abs=1e-9)

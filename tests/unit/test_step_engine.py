@@ -140,6 +140,10 @@ def test_extra_ids_return_their_logits_and_the_rest_of_the_rows_logsumexp(versio
             assert float(res.rest_logsumexp[i]) == pytest.approx(float(torch.logsumexp(rest, 0)), abs=1e-4)
             if not ids:
                 assert res.rest_logsumexp[i] == res.logsumexp[i]
+            # The window covers the other tokens: the K largest once the ids are masked.
+            k = res.topk_ids.shape[1]
+            assert not set(res.topk_ids[i].tolist()) & set(ids)
+            assert res.topk_logits[i].tolist() == pytest.approx(torch.topk(rest, k).values.tolist(), abs=1e-6)
 
     start = request([(1, [5, 6, 7], True, False), (2, [8, 9], True, False)])
     check(start, np.array([[7, 3, 5, -1], [-1, -1, -1, -1]], dtype=np.int64))
