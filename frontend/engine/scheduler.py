@@ -45,14 +45,15 @@ from frontend.engine.triton_client import (
     UpstreamUnavailable,
 )
 from frontend.sampling import (
+    AdjustmentTracker,
     BatchParams,
     LogitAdjustment,
     NeedFullRow,
     Sampled,
     SamplingParams,
     StepLogits,
-    logit_adjustment,
     sample,
+    sample_adjusted_batch,
     sample_window_batch,
     window_size,
 )
@@ -109,10 +110,9 @@ class ActiveSequence:
     max_new_tokens: int
     rng_key: int  # the sequence's stream of uniforms (frontend.sampling.uniform)
     window: int
-    # Its logits are adjusted (logit_bias, penalties, min_tokens): each step names the adjusted ids
-    # to the server for their logits (EXTRA_IDS), or, from a server without that output, asks for
-    # full rows (`full_rows`).
-    adjusted: bool
+    # Its logits are adjusted (logit_bias, penalties, min_tokens) when `adjuster` is set: each step
+    # names the adjusted ids to the server for their logits (EXTRA_IDS), or, from a server without
+    # that output, asks for full rows (`full_rows`).
     full_rows: bool
     submitted_at: float
     sequence_id: int = field(default_factory=lambda: secrets.randbits(63))
@@ -134,6 +134,7 @@ class ActiveSequence:
     parked_by: Exception | None = None
     request_id: str = ""  # the HTTP request's id (X-Request-Id): sent with the sequence's rows
     prompt_logprobs: int = -1  # >= 0: send the prompt's logprobs with this many alternatives first
+    adjuster: AdjustmentTracker | None = None  # the adjustment of its next token, kept up to date
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -305,7 +306,6 @@ class Scheduler:
             max_new_tokens=max_new_tokens,
             rng_key=sequence_key(seed, secrets.randbits(64)),
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
-            adjusted=adjusted,
             full_rows=adjusted and not self.extra_logits,
             submitted_at=time.monotonic(),
             ignore_eos=ignore_eos,
@@ -315,6 +315,14 @@ class Scheduler:
             request_id=request_id or "",
             prompt_logprobs=prompt_logprobs,
         )
+        if adjusted:
+            seq.adjuster = AdjustmentTracker(
+                params,
+                seq.prompt_ids,
+                banned_ids=seq.banned,
+                min_tokens=min_tokens,
+                vocab_size=self.vocab_size,
+            )
         if events is not None:
             seq.sink = events
         self._waiting.append(seq)
@@ -421,7 +429,7 @@ class Scheduler:
             allowance = None if allowance is None else allowance - 1
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
-        adjustments = [self._adjustment(s) if s.adjusted else None for s in seqs]
+        adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
         batch = StepBatch.compose(
             decode_ids,
             decode_tokens,
@@ -572,11 +580,30 @@ class Scheduler:
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
-        tokens, logprobs, decided = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.decided.tolist()
-        tops = batch.top_logprobs
+        tokens, logprobs, tops = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.top_logprobs
+        # The batch knows no adjustment: adjusted rows are decided by their own vectorized pass.
+        decided = [d and adjustments[i] is None for d, i in zip(batch.decided.tolist(), rows, strict=True)]
+        adjusted = [j for j, i in enumerate(rows) if adjustments[i] is not None]
+        if adjusted and out.extra_logits is not None and out.rest_logsumexp is not None:
+            at = index[adjusted]
+            rows_adjustments = [a for a in (adjustments[rows[j]] for j in adjusted) if a is not None]
+            ab = sample_adjusted_batch(
+                topk_logits[adjusted],
+                topk_ids[adjusted],
+                out.extra_logits[at],
+                out.rest_logsumexp[at],
+                lse[adjusted],
+                rows_adjustments,
+                [chosen[j].params for j in adjusted],
+                u[adjusted],
+            )
+            for m, j in enumerate(adjusted):
+                if ab.decided[m]:
+                    decided[j] = True
+                    tokens[j], logprobs[j], tops[j] = int(ab.token_ids[m]), float(ab.logprobs[m]), ()
         for j, seq in enumerate(chosen):
             adjustment = adjustments[rows[j]]
-            if decided[j] and adjustment is None:  # the common case (the batch knows no adjustment)
+            if decided[j]:  # the common case
                 seq.needed_full_row = False
                 self._emit_token(seq, tokens[j], logprobs[j], tops[j])
                 continue
@@ -645,16 +672,6 @@ class Scheduler:
         for seq in seqs:
             self._finish(seq, ErrorEvent(exc))
 
-    def _adjustment(self, seq: ActiveSequence) -> LogitAdjustment | None:
-        """The sequence's logit adjustment for its next token (its tokens so far)."""
-        return logit_adjustment(
-            seq.params,
-            prompt_ids=seq.prompt_ids,
-            output_ids=seq.generated,
-            banned_ids=seq.banned if len(seq.generated) < seq.min_tokens else (),
-            vocab_size=self.vocab_size,
-        )
-
     def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
         self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
 
@@ -662,6 +679,8 @@ class Scheduler:
         self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
     ) -> None:
         seq.generated.append(token_id)
+        if seq.adjuster is not None:
+            seq.adjuster.append(token_id)
         seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
         if (token_id == self.eos_token_id and not seq.ignore_eos) or token_id in seq.stop_ids:
             self._finish(seq, FinishEvent("stop"))

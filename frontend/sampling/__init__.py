@@ -9,7 +9,8 @@ the same ``u``. See :mod:`frontend.sampling.sampler` for the contract.
 undecided go through ``sample``); see :mod:`frontend.sampling.batched`.
 """
 
-from frontend.sampling.adjust import LogitAdjustment, logit_adjustment
+from frontend.sampling.adjust import AdjustmentTracker, LogitAdjustment, logit_adjustment
+from frontend.sampling.adjusted import sample_adjusted_batch
 from frontend.sampling.batched import BatchParams, BatchSampled, sample_window_batch
 from frontend.sampling.sampler import (
     NeedFullRow,
@@ -21,6 +22,7 @@ from frontend.sampling.sampler import (
 )
 
 __all__ = [
+    "AdjustmentTracker",
     "BatchParams",
     "BatchSampled",
     "LogitAdjustment",
@@ -30,6 +32,7 @@ __all__ = [
     "StepLogits",
     "logit_adjustment",
     "sample",
+    "sample_adjusted_batch",
     "sample_window_batch",
     "window_size",
 ]
