@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 MODEL ?= gpt2
 REPOSITORY ?= model_repository
 PORT ?= 8080
+# Plain GPT-2 has no chat template: `make run` serves it with the example one, so chat clients
+# (guidellm's default request type among them) work out of the box; CHAT_TEMPLATE= turns it off.
+CHAT_TEMPLATE ?= $(if $(filter gpt2,$(MODEL)),examples/chat_template.jinja,)
 REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu.txt,requirements-cpu.txt)
 # Without nvidia-smi, torch's CPU build: uv's `--torch-backend cpu` knows where PyTorch publishes
 # it. Where that cannot be reached, pip installs the build its own indexes offer (PyPI's is the
@@ -29,7 +32,8 @@ $(BIN)/.installed: requirements.txt requirements-cpu.txt requirements-gpu.txt re
 setup: $(BIN)/.installed ## create the virtual environment
 
 run: setup ## export a default model if needed, start Triton + the gateway; Ctrl-C stops both
-	$(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
+	GATEWAY_CHAT_TEMPLATE=$${GATEWAY_CHAT_TEMPLATE-$(CHAT_TEMPLATE)} \
+	  $(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
 
 test: setup redis-server prometheus ## the whole suite; real servers are started by fixtures
 	$(BIN)/python -m pytest
