@@ -420,3 +420,20 @@ async def test_openai_stream_submit_upstream_error_does_not_hang(
         raise TimeoutError("no response: the failed choice task never reported to the stream")
     assert r.status_code == 503
     assert_error_envelope(r)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("max_tokens", [0, 1])
+async def test_echo_with_a_prompt_over_the_context(
+    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel, stream: bool, max_tokens: int
+) -> None:
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) with a prompt longer than the
+    context: the one error shape, nothing submitted."""
+    prompt, n = prompt_of_tokens(served_model, MAX_CONTEXT + 1)
+    payload = {**OPENAI, "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": max_tokens, "stream": stream}
+    r = await client.post("/v1/completions", json=payload)
+    assert r.status_code == 400, r.text
+    err = assert_error_envelope(r)
+    assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded")
+    assert f"{n + max_tokens} tokens" in err["message"]
+    assert fake.submitted == []
