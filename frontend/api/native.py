@@ -26,14 +26,8 @@ from frontend.api.native_protocol import (
 from frontend.api.responses import GENERATION_ERRORS, error_responses
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
-from frontend.generation.service import (
-    Completion,
-    GenerationRequest,
-    GenerationService,
-    PromptLogprobs,
-    StreamItem,
-    TextChunk,
-)
+from frontend.generation.service import GenerationService
+from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
 
 router = APIRouter(tags=["native"])
 

@@ -207,7 +207,7 @@ class GatewayMetrics:
         self._kv_usage = self.vllm_kv_usage.labels(model_name)
         self._queue_time = self.vllm_queue_time.labels(model_name)
 
-    # Generation (frontend.generation.service)
+    # Generation (frontend.generation: stream.py and caching.py)
     def cache_lookup(self, hit: bool) -> None:
         self.cache_lookups.labels("hit" if hit else "miss").inc()
 

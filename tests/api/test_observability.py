@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from frontend.app import create_app
 from frontend.cache import MemoryResultCache
-from frontend.generation.service import GenerationRequest
+from frontend.generation.types import GenerationRequest
 from frontend.observability.logs import configure_logging, json_formatter
 from frontend.observability.requests import RequestIdFilter, accept_request_id
 from frontend.observability.tracing import REQUEST_ID_ATTRIBUTE, install_tracing

@@ -19,14 +19,8 @@ from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai import protocol as oai
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
-from frontend.generation.service import (
-    Completion,
-    GenerationRequest,
-    GenerationService,
-    PromptLogprobs,
-    StreamItem,
-    TextChunk,
-)
+from frontend.generation.service import GenerationService
+from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
 from frontend.settings import Settings
 
 

@@ -15,7 +15,8 @@ from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai.chat import protocol as chat
 from frontend.api.openai.serving import check_request, chunk_events, openai_sse, usage
 from frontend.generation.params import FieldNames
-from frontend.generation.service import Completion, GenerationRequest, GenerationService, StreamItem, TextChunk
+from frontend.generation.service import GenerationService
+from frontend.generation.types import Completion, GenerationRequest, StreamItem, TextChunk
 from frontend.settings import Settings
 
 # What OpenAI reports for a token the model gives no probability (JSON has no -Infinity).
