@@ -1,5 +1,6 @@
-"""Load shedding at the door: while the engine's waiting queue is at its cap, a generation request
-gets its 429 (queue_full, Retry-After) before routing, authentication, body parsing and
+"""Load shedding at the door: while the gateway drains, a generation request gets its 503
+(draining); while the engine's waiting queue is at its cap, its 429 (queue_full, Retry-After); both
+before routing, authentication, body parsing and
 tokenization, which it would otherwise pay only to be refused by `Scheduler.submit` anyway.
 
 At 10x overload on the 2-core machine a burst of 144 requests against a full queue was refused
@@ -30,6 +31,15 @@ class AdmissionGateMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+            # A draining gateway refuses at the door too: before authentication, whose backend (the
+            # engine core's limit storage) may already be gone when a whole process group stops.
+            lifecycle = getattr(scope["app"].state, "lifecycle", None)
+            if lifecycle is not None and lifecycle.draining:
+                try:
+                    lifecycle.check()
+                except errors.APIError as err:
+                    await errors.render(err)(scope, receive, send)
+                    return
             service = getattr(scope["app"].state, "service", None)
             if service is not None:
                 _, waiting = service.engine.load()

@@ -253,22 +253,30 @@ class Scheduler:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="step-scheduler")
 
-    async def close(self) -> None:
-        """Stop the loop; running sequences get an error, and their slots are released."""
+    async def close(self, settle_s: float = 2.0) -> None:
+        """Stop the loop; running sequences get an error, and their slots are released.
+
+        The step in flight (if any) is let finish first, up to `settle_s`: its outcome says which
+        sequences the server now holds, and a release sent beside it could share its execution on
+        Triton, where a sequence named twice fails the release request as a whole (a KV slot left
+        until the idle sweep)."""
         self._closed = True
         for seq in [*self._waiting, *self._running]:
             self._finish(seq, ErrorEvent(Overloaded("the gateway is shutting down")))
         self._waiting.clear()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), settle_s)
+            except (TimeoutError, Exception):  # a hung step (frozen server) or a failed loop
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
         if self._releases:
             rows = [Row(sid, [], end=True) for sid in sorted(self._releases)]
             self._releases.clear()
             with contextlib.suppress(StepError):
                 await self.client.step(rows, window=1)
-        self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     def submit(
         self,

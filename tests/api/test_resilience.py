@@ -215,3 +215,17 @@ async def test_breaker_state_is_a_metric(app: FastAPI, client: httpx.AsyncClient
     app.state.metrics.breaker_changed(BreakerState.OPEN)
     text = (await client.get("/metrics")).text
     assert "gateway_circuit_breaker_state 2.0" in text
+
+
+async def test_a_draining_gateway_refuses_generations_at_the_door(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Before routing, authentication and parsing (whose backends may already be gone when a
+    whole process group stops): even a malformed body gets the 503 draining."""
+    app.state.lifecycle.draining = True
+    try:
+        for path in ("/generate", "/generate/stream", "/generate/batch", "/v1/completions", "/v1/chat/completions"):
+            r = await client.post(path, content=b"{not json")
+            assert r.status_code == 503, (path, r.text)
+            assert assert_error_envelope(r)["code"] == "draining"
+            assert r.headers["retry-after"] == "1"
+    finally:
+        app.state.lifecycle.draining = False

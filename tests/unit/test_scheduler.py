@@ -458,3 +458,34 @@ async def test_adjusted_sequences_name_their_ids_and_need_no_full_rows() -> None
         seen = {1, 2, 3, *tokens[:step]}
         banned = {EOS, 42} if step < 2 else set()
         assert ids == sorted(seen | banned)
+
+
+async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
+    """A release sent beside the step in flight could share its Triton execution, where a sequence
+    named twice fails the release request as a whole: close waits for the step, then releases."""
+    backend = ScriptedBackend(capacity=4)
+    backend.delay_s = 0.05
+    calls = {"now": 0, "most": 0}
+    step = backend.step
+
+    async def counted(rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
+        calls["now"] += 1
+        calls["most"] = max(calls["most"], calls["now"])
+        try:
+            return await step(rows, window=window, want_logits=want_logits)
+        finally:
+            calls["now"] -= 1
+
+    backend.step = counted  # type: ignore[method-assign]
+    sched = scheduler(backend)
+    sched.start()
+    seqs = [sched.submit([1, 2], GREEDY, 50, seed=None) for _ in range(3)]
+    while not backend.live:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.02)  # a decode step is in flight now
+    await sched.close()
+    assert calls["most"] == 1  # never two steps at once
+    assert backend.live == set()  # every slot released
+    for seq in seqs:
+        events = await drain(seq.events)  # type: ignore[arg-type]
+        assert isinstance(events[-1], ErrorEvent)
