@@ -171,35 +171,3 @@ def check_stops(settings: Settings, stop: Sequence[str], param: str) -> None:
             raise errors.InvalidRequest(
                 f"a stop sequence has {len(s)} characters; this server accepts at most {longest}", param=param
             )
-
-
-def request_params(
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    stop: Sequence[str],
-    seed: int | None,
-    logprobs: int = 0,
-    prompt_param: str = "prompt",
-    max_tokens_param: str = "max_new_tokens",
-    stop_param: str = "stop",
-    timeout_s: float | None = None,
-) -> tuple[GenerationParams, FieldNames]:
-    """The parameters and field names of `GenerationService.request` (the parameters spelt out)."""
-    params = GenerationParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        stop=tuple(stop),
-        seed=seed,
-        logprobs=logprobs,
-        timeout_s=timeout_s,
-    )
-    return params, FieldNames(prompt=prompt_param, max_new_tokens=max_tokens_param, stop=stop_param)

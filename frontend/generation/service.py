@@ -128,21 +128,19 @@ class GenerationService:
         timeout_s: float | None = None,
     ) -> GenerationRequest:
         """`prepare` with the parameters spelt out (kept for callers outside the API layer)."""
-        params, names = preparation.request_params(
+        params = GenerationParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
-            stop=stop,
+            stop=tuple(stop),
             seed=seed,
             logprobs=logprobs,
-            prompt_param=prompt_param,
-            max_tokens_param=max_tokens_param,
-            stop_param=stop_param,
             timeout_s=timeout_s,
         )
+        names = FieldNames(prompt=prompt_param, max_new_tokens=max_tokens_param, stop=stop_param)
         return self.prepare(prompt_ids, params, names)
 
     # ------------------------------------------------------------------ running
