@@ -206,6 +206,30 @@ def tv_threshold(p: F64, n: int, alpha: float = 1e-6) -> float:
     return 0.5 * float(np.sqrt(p * (1.0 - p) / n).sum()) + math.sqrt(math.log(1 / alpha) / (2 * n))
 
 
+def assert_grid_exact(draw: Callable[[float], int], exact: F64, n_grid: int = 2000) -> None:
+    """A stratified grid of u gives each token a frequency within 1/n of its probability under
+    inverse-CDF sampling."""
+    grid = (np.arange(n_grid) + 0.5) / n_grid
+    freq = np.bincount([draw(float(u)) for u in grid], minlength=exact.shape[0]) / n_grid
+    assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
+
+
+def assert_draws_match(
+    draw: Callable[[float], int], exact: F64, wrong: dict[str, F64], seed: int, n: int = 20000
+) -> None:
+    """Draws with a seeded generator are within the TV bound of `exact`; and (power) each `wrong`
+    distribution is far from it, and draws from it fail the same check."""
+    vocab = exact.shape[0]
+    gen = np.random.default_rng(seed)
+    counts = np.bincount([draw(float(gen.random())) for _ in range(n)], minlength=vocab)
+    threshold = tv_threshold(exact, n)
+    assert tv(counts / n, exact) < threshold
+    for variant, distribution in wrong.items():
+        assert tv(distribution, exact) > 2 * threshold, variant
+        wrong_counts = np.bincount(gen.choice(vocab, size=n, p=distribution), minlength=vocab)
+        assert tv(wrong_counts / n, exact) > threshold, variant
+
+
 # ------------------------------------------------------------------------- API basics
 
 
@@ -558,30 +582,15 @@ def test_distribution_matches_transformers(hf: Any, name: str) -> None:
             return int(got.token_id)
         return sample(full, params, u, adjustment).token_id
 
-    # 1. Exact check: a stratified grid of u gives each token a frequency within 1/n of its
-    #    probability under inverse-CDF sampling.
-    n_grid = 2000
-    grid = (np.arange(n_grid) + 0.5) / n_grid
-    freq = np.bincount([draw(float(u)) for u in grid], minlength=vocab) / n_grid
-    assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
-
-    # 2. Statistical check with the caller's seeded generator.
-    n = 20000
-    gen = np.random.default_rng(99)
-    counts = np.bincount([draw(float(gen.random())) for _ in range(n)], minlength=vocab)
-    threshold = tv_threshold(exact, n)
-    assert tv(counts / n, exact) < threshold
-
-    # 3. Power: the wrong pipelines are far from the exact distribution, and draws from them fail
-    #    the same check.
-    for variant in wrong_variants:
-        if variant.startswith("nucleus"):
-            wrong = nucleus_off_by_one(raw, params, 1 if variant.endswith("+1") else -1)
-        else:
-            wrong = hf_probs(hf, raw, params, seen, order=variant)
-        assert tv(wrong, exact) > 2 * threshold, variant
-        wrong_counts = np.bincount(gen.choice(vocab, size=n, p=wrong), minlength=vocab)
-        assert tv(wrong_counts / n, exact) > threshold, variant
+    assert_grid_exact(draw, exact)
+    # The wrong pipelines: top-p before temperature, a nucleus one token too long or too short.
+    wrong = {
+        variant: nucleus_off_by_one(raw, params, 1 if variant.endswith("+1") else -1)
+        if variant.startswith("nucleus")
+        else hf_probs(hf, raw, params, seen, order=variant)
+        for variant in wrong_variants
+    }
+    assert_draws_match(draw, exact, wrong, seed=99)
 
 
 def test_nucleus_helper_matches_transformers(hf: Any) -> None:
@@ -782,23 +791,10 @@ def test_adjusted_distribution_is_exact(hf: Any, name: str, masked: bool) -> Non
             return int(got.token_id)
         return sample(full, params, u, adjustment).token_id
 
-    n_grid = 2000
-    grid = (np.arange(n_grid) + 0.5) / n_grid
-    freq = np.bincount([draw(float(u)) for u in grid], minlength=vocab) / n_grid
-    assert np.abs(freq - exact).max() <= 1.0 / n_grid + 1e-6
+    assert_grid_exact(draw, exact)
     assert by_window > 0  # the window path took part
-
-    n = 20000
-    gen = np.random.default_rng(7)
-    counts = np.bincount([draw(float(gen.random())) for _ in range(n)], minlength=vocab)
-    threshold = tv_threshold(exact, n)
-    assert tv(counts / n, exact) < threshold
-
-    for variant in wrong_variants:
-        wrong = reference_adjusted_probs(hf, raw, params, prompt, output, order=variant)
-        assert tv(wrong, exact) > 2 * threshold, variant
-        wrong_counts = np.bincount(gen.choice(vocab, size=n, p=wrong), minlength=vocab)
-        assert tv(wrong_counts / n, exact) > threshold, variant
+    wrong = {v: reference_adjusted_probs(hf, raw, params, prompt, output, order=v) for v in wrong_variants}
+    assert_draws_match(draw, exact, wrong, seed=7)
 
 
 def test_greedy_with_logit_bias_and_penalties() -> None:
