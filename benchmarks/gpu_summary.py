@@ -353,6 +353,15 @@ def judge(value: float | None, target: float, higher_is_better: bool) -> str:
     return MET if (value >= target if higher_is_better else value <= target) else MISSED
 
 
+def _report_row(label: str, load: dict[str, Any] | None, detail: str, fetches: float | None) -> Row:
+    """A report-only row of a load run: tok/s and success rate, `detail`, the full-row fetches."""
+    measured = NA
+    if load is not None:
+        measured = f"{f0(num(load, 'tokens_per_s'))} tok/s, {pct(num(load, 'success_rate'))} ok{detail}"
+        measured += f", full-row fetches {f0(fetches)}" if fetches is not None else ""
+    return Row(label, "report only", measured, REPORT if load is not None else NOT_RUN)
+
+
 def _w(workers: int) -> str:
     return f"{workers} worker{'s' if workers != 1 else ''}"
 
@@ -489,36 +498,30 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
     for s in stacks:
         load, plain = s.loads.get("penalty"), s.loads.get("streams")
         c = s.counters.get("penalty")
-        fetches = sum(c.full_row_fetches.values()) if c and c.full_row_fetches else 0 if c else None
-        measured = NA
-        if load is not None:
-            measured = f"{f0(num(load, 'tokens_per_s'))} tok/s, {pct(num(load, 'success_rate'))} ok"
-            ratio = None if plain is None else (num(load, "tokens_per_s") or 0.0) / (num(plain, "tokens_per_s") or 1.0)
-            measured += f", {ratio:.2f}x the same run without penalties" if ratio is not None else ""
-            measured += f", full-row fetches {f0(fetches)}" if fetches is not None else ""
+        ratio = (
+            None
+            if load is None or plain is None
+            else (num(load, "tokens_per_s") or 0.0) / (num(plain, "tokens_per_s") or 1.0)
+        )
         rows.append(
-            Row(
+            _report_row(
                 f"{streams} streams with presence 0.5, frequency 0.5, repetition 1.1 ({_w(s.workers)})",
-                "report only",
-                measured,
-                REPORT if load is not None else NOT_RUN,
+                load,
+                f", {ratio:.2f}x the same run without penalties" if ratio is not None else "",
+                sum(c.full_row_fetches.values()) if c and c.full_row_fetches else 0 if c else None,
             )
         )
     for s in stacks:
         load = s.loads.get("topp")
         c = s.counters.get("topp")
-        fetches = sum(c.full_row_fetches.values()) if c and c.full_row_fetches else None
-        measured = NA
-        if load is not None:
-            measured = f"{f0(num(load, 'tokens_per_s'))} tok/s, {pct(num(load, 'success_rate'))} ok"
-            measured += f", {f0(num(load, 'max_new_tokens'))} new tokens, {f0(num(load, 'max_in_flight'))} streams"
-            measured += f", full-row fetches {f0(fetches)}" if fetches is not None else ""
+        detail = "" if load is None else f", {f0(num(load, 'max_new_tokens'))} new tokens"
+        detail += "" if load is None else f", {f0(num(load, 'max_in_flight'))} streams"
         rows.append(
-            Row(
+            _report_row(
                 f"top-p 0.95 (top-k off), tok/s ({_w(s.workers)})",
-                "report only",
-                measured,
-                REPORT if load is not None else NOT_RUN,
+                load,
+                detail,
+                sum(c.full_row_fetches.values()) if c and c.full_row_fetches else None,
             )
         )
     for label, results in (("plain generate", data.hf_plain), ("static cache + compile", data.hf_static)):
