@@ -163,7 +163,16 @@ def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it_and_
             assert fault_triton.process is not None
             return fault_triton.process.poll() is not None or _ready_status(gateway.url)[0] == 200
 
-        assert wait_for(settled, 10, 0.02), "neither ready again nor crashed within 10 s of SIGCONT"
+        wedged = False
+        if not wait_for(settled, 10, 0.02):
+            # A third way tritonserver 2.51 takes SIGCONT (a fresh-clone run, 2026-12-01): alive but
+            # never ready again. Only Triton's own readiness decides that it is wedged (a gateway that
+            # failed to follow a ready Triton still fails here); a supervisor's liveness probe would
+            # kill it, and the test does, then asserts the same recovery as after a crash.
+            assert not fault_triton.is_ready(), "Triton is ready again but the gateway is not, 10 s after SIGCONT"
+            os.killpg(fault_triton.process.pid, signal.SIGKILL)
+            fault_triton.process.wait(10)
+            wedged = True
         recovery_s = time.monotonic() - resumed
         code = fault_triton.process.poll()
         crashed = code is not None
@@ -173,6 +182,7 @@ def test_a_triton_frozen_mid_stream_opens_the_breaker_and_sigcont_closes_it_and_
             fault_triton.start(120)
             recovery_s = gateway.wait_ready(10)  # from the restarted server's readiness
         what = f"tritonserver crashed after SIGCONT (exit {code}); restarted" if crashed else "it survived SIGCONT"
+        what = "tritonserver hung after SIGCONT (never ready); killed and restarted" if wedged else what
         report(f"frozen Triton: {what}; gateway ready again {recovery_s:.2f} s later")
         assert fault_triton.process is not None and fault_triton.process.poll() is None, fault_triton.log_tail()
         assert recovery_s < 3.0, recovery_s  # the next probe (every 0.5 s, 1 s deadline) closes it
