@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gpt2")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
-    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
-    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT") or 8000))
+    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT") or 8001))
+    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT") or 8002))
     args = p.parse_args(argv)
 
     if not has_version(args.repository, args.model):

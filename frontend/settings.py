@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+    # An empty variable means unset (`make run MODEL=x` passes GATEWAY_CHAT_TEMPLATE= empty: read
+    # as the path "." it crashed the start with "Is a directory").
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     environment: str = Field("development", description="development | production")
     host: str = "127.0.0.1"

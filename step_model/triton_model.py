@@ -66,7 +66,7 @@ def _output(name: str, array: np.ndarray) -> Any:
 
 def _setting(params: dict[str, str], key: str, default: str) -> str:
     """Config parameter, overridable per deployment by the environment (GPT2_<KEY>)."""
-    return os.environ.get(f"GPT2_{key.upper()}", params.get(key, default))
+    return os.environ.get(f"GPT2_{key.upper()}") or params.get(key, default)  # empty means unset
 
 
 class TritonPythonModel:

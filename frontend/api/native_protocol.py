@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from frontend.api.sampling_fields import FrequencyPenalty, LogitBias, PresencePenalty, logit_bias_pairs
+from frontend.api.sampling_fields import (
+    FrequencyPenalty,
+    LogitBias,
+    NativeTemperature,
+    PresencePenalty,
+    RepetitionPenalty,
+    logit_bias_pairs,
+)
 from frontend.api.text_fields import Text
 from frontend.generation.params import GenerationParams
 
@@ -14,11 +21,11 @@ class GenerateRequest(BaseModel):
 
     prompt: Text = Field(min_length=1, description="the text to continue (any Unicode)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
+    temperature: NativeTemperature = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: RepetitionPenalty = 1.0
     presence_penalty: PresencePenalty = 0.0
     frequency_penalty: FrequencyPenalty = 0.0
     logit_bias: LogitBias = None

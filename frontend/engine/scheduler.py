@@ -71,6 +71,11 @@ class QueueFull(Overloaded):
     """The waiting queue is at its cap: refused at once (429 with Retry-After)."""
 
 
+class SamplingFailed(Exception):
+    """This generation's own numbers could not be sampled (its parameters made its row non-finite,
+    say): it fails alone and leaves the step; the other rows go on."""
+
+
 class TokenEvent(NamedTuple):
     """One generated token (a NamedTuple: one is made per token, ~4x cheaper than a dataclass)."""
 
@@ -236,6 +241,7 @@ class Scheduler:
         # After a start row was refused for a full cache: how many new sequences the next step
         # may offer (the slots freed since), so a full cache is not asked again and again.
         self._start_allowance: int | None = None
+        self._stepping: list[ActiveSequence] = []  # the sequences of the step under way
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -363,8 +369,9 @@ class Scheduler:
                 continue
             try:
                 progressed = await self._step()
-            except Exception:  # the loop must survive anything; the sequences in it got errors
-                log.exception("step loop iteration failed")
+            except Exception as err:  # the loop must survive anything, and never retry it forever:
+                log.exception("step loop iteration failed")  # what the step held fails, nothing else
+                self._fail_stepping(err)
                 progressed = False
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
@@ -451,10 +458,23 @@ class Scheduler:
         )
         return seqs, batch, adjustments
 
+    def _fail_stepping(self, err: Exception) -> None:
+        """An iteration failed outside the per-row paths: fail the generations it held (else the
+        next iteration fails the same way, and no generation on the gateway progresses)."""
+        failed = RuntimeError(f"internal error while stepping this generation ({type(err).__name__})")
+        for seq in self._stepping:
+            if seq.on_server:
+                self._releases.add(seq.sequence_id)
+                seq.on_server = False
+            self._finish(seq, ErrorEvent(failed))
+        self._stepping = []
+
     async def _step(self) -> bool:
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
+        self._stepping = list(self._running)  # until the plan names the step's own
         seqs, rows, adjustments = self._plan()
+        self._stepping = seqs
         if not len(rows):
             return False
         released = len(self._releases)
@@ -497,6 +517,7 @@ class Scheduler:
         fetch = self._sample_rows(seqs, sampling, out, adjustments)
         if fetch:
             await self._fetch_full_rows(fetch)
+        self._stepping = []
         return progressed
 
     def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepOutput) -> list[int]:
@@ -576,9 +597,33 @@ class Scheduler:
         out: StepOutput,
         adjustments: list[LogitAdjustment | None],
     ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
-        """Sample the given rows of a step; returns the rows that need their full logits row."""
+        """Sample the given rows of a step; returns the rows that need their full logits row.
+
+        A row whose numbers cannot be sampled fails alone: when a vectorized pass raises, the rows
+        are sampled one by one and only the one that raises again fails."""
         if not rows:
             return []
+        try:
+            return self._sample_batch(seqs, rows, out, adjustments)
+        except Exception as err:
+            if len(rows) > 1:
+                return [f for i in rows for f in self._sample_rows(seqs, [i], out, adjustments)]
+            self._fail_row(seqs[rows[0]], err)
+            return []
+
+    def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:
+        log.warning("generation %s failed in sampling: %s: %s", seq.request_id or "-", type(err).__name__, err)
+        self._finish(seq, ErrorEvent(SamplingFailed(f"this generation's logits could not be sampled ({err})")))
+
+    def _sample_batch(
+        self,
+        seqs: list[ActiveSequence],
+        rows: list[int],
+        out: StepOutput,
+        adjustments: list[LogitAdjustment | None],
+    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
+        """`_sample_rows` without the isolation: the vectorized passes may raise (before any row
+        is emitted); a row that fails after them fails alone."""
         index = np.asarray(rows, dtype=np.int64)
         chosen = [seqs[i] for i in rows]
         # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
@@ -628,8 +673,16 @@ class Scheduler:
                 if out.logits is None:
                     fetch.append((seq, float(u[j]), step, adjustment))
                     continue
-                full = replace(step, full_logits=out.logits[index[j]])
-                picked = sample(full, seq.params, float(u[j]), adjustment)  # the same draw
+                try:
+                    picked = sample(
+                        replace(step, full_logits=out.logits[index[j]]), seq.params, float(u[j]), adjustment
+                    )
+                except Exception as err:
+                    self._fail_row(seq, err)
+                    continue
+            except Exception as err:  # this row alone: rows before it were emitted already
+                self._fail_row(seq, err)
+                continue
             self._emit(seq, picked)
         return fetch
 
@@ -651,7 +704,12 @@ class Scheduler:
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
                 continue
             # The same numbers for the adjusted ids as the window had (the step's extra logits).
-            self._emit(seq, sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment))
+            try:
+                picked = sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment)
+            except Exception as err:
+                self._fail_row(seq, err)
+                continue
+            self._emit(seq, picked)
 
     def _park(self, seq: ActiveSequence, error: Exception) -> None:
         """The server lost `seq` (or may have): release its id, and start it again under a new one."""

@@ -21,6 +21,7 @@ from frontend.engine.scheduler import (
     Overloaded,
     PromptLogprobsEvent,
     QueueFull,
+    SamplingFailed,
     TokenEvent,
 )
 from frontend.engine.triton_client import StepError, StepRejected
@@ -175,4 +176,6 @@ def api_error(err: Exception) -> errors.APIError:
         return errors.UpstreamUnavailable(str(err), retry_after_s=max(1.0, getattr(err, "retry_after_s", 1.0)))
     if isinstance(err, StepRejected):
         return errors.UpstreamError(str(err))
+    if isinstance(err, SamplingFailed):  # the request's own parameters: it alone failed
+        return errors.InvalidRequest(str(err), code="sampling_failed")
     return errors.APIError("internal error during generation")

@@ -47,6 +47,9 @@ NATIVE_CASES = [
     ("top_k -1", _with(NATIVE, top_k=-1), "top_k"),
     ("min_p 1.5", _with(NATIVE, min_p=1.5), "min_p"),
     ("repetition_penalty 0", _with(NATIVE, repetition_penalty=0), "repetition_penalty"),
+    # 1e-300 overflowed float32 in the sampler (issue 17); under 0.01 a penalty only overflows.
+    ("repetition_penalty 1e-300", _with(NATIVE, repetition_penalty=1e-300), "repetition_penalty"),
+    ("repetition_penalty 0.009", _with(NATIVE, repetition_penalty=0.009), "repetition_penalty"),
     ("logit_bias 200", _with(NATIVE, logit_bias={"5": 200}), "logit_bias"),
     ("logit_bias id beyond the vocabulary", _with(NATIVE, logit_bias={"512": 1}), "logit_bias"),
     ("max_new_tokens 0", _with(NATIVE, max_new_tokens=0), "max_new_tokens"),
@@ -125,6 +128,12 @@ BATCH_CASES = [
     ),
     ("item extra field", {"requests": [_with(NATIVE, foo=1)]}, "requests[0].foo", None),
     (
+        "item repetition_penalty 1e-300",
+        {"requests": [NATIVE, _with(NATIVE, repetition_penalty=1e-300)]},
+        "requests[1].repetition_penalty",
+        None,
+    ),
+    (
         "item over the server limit",
         {"requests": [NATIVE, _with(NATIVE, max_new_tokens=49)]},
         "requests[1].max_new_tokens",
@@ -191,6 +200,7 @@ OPENAI_CASES = [
     ("extra field", _with(OPENAI, max_new_tokens=4), 400, "max_new_tokens", None),
     ("stream wrong type", _with(OPENAI, stream="maybe"), 400, "stream", None),
     ("top_k extension -2", _with(OPENAI, top_k=-2), 400, "top_k", None),  # -1 is vLLM's "off"
+    ("repetition_penalty 1e-300", _with(OPENAI, repetition_penalty=1e-300), 400, "repetition_penalty", None),
 ]
 
 
@@ -437,3 +447,16 @@ async def test_echo_with_a_prompt_over_the_context(
     assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded")
     assert f"{n + max_tokens} tokens" in err["message"]
     assert fake.submitted == []
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 9e-6])
+async def test_a_temperature_too_small_for_float32_is_greedy(
+    client: httpx.AsyncClient, fake: FakeEngine, temperature: float
+) -> None:
+    """The server divides fp32 logits by the temperature: 1e-300 is 0 in fp32, 1e-40 makes them
+    infinite. Below 1e-5 a temperature is greedy (vLLM's rule), on every route."""
+    r = await client.post("/generate", json=_with(NATIVE, temperature=temperature))
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json=_with(OPENAI, prompt="Other words", temperature=temperature))
+    assert r.status_code == 200, r.text  # (another prompt: greedy results are cached)
+    assert [h.params.temperature for h in fake.submitted] == [0.0, 0.0]

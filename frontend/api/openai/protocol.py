@@ -10,7 +10,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from frontend import errors
-from frontend.api.sampling_fields import FrequencyPenalty, LogitBias, PresencePenalty, logit_bias_pairs
+from frontend.api.sampling_fields import (
+    FrequencyPenalty,
+    LogitBias,
+    OpenAITemperature,
+    PresencePenalty,
+    RepetitionPenalty,
+    logit_bias_pairs,
+)
 from frontend.api.text_fields import NonEmptyText, Text
 from frontend.generation.params import GenerationParams
 
@@ -34,7 +41,7 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    temperature: OpenAITemperature = 1.0
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -51,7 +58,7 @@ class SamplingRequest(BaseModel):
     # vLLM's sampling extensions.
     top_k: int = Field(0, ge=-1, description="keep the k most likely tokens; 0 or -1 = off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: RepetitionPenalty = 1.0
     ignore_eos: bool = Field(False, description="keep generating after the end-of-text token")
     min_tokens: int = Field(0, ge=0, description="tokens to generate before eos, stop_token_ids or stop may end it")
     stop_token_ids: list[TokenId] | None = Field(None, description="token ids that end the generation (finish stop)")
