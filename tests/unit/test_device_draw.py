@@ -1,0 +1,96 @@
+"""The step model's device draw (`step_model.draw`) against the gateway's own full-row sampler.
+
+For the same row, settings and uniform the device draw must pick the very token the gateway's
+`frontend.sampling.sample` picks from the full row (which the statistical tests in
+test_sampling.py hold to transformers' warpers), including ties at every cut (fp16-rounded
+logits tie often), top-k wider than any window, top-p with and without top-k, min-p, and no
+truncation at all. And the rows `needs_draw` leaves to the gateway must be decidable from their
+window, so that no step falls back to fetching a full row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from frontend.sampling import NeedFullRow, SamplingParams, StepLogits, sample
+from step_model.draw import draw_rows, needs_draw
+
+pytestmark = pytest.mark.unit
+
+VOCAB, WINDOW = 2000, 64
+
+SETTINGS = [
+    SamplingParams(temperature=0.7, top_p=0.9),  # the seed's own request
+    SamplingParams(temperature=1.0, top_p=0.5),
+    SamplingParams(temperature=1.0, top_p=0.999),
+    SamplingParams(temperature=1.0, top_k=500),  # wider than the window
+    SamplingParams(temperature=1.0, top_k=500, top_p=0.8),
+    SamplingParams(temperature=1.0, top_k=10, top_p=0.8),  # cut inside the window
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=1.0, min_p=0.5, top_p=0.95),
+    SamplingParams(temperature=1.0),  # no truncation
+]
+
+
+def _rows(rng: np.random.Generator, n: int, *, spread: float, fp16: bool) -> np.ndarray:
+    z = rng.normal(0.0, spread, size=(n, VOCAB))
+    if fp16:  # the GPU graph's logits: many exact ties
+        z = z.astype(np.float16)
+    return z.astype(np.float32)
+
+
+def _lse(z: np.ndarray) -> np.ndarray:
+    return torch.logsumexp(torch.from_numpy(z), dim=1).numpy()
+
+
+def _columns(params: SamplingParams, u: np.ndarray) -> np.ndarray:
+    n = u.shape[0]
+    return np.column_stack((u, np.full(n, params.top_p), np.full(n, float(params.top_k)), np.full(n, params.min_p)))
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=lambda p: f"p{p.top_p}-k{p.top_k}-m{p.min_p}")
+@pytest.mark.parametrize(
+    ("spread", "fp16"), [(1.0, True), (4.0, True), (1.0, False)], ids=["flat16", "peaked16", "flat32"]
+)
+def test_the_device_draw_picks_the_gateways_full_row_token(params: SamplingParams, spread: float, fp16: bool) -> None:
+    rng = np.random.default_rng(int(spread * 10) + fp16)
+    z = _rows(rng, 48, spread=spread, fp16=fp16)
+    lse = _lse(z)
+    u = rng.random(48)
+    u[:4] = [0.0, 1.0 - 2**-53, 0.5, 1e-12]  # the ends of [0, 1)
+    tokens, logits = draw_rows(torch.from_numpy(z), torch.from_numpy(lse), torch.from_numpy(_columns(params, u)))
+    for i in range(z.shape[0]):
+        want = sample(
+            StepLogits(np.zeros(1, np.float32), np.zeros(1, np.int64), float(lse[i]), full_logits=z[i]),
+            params,
+            float(u[i]),
+        )
+        assert int(tokens[i]) == want.token_id, f"row {i} u={u[i]!r}"
+        assert float(logits[i]) - float(lse[i]) == want.logprob
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=lambda p: f"p{p.top_p}-k{p.top_k}-m{p.min_p}")
+@pytest.mark.parametrize("spread", [0.5, 3.0, 8.0])
+def test_rows_left_to_the_gateway_are_decided_by_their_window(params: SamplingParams, spread: float) -> None:
+    """No row that needs_draw leaves undrawn makes the gateway fetch its full row, except a tie at
+    the window's edge (fp32 rows here: no ties)."""
+    rng = np.random.default_rng(int(spread * 7))
+    z = _rows(rng, 64, spread=spread, fp16=False)
+    lse = _lse(z)
+    values, ids = torch.topk(torch.from_numpy(z), WINDOW, dim=1)
+    u = rng.random(64)
+    drawn = needs_draw(_columns(params, u), values.numpy(), lse)
+    for i in np.flatnonzero(~drawn):
+        try:
+            sample(StepLogits(values[i].numpy(), ids[i].numpy(), float(lse[i])), params, float(u[i]))
+        except NeedFullRow as why:
+            pytest.fail(f"row {i} (spread {spread}) left undrawn needs its full row: {why.reason}")
+
+
+def test_rows_not_asked_are_never_drawn() -> None:
+    z = _rows(np.random.default_rng(3), 4, spread=1.0, fp16=False)
+    values, _ = torch.topk(torch.from_numpy(z), WINDOW, dim=1)
+    columns = _columns(SamplingParams(top_p=0.5), np.full(4, -1.0))
+    assert not needs_draw(columns, values.numpy(), _lse(z)).any()
