@@ -21,7 +21,9 @@ import step_model
 from step_model import contract
 
 STEP_MODEL_DIR = Path(step_model.__file__).parent
-STEP_MODEL_FILES = ("__init__.py", "contract.py", "rows.py", "ort_runtime.py", "engine.py")  # what runs inside Triton
+# What runs inside Triton: the whole package (a module list here fell behind once), the entry
+# module itself excepted (it is written as the version's model.py).
+STEP_MODEL_FILES = tuple(sorted(p.name for p in STEP_MODEL_DIR.glob("*.py") if p.name != "triton_model.py"))
 
 
 class RepositoryError(ValueError):

@@ -16,6 +16,9 @@ A step request carries N rows (the batch dimension), one per sequence:
   TEMPERATURE fp32   [N,1]  logits are divided by it (1.0 for greedy)
   EXTRA_IDS   int64  [N,E]  optional: per row, token ids whose logits the caller adjusts itself
                             (penalties, logit_bias, banned ids), padded with -1
+  DRAW        fp64   [N,4]  optional: per row (u, top_p, top_k, min_p): the caller's uniform and
+                            cuts, for a draw on the device when the window cannot hold the cut
+                            (step_model/draw.py); u < 0: not asked
 
 and answers, per row:
 
@@ -27,6 +30,9 @@ and answers, per row:
   LOGSUMEXP   fp32   [N,1]  log-sum-exp of the whole scaled row
   LOGITS      fp32   [N,V]  the whole scaled row; only when the caller requests this output
   EXTRA_LOGITS fp32  [N,E]  with EXTRA_IDS: the scaled logits of those ids (0 at padding)
+  DRAWN_IDS   int64  [N,1]  with DRAW: the token drawn on the device from the whole row, exactly as
+                            the caller's own full-row sampler would; -1 where not drawn
+  DRAWN_LOGITS fp32  [N,1]  its scaled logit (logprob = it - LOGSUMEXP)
   REST_LOGSUMEXP fp32 [N,1] with EXTRA_IDS: log-sum-exp of the scaled row WITHOUT those ids (computed
                             by masking them, not by subtraction: no cancellation), so the caller
                             can renormalise a row whose EXTRA_IDS logits it changed exactly
@@ -48,6 +54,7 @@ START: Final = "START"
 END: Final = "END"
 TEMPERATURE: Final = "TEMPERATURE"
 EXTRA_IDS: Final = "EXTRA_IDS"
+DRAW: Final = "DRAW"
 
 STATUS: Final = "STATUS"
 TOPK_LOGITS: Final = "TOPK_LOGITS"
@@ -56,6 +63,8 @@ LOGSUMEXP: Final = "LOGSUMEXP"
 LOGITS: Final = "LOGITS"
 EXTRA_LOGITS: Final = "EXTRA_LOGITS"
 REST_LOGSUMEXP: Final = "REST_LOGSUMEXP"
+DRAWN_IDS: Final = "DRAWN_IDS"
+DRAWN_LOGITS: Final = "DRAWN_LOGITS"
 # Prompt logprobs (OpenAI's `echo` with `logprobs`), for start rows that ask (PARAM_PROMPT_LOGPROBS):
 # [N, T]: position t holds log p(token t | tokens < t) of the row's prompt, unscaled (temperature
 # 1); position 0 and positions past the prompt hold 0. [N, T, K]: the K most likely tokens there.
@@ -72,8 +81,9 @@ INPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     END: ("BOOL", [1]),
     TEMPERATURE: ("FP32", [1]),
     EXTRA_IDS: ("INT64", [-1]),
+    DRAW: ("FP64", [4]),
 }
-OPTIONAL_INPUTS: Final = frozenset({EXTRA_IDS})
+OPTIONAL_INPUTS: Final = frozenset({EXTRA_IDS, DRAW})
 OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     STATUS: ("INT32", [1]),
     TOPK_LOGITS: ("FP32", [-1]),
@@ -82,6 +92,8 @@ OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     LOGITS: ("FP32", [-1]),
     EXTRA_LOGITS: ("FP32", [-1]),
     REST_LOGSUMEXP: ("FP32", [1]),
+    DRAWN_IDS: ("INT64", [1]),
+    DRAWN_LOGITS: ("FP32", [1]),
     PROMPT_LOGPROBS: ("FP32", [-1]),
     PROMPT_TOP_IDS: ("INT64", [-1, -1]),
     PROMPT_TOP_LOGPROBS: ("FP32", [-1, -1]),
@@ -89,6 +101,8 @@ OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
 PROMPT_OUTPUTS: Final = (PROMPT_LOGPROBS, PROMPT_TOP_IDS, PROMPT_TOP_LOGPROBS)
 # Outputs of a step that carries EXTRA_IDS.
 EXTRA_OUTPUTS: Final = (EXTRA_LOGITS, REST_LOGSUMEXP)
+# Outputs of a step that carries DRAW.
+DRAW_OUTPUTS: Final = (DRAWN_IDS, DRAWN_LOGITS)
 # Outputs every step asks for; LOGITS only when full rows are needed.
 STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
 

@@ -25,11 +25,9 @@ Host work per step is array operations over the rows, independent of their numbe
 loop over rows); inputs and outputs live in per-bucket device buffers, outputs come back through
 pinned host memory with one stream synchronisation per run.
 
-CUDA graphs (GPU, `cuda_graphs=True`): a second session with ONNX Runtime's `enable_cuda_graph`
-replays one captured graph per decode bucket (`gpu_graph_id`), all bindings at fixed addresses.
-GroupQueryAttention's `total_sequence_length` and TopK's K are host inputs read at capture time,
-so graph runs pass the pool's full context (each row's own length comes from `seqlens_k`) and a
-fixed window (`graph_window`); a step that needs a wider window runs eagerly.
+Decode runs (buffers, IOBindings, CUDA graphs per bucket) are `step_model.decode`'s; per-row
+outputs beyond the window (EXTRA_IDS' logits, DRAW's device draws, prompt logprobs) are
+`step_model.row_outputs`'.
 
 Thread safety: `step` and the idle sweep may run on different threads; `_lock` guards the table.
 """
@@ -41,7 +39,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from itertools import repeat
@@ -49,20 +46,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from step_model import contract
 from step_model.contract import RowStatus
+from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.ort_runtime import (
     DecodeBuffers,
     available_device,
     bind_kv,
     bind_tensor,
-    env_var,
     make_session,
-    pruned_to_logits,
 )
+from step_model.row_outputs import fill_draws, fill_extra_logits, fill_prompt_logprobs, rows_to_draw
 from step_model.rows import EngineError, InvalidRequest, StepRequest, StepResult, check_shapes, row_status
 
 # The engine's public surface (request types and errors live in step_model.rows).
@@ -78,10 +74,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Decode buckets on the GPU: a step over b live slots runs the smallest bucket >= b.
-_GPU_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
-_CACHED_BINDINGS = 32  # eager decode bindings kept per session (CPU: one per distinct b)
 
 
 @dataclass
@@ -99,6 +91,7 @@ class EngineStats:
     idle_evicted_total: int = 0
     ended_total: int = 0
     graph_replays_total: int = 0
+    drawn_rows_total: int = 0  # rows drawn on the device (DRAW), their window short of their cut
 
 
 @dataclass(frozen=True)
@@ -125,6 +118,23 @@ class ModelMeta:
             dtype=data[contract.META_DTYPE],
             eos_token_id=data[contract.META_EOS_TOKEN_ID],
         )
+
+
+def _prompt_feeds(
+    input_ids: np.ndarray, lengths: np.ndarray, *, gather_index: np.ndarray, temperature: np.ndarray, window: int
+) -> dict[str, np.ndarray]:
+    """The graph's inputs for an eager pass over right-padded prompts [b, s] (GroupQueryAttention's
+    first-prompt mode: total_sequence_length == s); logits come out at `gather_index`."""
+    b, s = input_ids.shape
+    return {
+        "input_ids": input_ids,
+        "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+        "seqlens_k": (lengths - 1).astype(np.int32),
+        "total_sequence_length": np.array(s, dtype=np.int32),
+        "gather_index": gather_index,
+        "temperature": temperature,
+        "window": np.array([window], dtype=np.int64),
+    }
 
 
 class StepEngine:
@@ -163,34 +173,14 @@ class StepEngine:
             torch.cuda.set_device(self.device)
             self._stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self._stream)
-        # Top-K and log-sum-exp of decode runs: torch's kernels on the GPU (ONNX Runtime's TopK
-        # and reductions were the slowest kernels of a 512-row step), the graph's own on the CPU.
-        # Decode sessions then run a copy of the graph pruned to `logits` and the KV outputs.
-        self.torch_tail = self.device_kind == "cuda" if torch_tail is None else torch_tail
-        pruned: Path | bytes = pruned_to_logits(model_path) if self.torch_tail else model_path
-        self.session = self._make_session(model_path, strict_device, threads, graphs=False)
-        self._decode_session = (
-            self._make_session(pruned, strict_device, threads, graphs=False) if self.torch_tail else self.session
+        self.session = make_session(
+            model_path,
+            device_kind=self.device_kind,
+            device_id=device_id,
+            cuda_stream=self._stream.cuda_stream if self._stream is not None else None,
+            strict_device=strict_device,
+            threads=threads,
         )
-        self.cuda_graphs = cuda_graphs and self.device_kind == "cuda"
-        self.graph_window = max(1, min(graph_window, meta.vocab_size))
-        # Attention kernel by batch size (measured on the H200, 2026-11-30): ONNX Runtime's XQA
-        # decode kernel is faster up to ~64 rows, its cuDNN flash path beyond (0.76 vs 2.3 ms of
-        # attention per 512-row step). The choice is read when a session is created.
-        self.xqa_max_rows = xqa_max_rows
-        self._graphed: Any = None  # buckets <= xqa_max_rows
-        self._graphed_large: Any = None  # larger buckets
-        if self.cuda_graphs:
-            try:
-                # Small buckets: the full graph (its own top-K tail was faster than torch's up
-                # to 64 rows) with XQA; large buckets: the pruned graph, torch's tail, cuDNN.
-                with env_var("ORT_ENABLE_XQA", "1"):
-                    self._graphed = self._make_session(model_path, True, threads, graphs=True)
-                with env_var("ORT_ENABLE_XQA", "0"):
-                    self._graphed_large = self._make_session(pruned, True, threads, graphs=True)
-            except Exception as err:  # e.g. a node that cannot be captured: serve eagerly instead
-                log.warning("CUDA graphs disabled, the graph session failed: %s", err)
-                self.cuda_graphs = False
         shape = (meta.n_layer, 2, capacity, meta.n_head, meta.max_context, meta.head_dim)
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # Last step's logits per slot, so a caller whose top-K window fell short can fetch the row.
@@ -201,53 +191,60 @@ class StepEngine:
         self._last_used = np.zeros(capacity, dtype=np.float64)
         self._sequence_of = np.zeros(capacity, dtype=np.uint64)
         self._free_slots = list(range(capacity))  # a heap: lowest slot first keeps b small
-        self._buckets = self._bucket_sizes()
-        self._eager: OrderedDict[int, DecodeBuffers] = OrderedDict()
-        self._graphs: dict[int, DecodeBuffers] = {}
+        setup = DecodeSetup(
+            self.device,
+            self.device_kind,
+            device_id,
+            self.pool,
+            meta.vocab_size,
+            meta.max_context,
+            meta.n_layer,
+            self._stream,
+        )
+        self.decoder = DecodeRunner(
+            setup,
+            model_path,
+            session=self.session,
+            strict_device=strict_device,
+            threads=threads,
+            cuda_graphs=cuda_graphs,
+            graph_window=graph_window,
+            # Top-K and log-sum-exp of decode runs by torch on the GPU, the graph's own on the CPU.
+            torch_tail=self.device_kind == "cuda" if torch_tail is None else torch_tail,
+            xqa_max_rows=xqa_max_rows,
+            on_evict=lambda evicted: self._save_rows(evicted, np.flatnonzero(self._home == evicted.key)),
+        )
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the
         # row did not step (a bystander of another caller's step) or evicted, or when fetched.
         self._home = np.full(capacity, -1, dtype=np.int64)
-        self._buffers: dict[int, DecodeBuffers] = {}
         self._lock = threading.Lock()
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
     # ----------------------------------------------------------------------------- set-up
-    def _make_session(self, model: Path | bytes, strict_device: bool, threads: int, *, graphs: bool) -> Any:
-        stream = self._stream.cuda_stream if self._stream is not None else None
-        return make_session(
-            model,
-            device_kind=self.device_kind,
-            device_id=self._device_id,
-            cuda_stream=stream,
-            strict_device=strict_device,
-            threads=threads,
-            cuda_graphs=graphs,
-        )
-
-    def _bucket_sizes(self) -> tuple[int, ...]:
-        if self.device_kind != "cuda":
-            return ()  # CPU: run exactly the slots in use, padding rows cost real compute there
-        return tuple(sorted({b for b in _GPU_BUCKETS if b < self.capacity} | {self.capacity}))
-
     def warm_up(self) -> None:
         """Capture every decode bucket's CUDA graph now instead of at its first use."""
-        if not self.cuda_graphs:
+        decoder = self.decoder
+        if not decoder.cuda_graphs:
             return
         with self._lock, self._on_stream():
             try:
-                for b in self._buckets:
-                    decode = self._graph_decode(b)
+                for b in decoder.buckets:
+                    decode = decoder.graph_buffers(b)
                     while decode.runs < 3:  # ORT runs a graph eagerly before it captures it
-                        self._fill_decode(decode, np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
-                        self._run_decode_binding(decode, graphed=True)
+                        decoder.fill(decode, self._length, np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+                        decoder.run(decode, graphed=True)
             except Exception as err:
                 log.warning("CUDA graphs disabled, capture failed: %s", err)
-                self.cuda_graphs, self._graphs, self._graphed, self._graphed_large = False, {}, None, None
+                decoder.disable_graphs()
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.decoder.cuda_graphs
 
     # ----------------------------------------------------------------------------- state
     def live_sequences(self) -> int:
@@ -347,18 +344,14 @@ class StepEngine:
             at += rows.size
         input_ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
         new_slots = np.array([heapq.heappop(self._free_slots) for _ in range(b)], dtype=np.int64)
-        scratch = torch.empty(
-            (self.meta.n_layer, 2, b, self.meta.n_head, s, self.meta.head_dim), dtype=self.dtype, device=self.device
+        scratch = self._scratch_kv(b, s)
+        feeds = _prompt_feeds(
+            input_ids,
+            lengths,
+            gather_index=np.arange(b, dtype=np.int64) * s + lengths - 1,  # each row's last position
+            temperature=np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32),
+            window=window,
         )
-        feeds = {
-            "input_ids": input_ids,
-            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-            "seqlens_k": (lengths - 1).astype(np.int32),
-            "total_sequence_length": np.array(s, dtype=np.int32),  # == S: GQA's first-prompt mode
-            "gather_index": np.arange(b, dtype=np.int64) * s + lengths - 1,
-            "temperature": np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32),
-            "window": np.array([window], dtype=np.int64),
-        }
         logits, topk_logits, topk_ids, lse = self._run_eager(feeds, scratch, b)
         index = torch.from_numpy(new_slots).to(self.device)
         # Copy the prompts' keys/values into their slots (positions past a row's length are
@@ -404,28 +397,21 @@ class StepEngine:
             b, s = int(rows.size), int(lengths.max())
             ids = req.input_ids[rows, :s].astype(np.int64).copy()
             ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
-            scratch = torch.empty(
-                (self.meta.n_layer, 2, b, self.meta.n_head, s, self.meta.head_dim), dtype=self.dtype, device=self.device
+            feeds = _prompt_feeds(
+                ids,
+                lengths,
+                gather_index=np.arange(b * s, dtype=np.int64),  # every position of every row
+                temperature=np.ones(b * s, dtype=np.float32),
+                window=k,
             )
-            feeds: dict[str, np.ndarray] = {
-                "input_ids": ids,
-                "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-                "seqlens_k": (lengths - 1).astype(np.int32),
-                "total_sequence_length": np.array(s, dtype=np.int32),
-                "gather_index": np.arange(b * s, dtype=np.int64),  # every position of every row
-                "temperature": np.ones(b * s, dtype=np.float32),
-                "window": np.array([k], dtype=np.int64),
-            }
-            logits, top_values, top_ids, lse = self._run_eager(feeds, scratch, b * s)
-            # Position t predicts token t + 1: log p(ids[t + 1] | ids[: t + 1]) = logit - logsumexp.
-            nxt = torch.from_numpy(np.concatenate([ids[:, 1:], np.zeros((b, 1), dtype=np.int64)], axis=1))
-            picked = logits.view(b, s, -1).gather(2, nxt.to(self.device).view(b, s, 1)).view(b, s).cpu().numpy()
-            lse2 = lse.reshape(b, s)
-            valid = np.arange(1, s)[None, :] < lengths[:, None]  # [b, s - 1]: positions 1..len-1
-            res.prompt_logprobs[rows, 1:s] = np.where(valid, picked[:, :-1] - lse2[:, :-1], 0.0)
-            tops = (top_values.reshape(b, s, k) - lse2[:, :, None])[:, :-1]
-            res.prompt_top_logprobs[rows, 1:s] = np.where(valid[:, :, None], tops, 0.0)
-            res.prompt_top_ids[rows, 1:s] = np.where(valid[:, :, None], top_ids.reshape(b, s, k)[:, :-1], 0)
+            outputs = self._run_eager(feeds, self._scratch_kv(b, s), b * s)
+            fill_prompt_logprobs(res, rows, ids, lengths, *outputs)
+
+    def _scratch_kv(self, rows: int, length: int) -> torch.Tensor:
+        """Throw-away keys/values [L, 2, rows, H, length, D] for an eager pass over prompts."""
+        meta = self.meta
+        shape = (meta.n_layer, 2, rows, meta.n_head, length, meta.head_dim)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def _run_decodes(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], window: int, now: float) -> None:
         chosen = [
@@ -438,16 +424,10 @@ class StepEngine:
         step_slots = np.concatenate([slots[rows] for _, slots, _, rows in chosen])
         tokens = np.concatenate([req.input_ids[rows, 0] for req, _, _, rows in chosen]).astype(np.int64)
         temperature = np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32)
-        hi = int(step_slots.max()) + 1
-        graphed = self.cuda_graphs and window <= self.graph_window
-        if graphed:
-            decode = self._graph_decode(self._bucket(hi))
-        else:
-            decode = self._eager_decode(self._bucket(hi) if self._buckets else hi)
-            self._bind_window(decode, window)
-        self._fill_decode(decode, step_slots, tokens, temperature)
+        decode, graphed = self.decoder.buffers_for(int(step_slots.max()) + 1, window)
+        self.decoder.fill(decode, self._length, step_slots, tokens, temperature)
         self._save_bystanders(decode, step_slots)
-        self._run_decode_binding(decode, graphed=graphed)
+        self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed))
         host = decode.host
         self._home[step_slots] = decode.key
         self._length[step_slots] += 1
@@ -461,126 +441,6 @@ class StepEngine:
             res.logsumexp[rows] = host["lse"].numpy()[mine]
             at += rows.size
         self.stats.decode_tokens_total += int(step_slots.size)
-
-    def _bucket(self, rows: int) -> int:
-        i = int(np.searchsorted(self._buckets, rows))
-        return self._buckets[min(i, len(self._buckets) - 1)]
-
-    # ----------------------------------------------------------------------------- decode buffers
-    def _new_decode(self, b: int, session: Any, *, torch_tail: bool) -> DecodeBuffers:
-        dev = self.device
-        decode = DecodeBuffers(
-            rows=b,
-            binding=session.io_binding(),
-            input_ids=torch.zeros((b, 1), dtype=torch.int64, device=dev),
-            positions=torch.zeros((b, 1), dtype=torch.int64, device=dev),
-            seqlens_k=torch.zeros(b, dtype=torch.int32, device=dev),
-            temperature=torch.ones(b, dtype=torch.float32, device=dev),
-            total_length=np.array(self.meta.max_context, dtype=np.int32),
-            window=np.array([1], dtype=np.int64),
-            logits=torch.empty((b, self.meta.vocab_size), dtype=torch.float32, device=dev),
-            lse=torch.empty(b, dtype=torch.float32, device=dev),
-            gather_index=torch.arange(b, dtype=torch.int64, device=dev),
-            session=session,
-            torch_tail=torch_tail,
-        )
-        decode.key = len(self._buffers)
-        while decode.key in self._buffers:
-            decode.key += 1
-        self._buffers[decode.key] = decode
-        binding = decode.binding
-        for name, tensor in (
-            ("input_ids", decode.input_ids),
-            ("position_ids", decode.positions),
-            ("seqlens_k", decode.seqlens_k),
-            ("gather_index", decode.gather_index),
-            ("temperature", decode.temperature),
-        ):
-            self._bind(binding, name, tensor, output=False)
-        self._bind_kv(binding, self.pool[:, :, :b])
-        self._bind(binding, "logits", decode.logits, output=True)
-        if not torch_tail:
-            self._bind(binding, "logsumexp", decode.lse, output=True)
-        return decode
-
-    def _graph_decode(self, b: int) -> DecodeBuffers:
-        decode = self._graphs.get(b)
-        if decode is None:
-            small = b <= self.xqa_max_rows
-            session = self._graphed if small else self._graphed_large
-            assert session is not None
-            decode = self._new_decode(b, session, torch_tail=self.torch_tail and not small)
-            decode.graph_id = len(self._graphs)
-            decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
-            self._bind_window(decode, self.graph_window)
-            self._graphs[b] = decode
-        return decode
-
-    def _eager_decode(self, b: int) -> DecodeBuffers:
-        decode = self._eager.get(b)
-        if decode is None:
-            decode = self._new_decode(b, self._decode_session, torch_tail=self.torch_tail)
-            self._eager[b] = decode
-            if len(self._eager) > _CACHED_BINDINGS:
-                _, evicted = self._eager.popitem(last=False)
-                self._save_rows(evicted, np.flatnonzero(self._home == evicted.key))
-                del self._buffers[evicted.key]
-        else:
-            self._eager.move_to_end(b)
-        return decode
-
-    def _bind_window(self, decode: DecodeBuffers, window: int) -> None:
-        if decode.topk_logits is not None and decode.topk_logits.shape[1] == window:
-            return
-        b, dev = decode.rows, self.device
-        decode.window[0] = window
-        if not decode.torch_tail:  # the pruned decode graph has no TopK, hence no window input
-            decode.binding.bind_cpu_input("window", decode.window)
-        decode.topk_logits = torch.empty((b, window), dtype=torch.float32, device=dev)
-        decode.topk_ids = torch.empty((b, window), dtype=torch.int64, device=dev)
-        if not decode.torch_tail:
-            self._bind(decode.binding, "topk_logits", decode.topk_logits, output=True)
-            self._bind(decode.binding, "topk_ids", decode.topk_ids, output=True)
-        pin = self.device_kind == "cuda"
-        for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
-            decode.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
-
-    def _fill_decode(
-        self, decode: DecodeBuffers, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray
-    ) -> None:
-        """Stage one decode step's inputs: stepping slots get their token, the rest a dummy."""
-        b = decode.rows
-        positions = np.minimum(self._length[:b], self.meta.max_context - 1)
-        input_ids = np.zeros(b, dtype=np.int64)
-        input_ids[slots] = tokens
-        temps = np.ones(b, dtype=np.float32)
-        temps[slots] = temperature
-        staged = np.concatenate((input_ids, positions)).reshape(2, b, 1)
-        decode.input_ids.copy_(torch.from_numpy(staged[0]), non_blocking=True)
-        decode.positions.copy_(torch.from_numpy(staged[1]), non_blocking=True)
-        decode.seqlens_k.copy_(torch.from_numpy(positions.astype(np.int32)), non_blocking=True)
-        decode.temperature.copy_(torch.from_numpy(temps), non_blocking=True)
-        if decode.graph_id < 0:  # eager runs attend exactly as far as the longest row
-            decode.total_length[...] = int(positions.max()) + 1
-            decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
-
-    def _run_decode_binding(self, decode: DecodeBuffers, *, graphed: bool) -> None:
-        if graphed:
-            options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(decode.graph_id))
-            decode.session.run_with_iobinding(decode.binding, options)
-            self.stats.graph_replays_total += int(decode.runs >= 2)
-        else:
-            decode.session.run_with_iobinding(decode.binding)
-        decode.runs += 1
-        assert decode.topk_logits is not None and decode.topk_ids is not None
-        if decode.torch_tail:
-            torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
-            torch.logsumexp(decode.logits, dim=-1, out=decode.lse)
-        for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
-            decode.host[name].copy_(tensor, non_blocking=True)
-        if self._stream is not None:
-            self._stream.synchronize()
 
     # ----------------------------------------------------------------------------- stored logits
     def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray) -> None:
@@ -601,7 +461,7 @@ class StepEngine:
         """The latest logits rows of `slots` [n, V], wherever they live."""
         homes = self._home[slots]
         for key in np.unique(homes[homes >= 0]).tolist():
-            self._save_rows(self._buffers[key], slots[homes == key])
+            self._save_rows(self.decoder.buffers[key], slots[homes == key])
         return self.last_logits.index_select(0, torch.from_numpy(slots).to(self.device))
 
     # ----------------------------------------------------------------------------- ORT plumbing
@@ -628,34 +488,20 @@ class StepEngine:
         return logits, topk_logits, topk_ids, lse
 
     # ----------------------------------------------------------------------------- answers
-    def _extra_logits(self, req: StepRequest, slots: np.ndarray, res: StepResult, answered: np.ndarray) -> None:
-        """The logits of each row's EXTRA_IDS, the log-sum-exp of the rest of its row, and the
-        row's window taken over the rest (the caller adjusts those ids itself: penalties,
-        logit_bias). The rest is summed with the ids masked to -inf, so it carries no cancellation
-        however much mass the ids held; and the window keeps K entries however many of the ids
-        would have filled it (a penalised favourite drops out of the adjusted row's top K)."""
-        assert req.extra_ids is not None
-        extra = req.extra_ids.astype(np.int64, copy=False)
-        n, e = extra.shape
-        res.extra_logits = np.zeros((n, e), dtype=np.float32)
-        res.rest_logsumexp = res.logsumexp.copy()
-        valid = extra >= 0
-        rows = np.flatnonzero(answered & valid.any(axis=1))
-        if not rows.size or e == 0:
-            return
-        mine = extra[rows]
-        # Padding points at the row's first real id: a duplicate index writes the same -inf.
-        first = mine[np.arange(rows.size), valid[rows].argmax(axis=1)]
-        index = torch.from_numpy(np.where(valid[rows], mine, first[:, None])).to(self.device)
-        stored = self._stored_logits(slots[rows])
-        values = stored.gather(1, index).cpu().numpy()
-        masked = stored.scatter(1, index, float("-inf"))
-        rest = torch.logsumexp(masked, dim=-1).cpu().numpy()
-        top_values, top_ids = torch.topk(masked, res.topk_logits.shape[1], dim=-1)
-        res.extra_logits[rows] = np.where(valid[rows], values, 0.0)
-        res.rest_logsumexp[rows] = rest
-        res.topk_logits[rows] = top_values.cpu().numpy()
-        res.topk_ids[rows] = top_ids.cpu().numpy()
+    def _row_outputs(self, req: StepRequest, slots: np.ndarray, res: StepResult, answered: np.ndarray) -> None:
+        """EXTRA_IDS' logits and DRAW's draws for the answered rows that ask (step_model.row_outputs)."""
+        if req.extra_ids is not None:
+            extra = req.extra_ids.astype(np.int64, copy=False)
+            res.extra_logits = np.zeros(extra.shape, dtype=np.float32)
+            res.rest_logsumexp = res.logsumexp.copy()
+            rows = np.flatnonzero(answered & (extra >= 0).any(axis=1))
+            if rows.size and extra.shape[1]:
+                fill_extra_logits(res, rows, extra, self._stored_logits(slots[rows]))
+        if req.draw is not None:
+            rows = rows_to_draw(req, res, answered)
+            if rows.size:
+                fill_draws(req, res, rows, self._stored_logits(slots[rows]))
+                self.stats.drawn_rows_total += int(rows.size)
 
     def _finish(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], now: float) -> None:
         """Answer fetch rows from the stored logits, attach full rows when asked, free END rows."""
@@ -670,8 +516,7 @@ class StepEngine:
                 res.topk_ids[fetch] = top_ids.cpu().numpy()
                 res.logsumexp[fetch] = torch.logsumexp(stored, dim=-1).cpu().numpy()
             self._last_used[slots[live]] = now
-            if req.extra_ids is not None:
-                self._extra_logits(req, slots, res, live & ~(req.end.astype(bool) & (req.lengths == 0)))
+            self._row_outputs(req, slots, res, live & ~(req.end.astype(bool) & (req.lengths == 0)))
             if req.want_logits:
                 res.logits = np.zeros((res.status.shape[0], self.meta.vocab_size), dtype=np.float32)
                 rows = np.flatnonzero(live)

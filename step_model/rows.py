@@ -40,6 +40,7 @@ class StepRequest:
     request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
     prompt_logprobs: np.ndarray | None = None  # int32 [N]: -1, or k alternatives of the prompt's logprobs
     extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose logits to return, -1 = padding
+    draw: np.ndarray | None = None  # float64 [N, 4]: (u, top_p, top_k, min_p), u < 0 = not asked
 
 
 @dataclass
@@ -57,6 +58,9 @@ class StepResult:
     # When the request carried EXTRA_IDS: float32 [N, E] (0 at padding and refused rows), float32 [N]
     extra_logits: np.ndarray | None = None
     rest_logsumexp: np.ndarray | None = None
+    # When the request carried DRAW: int64 [N] (-1 where not drawn), float32 [N]
+    drawn_ids: np.ndarray | None = None
+    drawn_logits: np.ndarray | None = None
 
 
 def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
@@ -77,6 +81,8 @@ def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
         raise InvalidRequest(f"{contract.INPUT_IDS} must be [{n}, T], got {list(req.input_ids.shape)}")
     if req.extra_ids is not None and (req.extra_ids.ndim != 2 or req.extra_ids.shape[0] != n):
         raise InvalidRequest(f"{contract.EXTRA_IDS} must be [{n}, E], got {list(req.extra_ids.shape)}")
+    if req.draw is not None and req.draw.shape != (n, 4):
+        raise InvalidRequest(f"{contract.DRAW} must be [{n}, 4], got {list(req.draw.shape)}")
     if not 1 <= req.window <= vocab_size:
         raise InvalidRequest(f"logits_window must be in [1, {vocab_size}], got {req.window}")
     unique = set(req.sequence_ids.tolist())
@@ -119,6 +125,15 @@ def row_status(
     if req.extra_ids is not None:
         refuse((req.extra_ids >= vocab_size).any(axis=1), RowStatus.INVALID, f"extra ids must be < {vocab_size}")
     refuse(~np.isfinite(temperature) | (temperature <= 0), RowStatus.INVALID, "TEMPERATURE must be > 0")
+    if req.draw is not None:
+        u, top_p, top_k, min_p = req.draw.T
+        asked = u >= 0
+        bad = asked & ~((u < 1) & (top_p > 0) & (top_p <= 1) & (top_k >= 0) & (min_p >= 0) & (min_p <= 1))
+        refuse(
+            bad | np.isnan(req.draw).any(axis=1),
+            RowStatus.INVALID,
+            "DRAW must be u in [0, 1), top_p in (0, 1], top_k >= 0, min_p in [0, 1]",
+        )
     refuse(start & known, RowStatus.ALREADY_EXISTS, "already exists")
     refuse(start & (lengths == 0), RowStatus.INVALID, "a start row needs at least one token")
     refuse(start & (lengths > max_context), RowStatus.INVALID, f"prompt exceeds the context of {max_context} tokens")

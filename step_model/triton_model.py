@@ -122,6 +122,7 @@ class TritonPythonModel:
                 ("rejected_full_total", "Start rows refused because the KV cache was full"),
                 ("idle_evicted_total", "Sequences freed after the idle timeout"),
                 ("ended_total", "Sequences freed by an explicit end"),
+                ("drawn_rows_total", "Rows drawn on the device because their top-K window could not hold their cut"),
             )
         }
         self._published: dict[str, int] = dict.fromkeys(self._counters, 0)
@@ -201,6 +202,9 @@ class TritonPythonModel:
             ]
             if result.logits is not None:
                 tensors.append(_output(contract.LOGITS, result.logits))
+            if result.drawn_ids is not None and result.drawn_logits is not None:
+                tensors.append(_output(contract.DRAWN_IDS, result.drawn_ids.reshape(-1, 1)))
+                tensors.append(_output(contract.DRAWN_LOGITS, result.drawn_logits.reshape(-1, 1)))
             if result.extra_logits is not None and result.rest_logsumexp is not None:
                 tensors.append(_output(contract.EXTRA_LOGITS, result.extra_logits))
                 tensors.append(_output(contract.REST_LOGSUMEXP, result.rest_logsumexp.reshape(-1, 1)))
@@ -226,6 +230,7 @@ class TritonPythonModel:
             return value.reshape(-1).astype(dtype, copy=False)
 
         extra = pb_utils.get_input_tensor_by_name(request, contract.EXTRA_IDS)  # optional
+        draw = pb_utils.get_input_tensor_by_name(request, contract.DRAW)  # optional
         raw = request.parameters()  # type: ignore[attr-defined]
         params = json.loads(raw) if raw else {}
         window = int(params.get(contract.PARAM_LOGITS_WINDOW, self.default_window))
@@ -249,6 +254,7 @@ class TritonPythonModel:
             if contract.PROMPT_LOGPROBS in wanted
             else None,
             extra_ids=_to_numpy(extra).astype(np.int64, copy=False) if extra is not None else None,
+            draw=_to_numpy(draw).astype(np.float64, copy=False) if draw is not None else None,
         )
 
     @staticmethod

@@ -28,10 +28,12 @@ def step(
     logits: bool = False,
     version: str = "",
     extra_ids: np.ndarray | None = None,
+    draw: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One step request; raises tritonclient's InferenceServerException when the model fails the
     request as a whole. Per-row refusals are in the returned STATUS column (contract.RowStatus).
-    `extra_ids`: the optional EXTRA_IDS input, [N, E] padded with -1."""
+    `extra_ids`: the optional EXTRA_IDS input, [N, E] padded with -1; `draw`: the optional DRAW
+    input, [N, 4] (u, top_p, top_k, min_p), u < 0 for rows that do not ask."""
     n, width = len(rows), max(1, max(len(r.tokens) for r in rows))
     ids = np.zeros((n, width), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -46,6 +48,8 @@ def step(
     }
     if extra_ids is not None:
         arrays[contract.EXTRA_IDS] = extra_ids.astype(np.int64)
+    if draw is not None:
+        arrays[contract.DRAW] = draw.astype(np.float64)
     return send(client, model, arrays, window=window, logits=logits, version=version)
 
 
@@ -64,6 +68,7 @@ def send(
         np.dtype(np.int32): "INT32",
         np.dtype(bool): "BOOL",
         np.dtype(np.float32): "FP32",
+        np.dtype(np.float64): "FP64",
     }
     inputs = []
     for name, value in arrays.items():
@@ -72,6 +77,7 @@ def send(
         inputs.append(tensor)
     names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if logits else [])
     names += list(contract.EXTRA_OUTPUTS) if contract.EXTRA_IDS in arrays else []
+    names += list(contract.DRAW_OUTPUTS) if contract.DRAW in arrays else []
     outputs = [grpcclient.InferRequestedOutput(name) for name in names]
     result = client.infer(model, inputs, model_version=version, outputs=outputs, parameters={"logits_window": window})
     return {name: result.as_numpy(name) for name in names}

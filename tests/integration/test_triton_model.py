@@ -212,3 +212,27 @@ def test_extra_ids_through_triton(client, reference) -> None:
     np.testing.assert_array_equal(decode["EXTRA_LOGITS"][0], decode["LOGITS"][0][[12, 40, 3]])
     assert_logits_close(decode["LOGITS"][0], ref_logits(reference, [11, 12, 13, 40]) / 0.7)
     step(client, TINY, [Row(a, [], end=True), Row(b, [], end=True)], version="1")
+
+
+def test_draws_through_triton_equal_the_gateways_full_row_sampler(client) -> None:
+    """DRAW (optional input): a top-p row whose window cannot hold its nucleus is drawn on the
+    device, the very token the gateway's own full-row sampler picks with the same u; a row whose
+    top-k cut lies inside its window is not drawn (-1); a request without DRAW is unchanged."""
+    from frontend.sampling import SamplingParams, StepLogits, sample
+
+    a, b = new_id(), new_id()
+    rows = [Row(a, [11, 12, 13], start=True, temperature=0.7), Row(b, [5, 6], start=True, temperature=1.0)]
+    draw = np.array([[0.42, 0.9, 0, 0], [0.42, 1.0, 2, 0]])
+    out = step(client, TINY, rows, window=4, logits=True, version="1", draw=draw)
+    assert statuses(out) == [RowStatus.OK, RowStatus.OK]
+    assert out["DRAWN_IDS"][1, 0] == -1
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    lse = float(out["LOGSUMEXP"][0, 0])
+    want = sample(
+        StepLogits(out["TOPK_LOGITS"][0], out["TOPK_IDS"][0], lse, full_logits=out["LOGITS"][0]), params, 0.42
+    )
+    assert int(out["DRAWN_IDS"][0, 0]) == want.token_id
+    assert float(out["DRAWN_LOGITS"][0, 0]) - lse == want.logprob
+    plain = step(client, TINY, [Row(a, [want.token_id], temperature=0.7)], window=4, version="1")
+    assert "DRAWN_IDS" not in plain and statuses(plain) == [RowStatus.OK]
+    step(client, TINY, [Row(a, [], end=True), Row(b, [], end=True)], version="1")

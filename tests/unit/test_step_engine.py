@@ -154,3 +154,44 @@ def test_extra_ids_return_their_logits_and_the_rest_of_the_rows_logsumexp(versio
     bad = dataclasses.replace(request([(2, [13], False, False)]), extra_ids=np.array([[vocab]], dtype=np.int64))
     res = eng.step([bad])[0]
     assert not isinstance(res, Exception) and res.status[0] == RowStatus.INVALID
+
+
+def test_draw_rows_get_the_gateways_full_row_token_and_the_others_none(version_dir: Path) -> None:
+    """DRAW: rows whose window cannot hold their cut are drawn on the device, exactly as the
+    gateway's full-row sampler would draw them (same u); rows that do not ask, whose window
+    holds the cut (top-k inside it), or that carry EXTRA_IDS get -1. Start, decode and fetch rows
+    alike."""
+    from frontend.sampling import SamplingParams, StepLogits, sample
+
+    eng = engine(version_dir)
+    first = request([(1, [5, 6, 7], True, False), (2, [8], True, False), (3, [9, 4], True, False)], window=4)
+    asks = np.array([[0.3, 0.9, 0, 0], [0.7, 1.0, 3, 0], [-1.0, 0.5, 0, 0]])  # top-p; top-k 3 < window; not asked
+    first.draw, first.want_logits = asks, True
+    second = request([(1, [11], False, False), (2, [], False, False), (3, [12], False, False)], window=4)
+    second.draw, second.want_logits = np.array([[0.99, 0.95, 0, 0.01], [0.2, 1.0, 0, 0], [0.5, 1.0, 40, 0]]), True
+    second.extra_ids = np.array([[-1], [-1], [7]])  # row 3 is adjusted: its caller draws it
+    for req, drawn in ((first, [True, False, False]), (second, [True, True, False])):
+        res = eng.step([req])[0]
+        assert not isinstance(res, Exception) and res.drawn_ids is not None and res.drawn_logits is not None
+        assert res.logits is not None and req.draw is not None
+        assert (res.drawn_ids >= 0).tolist() == drawn
+        for i in np.flatnonzero(res.drawn_ids >= 0):
+            u, top_p, top_k, min_p = req.draw[i]
+            params = SamplingParams(temperature=0.9, top_p=top_p, top_k=int(top_k), min_p=min_p)
+            row = StepLogits(res.topk_logits[i], res.topk_ids[i], float(res.logsumexp[i]), full_logits=res.logits[i])
+            want = sample(row, params, float(u))
+            assert int(res.drawn_ids[i]) == want.token_id
+            assert float(res.drawn_logits[i]) - float(res.logsumexp[i]) == want.logprob
+    assert eng.stats.drawn_rows_total == 3
+
+
+def test_a_malformed_draw_refuses_its_row_or_the_request(version_dir: Path) -> None:
+    eng = engine(version_dir)
+    req = request([(1, [5], True, False), (2, [6], True, False)])
+    req.draw = np.array([[1.5, 0.9, 0, 0], [0.5, 0.9, 0, 0]])  # u outside [0, 1)
+    res = eng.step([req])[0]
+    assert not isinstance(res, Exception)
+    assert res.status.tolist() == [RowStatus.INVALID, RowStatus.OK]
+    bad = request([(3, [5], True, False)])
+    bad.draw = np.zeros((1, 3))
+    assert isinstance(eng.step([bad])[0], InvalidRequest)
