@@ -5,7 +5,8 @@ exporters disagree, and building the graph ourselves lets every attention layer 
 Runtime's fused `GroupQueryAttention` with past and present sharing ONE static KV buffer, so the
 KV cache never moves between steps (docs/architecture.md).
 
-One graph serves prefill and decode. Its contract (B rows, S new tokens per row, right-padded):
+One graph serves prefill and decode. Its contract (B rows, S new tokens per row, right-padded; the
+names are `step_model.contract.graph_io`'s):
 
 inputs
   input_ids            int64   [B, S]   new tokens (padding past a row's length is ignored)
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from step_model.contract import graph_io as io
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -144,7 +147,7 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
     split_sizes = b.weight("qkv_split", np.array([e, e, e], dtype=np.int64), cast=False)
 
     # Embeddings: token + learned absolute position.
-    x = b.op1("Add", [b.op1("Gather", [wte, "input_ids"]), b.op1("Gather", [wpe, "position_ids"])])
+    x = b.op1("Add", [b.op1("Gather", [wte, io.INPUT_IDS]), b.op1("Gather", [wpe, io.POSITION_IDS])])
 
     def layer_norm(inp: str, prefix: str) -> str:
         gamma = b.weight(f"{prefix}.weight", w(f"{prefix}.weight"))
@@ -190,15 +193,15 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
         scale = 1.0 / math.sqrt(d)
         if spec.scale_by_inverse_layer_idx:
             scale /= i + 1
-        past_k, past_v = f"past_key_{i}", f"past_value_{i}"
-        present_k, present_v = f"present_key_{i}", f"present_value_{i}"
+        past_k, past_v = (io.past(kind, i) for kind in io.KV_KINDS)
+        present_k, present_v = (io.present(kind, i) for kind in io.KV_KINDS)
         past_inputs += [helper.make_tensor_value_info(n, t, kv_shape) for n in (past_k, past_v)]
         present_outputs += [helper.make_tensor_value_info(n, t, kv_shape) for n in (present_k, present_v)]
         attn = b._name("attn")
         b.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [q, k, v, past_k, past_v, "seqlens_k", "total_sequence_length"],
+                [q, k, v, past_k, past_v, io.SEQLENS_K, io.TOTAL_SEQUENCE_LENGTH],
                 [attn, present_k, present_v],
                 domain=MS_DOMAIN,
                 num_heads=h,
@@ -218,7 +221,7 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
     x, _ = add_and_norm(mlp_out, x, f"h.{spec.n_layer - 1}.mlp.c_proj", "ln_f", keep_sum=False)
 
     # Only each row's last real token needs logits: gather it before the vocabulary projection.
-    last = b.op1("Gather", [b.op1("Reshape", [x, flat_shape]), "gather_index"], axis=0)
+    last = b.op1("Gather", [b.op1("Reshape", [x, flat_shape]), io.GATHER_INDEX], axis=0)
     if dtype == "fp16":
         # On the GPU a MatMul against a [E, V] copy of the tied embedding runs cuBLAS's current
         # kernels; Gemm(transB) over [V, E] ran an older, slower one (H200 profile, 2026-11-30).
@@ -228,34 +231,34 @@ def build_graph(spec: GraphSpec, state: dict[str, np.ndarray], dtype: str) -> on
         logits = b.op1("Gemm", [last, wte], transB=1)  # tied LM head shares the embedding table
     if dtype != "fp32":
         logits = b.op1("Cast", [logits], to=TensorProto.FLOAT)
-    b.nodes.append(helper.make_node("Div", [logits, b.op1("Unsqueeze", ["temperature", axis1])], ["logits"]))
+    b.nodes.append(helper.make_node("Div", [logits, b.op1("Unsqueeze", [io.TEMPERATURE, axis1])], [io.LOGITS]))
     b.nodes.append(
-        helper.make_node("TopK", ["logits", "window"], ["topk_logits", "topk_ids"], axis=-1, largest=1, sorted=1)
+        helper.make_node("TopK", [io.LOGITS, io.WINDOW], [io.TOPK_LOGITS, io.TOPK_IDS], axis=-1, largest=1, sorted=1)
     )
     # Stable log-sum-exp: max + log(sum(exp(x - max))). The row's max is the window's first
     # entry: a ReduceMax over the vocabulary took 40% of a 512-row step on the H200.
     starts = b.weight("slice_start", np.array([0], dtype=np.int64), cast=False)
     ends = b.weight("slice_end", np.array([1], dtype=np.int64), cast=False)
-    row_max = b.op1("Slice", ["topk_logits", starts, ends, axis1])
-    sum_exp = b.op1("ReduceSum", [b.op1("Exp", [b.op1("Sub", ["logits", row_max])]), axis1], keepdims=1)
+    row_max = b.op1("Slice", [io.TOPK_LOGITS, starts, ends, axis1])
+    sum_exp = b.op1("ReduceSum", [b.op1("Exp", [b.op1("Sub", [io.LOGITS, row_max])]), axis1], keepdims=1)
     lse = b.op1("Add", [b.op1("Log", [sum_exp]), row_max])
-    b.nodes.append(helper.make_node("Squeeze", [lse, axis1], ["logsumexp"]))
+    b.nodes.append(helper.make_node("Squeeze", [lse, axis1], [io.LOGSUMEXP]))
 
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("gather_index", TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info("temperature", TensorProto.FLOAT, ["batch"]),
-        helper.make_tensor_value_info("window", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info(io.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(io.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(io.SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(io.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+        helper.make_tensor_value_info(io.GATHER_INDEX, TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info(io.TEMPERATURE, TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(io.WINDOW, TensorProto.INT64, [1]),
         *past_inputs,
     ]
     outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", spec.vocab_size]),
-        helper.make_tensor_value_info("topk_logits", TensorProto.FLOAT, ["batch", "window_size"]),
-        helper.make_tensor_value_info("topk_ids", TensorProto.INT64, ["batch", "window_size"]),
-        helper.make_tensor_value_info("logsumexp", TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info(io.LOGITS, TensorProto.FLOAT, ["batch", spec.vocab_size]),
+        helper.make_tensor_value_info(io.TOPK_LOGITS, TensorProto.FLOAT, ["batch", "window_size"]),
+        helper.make_tensor_value_info(io.TOPK_IDS, TensorProto.INT64, ["batch", "window_size"]),
+        helper.make_tensor_value_info(io.LOGSUMEXP, TensorProto.FLOAT, ["batch"]),
         *present_outputs,
     ]
     graph = helper.make_graph(b.nodes, "gpt2_step", inputs, outputs, b.initializers)
