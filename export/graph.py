@@ -35,16 +35,36 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.activations import ACTIVATIONS, MS_DOMAIN
 from step_model.contract import graph_io as io
 
 OPSET = 17
-MS_DOMAIN = "com.microsoft"
-
-SUPPORTED_ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu": "Gelu"}
 
 
 class GraphError(ValueError):
     """The checkpoint cannot be expressed by this graph (unsupported config)."""
+
+
+def check_config(config: object) -> None:
+    """Refuse a config this graph cannot express, naming the setting and its value (GraphError).
+
+    Cheap: called on the config alone, before any weights are loaded. Every other setting of
+    transformers' GPT2Config is supported: `n_inner`, `layer_norm_epsilon`, `scale_attn_weights`,
+    `scale_attn_by_inverse_layer_idx`, `reorder_and_upcast_attn` (the same attention in another
+    order), `tie_word_embeddings`, `add_cross_attention` (unused by a language model without
+    encoder states, as in transformers).
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type != "gpt2":
+        raise GraphError(f"not a GPT-2 config (model_type={model_type!r})")
+    activation = getattr(config, "activation_function", "gelu_new")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise GraphError(
+            f"unsupported activation_function {activation!r} (supported: {', '.join(sorted(ACTIVATIONS))})"
+        )
+    n_embd, n_head = int(config.n_embd), int(config.n_head)  # type: ignore[attr-defined]
+    if n_embd % n_head:
+        raise GraphError(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,8 @@ class GraphSpec:
     layer_norm_epsilon: float
     activation: str
     scale_by_inverse_layer_idx: bool
+    scale_attn_weights: bool = True  # attention scores times 1/sqrt(head_dim) (else 1)
+    tie_word_embeddings: bool = True  # the LM head is the token embedding (else lm_head.weight)
 
     @property
     def head_dim(self) -> int:
@@ -66,25 +88,19 @@ class GraphSpec:
 
     @classmethod
     def from_config(cls, config: object) -> GraphSpec:
-        model_type = getattr(config, "model_type", None)
-        if model_type != "gpt2":
-            raise GraphError(f"not a GPT-2 config (model_type={model_type!r})")
-        activation = str(getattr(config, "activation_function", "gelu_new"))
-        if activation not in SUPPORTED_ACTIVATIONS:
-            raise GraphError(f"unsupported activation_function {activation!r}")
-        n_embd = int(config.n_embd)  # type: ignore[attr-defined]
-        n_head = int(config.n_head)  # type: ignore[attr-defined]
-        if n_embd % n_head:
-            raise GraphError(f"n_embd {n_embd} is not a multiple of n_head {n_head}")
+        check_config(config)
+        c: Any = config
         return cls(
-            n_layer=int(config.n_layer),  # type: ignore[attr-defined]
-            n_head=n_head,
-            n_embd=n_embd,
-            vocab_size=int(config.vocab_size),  # type: ignore[attr-defined]
-            n_positions=int(config.n_positions),  # type: ignore[attr-defined]
-            layer_norm_epsilon=float(config.layer_norm_epsilon),  # type: ignore[attr-defined]
-            activation=activation,
-            scale_by_inverse_layer_idx=bool(getattr(config, "scale_attn_by_inverse_layer_idx", False)),
+            n_layer=int(c.n_layer),
+            n_head=int(c.n_head),
+            n_embd=int(c.n_embd),
+            vocab_size=int(c.vocab_size),
+            n_positions=int(c.n_positions),
+            layer_norm_epsilon=float(c.layer_norm_epsilon),
+            activation=str(getattr(c, "activation_function", "gelu_new")),
+            scale_by_inverse_layer_idx=bool(getattr(c, "scale_attn_by_inverse_layer_idx", False)),
+            scale_attn_weights=bool(getattr(c, "scale_attn_weights", True)),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
         )
 
 
@@ -130,6 +146,10 @@ class _Builder:
 
     def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+    def const(self, value: float) -> str:
+        """A scalar initializer of the compute dtype, named uniquely."""
+        return self.weight(self._name("const"), np.array(value, dtype=np.float32))
 
     def w(self, key: str) -> np.ndarray:
         """The checkpoint's parameter `key` (transformers' name), as float32."""
@@ -184,7 +204,7 @@ def _attention(b: _Builder, layer: int, hidden: str) -> str:
     """
     spec, p = b.spec, f"h.{layer}"
     q, k, v = b.op("Split", [b.linear(hidden, f"{p}.attn.c_attn"), _QKV_SPLIT], 3, axis=2)
-    scale = 1.0 / math.sqrt(spec.head_dim)
+    scale = 1.0 / math.sqrt(spec.head_dim) if spec.scale_attn_weights else 1.0  # as transformers' GPT2Attention
     if spec.scale_by_inverse_layer_idx:
         scale /= layer + 1
     past_k, past_v = (io.past(kind, layer) for kind in io.KV_KINDS)
@@ -213,11 +233,7 @@ def _mlp(b: _Builder, layer: int, hidden: str) -> str:
     its bias (which joins the residual stream in the next fused add-and-norm)."""
     p = f"h.{layer}"
     fc_w, fc_b = b.param(f"{p}.mlp.c_fc.weight"), b.param(f"{p}.mlp.c_fc.bias")
-    pre = b.op1("MatMul", [hidden, fc_w])
-    if SUPPORTED_ACTIVATIONS[b.spec.activation] == "FastGelu":
-        act = b.op1("FastGelu", [pre, fc_b], domain=MS_DOMAIN)  # tanh approximation, bias fused
-    else:
-        act = b.op1("Gelu", [b.op1("Add", [pre, fc_b])], domain=MS_DOMAIN)  # exact erf gelu
+    act = ACTIVATIONS[b.spec.activation](b, b.op1("MatMul", [hidden, fc_w]), fc_b, layer)
     return b.matmul(act, f"{p}.mlp.c_proj")
 
 
@@ -243,13 +259,16 @@ def _head(b: _Builder, x: str, pending: str) -> None:
     x, _ = b.add_and_norm(pending, x, f"h.{b.spec.n_layer - 1}.mlp.c_proj", "ln_f", keep_sum=False)
     # Only each row's last real token needs logits: gather it before the vocabulary projection.
     last = b.op1("Gather", [b.op1("Reshape", [x, _FLAT_SHAPE]), io.GATHER_INDEX], axis=0)
+    head_key = "wte.weight" if b.spec.tie_word_embeddings else "lm_head.weight"  # [V, E] either way
     if b.dtype == "fp16":
-        # On the GPU a MatMul against a [E, V] copy of the tied embedding runs cuBLAS's current
-        # kernels; Gemm(transB) over [V, E] ran an older, slower one (H200 profile, 2026-11-30).
-        lm_head = b.weight("lm_head", np.ascontiguousarray(b.w("wte.weight").T))
+        # On the GPU a MatMul against a [E, V] copy of the head runs cuBLAS's current kernels;
+        # Gemm(transB) over [V, E] ran an older, slower one (H200 profile, 2026-11-30).
+        lm_head = b.weight("lm_head", np.ascontiguousarray(b.w(head_key).T))
         logits = b.op1("MatMul", [last, lm_head])
-    else:
+    elif b.spec.tie_word_embeddings:
         logits = b.op1("Gemm", [last, "wte"], transB=1)  # tied LM head shares the embedding table
+    else:
+        logits = b.op1("Gemm", [last, b.weight("lm_head", b.w(head_key))], transB=1)
     if b.dtype != "fp32":
         logits = b.op1("Cast", [logits], to=TensorProto.FLOAT)
     b.nodes.append(helper.make_node("Div", [logits, b.op1("Unsqueeze", [io.TEMPERATURE, _AXIS1])], [io.LOGITS]))
