@@ -35,26 +35,19 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import RunInfo, fmt, markdown_table, percentile, write_outputs
+from step_model import contract
 
 # ------------------------------------------------------------------------------- engine adapter
-# The only code that knows the engine's API. The engine currently lives in
-# export/runtime/engine.py and is moving to a top-level package (step_model/engine.py); both are
-# tried, newest first. StepRequest/StepResult field changes are absorbed here.
-ENGINE_MODULES = ("step_model.engine", "export.runtime.engine")
+# The only code that knows the engine's API (step_model.engine, imported on first use so that
+# `--help` and the report helpers need no torch). StepRequest/StepResult field changes are
+# absorbed here.
+ENGINE_MODULE = "step_model.engine"
 
 
 @functools.cache
 def engine_module() -> Any:
-    """The module holding StepEngine, StepRequest and ModelMeta (the first of ENGINE_MODULES found)."""
-    errors = []
-    for name in ENGINE_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not name.startswith(err.name):
-                raise  # the module exists but one of its own imports is missing
-            errors.append(f"{name}: {err}")
-    raise ModuleNotFoundError("no step engine module found (" + "; ".join(errors) + ")")
+    """The module holding StepEngine, StepRequest and ModelMeta."""
+    return importlib.import_module(ENGINE_MODULE)
 
 
 def make_engine(
@@ -64,7 +57,12 @@ def make_engine(
     mod = engine_module()
     meta = mod.ModelMeta.load(version_dir)
     engine = mod.StepEngine(
-        version_dir / "model.onnx", meta, capacity=capacity, device=device, strict_device=strict_device, **(extra or {})
+        version_dir / contract.VERSION_ONNX,
+        meta,
+        capacity=capacity,
+        device=device,
+        strict_device=strict_device,
+        **(extra or {}),
     )
     if hasattr(engine, "warm_up"):
         engine.warm_up()  # as the Triton model does before serving (captures CUDA graphs when enabled)

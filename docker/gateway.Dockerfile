@@ -1,4 +1,5 @@
-# The gateway (frontend/): FastAPI + the continuous-batching scheduler, talking gRPC to Triton.
+# The gateway (frontend/ and the contract it speaks, step_model/contract/): FastAPI + the
+# continuous-batching scheduler, talking gRPC to Triton.
 #
 # Build context: the repository root (docker-compose.yml sets it); docker/gateway.Dockerfile.dockerignore
 # keeps the virtualenv, model_repository/, .env and build output out of the context.
@@ -23,7 +24,13 @@ RUN grep -vE '^(torch|onnx|onnxruntime|nvidia-pytriton)==' /tmp/requirements.txt
  && python -m pip install -r /tmp/gateway-requirements.txt \
  && rm /tmp/requirements.txt /tmp/gateway-requirements.txt
 
+# The gateway's code and the step model's contract it speaks (`step_model.contract`: tensor names,
+# row statuses, metadata and config keys; pure Python). Only the contract: the rest of step_model/
+# runs inside Triton and imports torch and ONNX Runtime, which this image does not install.
+# tests/unit/test_contract.py checks that these lines copy every package `frontend` imports.
 COPY frontend/ /app/frontend/
+COPY step_model/__init__.py /app/step_model/__init__.py
+COPY step_model/contract/ /app/step_model/contract/
 
 # Not root at run time. The model repository (tokenizer + metadata.json of each version) is
 # mounted at /models read-only; the gateway writes nothing.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from export.graph import GraphError
+from export.graph import GraphError, check_config
 
 # Random-weight shapes. "gpt2" is the real 124M shape: compute and memory equal the real weights.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
@@ -41,6 +41,7 @@ def load_pretrained(path_or_id: str) -> Checkpoint:
         raise CheckpointError(f"cannot load a config from {path_or_id!r}: {_first_line(err)}") from err
     if getattr(config, "model_type", None) != "gpt2":
         raise GraphError(f"{path_or_id!r} is not a GPT-2 checkpoint (model_type={config.model_type!r})")
+    check_config(config)  # before the weights: a setting the graph cannot express ends here
     try:
         model = GPT2LMHeadModel.from_pretrained(path_or_id, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)

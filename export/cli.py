@@ -20,6 +20,7 @@ from export.checkpoint import Checkpoint, CheckpointError, build_random, load_pr
 from export.graph import GraphError, GraphSpec, build_graph
 from export.parity import ParityError, check_parity, scratch_dir
 from export.repository import RepositoryError, ServingConfig, check_writable, write_version
+from step_model import contract
 from step_model.engine import ModelMeta
 
 # Past this size a single protobuf file is unsafe (2 GiB limit): weights go to model.onnx.data.
@@ -65,6 +66,23 @@ def _log(message: str) -> None:
     print(f"[export {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _metadata(meta: ModelMeta, spec: GraphSpec, source: str, parity: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json of a version (the repository adds its version number)."""
+    return {
+        contract.META_N_LAYER: meta.n_layer,
+        contract.META_N_HEAD: meta.n_head,
+        contract.META_HEAD_DIM: meta.head_dim,
+        contract.META_VOCAB_SIZE: meta.vocab_size,
+        contract.META_MAX_CONTEXT: meta.max_context,
+        contract.META_DTYPE: meta.dtype,
+        contract.META_EOS_TOKEN_ID: meta.eos_token_id,
+        contract.META_N_EMBD: spec.n_embd,
+        contract.META_SOURCE: source,
+        contract.META_PARITY: parity,
+        contract.META_EXPORTED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def export(args: argparse.Namespace) -> Path:
     check_writable(args.repository)
     with scratch_dir() as tmp:
@@ -83,7 +101,7 @@ def export(args: argparse.Namespace) -> Path:
         model_proto = build_graph(spec, state_dict_numpy(ckpt.model), args.dtype)
         onnx_dir = work / "onnx"
         onnx_dir.mkdir()
-        onnx_path = onnx_dir / "model.onnx"
+        onnx_path = onnx_dir / contract.VERSION_ONNX
         external = model_proto.ByteSize() > _EXTERNAL_DATA_BYTES
         onnx.save_model(model_proto, str(onnx_path), save_as_external_data=external, location="model.onnx.data")
         del model_proto
@@ -108,13 +126,7 @@ def export(args: argparse.Namespace) -> Path:
                 f"parity OK on {report.device}: max abs error {report.max_abs_error:.3g}, "
                 f"max relative error {report.max_rel_error:.3g} over {report.compared_rows} rows"
             )
-        metadata = {
-            **vars(meta),
-            "n_embd": spec.n_embd,
-            "source": ckpt.source,
-            "parity": parity,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        metadata = _metadata(meta, spec, ckpt.source, parity)
         serving = ServingConfig(
             kv_capacity=args.kv_capacity,
             idle_timeout_s=args.idle_timeout_s,

@@ -19,11 +19,18 @@ from typing import Any
 
 import step_model
 from step_model import contract
+from step_model.contract import model_config
 
 STEP_MODEL_DIR = Path(step_model.__file__).parent
-# What runs inside Triton: the whole package (a module list here fell behind once), the entry
-# module itself excepted (it is written as the version's model.py).
-STEP_MODEL_FILES = tuple(sorted(p.name for p in STEP_MODEL_DIR.glob("*.py") if p.name != "triton_model.py"))
+# What runs inside Triton, relative to the package: all of it (a hand list here fell behind
+# once), the entry module itself excepted (it is written as the version's model.py).
+STEP_MODEL_FILES = tuple(
+    sorted(
+        str(p.relative_to(STEP_MODEL_DIR))
+        for p in STEP_MODEL_DIR.rglob("*.py")
+        if p.name != "triton_model.py" and "__pycache__" not in p.parts
+    )
+)
 
 
 class RepositoryError(ValueError):
@@ -82,14 +89,14 @@ def config_pbtxt(name: str, serving: ServingConfig) -> str:
         contract.CONFIG_STRICT_DEVICE: int(serving.strict_device),
         contract.CONFIG_CUDA_GRAPHS: int(serving.cuda_graphs),
     }
-    parameters = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
+    parameters = model_config.format_parameters(params)
     inputs = _tensor_list(
         contract.INPUTS,
         ragged=frozenset({contract.INPUT_IDS, contract.EXTRA_IDS}),
         optional=contract.OPTIONAL_INPUTS,
     )
     outputs = _tensor_list(contract.OUTPUTS)
-    return f"""# Written by `python -m export`; the contract is step_model/contract.py.
+    return f"""# Written by `python -m export`; the contract is step_model/contract/.
 name: "{name}"
 backend: "python"
 max_batch_size: {serving.max_batch_size}
@@ -127,15 +134,17 @@ def write_version(
         raise RepositoryError(f"{final} already exists; pick another --version")
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
     try:
-        shutil.copy2(onnx_path, staging / "model.onnx")
+        shutil.copy2(onnx_path, staging / contract.VERSION_ONNX)
         for extra in extra_files or []:
             shutil.copy2(extra, staging / extra.name)
         shutil.copy2(STEP_MODEL_DIR / "triton_model.py", staging / contract.VERSION_ENTRY)
-        (staging / "step_model").mkdir()
         for file in STEP_MODEL_FILES:
-            shutil.copy2(STEP_MODEL_DIR / file, staging / "step_model" / file)
-        shutil.copytree(tokenizer_dir, staging / "tokenizer")
-        (staging / "metadata.json").write_text(json.dumps({**metadata, "version": version}, indent=2) + "\n")
+            target = staging / "step_model" / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(STEP_MODEL_DIR / file, target)
+        shutil.copytree(tokenizer_dir, staging / contract.VERSION_TOKENIZER)
+        text = json.dumps({**metadata, contract.META_VERSION: version}, indent=2) + "\n"
+        (staging / contract.VERSION_METADATA).write_text(text)
         staging.chmod(0o755)  # mkdtemp makes it private; Triton and the gateway must read it
         os.rename(staging, final)
     except BaseException:

@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from step_model.contract import graph_io
 from step_model.ort_runtime import DecodeBuffers, bind_kv, bind_tensor, env_var, make_session, pruned_to_logits
 
 __all__ = ["DecodeRunner", "DecodeSetup"]
@@ -154,17 +155,17 @@ class DecodeRunner:
         self.buffers[decode.key] = decode
         binding = decode.binding
         for name, tensor in (
-            ("input_ids", decode.input_ids),
-            ("position_ids", decode.positions),
-            ("seqlens_k", decode.seqlens_k),
-            ("gather_index", decode.gather_index),
-            ("temperature", decode.temperature),
+            (graph_io.INPUT_IDS, decode.input_ids),
+            (graph_io.POSITION_IDS, decode.positions),
+            (graph_io.SEQLENS_K, decode.seqlens_k),
+            (graph_io.GATHER_INDEX, decode.gather_index),
+            (graph_io.TEMPERATURE, decode.temperature),
         ):
             self._bind(binding, name, tensor, output=False)
         bind_kv(binding, setup.pool[:, :, :b], setup.device_kind, setup.device_id, setup.n_layer)
-        self._bind(binding, "logits", decode.logits, output=True)
+        self._bind(binding, graph_io.LOGITS, decode.logits, output=True)
         if not torch_tail:
-            self._bind(binding, "logsumexp", decode.lse, output=True)
+            self._bind(binding, graph_io.LOGSUMEXP, decode.lse, output=True)
         return decode
 
     def graph_buffers(self, b: int) -> DecodeBuffers:
@@ -175,7 +176,7 @@ class DecodeRunner:
             assert session is not None
             decode = self._new_buffers(b, session, torch_tail=self.torch_tail and not small)
             decode.graph_id = len(self._graphs)
-            decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
+            decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
             self._bind_window(decode, self.graph_window)
             self._graphs[b] = decode
         return decode
@@ -199,12 +200,12 @@ class DecodeRunner:
         b, dev = decode.rows, self.setup.device
         decode.window[0] = window
         if not decode.torch_tail:  # the pruned decode graph has no TopK, hence no window input
-            decode.binding.bind_cpu_input("window", decode.window)
+            decode.binding.bind_cpu_input(graph_io.WINDOW, decode.window)
         decode.topk_logits = torch.empty((b, window), dtype=torch.float32, device=dev)
         decode.topk_ids = torch.empty((b, window), dtype=torch.int64, device=dev)
         if not decode.torch_tail:
-            self._bind(decode.binding, "topk_logits", decode.topk_logits, output=True)
-            self._bind(decode.binding, "topk_ids", decode.topk_ids, output=True)
+            self._bind(decode.binding, graph_io.TOPK_LOGITS, decode.topk_logits, output=True)
+            self._bind(decode.binding, graph_io.TOPK_IDS, decode.topk_ids, output=True)
         pin = self.setup.device_kind == "cuda"
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
@@ -227,7 +228,7 @@ class DecodeRunner:
         decode.temperature.copy_(torch.from_numpy(temps), non_blocking=True)
         if decode.graph_id < 0:  # eager runs attend exactly as far as the longest row
             decode.total_length[...] = int(positions.max()) + 1
-            decode.binding.bind_cpu_input("total_sequence_length", decode.total_length)
+            decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
 
     def run(self, decode: DecodeBuffers, *, graphed: bool) -> bool:
         """Run it; its window and log-sum-exp land in `decode.host`. Returns whether a captured

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from step_model import contract
-from step_model.contract import RowStatus
+from step_model.contract import RowStatus, graph_io
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.ort_runtime import (
     DecodeBuffers,
@@ -127,13 +127,13 @@ def _prompt_feeds(
     first-prompt mode: total_sequence_length == s); logits come out at `gather_index`."""
     b, s = input_ids.shape
     return {
-        "input_ids": input_ids,
-        "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        "seqlens_k": (lengths - 1).astype(np.int32),
-        "total_sequence_length": np.array(s, dtype=np.int32),
-        "gather_index": gather_index,
-        "temperature": temperature,
-        "window": np.array([window], dtype=np.int64),
+        graph_io.INPUT_IDS: input_ids,
+        graph_io.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+        graph_io.SEQLENS_K: (lengths - 1).astype(np.int32),
+        graph_io.TOTAL_SEQUENCE_LENGTH: np.array(s, dtype=np.int32),
+        graph_io.GATHER_INDEX: gather_index,
+        graph_io.TEMPERATURE: temperature,
+        graph_io.WINDOW: np.array([window], dtype=np.int64),
     }
 
 
@@ -480,8 +480,8 @@ class StepEngine:
             binding.bind_cpu_input(name, value)
         self._bind_kv(binding, kv)
         logits = torch.empty((batch, self.meta.vocab_size), dtype=torch.float32, device=self.device)
-        self._bind(binding, "logits", logits, output=True)
-        for name in ("topk_logits", "topk_ids", "logsumexp"):
+        self._bind(binding, graph_io.LOGITS, logits, output=True)
+        for name in graph_io.TAIL_OUTPUTS:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         topk_logits, topk_ids, lse = (v.numpy() for v in binding.get_outputs()[-3:])

@@ -17,6 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from step_model.contract import graph_io
+
 __all__ = [
     "DecodeBuffers",
     "available_device",
@@ -61,11 +63,11 @@ def env_var(name: str, value: str) -> Iterator[None]:
 
 
 def pruned_to_logits(model_path: Path) -> bytes:
-    """The step graph without its top-K / log-sum-exp tail: only the nodes `logits` and the
-    KV outputs depend on (the engine takes the tail with torch on the GPU)."""
+    """The step graph without its top-K / log-sum-exp tail (`graph_io.TAIL_OUTPUTS`): only the
+    nodes the logits and the KV outputs depend on (the engine takes the tail with torch on the GPU)."""
     model = onnx.load(str(model_path))
     graph = model.graph
-    keep_outputs = [o for o in graph.output if o.name == "logits" or o.name.startswith("present_")]
+    keep_outputs = [o for o in graph.output if o.name == graph_io.LOGITS or graph_io.is_present(o.name)]
     needed = {o.name for o in keep_outputs}
     kept: list[onnx.NodeProto] = []
     for node in reversed(graph.node):  # nodes are in topological order
@@ -157,9 +159,9 @@ def bind_kv(binding: Any, kv: torch.Tensor, device_kind: str, device_id: int, n_
     """Bind past and present of every layer to the same block of `kv` [L, 2, b, H, S, D]."""
     element_type = _ELEMENT_TYPES[kv.dtype]
     for layer in range(n_layer):
-        for kind, half in (("key", 0), ("value", 1)):
+        for half, kind in enumerate(graph_io.KV_KINDS):
             block = kv[layer, half]
             assert block.is_contiguous()
             shape, ptr = tuple(block.shape), block.data_ptr()
-            binding.bind_input(f"past_{kind}_{layer}", device_kind, device_id, element_type, shape, ptr)
-            binding.bind_output(f"present_{kind}_{layer}", device_kind, device_id, element_type, shape, ptr)
+            binding.bind_input(graph_io.past(kind, layer), device_kind, device_id, element_type, shape, ptr)
+            binding.bind_output(graph_io.present(kind, layer), device_kind, device_id, element_type, shape, ptr)

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from step_model import contract  # noqa: E402
+from step_model.contract.model_config import setting  # noqa: E402
 from step_model.engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
 _PUBLISH_PERIOD_S = 0.1
@@ -64,27 +65,22 @@ def _output(name: str, array: np.ndarray) -> Any:
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(contiguous))
 
 
-def _setting(params: dict[str, str], key: str, default: str) -> str:
-    """Config parameter, overridable per deployment by the environment (GPT2_<KEY>)."""
-    return os.environ.get(f"GPT2_{key.upper()}") or params.get(key, default)  # empty means unset
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         meta = ModelMeta.load(version_dir)
-        self.default_window = int(_setting(params, contract.CONFIG_DEFAULT_WINDOW, "64"))
+        self.default_window = int(setting(params, contract.CONFIG_DEFAULT_WINDOW, "64"))
         self.engine = StepEngine(
             version_dir / contract.VERSION_ONNX,
             meta,
-            capacity=int(_setting(params, contract.CONFIG_KV_CAPACITY, "64")),
-            idle_timeout_s=float(_setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
-            device=_setting(params, contract.CONFIG_DEVICE, "auto"),
+            capacity=int(setting(params, contract.CONFIG_KV_CAPACITY, "64")),
+            idle_timeout_s=float(setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
+            device=setting(params, contract.CONFIG_DEVICE, "auto"),
             device_id=int(args.get("model_instance_device_id", "0") or 0),
-            strict_device=_setting(params, contract.CONFIG_STRICT_DEVICE, "0") == "1",
-            cuda_graphs=_setting(params, contract.CONFIG_CUDA_GRAPHS, "1") == "1",
+            strict_device=setting(params, contract.CONFIG_STRICT_DEVICE, "0") == "1",
+            cuda_graphs=setting(params, contract.CONFIG_CUDA_GRAPHS, "1") == "1",
             graph_window=self.default_window,
         )
         self.engine.warm_up()

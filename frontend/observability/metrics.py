@@ -68,7 +68,22 @@ class GatewayMetrics:
     def __init__(self, model_name: str = "gpt2", *, kv_capacity: int | None = None) -> None:
         self.multiprocess = multiprocess_enabled()
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._define_http_series(self.registry)
+        self._define_generation_series(self.registry)
+        self._define_vllm_generation_series(self.registry)
+        # The scheduler's series: see the module docstring for which process owns them.
+        self.engine_registry = CollectorRegistry()
+        # Set when the scheduler runs in the engine-core process: returns its exposition text.
+        self.engine_exposition: Callable[[], Awaitable[bytes]] | None = None
+        self._define_scheduler_series(self.engine_registry)
+        self._define_vllm_scheduler_series(self.engine_registry)
+        self.set_model(model_name, kv_capacity=kv_capacity)
+        # Multiprocess mode writes every process's values to the shared directory, this worker's
+        # idle scheduler series too: they are left out of the sum (the core's are appended).
+        self._engine_families = frozenset(m.name for m in self.engine_registry.collect())
+
+    def _define_http_series(self, r: CollectorRegistry) -> None:
+        """HTTP requests: count by route and status, latency, in flight."""
         self.requests = Counter(
             "gateway_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
         )
@@ -83,6 +98,9 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "HTTP requests being served", registry=r, multiprocess_mode="livesum"
         )
+
+    def _define_generation_series(self, r: CollectorRegistry) -> None:
+        """Generations in `gateway_*` names: tokens, latencies, finish reasons, cache lookups."""
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens of served generations", registry=r)
         self.generated_tokens = Counter(
             "gateway_generated_tokens", "Tokens generated (cache replays excluded)", registry=r
@@ -105,8 +123,9 @@ class GatewayMetrics:
         self.finish_reasons = Counter("gateway_generations", "Finished generations by reason", ["reason"], registry=r)
         self.cache_lookups = Counter("gateway_cache_lookups", "Result-cache lookups", ["result"], registry=r)
 
-        # vLLM's names for the same generation measurements (cache replays excluded, as in vLLM,
-        # whose engine never sees them).
+    def _define_vllm_generation_series(self, r: CollectorRegistry) -> None:
+        """vLLM's names for the same generation measurements (cache replays excluded, as in vLLM,
+        whose engine never sees them), labelled by `model_name`."""
         labels = ["model_name"]
         self.vllm_ttft = Histogram(
             "vllm:time_to_first_token_seconds",
@@ -142,11 +161,8 @@ class GatewayMetrics:
             registry=r,
         )
 
-        # The scheduler's series: see the module docstring for which process owns them.
-        self.engine_registry = CollectorRegistry()
-        r = self.engine_registry
-        # Set when the scheduler runs in the engine-core process: returns its exposition text.
-        self.engine_exposition: Callable[[], Awaitable[bytes]] | None = None
+    def _define_scheduler_series(self, r: CollectorRegistry) -> None:
+        """The scheduler's own series: batch and queue sizes, steps, full-row fetches, the breaker."""
         self.running = Gauge("gateway_batch_running_sequences", "Sequences in the continuous batch", registry=r)
         self.waiting = Gauge("gateway_queue_waiting_sequences", "Generations waiting for a batch slot", registry=r)
         self.step_rows = Histogram(
@@ -169,6 +185,11 @@ class GatewayMetrics:
             "Circuit breaker around Triton steps: 0 closed, 1 half-open, 2 open",
             registry=r,
         )
+
+    def _define_vllm_scheduler_series(self, r: CollectorRegistry) -> None:
+        """vLLM's names for the scheduler's gauges, its KV-cache usage and queue time, labelled by
+        `model_name`."""
+        labels = ["model_name"]
         self.vllm_running = Gauge(
             "vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=r
         )
@@ -188,10 +209,6 @@ class GatewayMetrics:
             buckets=_VLLM_REQUEST_BUCKETS,
             registry=r,
         )
-        self.set_model(model_name, kv_capacity=kv_capacity)
-        # Multiprocess mode writes every process's values to the shared directory, this worker's
-        # idle scheduler series too: they are left out of the sum (the core's are appended).
-        self._engine_families = frozenset(m.name for m in self.engine_registry.collect())
 
     def set_model(self, model_name: str, *, kv_capacity: int | None = None) -> None:
         """Bind the `vllm:*` series to the served model (and its KV slots, when known)."""

@@ -346,8 +346,9 @@ def _select(
     ``z`` is a top-K window with ``n_trusted`` trusted entries and NeedFullRow is raised whenever
     the answer could depend on what lies outside it. Both modes run the same arithmetic on the
     same leading values, so where the window answers it answers what the full row would.
+
+    The cuts run in order top-k -> top-p -> min-p, each on what the previous kept, then the draw.
     """
-    n = z.shape[0]
     if params.temperature == 0.0:
         if n_trusted == 0:
             raise NeedFullRow("greedy_tie")
@@ -355,79 +356,100 @@ def _select(
 
     p = np.exp(z - lse)
     cum = p.cumsum()  # sequential sums: a window's prefix sums equal the full row's bitwise
-    top_p_on = params.top_p < 1.0
-    min_p_on = params.min_p > 0.0
 
-    # Number of kept candidates once decided; None while the cut may lie beyond the window
-    # (window mode) or nothing was truncated (no top-k / top-p / min-p at all).
+    # `cut`: number of kept candidates once decided; None while it may lie beyond the window
+    # (then `beyond` names the cut that does: "top_p" or "min_p") or nothing was truncated.
     cut: int | None = None
+    beyond: str | None = None
     if params.top_k > 0:
-        k = params.top_k
-        if k > n_trusted:
-            # The k-th value ties with the window edge: outside ties would also be kept.
-            if not complete:
-                raise NeedFullRow("top_k")
-            k = n
-        kth = z[k - 1]
-        cut = int((-z).searchsorted(-kth, side="right"))  # every z >= kth
+        cut = _top_k_cut(z, params.top_k, n_trusted, complete=complete)
+    if params.top_p < 1.0:
+        cut, beyond = _top_p_cut(cum, params.top_p, cut, complete=complete)
+    if params.min_p > 0.0:
+        cut, beyond = _min_p_cut(z, params.min_p, cut, beyond, complete=complete)
+    idx = _draw(p, cum, u, cut, beyond, params.top_p, complete=complete)
+    if idx >= n_trusted:
+        raise NeedFullRow("tie_at_window_edge")
+    return idx
 
-    top_p_open = False
-    if top_p_on:
-        limit = n if cut is None else cut
-        base = 1.0 if cut is None else float(cum[cut - 1])
-        j = int(cum[:limit].searchsorted(params.top_p * base, side="left"))
-        if j < limit:
-            cut = j + 1  # the first token whose cumulative mass reaches top_p is the last kept
-        elif cut is None:
-            if complete:
-                cut = n  # rounding left the whole row's mass below top_p: keep everything
-            else:
-                top_p_open = True  # the cut is beyond the window
-        # (with top-k on, cum[cut-1] >= top_p * cum[cut-1] always, so j < limit)
 
-    min_p_open = False
-    if min_p_on:
-        limit = n if cut is None else cut
-        threshold = z[0] + math.log(params.min_p)
-        m = int((-z[:limit]).searchsorted(-threshold, side="right"))  # every z >= threshold
-        if m < limit:
-            # An entry (possibly an edge tie: its value is known) falls below the threshold, so
-            # the final cut is m even if top-p's own cut lies beyond the window.
-            cut = m
-            top_p_open = False
-        elif cut is None:
-            if complete:
-                cut = n
-            else:
-                min_p_open = True
+def _top_k_cut(z: _F64, k: int, n_trusted: int, *, complete: bool) -> int:
+    """Top-k: how many candidates of ``z`` are kept, every one >= the k-th value (its ties too)."""
+    if k > n_trusted:
+        # The k-th value ties with the window edge: outside ties would also be kept.
+        if not complete:
+            raise NeedFullRow("top_k")
+        k = z.shape[0]
+    kth = z[k - 1]
+    return int((-z).searchsorted(-kth, side="right"))  # every z >= kth
 
-    if cut is not None and not top_p_open:
+
+def _top_p_cut(cum: _F64, top_p: float, cut: int | None, *, complete: bool) -> tuple[int | None, str | None]:
+    """Top-p over the first ``cut`` candidates (None: all): (cut, beyond) as in ``_select``.
+
+    The kept candidates end at the first whose cumulative mass, relative to what top-k kept,
+    reaches ``top_p``."""
+    n = cum.shape[0]
+    limit = n if cut is None else cut
+    base = 1.0 if cut is None else float(cum[cut - 1])
+    j = int(cum[:limit].searchsorted(top_p * base, side="left"))
+    if j < limit:
+        return j + 1, None  # the first token whose cumulative mass reaches top_p is the last kept
+    if cut is None:
+        if complete:
+            return n, None  # rounding left the whole row's mass below top_p: keep everything
+        return None, "top_p"  # the cut is beyond the window
+    # (with top-k on, cum[cut-1] >= top_p * cum[cut-1] always, so j < limit)
+    return cut, None
+
+
+def _min_p_cut(
+    z: _F64, min_p: float, cut: int | None, beyond: str | None, *, complete: bool
+) -> tuple[int | None, str | None]:
+    """Min-p over the first ``cut`` candidates (None: all, ``beyond`` saying why): keeps those
+    with probability >= min_p times the most likely's. Returns (cut, beyond) as in ``_select``."""
+    n = z.shape[0]
+    limit = n if cut is None else cut
+    threshold = z[0] + math.log(min_p)
+    m = int((-z[:limit]).searchsorted(-threshold, side="right"))  # every z >= threshold
+    if m < limit:
+        # An entry (possibly an edge tie: its value is known) falls below the threshold, so
+        # the final cut is m even if top-p's own cut lies beyond the window.
+        return m, None
+    if cut is None:
+        if complete:
+            return n, beyond
+        return None, beyond or "min_p"  # an open top-p cut keeps precedence in the draw
+    return cut, beyond
+
+
+def _draw(p: _F64, cum: _F64, u: float, cut: int | None, beyond: str | None, top_p: float, *, complete: bool) -> int:
+    """The candidate ``u`` picks by inverse CDF over the kept ones (``cut``, ``beyond`` as in
+    ``_select``), or NeedFullRow when that depends on what lies beyond the window."""
+    n = cum.shape[0]
+    if cut is not None:
         total = float(cum[cut - 1])
         idx = int(cum[:cut].searchsorted(u * total, side="right"))
-        if idx >= cut:
-            idx = _last_positive(cum, cut)
-    elif cut is None and not (top_p_open or min_p_open):
+        return _last_positive(cum, cut) if idx >= cut else idx
+    if beyond is None:
         # No truncation: the distribution is normalised by the server's logsumexp (total 1).
         idx = int(cum.searchsorted(u, side="right"))
         if idx >= n:
             if not complete:
                 raise NeedFullRow("draw_beyond_window")
             idx = _last_positive(cum, n)
-    elif top_p_open:
+        return idx
+    if beyond == "top_p":
         # The kept total lies in [cum[-1], top_p + p_min): every candidate beyond the window has
         # mass <= p_min and the mass before the last kept one is < top_p. If u times both bounds
         # picks the same candidate, so does u times the true total (both maps are monotone).
         lo = float(cum[-1])
-        hi = (params.top_p + float(p[-1])) * (1.0 + _BOUND_SLACK)
+        hi = (top_p + float(p[-1])) * (1.0 + _BOUND_SLACK)
         idx = int(cum.searchsorted(u * lo, side="right"))
         if idx != int(cum.searchsorted(u * hi, side="right")) or idx >= n:
             raise NeedFullRow("top_p")
-    else:
-        raise NeedFullRow("min_p")  # min-p's cut is beyond the window: its total is unknown
-
-    if idx >= n_trusted:
-        raise NeedFullRow("tie_at_window_edge")
-    return idx
+        return idx
+    raise NeedFullRow("min_p")  # min-p's cut is beyond the window: its total is unknown
 
 
 def _last_positive(cum: _F64, n: int) -> int:

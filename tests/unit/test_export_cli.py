@@ -70,7 +70,9 @@ def test_versions_count_up_and_metadata_records_parity(tmp_path: Path, capsys: p
         "model.onnx",
         "model.py",
         "step_model/engine.py",
-        "step_model/contract.py",
+        "step_model/contract/__init__.py",
+        "step_model/contract/graph_io.py",
+        "step_model/contract/model_config.py",
         "tokenizer",
         "metadata.json",
     ):

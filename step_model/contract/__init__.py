@@ -1,9 +1,16 @@
-"""The step model's wire contract: the one place its tensor names, dtypes, row statuses, request
-parameters and metadata keys are written down.
+"""The step model's contract: the one place its wire tensors, dtypes, row statuses, request
+parameters, config parameters, metadata keys and ONNX graph names are written down.
 
-Imported by the exporter (config.pbtxt, metadata.json), the Triton model (`triton_model.py`), the
-engine and the gateway's Triton client, so the three deployables (build time, inside Triton, the
-gateway) cannot drift apart. Pure Python: importing it pulls in neither torch nor ONNX Runtime.
+Imported by the exporter (the graph, config.pbtxt, metadata.json), the Triton model
+(`triton_model.py`), the engine and the gateway (its Triton client, its reader of metadata.json
+and config.pbtxt), so the three deployables (build time, inside Triton, the gateway) cannot drift
+apart; each ships this package (the exporter copies it into every model version, the gateway's
+image copies it beside `frontend/`). Pure Python: importing it pulls in neither torch nor ONNX
+Runtime, nor anything outside the standard library.
+
+- this module: the Triton wire contract below, config parameter keys, metadata keys, file names;
+- `graph_io`: the ONNX graph's own input and output names (exporter and engine);
+- `model_config`: config.pbtxt's `parameters`, written and read (exporter, gateway, Triton model).
 
 A step request carries N rows (the batch dimension), one per sequence:
 
@@ -45,6 +52,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 from typing import Final
+
+from step_model.contract import graph_io, model_config
+
+__all__ = ["graph_io", "model_config"]  # the submodules; the names below are the wire contract
 
 # ------------------------------------------------------------------------ tensors
 SEQUENCE_ID: Final = "SEQUENCE_ID"
@@ -137,7 +148,8 @@ class ErrorCode:
 
 
 # ------------------------------------------------------------------------ model config parameters
-# config.pbtxt `parameters`, each overridable at serve time by the environment variable GPT2_<KEY>.
+# config.pbtxt `parameters` (written and read by `model_config`), each overridable at serve time by
+# the environment variable `model_config.env_name(key)` (GPT2_<KEY>).
 CONFIG_KV_CAPACITY: Final = "kv_capacity"
 CONFIG_IDLE_TIMEOUT_S: Final = "idle_timeout_s"
 CONFIG_DEFAULT_WINDOW: Final = "default_window"
@@ -154,6 +166,11 @@ META_MAX_CONTEXT: Final = "max_context"
 META_DTYPE: Final = "dtype"
 META_EOS_TOKEN_ID: Final = "eos_token_id"
 META_SOURCE: Final = "source"
+# Written for people and tools (the engine and the gateway do not read them):
+META_N_EMBD: Final = "n_embd"
+META_PARITY: Final = "parity"  # the exporter's parity check against transformers
+META_EXPORTED_AT: Final = "exported_at"
+META_VERSION: Final = "version"
 
 # Files of a model version (besides the package copy of this directory).
 VERSION_ONNX: Final = "model.onnx"
