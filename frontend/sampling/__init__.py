@@ -17,6 +17,7 @@ from frontend.sampling.sampler import (
     Sampled,
     SamplingParams,
     StepLogits,
+    drawn,
     sample,
     window_size,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Sampled",
     "SamplingParams",
     "StepLogits",
+    "drawn",
     "logit_adjustment",
     "sample",
     "sample_adjusted_batch",

@@ -98,6 +98,7 @@ __all__ = [
     "Sampled",
     "SamplingParams",
     "StepLogits",
+    "drawn",
     "sample",
     "window_size",
 ]
@@ -281,6 +282,27 @@ def sample(
     token = int(merged_ids[j])
     top = tuple((int(raw_ids[i]), float(raw[i] - lse)) for i in range(params.logprobs))
     return Sampled(token, _raw_logit(token, adjustment.ids, extra, sorted_ids, z) - lse, top)
+
+
+def drawn(step: StepLogits, params: SamplingParams, token_id: int, logit: float) -> Sampled:
+    """The result of a step the server drew on the device (contract.DRAWN_IDS / DRAWN_LOGITS: the
+    token the full-row path of :func:`sample` picks for the same ``u``), with the reported
+    alternatives from the window, as :func:`sample` reports them.
+
+    Raises:
+        NeedFullRow: ``params.logprobs`` alternatives are not all trusted in the window.
+    """
+    lse = float(step.logsumexp)
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs > 0:
+        logits = np.asarray(step.topk_logits)
+        ids = np.asarray(step.topk_ids)
+        order = np.lexsort((ids, -logits))
+        z = logits[order].astype(np.float64)
+        if params.logprobs > _trusted_count(z):
+            raise NeedFullRow("logprobs")
+        top = tuple((int(ids[order[i]]), float(z[i] - lse)) for i in range(params.logprobs))
+    return Sampled(int(token_id), float(logit) - lse, top)
 
 
 def _raw_logit(token: int, adjusted_ids: _I64, extra: _F64, window_ids: _I64, window: _F64) -> float:

@@ -94,3 +94,25 @@ def test_rows_not_asked_are_never_drawn() -> None:
     values, _ = torch.topk(torch.from_numpy(z), WINDOW, dim=1)
     columns = _columns(SamplingParams(top_p=0.5), np.full(4, -1.0))
     assert not needs_draw(columns, values.numpy(), _lse(z)).any()
+
+
+def test_a_drawn_step_reports_what_the_full_row_path_reports() -> None:
+    """`frontend.sampling.drawn`: the device's token with its logprob and the window's reported
+    alternatives equals `sample` on the full row (logprobs 3), for every row the device draws."""
+    from frontend.sampling import drawn
+
+    rng = np.random.default_rng(11)
+    z = _rows(rng, 32, spread=1.0, fp16=False)
+    lse = _lse(z)
+    values, ids = torch.topk(torch.from_numpy(z), WINDOW, dim=1)
+    params = SamplingParams(temperature=0.7, top_p=0.9, logprobs=3)
+    u = rng.random(32)
+    columns = _columns(params, u)
+    rows = np.flatnonzero(needs_draw(columns, values.numpy(), lse))
+    assert rows.size > 16  # flat rows: the nucleus is wider than the window
+    tokens, logits = draw_rows(torch.from_numpy(z[rows]), torch.from_numpy(lse[rows]), torch.from_numpy(columns[rows]))
+    for j, i in enumerate(rows):
+        window = StepLogits(values[i].numpy(), ids[i].numpy(), float(lse[i]))
+        got = drawn(window, params, int(tokens[j]), float(logits[j]))
+        full = StepLogits(values[i].numpy(), ids[i].numpy(), float(lse[i]), full_logits=z[i])
+        assert got == sample(full, params, float(u[i]))
