@@ -90,9 +90,27 @@ def prefill_request(ids: Sequence[int], prompts: np.ndarray, temperature: float 
     return _rows_request(ids, prompts, start=True, end=False, temperature=temperature, window=window)
 
 
-def decode_request(ids: Sequence[int], tokens: np.ndarray, temperature: float = 0.8, window: int = 64) -> Any:
-    """One decode step for live sequences `ids`, one new token each (tokens [N, 1])."""
-    return _rows_request(ids, tokens, start=False, end=False, temperature=temperature, window=window)
+def decode_request(
+    ids: Sequence[int], tokens: np.ndarray, temperature: float = 0.8, window: int = 64, draw: np.ndarray | None = None
+) -> Any:
+    """One decode step for live sequences `ids`, one new token each (tokens [N, 1]); `draw`: the
+    rows' DRAW columns [N, 4] (u, top_p, top_k, min_p), a device draw where the window falls short."""
+    request = _rows_request(ids, tokens, start=False, end=False, temperature=temperature, window=window)
+    request.draw = draw
+    return request
+
+
+def parse_draw(text: str) -> tuple[float, float, float] | None:
+    """--draw "top_p=0.9[,top_k=K][,min_p=M]" -> (top_p, top_k, min_p); "" -> None."""
+    if not text:
+        return None
+    values = {"top_p": 1.0, "top_k": 0.0, "min_p": 0.0}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in values:
+            raise ValueError(f"--draw takes top_p, top_k and min_p, got {key!r}")
+        values[key.strip()] = float(value)
+    return values["top_p"], values["top_k"], values["min_p"]
 
 
 def release_request(ids: Sequence[int]) -> Any:
@@ -183,6 +201,7 @@ def measure(
     out: Path,
     seed: int,
     log: Callable[[str], None],
+    draw: tuple[float, float, float] | None = None,
 ) -> list[RowsResult]:
     """Prefill, warm up, time and (optionally) profile every N in `rows`; see the module docstring."""
     import torch
@@ -208,7 +227,10 @@ def measure(
         prefill_s = time.perf_counter() - t0
 
         def one_step(ids: list[int] = ids, n: int = n) -> float:
-            request = decode_request(ids, rng.integers(0, vocab_size, (n, 1)))
+            columns = None
+            if draw is not None:  # every row asks: a fresh uniform each step, the same cuts
+                columns = np.column_stack((rng.random(n), np.tile(np.asarray(draw), (n, 1))))
+            request = decode_request(ids, rng.integers(0, vocab_size, (n, 1)), draw=columns)
             sync()
             t0 = time.perf_counter()
             res = engine.step([request])
@@ -320,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-kw", action="append", default=[], metavar="KEY=VALUE", help="extra StepEngine argument")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", help="suffix for the output file names")
+    p.add_argument(
+        "--draw",
+        default="",
+        help='every decode row asks for a device draw with these cuts, e.g. "top_p=0.9" (the seed\'s request)',
+    )
     return p
 
 
@@ -335,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = parse_rows(args.rows)
         profile = parse_rows(args.profile)
         extra_kw = parse_engine_kw(args.engine_kw)
+        draw = parse_draw(args.draw)
     except ValueError as err:
         parser.error(str(err))
     if not rows:
@@ -369,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         seed=args.seed,
         log=_log,
+        draw=draw,
     )
     cuda = device.startswith("cuda")
     extra = {
@@ -377,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": f"{args.version_dir} ({meta.dtype}, {meta.n_layer} layers, vocab {meta.vocab_size})",
         "capacity": capacity,
         "engine arguments": extra_kw or "defaults",
+        "device draws": args.draw or "none",
+        "drawn rows": getattr(getattr(engine, "stats", None), "drawn_rows_total", "n/a"),
         "cuda graphs": getattr(engine, "cuda_graphs", "n/a"),
         "engine set-up s": round(setup_s, 2),
         "torch": torch.__version__,

@@ -56,6 +56,7 @@ def test_cpu_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [str(repo / "tiny" / "1"), "--rows", "1,3", "--steps", "4", "--warmup", "1", "--prompt-tokens", "8"]
     argv += ["--profile", "3", "--capacity", "4", "--device", "cpu", "--out", str(out), "--tag", "smoke"]
+    argv += ["--draw", "top_p=0.9"]  # every decode row asks for a device draw (the seed's request)
     assert engine_bench.main(argv) == 0
     report = json.loads((out / "engine_bench-smoke.json").read_text())
     assert set(report["rows"]) == {"1", "3"}
@@ -67,3 +68,5 @@ def test_cpu_smoke_run(tmp_path: Path) -> None:
     assert (out / "profile_N3.txt").stat().st_size > 0 and not (out / "profile_N1.txt").exists()
     assert "| 3 | 8 |" in (out / "engine_bench-smoke.md").read_text()
     assert len((out / "engine_bench-smoke.csv").read_text().splitlines()) == 1 + 2 * 4
+    # The tiny model's random rows: the nucleus is wider than the window, so rows were drawn.
+    assert report["environment"]["device draws"] == "top_p=0.9" and report["environment"]["drawn rows"] > 0
