@@ -65,11 +65,13 @@ async def chunk_events(
     streams, in arrival order; with `include_usage` (`stream_options`) `"usage": null` in each of
     them and a last chunk with no choices and the usage (each prompt counted once: the `n` choices
     of a prompt share it); then `[DONE]`. `envelope(choices, usage)` makes a chunk's JSON object,
-    with the nulls its endpoint leaves out. A failure raises out of here, for `openai_sse` to send
+    with the nulls its endpoint leaves out; every choice carries `logprobs` and `finish_reason`,
+    null or not, as OpenAI's chunks do. A failure raises out of here, for `openai_sse` to send
     as the last event; closing this cancels the choices still running."""
 
     def event(chunk_choices: list[C], usage_: oai.Usage | None = None) -> ServerSentEvent:
         data = envelope(chunk_choices, usage_)
+        data["choices"] = [_with_nulls(choice) for choice in data["choices"]]
         if include_usage and usage_ is None:
             data["usage"] = None
         return ServerSentEvent(sse_json(data))
@@ -88,6 +90,12 @@ async def chunk_events(
     if include_usage:
         yield event([], usage(prompt_tokens, completion_tokens))
     yield ServerSentEvent("[DONE]")
+
+
+def _with_nulls(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's choice with `logprobs` and `finish_reason` last, null or not (OpenAI's order)."""
+    rest = {k: v for k, v in choice.items() if k not in ("logprobs", "finish_reason")}
+    return {**rest, "logprobs": choice.get("logprobs"), "finish_reason": choice.get("finish_reason")}
 
 
 # ------------------------------------------------------------------------------------ models
