@@ -21,6 +21,7 @@ from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
 from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.observability.requests import current_request
 from frontend.settings import Settings
 
 
@@ -193,6 +194,19 @@ def echo_logprobs(
     return oai.LogProbs(tokens=tokens, token_logprobs=list(values), top_logprobs=tops, text_offset=offsets)
 
 
+async def _prompt_alone(request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    """`echo` with `max_tokens` 0 and no `logprobs`: the echoed prompt is the whole answer (as vLLM
+    answers it), so the engine is not asked; the engine would sample one token for a 0-token
+    generation that asks no prompt logprobs."""
+    prompt_tokens = len(request.prompt_ids)
+    record = current_request()
+    if record is not None:
+        record.add_generation(prompt_tokens=prompt_tokens, generated_tokens=0)
+    yield Completion(
+        text="", token_ids=[], finish_reason="length", prompt_tokens=prompt_tokens, completion_tokens=0, cached=False
+    )
+
+
 async def create_completion(
     body: oai.CompletionRequest, service: GenerationService, settings: Settings, *, timeout_s: float | None
 ) -> oai.Completion | EventSourceResponse:
@@ -200,7 +214,10 @@ async def create_completion(
     plan = plan_completion(body, service, timeout_s)
     completion_id = f"cmpl-{secrets.token_hex(12)}"
     created = int(time.time())
-    streams = [service.stream(c.request) for c in plan]
+    if body.echo and body.max_tokens == 0 and body.logprobs is None:
+        streams = [_prompt_alone(c.request) for c in plan]  # nothing to compute: no step, no KV slot
+    else:
+        streams = [service.stream(c.request) for c in plan]
     if body.stream:
         # Raises here, before any byte, when no choice could start: a plain JSON error.
         merged = await merge_streams(streams)
