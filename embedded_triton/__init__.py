@@ -6,6 +6,6 @@ the running Python), starts the binary on a model repository with the environmen
 project's numpy/onnxruntime/torch), waits until it is ready and stops it cleanly.
 """
 
-from embedded_triton.server import StopFlag, TritonNotReady, TritonPorts, TritonServer, find_wheel
+from embedded_triton.server import PortInUse, StopFlag, TritonNotReady, TritonPorts, TritonServer, find_wheel
 
-__all__ = ["StopFlag", "TritonNotReady", "TritonPorts", "TritonServer", "find_wheel"]
+__all__ = ["PortInUse", "StopFlag", "TritonNotReady", "TritonPorts", "TritonServer", "find_wheel"]

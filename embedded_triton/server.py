@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import secrets
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,8 +42,46 @@ class StopFlag:
         return self.requested
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel send `sig` to the child when this process dies, even by
+    SIGKILL (Linux only: prctl(PR_SET_PDEATHSIG); elsewhere it does nothing). Without it a killed
+    launcher leaves tritonserver holding its ports, and the next start fails "Address already in use".
+    The signal follows the THREAD that forked: start children from a thread that outlives them."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
 class TritonNotReady(RuntimeError):
     """tritonserver exited or did not become ready in time; the message carries its log tail."""
+
+
+class PortInUse(TritonNotReady):
+    """A port we are to serve on is taken before we start (another tritonserver, say): starting
+    anyway would have our server exit while the other one answers our readiness checks."""
+
+
+def port_in_use(port: int, address: str = "127.0.0.1") -> bool:
+    """Whether binding `address:port` fails now. SO_REUSEADDR as servers set it: a port left in
+    TIME_WAIT by a server that just stopped counts as free, a listening one does not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -118,6 +158,7 @@ class TritonServer:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         address: str = "127.0.0.1",
+        port_settings: dict[str, str] | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.address = address  # loopback by default: Triton has no authentication of its own
@@ -126,6 +167,13 @@ class TritonServer:
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.env = env or {}
+        # How a user changes each port, for the error when one is taken (this default: the flags
+        # of `python -m embedded_triton`; `make run` passes its own).
+        self.port_settings = port_settings or {
+            "HTTP": "--http-port",
+            "gRPC": "--grpc-port",
+            "metrics": "--metrics-port",
+        }
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: object = None
         # The Python backend names its /dev/shm regions <prefix><n>: a prefix of our own lets
@@ -177,7 +225,17 @@ class TritonServer:
         ]
         return args, env
 
+    def check_ports(self) -> None:
+        """Raise PortInUse naming the first of our ports that is taken, and the setting to change."""
+        for name, port in (("HTTP", self.ports.http), ("gRPC", self.ports.grpc), ("metrics", self.ports.metrics)):
+            if port_in_use(port, self.address):
+                raise PortInUse(
+                    f"Triton's {name} port {port} on {self.address} is already in use (another tritonserver?): "
+                    f"stop what holds it or choose another port with {self.port_settings[name]}"
+                )
+
     def start(self, timeout_s: float = 120.0) -> TritonServer:
+        self.check_ports()
         args, env = self.command()
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +243,14 @@ class TritonServer:
             out = self._log_file
         else:
             out = None
-        self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # type: ignore[arg-type]
+        self.process = subprocess.Popen(
+            args,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: stop() signals the server and its stubs together
+            preexec_fn=die_with_parent(),  # and it dies with us, even if we are SIGKILLed
+        )
         self.wait_ready(timeout_s)
         return self
 
@@ -201,8 +266,8 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise TritonNotReady(f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}")
-            if self.is_ready():
-                return
+            if self.is_ready() and self.process is not None and self.process.poll() is None:
+                return  # ready, and (checked after) still ours: a server that lost a port race exits
             time.sleep(0.2)
         self.stop()
         raise TritonNotReady(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")

@@ -27,9 +27,23 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from embedded_triton.server import StopFlag, TritonNotReady, TritonPorts, TritonServer
+from embedded_triton.server import (
+    PortInUse,
+    StopFlag,
+    TritonNotReady,
+    TritonPorts,
+    TritonServer,
+    die_with_parent,
+    port_in_use,
+)
 
 BANNER = "=" * 78
+# How a user of `make run` moves each Triton port (the variables are read by this module's flags).
+PORT_SETTINGS = {
+    "HTTP": "TRITON_HTTP_PORT=... (make run) or --triton-http-port",
+    "gRPC": "TRITON_GRPC_PORT=... (make run) or --triton-grpc-port",
+    "metrics": "TRITON_METRICS_PORT=... (make run) or --triton-metrics-port",
+}
 
 
 def has_version(repository: Path, model: str) -> bool:
@@ -105,10 +119,10 @@ def export_default(repository: Path, model: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], stop: StopFlag, timeout_s: float) -> bool:
-    """Poll the gateway's readiness until it answers 200, exits, or the time is up."""
+def wait_ready(url: str, processes: list[subprocess.Popen[bytes]], stop: StopFlag, timeout_s: float) -> bool:
+    """Poll the gateway's readiness until it answers 200, one of `processes` exits, or the time is up."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not stop.requested and process.poll() is None:
+    while time.monotonic() < deadline and not stop.requested and all(p.poll() is None for p in processes):
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -119,62 +133,35 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], stop: StopFlag, timeo
     return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m embedded_triton.stack", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2")
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT") or 8000))
-    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT") or 8001))
-    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT") or 8002))
-    args = p.parse_args(argv)
+def ports_taken(triton: TritonServer, port: int) -> str | None:
+    """The first of the stack's ports (Triton's three, the gateway's) already in use, as an error
+    naming it and the setting that moves it; None when all are free."""
+    gateway_host = os.environ.get("GATEWAY_HOST") or "127.0.0.1"
+    try:
+        triton.check_ports()
+    except PortInUse as err:
+        return str(err)
+    if port_in_use(port, gateway_host):
+        return (
+            f"the gateway's port {port} on {gateway_host} is already in use: "
+            "stop what holds it or choose another port with PORT=... (make run) or --port"
+        )
+    return None
 
-    if not has_version(args.repository, args.model):
-        try:
-            export_default(args.repository, args.model)
-        except subprocess.CalledProcessError as err:
-            print(f"error: exporting the default model failed ({err.returncode})", file=sys.stderr)
-            return 1
-    ports = TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
-    log_path = Path("build") / "triton.log"
-    triton = TritonServer(args.repository, ports=ports, log_path=log_path)
-    print(f"starting tritonserver on {args.repository} (log: {log_path}) ...", flush=True)
-    try:
-        triton.start(timeout_s=600)
-    except TritonNotReady as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    env = dict(
-        os.environ,
-        GATEWAY_TRITON_URL=triton.grpc_url,
-        GATEWAY_MODEL=args.model,
-        GATEWAY_REPOSITORY=str(args.repository.resolve()),
+
+def start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # Its own session: the terminal's SIGINT reaches only this process, which forwards one.
+    # SIGTERM when this process dies, even SIGKILLed: the gateway drains and stops, not orphaned.
+    return subprocess.Popen(
+        [sys.executable, "-m", "frontend", "--port", str(port)],
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
-    stop = StopFlag()  # before the gateway starts: from here a Ctrl-C is a request, not an exception
-    try:
-        # Its own session: the terminal's SIGINT reaches only this process, which forwards one.
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "frontend", "--port", str(args.port)], env=env, start_new_session=True
-        )
-    except OSError:
-        triton.stop()
-        raise
-    base = f"http://127.0.0.1:{args.port}"
-    code = 0
-    if wait_ready(f"{base}/health/ready", gateway, stop, timeout_s=180):
-        urls = f"(docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)"
-        print(
-            f"\n{BANNER}\n  gateway      {base}  {urls}\n"
-            f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
-            f"  Ctrl-C stops both.\n{BANNER}\n",
-            flush=True,
-        )
-        if random_weights_source(args.repository, args.model):
-            print(random_weights_warning(args.model), flush=True)
-    elif not stop.requested:
-        print("error: the gateway did not become ready (see its log above)", file=sys.stderr)
-        stop.requested = True
-        code = 1
+
+
+def serve(gateway: subprocess.Popen[bytes], triton: TritonServer, stop: StopFlag, code: int) -> int:
+    """Until Ctrl-C or a child exits; then stop the gateway (it drains) and tritonserver, once each."""
     try:
         while not stop.wait(0.5):
             if gateway.poll() is not None:
@@ -199,6 +186,73 @@ def main(argv: list[str] | None = None) -> int:
         triton.stop()
         print("stopped.", flush=True)
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedded_triton.stack", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT") or 8000))
+    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT") or 8001))
+    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT") or 8002))
+    args = p.parse_args(argv)
+
+    ports = TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
+    log_path = Path("build") / "triton.log"
+    triton = TritonServer(args.repository, ports=ports, log_path=log_path, port_settings=PORT_SETTINGS)
+    # Every port before any work: a taken one would otherwise surface as a gateway waiting minutes
+    # on a readiness answered by whatever holds it.
+    taken = ports_taken(triton, args.port)
+    if taken:
+        print(f"error: {taken}", file=sys.stderr)
+        return 1
+    if not has_version(args.repository, args.model):
+        try:
+            export_default(args.repository, args.model)
+        except subprocess.CalledProcessError as err:
+            print(f"error: exporting the default model failed ({err.returncode})", file=sys.stderr)
+            return 1
+    print(f"starting tritonserver on {args.repository} (log: {log_path}) ...", flush=True)
+    try:
+        triton.start(timeout_s=600)
+    except TritonNotReady as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    env = dict(
+        os.environ,
+        GATEWAY_TRITON_URL=triton.grpc_url,
+        GATEWAY_MODEL=args.model,
+        GATEWAY_REPOSITORY=str(args.repository.resolve()),
+    )
+    stop = StopFlag()  # before the gateway starts: from here a Ctrl-C is a request, not an exception
+    try:
+        gateway = start_gateway(args.port, env)
+    except OSError:
+        triton.stop()
+        raise
+    base = f"http://127.0.0.1:{args.port}"
+    code = 0
+    children = [gateway] + ([triton.process] if triton.process is not None else [])
+    if wait_ready(f"{base}/health/ready", children, stop, timeout_s=180):
+        urls = f"(docs {base}/docs, ready {base}/health/ready, metrics {base}/metrics)"
+        print(
+            f"\n{BANNER}\n  gateway      {base}  {urls}\n"
+            f"  triton       grpc {triton.grpc_url}, http {triton.http_url}, metrics {triton.metrics_url}\n"
+            f"  Ctrl-C stops both.\n{BANNER}\n",
+            flush=True,
+        )
+        if random_weights_source(args.repository, args.model):
+            print(random_weights_warning(args.model), flush=True)
+    elif not stop.requested:
+        triton_died = triton.process is None or triton.process.poll() is not None
+        tail = f"tritonserver exited before the gateway was ready\n{triton.log_tail()}"
+        print(
+            f"error: {tail if triton_died else 'the gateway did not become ready (see its log above)'}", file=sys.stderr
+        )
+        stop.requested = True
+        code = 1
+    return serve(gateway, triton, stop, code)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """`python -m frontend`: serve the gateway with uvicorn (settings from GATEWAY_* variables).
 
-With `--workers N` (N > 1) the scheduler runs in ONE engine-core process (frontend.engine.core)
-started first; the N uvicorn workers parse, tokenize, detokenize and stream, and reach it at the
-ipc:// address passed to them as GATEWAY_ENGINE_CORE_URL. Ctrl-C / SIGTERM: every worker drains
-(`DrainingServer`, as a single process does) and closes, then the core closes (releasing every KV
-slot on Triton).
+With `--workers N` (N > 1) the scheduler runs in ONE engine-core process (frontend.engine.core),
+started first, in the background: the workers listen at once and answer as one process does while
+the core waits for Triton (live 200, ready 503 `starting`). The N uvicorn workers parse, tokenize,
+detokenize and stream, and reach the core at the ipc:// address passed to them as
+GATEWAY_ENGINE_CORE_URL. Ctrl-C / SIGTERM: every worker drains (`DrainingServer`, as a single
+process does) and closes, then the core closes (releasing every KV slot on Triton).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -20,6 +26,11 @@ from frontend.draining import DrainingMultiprocess, DrainingServer
 from frontend.observability.logs import configure_logging, uvicorn_log_config
 from frontend.observability.multiprocess import multiprocess_dir
 from frontend.settings import Settings
+
+if TYPE_CHECKING:
+    from frontend.engine.core import EngineCoreProcess
+
+UNBOUNDED_S = 10 * 365 * 86400.0  # "no deadline", as a number every timer accepts
 
 
 def main() -> None:
@@ -56,38 +67,62 @@ def main() -> None:
 def _serve_with_engine_core(settings: Settings, workers: int) -> None:
     from frontend.engine.core import EngineCoreProcess
 
-    core = EngineCoreProcess(settings)
-    try:
-        core.start()  # returns once Triton is reached and the warm-up step ran
-    except KeyboardInterrupt:
-        core.stop()
-        raise SystemExit(130) from None
-    # Worker processes build their own app from the same GATEWAY_* environment, plus the core's address.
+    # The workers listen at once, as one process does (live 200, ready 503 `starting`), while the
+    # core waits for Triton; without a deadline, as one process retries its start until it succeeds.
+    core = EngineCoreProcess(settings.model_copy(update={"startup_timeout_s": UNBOUNDED_S}))
+    # Worker processes build their own app from the same GATEWAY_* environment, plus the core's
+    # address; they wait for the core's answer as long as it waits for Triton (a worker whose first
+    # wait timed out never became ready: frontend.engine.remote.RemoteEngine cannot start twice).
     os.environ["GATEWAY_ENGINE_CORE_URL"] = core.address
+    os.environ["GATEWAY_STARTUP_TIMEOUT_S"] = str(UNBOUNDED_S)
+    config = uvicorn.Config(
+        "frontend.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        **uvicorn_options(settings, workers=workers),
+        log_level="info",
+        access_log=False,
+        log_config=uvicorn_log_config(settings.log_format),
+    )
+    sock = config.bind_socket()
+    # Its signal handlers are in place before the core starts: a core that fails stops us with SIGTERM.
+    supervisor = DrainingMultiprocess(config, [sock], settings.drain_timeout_s)
+    failed, stopping = threading.Event(), threading.Event()
+    starting = threading.Thread(
+        target=_start_core, args=(core, failed, stopping), name="engine-core-start", daemon=True
+    )
+    starting.start()
     try:
-        config = uvicorn.Config(
-            "frontend.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=workers,
-            **uvicorn_options(settings, workers=workers),
-            log_level="info",
-            access_log=False,
-            log_config=uvicorn_log_config(settings.log_format),
-        )
-        sock = config.bind_socket()
-        # One metrics directory for this run's workers (set after the core started, which keeps its
-        # own series in memory): any worker's /metrics sums them all. Removed when they stopped.
+        # The core is spawned before PROMETHEUS_MULTIPROC_DIR is set (multiprocess_dir below): its
+        # scheduler series stay in its own memory (frontend.observability.multiprocess).
+        while starting.is_alive() and not any(p.name == "engine-core" for p in multiprocessing.active_children()):
+            time.sleep(0.01)
+        # One metrics directory for this run's workers: any worker's /metrics sums them all.
+        # Removed when they stopped.
         with multiprocess_dir():
-            try:
-                DrainingMultiprocess(config, [sock], settings.drain_timeout_s).run()
-            finally:
-                sock.close()
+            supervisor.run()
     finally:
-        core.stop()  # after the workers have drained and said goodbye
+        sock.close()
+        stopping.set()
+        core.stop()  # after the workers have drained and said goodbye (or while it still starts)
+        starting.join(10)
+    if failed.is_set():
+        raise SystemExit(3)  # the core could not start: the code of a failed gateway start-up
     if core.died:
         raise SystemExit(1)
+
+
+def _start_core(core: EngineCoreProcess, failed: threading.Event, stopping: threading.Event) -> None:
+    """Start the core (it returns once Triton is reached and a warm-up step ran); a core that
+    cannot start stops the gateway, as one that dies later does (SIGTERM: the workers drain)."""
+    try:
+        core.start()
+    except SystemExit:
+        if not stopping.is_set():
+            failed.set()
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from frontend.errors import error_body
+from frontend.observability.metrics import note_client_gone
 from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class CancelOnDisconnectMiddleware:
                 raise
             if not gone:
                 raise
+            note_client_gone(scope)  # counted and logged as 499, not as a 500
             log.info("client disconnected before the response; its generation was cancelled")
         except SendTimeoutError:
             # A stream whose reader stopped reading: sse-starlette closed the generator (which

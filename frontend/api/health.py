@@ -12,14 +12,19 @@ from pydantic import BaseModel
 from frontend.errors import ErrorResponse, error_body
 
 router = APIRouter(tags=["operations"])
+# HEAD beside GET on every probe (load balancers and uptime checkers send it); out of the schema,
+# where it would repeat the GET's operation.
+head = router.head
 
 
+@head("/health/live", include_in_schema=False)
 @router.get("/health/live")
 async def live() -> dict[str, str]:
     """The process is up and its event loop answers: 200 also while Triton is down or loading."""
     return {"status": "ok"}
 
 
+@head("/health/ready", include_in_schema=False)
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
     """Ready only when the engine has started, the gateway is not draining, the circuit breaker is
@@ -28,6 +33,7 @@ async def ready(request: Request) -> Response:
     return await _readiness(request)
 
 
+@head("/health", include_in_schema=False)
 @router.get(
     "/health",
     response_class=Response,
@@ -47,6 +53,7 @@ class Version(BaseModel):
     version: str
 
 
+@head("/version", include_in_schema=False)
 @router.get("/version", response_model=Version)
 async def version(request: Request) -> Version:
     """The gateway's version, as vLLM's /version."""

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -329,6 +330,22 @@ def route_template(scope: dict) -> str:  # type: ignore[type-arg]
     return "unmatched"
 
 
+# A client that went away before its response started: nginx's and vLLM's 499 ("client closed
+# request"), not the 500 a response that never started would otherwise be counted as. The ASGI
+# scope carries the mark (set by frontend.api.client_hygiene) to every middleware outside it.
+CLIENT_CLOSED_REQUEST = 499
+_CLIENT_GONE = "gateway.client_gone"
+
+
+def note_client_gone(scope: MutableMapping[str, Any]) -> None:
+    scope[_CLIENT_GONE] = True
+
+
+def unanswered_status(scope: Mapping[str, Any]) -> int:
+    """The status to count for a request whose response never started: 499 or 500."""
+    return CLIENT_CLOSED_REQUEST if scope.get(_CLIENT_GONE) else 500
+
+
 class MetricsMiddleware:
     """Counts requests by route template. A request is counted when its response STARTS (its
     status is known then), so a client that has its answer always finds it in the counter."""
@@ -361,5 +378,5 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            template = route_template(scope) if counted else count(500)
+            template = route_template(scope) if counted else count(unanswered_status(scope))
             self.metrics.request_duration.labels(template).observe(time.perf_counter() - started)

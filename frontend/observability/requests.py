@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from frontend.observability.metrics import route_template
+from frontend.observability.metrics import route_template, unanswered_status
 from frontend.observability.tracing import tag_current_span
 
 HEADER = "X-Request-Id"
@@ -129,12 +129,12 @@ class RequestContextMiddleware:
         _current.set(record)
         tag_current_span(record.request_id)
         header = (_HEADER_KEY, record.request_id.encode("ascii"))
-        status = 500
+        status: int | None = None
 
         async def send_wrapper(message: dict) -> None:  # type: ignore[type-arg]
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = int(message["status"])
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _HEADER_KEY]
                 message = {**message, "headers": [*headers, header]}
             await send(message)
@@ -144,7 +144,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             if self.access_log_enabled:
-                self._log(scope, record, status, time.perf_counter() - started)
+                # No response started: the 500 sent outside us, or 499 when the client left first.
+                final = unanswered_status(scope) if status is None else status
+                self._log(scope, record, final, time.perf_counter() - started)
 
     @staticmethod
     def _log(scope: dict[str, Any], record: RequestRecord, status: int, duration_s: float) -> None:  # type: ignore[type-arg]

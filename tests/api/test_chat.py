@@ -124,8 +124,9 @@ async def test_chat_stream_wire_format(client: httpx.AsyncClient) -> None:
 async def test_chat_stream_chunks_exactly(
     client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine, include_usage: bool
 ) -> None:
-    """A streamed chat's chunks byte for byte: every null left out (no `system_fingerprint`, no
-    `finish_reason` until the last), but with include_usage `"usage": null` in all but the last."""
+    """A streamed chat's chunks byte for byte: nulls left out (no `system_fingerprint`), but a
+    choice's `logprobs` and `finish_reason`, on every chunk as OpenAI sends them, and with
+    include_usage `"usage": null` in all but the last."""
     body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0}
     body |= {"logprobs": True, "top_logprobs": 1}
     if include_usage:
@@ -143,10 +144,10 @@ async def test_chat_stream_chunks_exactly(
         return {"content": [{**entry, "top_logprobs": [entry]}]}
 
     choices = [
-        [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
-        [{"index": 0, "delta": {"content": t0}, "logprobs": logprobs(t0, -0.25)}],
-        [{"index": 0, "delta": {"content": t1}, "logprobs": logprobs(t1, -0.5)}],
-        [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "delta": {"content": t0}, "logprobs": logprobs(t0, -0.25), "finish_reason": None}],
+        [{"index": 0, "delta": {"content": t1}, "logprobs": logprobs(t1, -0.5), "finish_reason": None}],
+        [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
     ]
     if include_usage:
         expected = [{**head, "choices": c, "usage": None} for c in choices]

@@ -221,3 +221,29 @@ async def test_streamed_echo_logprobs_come_before_the_generation_ends(app: FastA
     await fake.drain()
     fake.delay_s = 0
     assert fake.live == 0 and len(fake.submitted[-1].emitted) < 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_with_max_tokens_zero_and_no_logprobs_is_the_prompt_alone(
+    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel, stream: bool
+) -> None:
+    """vLLM's answer: the prompt, `finish_reason` length, no completion token, and no engine work
+    (the engine samples one token for a 0-token generation that asks no prompt logprobs)."""
+    prompts = ["Hello there", "Hi"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 0, "echo": True, "n": 2, "stream": stream}
+    body |= {"stream_options": {"include_usage": True}} if stream else {}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    prompt_tokens = sum(len(served_model.tokenizer(p)["input_ids"]) for p in prompts)
+    if stream:
+        events = parse_sse(r.text)
+        assert events[-1].data == "[DONE]"
+        chunks = [e.json() for e in events[:-1]]
+        choices = sorted((c["choices"][0] for c in chunks if c["choices"]), key=lambda c: c["index"])
+        usage = chunks[-1]["usage"]
+    else:
+        choices, usage = r.json()["choices"], r.json()["usage"]
+    assert [c["text"] for c in choices] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert all(c["finish_reason"] == "length" and c["logprobs"] is None for c in choices)
+    assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    assert fake.submitted == []

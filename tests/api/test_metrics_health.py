@@ -84,3 +84,16 @@ async def test_health_ready_follows_the_engine(client: httpx.AsyncClient, fake: 
     r = await client.get("/health/ready")
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "model": MODEL, "version": "1", "running": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize("is_ready", [True, False])
+async def test_every_probe_answers_head_as_its_get(client: httpx.AsyncClient, fake: FakeEngine, is_ready: bool) -> None:
+    """Load balancers and uptime checkers probe with HEAD: the GET's status, never a 405."""
+    fake.is_ready = is_ready
+    for path in ("/health", "/health/live", "/health/ready", "/version"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status_code == got.status_code, path
+        assert head.headers.get("content-type") == got.headers.get("content-type"), path
+    assert (await client.head("/health")).status_code == (200 if is_ready else 503)
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert all("head" not in paths[p] for p in ("/health", "/health/live", "/health/ready", "/version"))

@@ -3,6 +3,7 @@ The app over the FakeEngine (tests/api/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -298,3 +299,74 @@ async def test_the_request_id_is_handed_to_the_engine(client: httpx.AsyncClient,
     r = await client.post("/generate", json=GEN, headers={"X-Request-Id": "to-the-engine-7"})
     assert r.status_code == 200
     assert fake.request_ids[-1] == "to-the-engine-7"  # the scheduler sends it with the rows to Triton
+
+
+# ------------------------------------------------------------------------------ a client that leaves
+async def _post_and_leave(app: FastAPI, fake: FakeEngine, path: str, payload: dict) -> list[dict]:
+    """POST through ASGI; the client disconnects once its generation was submitted, before any
+    response. Returns what the app sent (to a client that is gone)."""
+    body = json.dumps(payload).encode()
+    sent_request = False
+    messages: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        while not fake.submitted:
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    headers = [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
+        "state": {},
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/generate", {"prompt": "Hello", "max_new_tokens": 40}),
+        ("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 40}),
+    ],
+)
+async def test_a_client_that_left_before_its_answer_is_499_not_500(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    fake: FakeEngine,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    payload: dict,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    fake.delay_s = 0.1  # 40 tokens: 4 s unless cancelled
+    sent = await _post_and_leave(app, fake, path, payload)
+    assert not [m for m in sent if m["type"] == "http.response.start"], "nothing is answered to a gone client"
+    (line,) = [vars(r) for r in access_records(caplog) if r.path == path]  # type: ignore[attr-defined]
+    assert line["status"] == 499
+    r = await client.get("/metrics")
+    counted = {
+        s.labels["status"]: s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name == "gateway_requests_total" and s.labels["route"] == path
+    }
+    assert counted == {"499": 1.0}

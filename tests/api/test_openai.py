@@ -144,8 +144,9 @@ async def test_stream_wire_format(client: httpx.AsyncClient) -> None:
 async def test_stream_chunks_exactly(
     client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine, include_usage: bool
 ) -> None:
-    """A streamed completion's chunks byte for byte: without include_usage every null is left out;
-    with it every field is there, `"usage": null` but in the last chunk."""
+    """A streamed completion's chunks byte for byte: without include_usage the nulls are left out
+    but a choice's `logprobs` and `finish_reason` (OpenAI sends them on every chunk); with it every
+    field is there, `"usage": null` but in the last chunk."""
     body: dict[str, Any] = {"model": MODEL, "prompt": "Hello world", "max_tokens": 2, "temperature": 0, "logprobs": 1}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -173,9 +174,9 @@ async def test_stream_chunks_exactly(
         ]
     else:
         expected = [
-            {**head, "choices": [{"text": t0, "index": 0, "logprobs": lp0}]},
-            {**head, "choices": [{"text": t1, "index": 0, "logprobs": lp1}]},
-            {**head, "choices": [{"text": "", "index": 0, "finish_reason": "length"}]},
+            {**head, "choices": [{"text": t0, "index": 0, "logprobs": lp0, "finish_reason": None}]},
+            {**head, "choices": [{"text": t1, "index": 0, "logprobs": lp1, "finish_reason": None}]},
+            {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]},
         ]
     assert [e.data for e in events] == [json.dumps(x, ensure_ascii=False) for x in expected] + ["[DONE]"]
 

@@ -27,13 +27,14 @@ def test_an_empty_gateway_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> 
 def test_empty_triton_port_variables_take_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT"):
         monkeypatch.setenv(name, "")
-    seen: dict[str, object] = {}
+    seen: list[object] = []
 
-    def stop_at_export(repository: Path, model: str) -> bool:
-        seen.update(repository=repository, model=model)
+    def stop_at_the_port_check(triton: object, port: int) -> str | None:
+        seen.append(triton)
         raise SystemExit(0)
 
-    monkeypatch.setattr(stack, "has_version", stop_at_export)
+    monkeypatch.setattr(stack, "ports_taken", stop_at_the_port_check)
     with pytest.raises(SystemExit):
         stack.main(["--model", "other"])  # argparse built its defaults without int("")
-    assert seen["model"] == "other"
+    ports = seen[0].ports  # type: ignore[attr-defined]
+    assert (ports.http, ports.grpc, ports.metrics) == (8000, 8001, 8002)

@@ -21,6 +21,7 @@ from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
 from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.observability.requests import current_request
 from frontend.settings import Settings
 
 
@@ -65,11 +66,13 @@ async def chunk_events(
     streams, in arrival order; with `include_usage` (`stream_options`) `"usage": null` in each of
     them and a last chunk with no choices and the usage (each prompt counted once: the `n` choices
     of a prompt share it); then `[DONE]`. `envelope(choices, usage)` makes a chunk's JSON object,
-    with the nulls its endpoint leaves out. A failure raises out of here, for `openai_sse` to send
+    with the nulls its endpoint leaves out; every choice carries `logprobs` and `finish_reason`,
+    null or not, as OpenAI's chunks do. A failure raises out of here, for `openai_sse` to send
     as the last event; closing this cancels the choices still running."""
 
     def event(chunk_choices: list[C], usage_: oai.Usage | None = None) -> ServerSentEvent:
         data = envelope(chunk_choices, usage_)
+        data["choices"] = [_with_nulls(choice) for choice in data["choices"]]
         if include_usage and usage_ is None:
             data["usage"] = None
         return ServerSentEvent(sse_json(data))
@@ -88,6 +91,12 @@ async def chunk_events(
     if include_usage:
         yield event([], usage(prompt_tokens, completion_tokens))
     yield ServerSentEvent("[DONE]")
+
+
+def _with_nulls(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's choice with `logprobs` and `finish_reason` last, null or not (OpenAI's order)."""
+    rest = {k: v for k, v in choice.items() if k not in ("logprobs", "finish_reason")}
+    return {**rest, "logprobs": choice.get("logprobs"), "finish_reason": choice.get("finish_reason")}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -185,6 +194,19 @@ def echo_logprobs(
     return oai.LogProbs(tokens=tokens, token_logprobs=list(values), top_logprobs=tops, text_offset=offsets)
 
 
+async def _prompt_alone(request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    """`echo` with `max_tokens` 0 and no `logprobs`: the echoed prompt is the whole answer (as vLLM
+    answers it), so the engine is not asked; the engine would sample one token for a 0-token
+    generation that asks no prompt logprobs."""
+    prompt_tokens = len(request.prompt_ids)
+    record = current_request()
+    if record is not None:
+        record.add_generation(prompt_tokens=prompt_tokens, generated_tokens=0)
+    yield Completion(
+        text="", token_ids=[], finish_reason="length", prompt_tokens=prompt_tokens, completion_tokens=0, cached=False
+    )
+
+
 async def create_completion(
     body: oai.CompletionRequest, service: GenerationService, settings: Settings, *, timeout_s: float | None
 ) -> oai.Completion | EventSourceResponse:
@@ -192,7 +214,10 @@ async def create_completion(
     plan = plan_completion(body, service, timeout_s)
     completion_id = f"cmpl-{secrets.token_hex(12)}"
     created = int(time.time())
-    streams = [service.stream(c.request) for c in plan]
+    if body.echo and body.max_tokens == 0 and body.logprobs is None:
+        streams = [_prompt_alone(c.request) for c in plan]  # nothing to compute: no step, no KV slot
+    else:
+        streams = [service.stream(c.request) for c in plan]
     if body.stream:
         # Raises here, before any byte, when no choice could start: a plain JSON error.
         merged = await merge_streams(streams)
