@@ -19,12 +19,11 @@ import numpy as np
 
 from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
+from frontend.engine.protocol import EngineRequest, EventSink, GenerationHandle
 from frontend.engine.scheduler import Scheduler
 from frontend.engine.triton_client import Row, StepOutput
 from frontend.generation.service import GenerationService
-from frontend.metrics import GatewayMetrics
-from frontend.sampling import SamplingParams
+from frontend.observability import GatewayMetrics
 from frontend.settings import Settings
 
 
@@ -48,10 +47,8 @@ class _Engine:
         self.scheduler = scheduler
         self.model = model
 
-    def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
-    ) -> GenerationHandle:
-        return self.scheduler.submit(prompt_ids, params, max_new_tokens, seed)
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
+        return self.scheduler.submit(request, events)
 
     def cancel(self, handle: GenerationHandle) -> None:
         self.scheduler.cancel(handle)  # type: ignore[arg-type]

@@ -29,21 +29,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from frontend.engine.breaker import CircuitBreaker
-from frontend.engine.triton_client import (
-    ROW_REFUSALS,
-    Row,
-    StepBatch,
-    StepError,
-    StepOutput,
-    StepRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from frontend.engine.errors import Overloaded, QueueFull, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
+from frontend.engine.events import ErrorEvent, Event, EventSink, FinishEvent, PromptLogprobsEvent, TokenEvent
+from frontend.engine.request import EngineRequest
+from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepOutput
 from frontend.sampling import (
     AdjustmentTracker,
     BatchParams,
@@ -61,44 +55,6 @@ from frontend.sampling.uniform import sequence_key, step_uniforms
 from step_model.contract import RowStatus
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The gateway has no room for another sequence now (queue full or wait too long)."""
-
-
-class QueueFull(Overloaded):
-    """The waiting queue is at its cap: refused at once (429 with Retry-After)."""
-
-
-class TokenEvent(NamedTuple):
-    """One generated token (a NamedTuple: one is made per token, ~4x cheaper than a dataclass)."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PromptLogprobsEvent:
-    """The prompt's own logprobs (OpenAI `echo` with `logprobs`), before the first token: entry t
-    is log p(prompt[t] | prompt[:t]) and its top alternatives; entry 0 is None (nothing precedes)."""
-
-    logprobs: tuple[float | None, ...]
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class FinishEvent:
-    reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    error: Exception
-
-
-Event = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
 
 
 @dataclass
@@ -146,13 +102,6 @@ class ActiveSequence:
     def __post_init__(self) -> None:
         self.temperature = self.params.temperature or 1.0  # greedy: the server scales by 1
         self.sink = self.events
-
-
-class EventSink(Protocol):
-    """Where a sequence's events go: an asyncio.Queue, or anything with put_nowait (the engine
-    core process batches the events of one step into one message per HTTP worker)."""
-
-    def put_nowait(self, item: Event, /) -> None: ...
 
 
 class StepObserver(Protocol):
@@ -278,29 +227,17 @@ class Scheduler:
             with contextlib.suppress(StepError):
                 await self.client.step(rows, window=1)
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> ActiveSequence:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
         `events` when given, else to a new asyncio.Queue on the returned sequence. The stop
-        controls are vLLM's (see `ActiveSequence`)."""
+        controls are vLLM's (see `EngineRequest`)."""
         if self._closed:
             raise Overloaded("the gateway is shutting down")
         if self.breaker is not None:
             self.breaker.check()  # raises BreakerOpen: refused at once, no Triton call
         if len(self._waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self._waiting)} generations already waiting")
+        params, min_tokens, stop_token_ids = request.params, request.min_tokens, request.stop_token_ids
         adjusted = bool(
             params.repetition_penalty != 1.0
             or params.presence_penalty
@@ -309,19 +246,19 @@ class Scheduler:
             or min_tokens > 0
         )
         seq = ActiveSequence(
-            prompt_ids=list(prompt_ids),
+            prompt_ids=list(request.prompt_ids),
             params=params,
-            max_new_tokens=max_new_tokens,
-            rng_key=sequence_key(seed, secrets.randbits(64)),
+            max_new_tokens=request.max_new_tokens,
+            rng_key=sequence_key(request.seed, secrets.randbits(64)),
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
             full_rows=adjusted and not self.extra_logits,
             submitted_at=time.monotonic(),
-            ignore_eos=ignore_eos,
+            ignore_eos=request.ignore_eos,
             stop_ids=frozenset(stop_token_ids),
             min_tokens=min_tokens,
             banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
-            request_id=request_id or "",
-            prompt_logprobs=prompt_logprobs,
+            request_id=request.request_id or "",
+            prompt_logprobs=request.prompt_logprobs,
         )
         if adjusted:
             seq.adjuster = AdjustmentTracker(

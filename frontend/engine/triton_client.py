@@ -2,13 +2,13 @@
 
 It knows the wire contract (`step_model.contract`) and nothing about sampling: rows go in, per-row
 statuses and windows (and full rows when asked) come out. A row the model refuses comes back with
-its `RowStatus` (the other rows ran); a request that fails as a whole raises from this tree:
+its `RowStatus` (the other rows ran); a request that fails as a whole raises the engine's
+`StepError` (`frontend.engine.errors`) that its gRPC status maps to:
 
-    StepError                      any failed step call
-    ├── StepRejected               the model refused the request as a whole (a gateway bug)
-    ├── UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
-    │   └── ConnectFailed          gRPC UNAVAILABLE: no connection, the request was not served
-    └── UpstreamTimeout            the call outlived its deadline
+    StepRejected               the model refused the request as a whole (a gateway bug)
+    UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
+    ConnectFailed              gRPC UNAVAILABLE: no connection, the request was not served
+    UpstreamTimeout            the call outlived its deadline
 
 Every call has a deadline (`timeout_s` for steps, `probe_timeout_s` for readiness and the
 repository index), the channel reconnects with a bounded backoff (`reconnect_backoff_ms`, gRPC's
@@ -35,31 +35,12 @@ from tenacity import (
 from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
+from frontend.engine.errors import ConnectFailed, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from step_model import contract
 from step_model.contract import RowStatus
 
 log = logging.getLogger(__name__)
 MAX_GRPC_MESSAGE_SIZE = 2**31 - 1  # tritonclient's own channel default
-
-
-class StepError(Exception):
-    """A step call failed."""
-
-
-class StepRejected(StepError):
-    """The model refused a request or a row; no sequence state changed on the server."""
-
-
-class UpstreamUnavailable(StepError):
-    """Triton cannot be reached or the model is not ready."""
-
-
-class ConnectFailed(UpstreamUnavailable):
-    """gRPC UNAVAILABLE: Triton could not be reached; the request was not served."""
-
-
-class UpstreamTimeout(StepError):
-    """The step call did not finish within its deadline."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,15 +8,20 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from frontend.engine.breaker import BreakerState, CircuitBreaker
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ActiveSequence, EventSink, Scheduler, StepObserver
-from frontend.engine.triton_client import Row, StepClient, StepError, StepRejected, UpstreamUnavailable
-from frontend.sampling import SamplingParams
+from frontend.engine.protocol import (
+    EngineRequest,
+    EventSink,
+    GenerationHandle,
+    StepError,
+    StepRejected,
+    UpstreamUnavailable,
+)
+from frontend.engine.scheduler import ActiveSequence, Scheduler, StepObserver
+from frontend.engine.triton_client import Row, StepClient
 from step_model import contract
 
 log = logging.getLogger(__name__)
@@ -180,39 +185,15 @@ class TritonEngine:
             return False
         return await self._client.model_ready()
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> GenerationHandle:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
-        if prompt_logprobs >= 0 and not self._prompt_outputs:
+        if request.prompt_logprobs >= 0 and not self._prompt_outputs:
             raise StepRejected(
                 f"model {self._model_name!r} was exported before prompt logprobs (echo with logprobs) existed: "
                 "export it again"
             )
-        return self._scheduler.submit(
-            prompt_ids,
-            params,
-            max_new_tokens,
-            seed,
-            events,
-            ignore_eos=ignore_eos,
-            min_tokens=min_tokens,
-            stop_token_ids=stop_token_ids,
-            request_id=request_id,
-            prompt_logprobs=prompt_logprobs,
-        )
+        return self._scheduler.submit(request, events)
 
     def cancel(self, handle: GenerationHandle) -> None:
         if self._scheduler is not None and isinstance(handle, ActiveSequence):

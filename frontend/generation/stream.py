@@ -14,18 +14,15 @@ import time
 from collections.abc import AsyncIterator
 
 from frontend import errors
-from frontend.engine.protocol import Engine, GenerationHandle
-from frontend.engine.scheduler import (
+from frontend.engine.protocol import (
+    Engine,
     ErrorEvent,
     FinishEvent,
     Overloaded,
     PromptLogprobsEvent,
-    QueueFull,
+    StepError,
     TokenEvent,
 )
-from frontend.engine.triton_client import StepError, StepRejected
-from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
-from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
 from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
 from frontend.metrics import GatewayMetrics
 from frontend.observability.requests import current_request
@@ -44,9 +41,9 @@ async def generate(
     deadline count from it), `request_timeout_s` caps the client's own deadline."""
     model = engine.model
     try:
-        handle = submit(engine, req)
+        handle = engine.submit(req.engine_request())
     except (Overloaded, StepError) as err:
-        raise api_error(err) from err
+        raise errors.from_engine_error(err) from err
     decoder = IncrementalDecoder(model.tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
     matcher = StopMatcher(req.stop, include_stop=req.include_stop_str_in_output)
     stop_token_ids = frozenset(req.stop_token_ids)
@@ -73,7 +70,7 @@ async def generate(
                         f"generation did not finish within its deadline of {timeout_s:g} s"
                     ) from err
             if isinstance(event, ErrorEvent):
-                raise api_error(event.error)
+                raise errors.from_engine_error(event.error)
             if isinstance(event, PromptLogprobsEvent):
                 prompt_event = event
                 yield PromptLogprobs(event.logprobs, event.top_logprobs)
@@ -145,34 +142,3 @@ async def generate(
     if (record := current_request()) is not None:
         record.add_generation(prompt_tokens=len(req.prompt_ids), generated_tokens=generated)
     yield completion
-
-
-def submit(engine: Engine, req: GenerationRequest) -> GenerationHandle:
-    return engine.submit(
-        req.prompt_ids,
-        req.sampling,
-        req.max_new_tokens,
-        req.seed,
-        ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens,
-        stop_token_ids=req.stop_token_ids,
-        request_id=req.request_id,
-        prompt_logprobs=req.prompt_logprobs,
-    )
-
-
-def api_error(err: Exception) -> errors.APIError:
-    """The API error for what the engine raised or reported."""
-    if isinstance(err, errors.APIError):
-        return err
-    if isinstance(err, QueueFull):  # the waiting cap: refused at once, try again shortly
-        return errors.RateLimited(str(err), code="queue_full", retry_after_s=1)
-    if isinstance(err, Overloaded):
-        return errors.Overloaded(str(err), retry_after_s=1)
-    if isinstance(err, StepTimeout):
-        return errors.UpstreamTimeout(str(err))
-    if isinstance(err, StepUnavailable):  # BreakerOpen carries when its next probe is due
-        return errors.UpstreamUnavailable(str(err), retry_after_s=max(1.0, getattr(err, "retry_after_s", 1.0)))
-    if isinstance(err, StepRejected):
-        return errors.UpstreamError(str(err))
-    return errors.APIError("internal error during generation")

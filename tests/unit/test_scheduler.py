@@ -15,8 +15,18 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from frontend.engine.scheduler import ErrorEvent, Event, FinishEvent, Overloaded, Scheduler, TokenEvent
-from frontend.engine.triton_client import Row, StepBatch, StepOutput, StepRejected, UpstreamUnavailable
+from frontend.engine.protocol import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    Overloaded,
+    StepRejected,
+    TokenEvent,
+    UpstreamUnavailable,
+)
+from frontend.engine.scheduler import Scheduler
+from frontend.engine.triton_client import Row, StepBatch, StepOutput
 from frontend.sampling import SamplingParams
 from step_model.contract import RowStatus
 
@@ -129,7 +139,7 @@ async def test_a_full_cache_queues_new_sequences_and_offers_only_freed_slots() -
     backend = ScriptedBackend(capacity=2)
     sched = scheduler(backend)
     sched.start()
-    seqs = [sched.submit([1, 2, 3], GREEDY, 3, seed=None) for _ in range(6)]
+    seqs = [sched.submit(EngineRequest([1, 2, 3], GREEDY, 3, seed=None)) for _ in range(6)]
     results = await asyncio.gather(*(drain(s.events) for s in seqs))  # type: ignore[arg-type]
     for seq, events in zip(seqs, results, strict=True):
         assert [type(e) for e in events] == [TokenEvent] * 3 + [FinishEvent]
@@ -147,8 +157,8 @@ async def test_a_refused_row_fails_its_own_sequence_only() -> None:
     backend = ScriptedBackend(capacity=4)
     sched = scheduler(backend)
     sched.start()
-    good = sched.submit([1], GREEDY, 4, seed=None)
-    bad = sched.submit([2], GREEDY, 4, seed=None)
+    good = sched.submit(EngineRequest([1], GREEDY, 4, seed=None))
+    bad = sched.submit(EngineRequest([2], GREEDY, 4, seed=None))
     backend.poisoned.add(bad.sequence_id)
     good_events, bad_events = await asyncio.gather(drain(good.events), drain(bad.events))  # type: ignore[arg-type]
     assert isinstance(good_events[-1], FinishEvent) and len(good_events) == 5
@@ -163,7 +173,7 @@ async def test_cancel_while_the_start_row_is_in_flight_releases_the_slot() -> No
     backend.hold = asyncio.Event()
     sched = scheduler(backend)
     sched.start()
-    seq = sched.submit([1, 2], GREEDY, 10, seed=None)
+    seq = sched.submit(EngineRequest([1, 2], GREEDY, 10, seed=None))
     while not backend.batches:
         await asyncio.sleep(0.001)
     sched.cancel(seq)  # the start row is on its way; the server will create the sequence
@@ -181,7 +191,7 @@ async def test_a_sequence_that_never_gets_a_slot_times_out_with_overloaded() -> 
     backend = ScriptedBackend(capacity=0)
     sched = scheduler(backend, queue_timeout_s=0.05)
     sched.start()
-    seq = sched.submit([1], GREEDY, 2, seed=None)
+    seq = sched.submit(EngineRequest([1], GREEDY, 2, seed=None))
     events = await drain(seq.events)  # type: ignore[arg-type]
     assert len(events) == 1 and isinstance(events[0], ErrorEvent) and isinstance(events[0].error, Overloaded)
     await sched.close()
@@ -192,11 +202,11 @@ async def test_a_failed_step_fails_its_sequences_and_releases_their_ids() -> Non
     sched = scheduler(backend, resume_timeout_s=0.0)  # resuming off (tested below)
     sched.start()
     backend.fail_at = (2, UpstreamUnavailable("triton went away"))  # the first decode step
-    first = sched.submit([1], GREEDY, 5, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 5, seed=None))
     events = await drain(first.events)  # type: ignore[arg-type]
     assert isinstance(events[0], TokenEvent)
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamUnavailable)
-    later = sched.submit([2], GREEDY, 2, seed=None)
+    later = sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     assert isinstance((await drain(later.events))[-1], FinishEvent)  # type: ignore[arg-type]
     await sched.close()
     assert not backend.live
@@ -209,9 +219,9 @@ async def test_seeded_sampling_is_independent_of_batch_company() -> None:
         backend = ScriptedBackend(capacity=16)
         sched = scheduler(backend)
         sched.start()
-        seq = sched.submit([3, 4], params, 12, seed=1234)
+        seq = sched.submit(EngineRequest([3, 4], params, 12, seed=1234))
         seq.sequence_id = 7  # the scripted windows depend on the id: keep it fixed
-        others = [sched.submit([5], params, 12, seed=i) for i in range(company)]
+        others = [sched.submit(EngineRequest([5], params, 12, seed=i)) for i in range(company)]
         events = await drain(seq.events)  # type: ignore[arg-type]
         await asyncio.gather(*(drain(o.events) for o in others))  # type: ignore[arg-type]
         await sched.close()
@@ -232,7 +242,7 @@ async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_it
         backend = ScriptedBackend(capacity=4)
         sched = scheduler(backend)
         sched.start()
-        seq = sched.submit([1, 2], params, 6, seed=11)
+        seq = sched.submit(EngineRequest([1, 2], params, 6, seed=11))
         seq.sequence_id = 5
         events = await drain(seq.events)  # type: ignore[arg-type]
         await sched.close()
@@ -253,13 +263,13 @@ async def test_new_sequences_wait_to_start_together_while_others_decode() -> Non
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_batch=3, prefill_hold_s=60.0)  # only the batch size releases them
     sched.start()
-    first = sched.submit([1], GREEDY, 50, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 50, seed=None))
     await first.events.get()  # it started alone at once: nothing was decoding
-    late = [sched.submit([2], GREEDY, 2, seed=None) for _ in range(2)]
+    late = [sched.submit(EngineRequest([2], GREEDY, 2, seed=None)) for _ in range(2)]
     for _ in range(5):  # two waiting (< 3): the steps carry the decode only
         await first.events.get()
     assert not first.done and not any(s.on_server for s in late)
-    third = sched.submit([3], GREEDY, 2, seed=None)
+    third = sched.submit(EngineRequest([3], GREEDY, 2, seed=None))
     await asyncio.gather(*(drain(s.events) for s in [*late, third]))  # type: ignore[arg-type]
     starts = [int(b.start.sum()) for b in backend.batches]
     assert starts[0] == 1 and 3 in starts and set(starts) <= {0, 1, 3}  # the three started in one step
@@ -272,9 +282,9 @@ async def test_a_held_sequence_starts_once_it_has_waited_prefill_hold_s() -> Non
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_batch=100, prefill_hold_s=0.05)
     sched.start()
-    first = sched.submit([1], GREEDY, 10_000, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 10_000, seed=None))
     await first.events.get()
-    late = sched.submit([2], GREEDY, 2, seed=None)
+    late = sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     await late.events.get()  # its first token: it started
     assert time.monotonic() - late.submitted_at >= 0.05  # not before it had waited prefill_hold_s
     events = await drain(late.events)  # type: ignore[arg-type]
@@ -289,10 +299,10 @@ async def test_stop_controls_ignore_eos_stop_token_ids_and_min_tokens() -> None:
     backend = ScriptedBackend(capacity=8)
     sched = scheduler(backend)
     sched.start()
-    plain = sched.submit([1], GREEDY, 6, seed=None)
-    ignoring = sched.submit([1], GREEDY, 4, seed=None, ignore_eos=True)
-    stopping = sched.submit([1], GREEDY, 6, seed=None, stop_token_ids=[7])
-    held = sched.submit([1], GREEDY, 6, seed=None, min_tokens=3)
+    plain = sched.submit(EngineRequest([1], GREEDY, 6, seed=None))
+    ignoring = sched.submit(EngineRequest([1], GREEDY, 4, seed=None, ignore_eos=True))
+    stopping = sched.submit(EngineRequest([1], GREEDY, 6, seed=None, stop_token_ids=[7]))
+    held = sched.submit(EngineRequest([1], GREEDY, 6, seed=None, min_tokens=3))
     for seq in (plain, ignoring, held):
         backend.top_token[seq.sequence_id] = EOS  # greedy would end them at once
     backend.top_token[stopping.sequence_id] = 7
@@ -328,7 +338,7 @@ async def test_each_admission_reports_its_queue_time() -> None:
     backend = ScriptedBackend(capacity=8)
     sched = scheduler(backend, max_running=1, observer=recorder)  # one at a time: the others queue
     sched.start()
-    seqs = [sched.submit([1], GREEDY, 3, seed=None) for _ in range(3)]
+    seqs = [sched.submit(EngineRequest([1], GREEDY, 3, seed=None)) for _ in range(3)]
     await asyncio.gather(*(drain(s.events) for s in seqs))  # type: ignore[arg-type]
     await sched.close()
     assert len(recorder.queued) == 3 and all(q >= 0 for q in recorder.queued)
@@ -344,7 +354,7 @@ def restart(backend: ScriptedBackend) -> None:
 async def greedy_tokens(backend: ScriptedBackend, n: int, **kwargs: object) -> tuple[list[Event], Scheduler]:
     sched = scheduler(backend, **kwargs)
     sched.start()
-    seq = sched.submit([5, 6, 7], GREEDY, n, seed=None)
+    seq = sched.submit(EngineRequest([5, 6, 7], GREEDY, n, seed=None))
     return await drain(seq.events), sched  # type: ignore[arg-type]
 
 
@@ -394,7 +404,7 @@ async def test_a_server_that_does_not_come_back_fails_the_sequence_after_resume_
     backend.delay_s = 0.001
     sched = scheduler(backend, resume_timeout_s=0.2)
     sched.start()
-    seq = sched.submit([1], GREEDY, 10_000, seed=None)
+    seq = sched.submit(EngineRequest([1], GREEDY, 10_000, seed=None))
     await seq.events.get()
 
     async def always_down(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
@@ -421,8 +431,8 @@ async def test_rows_carry_their_generations_request_ids() -> None:
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_hold_s=0.0)
     sched.start()
-    named = sched.submit([1], GREEDY, 3, seed=None, request_id="req-a")
-    anonymous = sched.submit([2], GREEDY, 3, seed=None)
+    named = sched.submit(EngineRequest([1], GREEDY, 3, seed=None, request_id="req-a"))
+    anonymous = sched.submit(EngineRequest([2], GREEDY, 3, seed=None))
     await asyncio.gather(drain(named.events), drain(anonymous.events))  # type: ignore[arg-type]
     await sched.close()
     first = backend.batches[0]
@@ -439,8 +449,8 @@ async def test_adjusted_sequences_name_their_ids_and_need_no_full_rows() -> None
     sched = scheduler(backend)
     sched.start()
     penalty = SamplingParams(temperature=0.8, repetition_penalty=1.3)
-    seq = sched.submit([1, 2, 3], penalty, 4, seed=7, min_tokens=2, stop_token_ids=[42])
-    plain = sched.submit([5], GREEDY, 4, seed=None)
+    seq = sched.submit(EngineRequest([1, 2, 3], penalty, 4, seed=7, min_tokens=2, stop_token_ids=[42]))
+    plain = sched.submit(EngineRequest([5], GREEDY, 4, seed=None))
     events = await drain(seq.events)  # type: ignore[arg-type]
     await drain(plain.events)  # type: ignore[arg-type]
     await sched.close()
@@ -479,7 +489,7 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     backend.step = counted  # type: ignore[method-assign]
     sched = scheduler(backend)
     sched.start()
-    seqs = [sched.submit([1, 2], GREEDY, 50, seed=None) for _ in range(3)]
+    seqs = [sched.submit(EngineRequest([1, 2], GREEDY, 50, seed=None)) for _ in range(3)]
     while not backend.live:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.02)  # a decode step is in flight now
