@@ -20,7 +20,7 @@ import numpy as np
 from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import EngineRequest, EventSink, GenerationHandle
-from frontend.engine.scheduler import Scheduler
+from frontend.engine.scheduler import Scheduler, SchedulerConfig
 from frontend.engine.triton_client import Row, StepOutput
 from frontend.generation.service import GenerationService
 from frontend.observability import GatewayMetrics
@@ -58,9 +58,9 @@ async def measure(model: ServedModel, concurrency: int, new_tokens: int, top_k: 
     metrics = GatewayMetrics()
     scheduler = Scheduler(
         InstantTriton(model.vocab_size),  # type: ignore[arg-type]
+        SchedulerConfig(max_running=concurrency),
         eos_token_id=model.eos_token_id,
         vocab_size=model.vocab_size,
-        max_running=concurrency,
         observer=metrics,
     )
     scheduler.start()

@@ -330,8 +330,9 @@ class EngineCore:
 
 # ---------------------------------------------------------------------- the process
 async def _serve(settings: Settings, address: str, report: Callable[[str, str], None], gateway_child: bool) -> int:
-    from frontend.app import triton_engine  # here: frontend.app imports the worker side of this package
-    from frontend.metrics import GatewayMetrics
+    # Here, not at the top: the launcher imports this module too, and only the core talks gRPC.
+    from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
+    from frontend.observability import GatewayMetrics
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -352,8 +353,9 @@ async def _serve(settings: Settings, address: str, report: Callable[[str, str], 
         loop.add_reader(parent.sentinel, _orphaned)
 
     metrics = GatewayMetrics()  # only its engine_registry is fed and served here
+    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
     core = EngineCore(
-        triton_engine(settings, metrics),
+        TritonEngine.from_settings(settings, observer=metrics),
         address,
         worker_timeout_s=settings.engine_core_timeout_s,
         metrics_text=metrics.engine_text,

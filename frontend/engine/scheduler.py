@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -53,6 +53,9 @@ from frontend.sampling import (
 )
 from frontend.sampling.uniform import sequence_key, step_uniforms
 from step_model.contract import RowStatus
+
+if TYPE_CHECKING:
+    from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,47 +136,67 @@ class StepBackend(Protocol):
     async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The scheduler's knobs (GATEWAY_* settings of the same names, `from_settings`)."""
+
+    default_window: int = 64  # the top-K window a step asks for when sampling needs no wider one
+    max_running: int = 256  # sequences stepping together (TritonEngine caps it at the KV slots)
+    max_waiting: int = 1024  # generations queued beyond max_running; more are refused (QueueFull)
+    queue_timeout_s: float = 30.0  # the longest a generation waits for a slot (Overloaded after)
+    cache_full_backoff_s: float = 0.02  # the pause after a step that made no progress
+    max_prefill_tokens: int = 16_384  # prompt tokens one step starts (a single longer prompt still goes)
+    # A step with prefills costs the decode plus one eager (un-graphed) prompt pass, whose cost
+    # barely depends on how many prompts it carries: while sequences are decoding, new ones wait
+    # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
+    prefill_batch: int = 16
+    prefill_hold_s: float = 0.02
+    # Sequences the model server lost (Triton restarted, a step failed in transit) start again on
+    # it with their prompt plus the tokens generated so far, under a new id: the n-th token still
+    # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
+    # most resume_timeout_s for a server that takes them (0: fail them at once instead).
+    resume_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SchedulerConfig:
+        return cls(
+            default_window=settings.default_window,
+            max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
+            queue_timeout_s=settings.queue_timeout_s,
+            prefill_batch=settings.prefill_batch,
+            prefill_hold_s=settings.prefill_hold_ms / 1000,
+            resume_timeout_s=settings.resume_timeout_s,
+        )
+
+
 class Scheduler:
     """Owns the step loop of one model instance (per gateway process, or in the engine core)."""
 
     def __init__(
         self,
         client: StepBackend,
+        config: SchedulerConfig | None = None,
         *,
         eos_token_id: int,
         vocab_size: int,
-        default_window: int = 64,
-        max_running: int = 256,
-        max_waiting: int = 1024,
-        queue_timeout_s: float = 30.0,
-        cache_full_backoff_s: float = 0.02,
-        max_prefill_tokens: int = 16_384,
-        prefill_batch: int = 16,
-        prefill_hold_s: float = 0.02,
-        resume_timeout_s: float = 30.0,
         observer: StepObserver | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
+        config = config or SchedulerConfig()
         self.client = client
         self.breaker = breaker  # optional: whole-step failures open it; while open nothing is sent but probes
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
-        self.default_window = default_window
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.queue_timeout_s = queue_timeout_s
-        self.cache_full_backoff_s = cache_full_backoff_s
-        self.max_prefill_tokens = max_prefill_tokens
-        # A step with prefills costs the decode plus one eager (un-graphed) prompt pass, whose cost
-        # barely depends on how many prompts it carries: while sequences are decoding, new ones wait
-        # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
-        self.prefill_batch = prefill_batch
-        self.prefill_hold_s = prefill_hold_s
-        # Sequences the model server lost (Triton restarted, a step failed in transit) start again on
-        # it with their prompt plus the tokens generated so far, under a new id: the n-th token still
-        # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
-        # most resume_timeout_s for a server that takes them (0: fail them at once instead).
-        self.resume_timeout_s = resume_timeout_s
+        self.default_window = config.default_window
+        self.max_running = config.max_running
+        self.max_waiting = config.max_waiting
+        self.queue_timeout_s = config.queue_timeout_s
+        self.cache_full_backoff_s = config.cache_full_backoff_s
+        self.max_prefill_tokens = config.max_prefill_tokens
+        self.prefill_batch = config.prefill_batch
+        self.prefill_hold_s = config.prefill_hold_s
+        self.resume_timeout_s = config.resume_timeout_s
         # The step model returns the logits of ids a row names (contract.EXTRA_IDS): adjusted
         # sequences then need no full rows. False for a model version exported before that input.
         self.extra_logits = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -38,6 +39,9 @@ from tritonclient.utils import InferenceServerException
 from frontend.engine.errors import ConnectFailed, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from step_model import contract
 from step_model.contract import RowStatus
+
+if TYPE_CHECKING:
+    from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_GRPC_MESSAGE_SIZE = 2**31 - 1  # tritonclient's own channel default
@@ -201,27 +205,37 @@ ROW_REFUSALS: dict[int, str] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class StepClientConfig:
+    """Deadlines and reconnection of the gRPC calls (GATEWAY_* settings, `from_settings`)."""
+
+    timeout_s: float = 30.0  # one step call (GATEWAY_STEP_TIMEOUT_S)
+    probe_timeout_s: float = 0.5  # readiness, metadata and repository-index calls
+    reconnect_backoff_ms: int = 500  # the longest wait between reconnect attempts
+    connect_retries: int = 2  # re-sends of a token-less step refused as UNAVAILABLE
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StepClientConfig:
+        return cls(
+            timeout_s=settings.step_timeout_s,
+            probe_timeout_s=settings.probe_timeout_s,
+            reconnect_backoff_ms=settings.reconnect_backoff_ms,
+            connect_retries=settings.connect_retries,
+        )
+
+
 class StepClient:
     """Sends step requests for one model (and optionally a pinned version) to Triton."""
 
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        version: str = "",
-        *,
-        timeout_s: float = 30.0,
-        probe_timeout_s: float = 0.5,
-        reconnect_backoff_ms: int = 500,
-        connect_retries: int = 2,
-    ) -> None:
+    def __init__(self, url: str, model: str, version: str = "", config: StepClientConfig | None = None) -> None:
+        config = config or StepClientConfig()
         self.url = url
         self.model = model
         self.version = version
-        self.timeout_s = timeout_s
-        self.probe_timeout_s = probe_timeout_s
-        self.connect_retries = connect_retries
-        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args(reconnect_backoff_ms))
+        self.timeout_s = config.timeout_s
+        self.probe_timeout_s = config.probe_timeout_s
+        self.connect_retries = config.connect_retries
+        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args(config.reconnect_backoff_ms))
 
     async def close(self) -> None:
         await self._client.close()

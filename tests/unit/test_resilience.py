@@ -24,7 +24,7 @@ from frontend.engine.protocol import (
     TokenEvent,
     UpstreamTimeout,
 )
-from frontend.engine.triton_client import Row, StepClient, channel_args
+from frontend.engine.triton_client import Row, StepClient, StepClientConfig, channel_args
 from frontend.engine.triton_engine import model_kv_capacity
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
 
@@ -203,7 +203,7 @@ class _Result:
 
 
 def client_with(fake: FakeGrpc, retries: int = 2) -> StepClient:
-    client = StepClient("127.0.0.1:1", "m", "1", timeout_s=3.0, connect_retries=retries)
+    client = StepClient("127.0.0.1:1", "m", "1", StepClientConfig(timeout_s=3.0, connect_retries=retries))
     client._client = fake  # type: ignore[assignment]
     return client
 

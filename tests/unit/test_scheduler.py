@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from frontend.engine.protocol import (
     TokenEvent,
     UpstreamUnavailable,
 )
-from frontend.engine.scheduler import Scheduler
+from frontend.engine.scheduler import Scheduler, SchedulerConfig
 from frontend.engine.triton_client import Row, StepBatch, StepOutput
 from frontend.sampling import SamplingParams
 from step_model.contract import RowStatus
@@ -115,14 +117,11 @@ class ScriptedBackend:
         return StepOutput(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
 
 
-def scheduler(backend: ScriptedBackend, **kwargs: object) -> Scheduler:
+def scheduler(backend: ScriptedBackend, *, observer: Any = None, breaker: Any = None, **config: Any) -> Scheduler:
+    """A scheduler on `backend`; `config` overrides SchedulerConfig's fields."""
+    knobs = SchedulerConfig(default_window=K, cache_full_backoff_s=0.001)
     return Scheduler(
-        backend,
-        eos_token_id=EOS,
-        vocab_size=VOCAB,
-        default_window=K,
-        cache_full_backoff_s=0.001,
-        **kwargs,  # type: ignore[arg-type]
+        backend, replace(knobs, **config), eos_token_id=EOS, vocab_size=VOCAB, observer=observer, breaker=breaker
     )
 
 
