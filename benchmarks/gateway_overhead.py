@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import platform
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import EngineRequest, EventSink, GenerationHandle
 from frontend.engine.scheduler import Scheduler, SchedulerConfig
-from frontend.engine.triton_client import Row, StepOutput
+from frontend.engine.step_rows import StepRequest, StepResult
 from frontend.generation.service import GenerationService
 from frontend.observability import GatewayMetrics
 from frontend.settings import Settings
@@ -34,12 +33,12 @@ class InstantTriton:
         self.vocab_size = vocab_size
         self.rng = np.random.default_rng(seed)
 
-    async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        n = len(rows)
+    async def step(self, rows: StepRequest, *, window: int, want_logits: bool = False) -> StepResult:
+        n = int(rows.sequence_ids.shape[0])
         values = np.sort(self.rng.normal(0, 3, (n, window)).astype(np.float32), axis=1)[:, ::-1].copy()
         ids = self.rng.integers(0, self.vocab_size - 1, (n, window)).astype(np.int64)
         status = np.zeros(n, dtype=np.int32)  # every row OK
-        return StepOutput(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
+        return StepResult(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
 
 
 class _Engine:

@@ -37,7 +37,7 @@ from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.errors import Overloaded, QueueFull, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.engine.events import ErrorEvent, Event, EventSink, FinishEvent, PromptLogprobsEvent, TokenEvent
 from frontend.engine.request import EngineRequest
-from frontend.engine.triton_client import ROW_REFUSALS, Row, StepBatch, StepOutput
+from frontend.engine.step_rows import ROW_REFUSALS, Row, StepRequest, StepResult, compose
 from frontend.sampling import (
     AdjustmentTracker,
     BatchParams,
@@ -133,7 +133,9 @@ class _NullObserver:
 class StepBackend(Protocol):
     """What the scheduler needs from the model server (StepClient implements it; tests script it)."""
 
-    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
+    async def step(
+        self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False
+    ) -> StepResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +373,7 @@ class Scheduler:
             self._expire_parked()
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
-    def _plan(self) -> tuple[list[ActiveSequence], StepBatch, list[LogitAdjustment | None]]:
+    def _plan(self) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None]]:
         """The rows of the next step: decodes, then new sequences (within the prefill budget and
         the start allowance), then releases. Returns the stepping sequences, the batch and each
         sequence's logit adjustment for this step (None for most)."""
@@ -398,7 +400,7 @@ class Scheduler:
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
         adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
-        batch = StepBatch.compose(
+        batch = compose(
             decode_ids,
             decode_tokens,
             decode_temperature,
@@ -415,7 +417,8 @@ class Scheduler:
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
         seqs, rows, adjustments = self._plan()
-        if not len(rows):
+        n_rows = int(rows.sequence_ids.shape[0])
+        if not n_rows:
             return False
         released = len(self._releases)
         self._releases.clear()
@@ -442,12 +445,12 @@ class Scheduler:
                     self._finish(seq, ErrorEvent(err))
                     self._releases.add(seq.sequence_id)
             if not seqs:
-                log.warning("releasing %d sequences failed: %s", len(rows), err)
+                log.warning("releasing %d sequences failed: %s", n_rows, err)
                 self._releases.clear()  # Triton's idle sweeper frees them
             return not resumable  # resumable: back off before the next attempt
         if self.breaker is not None:
             self.breaker.record_success()
-        self.observer.step_finished(len(rows), time.perf_counter() - started)
+        self.observer.step_finished(n_rows, time.perf_counter() - started)
         status = out.status[: len(seqs)]
         self._note_cache_full(seqs, status, released)
         progressed = released > 0 or bool((status != RowStatus.CACHE_FULL).any())
@@ -459,7 +462,7 @@ class Scheduler:
             await self._fetch_full_rows(fetch)
         return progressed
 
-    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepOutput) -> list[int]:
+    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepResult) -> list[int]:
         """Send each started sequence that asked its prompt's logprobs (before its first token);
         one with max_new_tokens 0 (OpenAI `echo` with `max_tokens: 0`) ends there. Returns the rows
         still to sample."""
@@ -498,7 +501,7 @@ class Scheduler:
             if time.monotonic() - (seq.parked_at or seq.submitted_at) > self.queue_timeout_s:
                 self._finish(seq, ErrorEvent(Overloaded("the model server's KV cache stayed full")))
 
-    def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepOutput) -> list[int]:
+    def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepResult) -> list[int]:
         """Apply each row's status; returns the indices of the rows to sample."""
         if self._parked:
             self._unpark([seqs[i] for i in np.flatnonzero(status == RowStatus.OK).tolist()])
@@ -533,7 +536,7 @@ class Scheduler:
         self,
         seqs: list[ActiveSequence],
         rows: list[int],
-        out: StepOutput,
+        out: StepResult,
         adjustments: list[LogitAdjustment | None],
     ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
         """Sample the given rows of a step; returns the rows that need their full logits row."""

@@ -9,9 +9,12 @@ step in flight.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,7 @@ from frontend.engine.protocol import (
     UpstreamUnavailable,
 )
 from frontend.engine.scheduler import Scheduler, SchedulerConfig
-from frontend.engine.triton_client import Row, StepBatch, StepOutput
+from frontend.engine.step_rows import Row, StepRequest, StepResult, compose, from_rows
 from frontend.sampling import SamplingParams
 from step_model.contract import RowStatus
 
@@ -51,14 +54,14 @@ class ScriptedBackend:
         # is), so a sequence started again under a new id continues as it would have.
         self.by_content = False
         self.history: dict[int, list[int]] = {}
-        self.batches: list[StepBatch] = []
+        self.batches: list[StepRequest] = []
         self.wanted_logits: list[bool] = []
         self.max_live = 0
         self.refused_full = 0
         self.answer_extras = False  # answer EXTRA_IDS (a model exported with them) or ignore them
 
-    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
+    async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
+        batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
         self.batches.append(batch)
         self.wanted_logits.append(want_logits)
         if self.hold is not None:
@@ -67,7 +70,7 @@ class ScriptedBackend:
             await asyncio.sleep(self.delay_s)
         if self.fail_at is not None and self.fail_at[0] == len(self.batches):
             raise self.fail_at[1]
-        n = len(batch)
+        n = int(batch.sequence_ids.shape[0])
         status = np.zeros(n, dtype=np.int32)
         for i in range(n):
             sid = int(batch.sequence_ids[i])
@@ -114,7 +117,7 @@ class ScriptedBackend:
             top = masked.max(axis=1, keepdims=True)
             rest = (top[:, 0] + np.log(np.exp(masked - top).sum(axis=1))).astype(np.float32)
         logits = row if want_logits else None
-        return StepOutput(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
+        return StepResult(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
 
 
 def scheduler(backend: ScriptedBackend, *, observer: Any = None, breaker: Any = None, **config: Any) -> Scheduler:
@@ -477,7 +480,7 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     calls = {"now": 0, "most": 0}
     step = backend.step
 
-    async def counted(rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
+    async def counted(rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         calls["now"] += 1
         calls["most"] = max(calls["most"], calls["now"])
         try:
@@ -498,3 +501,36 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     for seq in seqs:
         events = await drain(seq.events)  # type: ignore[arg-type]
         assert isinstance(events[-1], ErrorEvent)
+
+
+async def test_a_composed_step_is_the_step_models_own_request() -> None:
+    """Decode rows, then start rows, then releases, as the columns `step_model.rows.StepRequest`
+    has on both sides of gRPC; the optional columns only when some row uses them."""
+    batch = compose(
+        np.array([11], dtype=np.uint64),
+        np.array([5]),
+        np.array([0.7], dtype=np.float32),
+        [(12, [1, 2, 3], 1.0)],
+        [13],
+        request_ids=["a", "b"],
+        start_prompt_logprobs=[2],
+        extra_ids=[np.array([4, 9]), None],
+    )
+    assert isinstance(batch, StepRequest)
+    assert batch.sequence_ids.tolist() == [11, 12, 13] and batch.lengths.tolist() == [1, 3, 0]
+    assert batch.input_ids.tolist() == [[5, 0, 0], [1, 2, 3], [0, 0, 0]]
+    assert batch.start.tolist() == [False, True, False] and batch.end.tolist() == [False, False, True]
+    assert batch.request_ids == ("a", "b", "")
+    assert batch.prompt_logprobs is not None and batch.prompt_logprobs.tolist() == [-1, 2, -1]
+    assert batch.extra_ids is not None and batch.extra_ids.tolist() == [[4, 9], [-1, -1], [-1, -1]]
+    plain = compose(np.array([11], dtype=np.uint64), np.array([5]), np.array([1.0], dtype=np.float32), [], [])
+    assert plain.request_ids == () and plain.prompt_logprobs is None and plain.extra_ids is None
+
+
+async def test_the_scheduler_imports_neither_grpc_nor_the_model_runtime() -> None:
+    code = (
+        "import sys, frontend.engine.scheduler\n"
+        "loaded = [m for m in ('tritonclient', 'grpc', 'torch', 'onnxruntime') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=120)
