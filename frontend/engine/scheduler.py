@@ -9,14 +9,12 @@ refuses otherwise fails its own sequence only. (Hand-written: no library does co
 batching against a stateful Triton step model; vLLM's and TGI's schedulers are tied to their own
 engines.)
 
-Sampling is batched: one uniform per row per step from the sequence's own generator, then the
-vectorized sampler over every row's window (`frontend.sampling.sample_window_batch`); the rows it
-leaves undecided go through the per-row reference sampler, and rows whose window does not decide
-the step are sampled again from their full row (one extra request for all of them) with the same
-draw, so a seeded sequence gets the same tokens whatever shares its batch. Results reach the
-consumer as events on the sequence's sink: TokenEvent per token, then FinishEvent or ErrorEvent.
-The consumer decides text-level stops (stop strings) and calls `cancel`, which releases the
-server's KV slot at the next step.
+Two parts live in modules of their own beside this one, mixed into `Scheduler`: the sampling of
+a step's rows, batched and exact (`frontend.engine.step_sampling`), and the recovery of sequences
+the server lost plus the loop while the circuit breaker is open (`frontend.engine.recovery`).
+Results reach the consumer as events on the sequence's sink: TokenEvent per token, then
+FinishEvent or ErrorEvent. The consumer decides text-level stops (stop strings) and calls
+`cancel`, which releases the server's KV slot at the next step.
 """
 
 from __future__ import annotations
@@ -28,30 +26,25 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.errors import Overloaded, QueueFull, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
-from frontend.engine.events import ErrorEvent, Event, EventSink, FinishEvent, PromptLogprobsEvent, TokenEvent
+from frontend.engine.events import ErrorEvent, Event, EventSink
+from frontend.engine.recovery import Recovery
 from frontend.engine.request import EngineRequest
 from frontend.engine.step_rows import ROW_REFUSALS, Row, StepRequest, StepResult, compose
+from frontend.engine.step_sampling import StepSampling
 from frontend.sampling import (
     AdjustmentTracker,
-    BatchParams,
     LogitAdjustment,
-    NeedFullRow,
-    Sampled,
     SamplingParams,
-    StepLogits,
-    sample,
-    sample_adjusted_batch,
-    sample_window_batch,
     window_size,
 )
-from frontend.sampling.uniform import sequence_key, step_uniforms
+from frontend.sampling.uniform import sequence_key
 from step_model.contract import RowStatus
 
 if TYPE_CHECKING:
@@ -172,7 +165,7 @@ class SchedulerConfig:
         )
 
 
-class Scheduler:
+class Scheduler(Recovery, StepSampling):
     """Owns the step loop of one model instance (per gateway process, or in the engine core)."""
 
     def __init__(
@@ -331,36 +324,6 @@ class Scheduler:
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
 
-    async def _while_open(self, breaker: CircuitBreaker) -> None:
-        """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
-        send one probe step (a one-token sequence that starts and ends at once, plus the pending
-        releases); its outcome closes or re-opens the breaker."""
-        # New work is refused at once; generations the server lost wait (parked) for it to return.
-        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
-        self._waiting.clear()
-        self._expire_parked()
-        if pending:
-            try:
-                breaker.check()
-            except StepError as err:
-                for seq in pending:
-                    self._finish(seq, ErrorEvent(err))
-        self.observer.queue_changed(len(self._waiting), len(self._running))
-        if not breaker.probe_due():
-            await asyncio.sleep(min(breaker.retry_after_s(), 0.05))
-            return
-        releases = sorted(self._releases)
-        self._releases.clear()
-        rows = [Row(secrets.randbits(63), [0], start=True, end=True), *(Row(s, [], end=True) for s in releases)]
-        try:
-            await self.client.step(rows, window=1)
-        except StepError as err:
-            log.warning("circuit breaker probe failed: %s", err)
-            breaker.record_failure(err)
-            return
-        log.info("circuit breaker probe succeeded; closing")
-        breaker.record_success()
-
     def _admit(self) -> None:
         now = time.monotonic()
         while self._waiting and len(self._running) < self.max_running:
@@ -462,35 +425,6 @@ class Scheduler:
             await self._fetch_full_rows(fetch)
         return progressed
 
-    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepResult) -> list[int]:
-        """Send each started sequence that asked its prompt's logprobs (before its first token);
-        one with max_new_tokens 0 (OpenAI `echo` with `max_tokens: 0`) ends there. Returns the rows
-        still to sample."""
-        assert out.prompt_logprobs is not None and out.prompt_top_ids is not None
-        assert out.prompt_top_logprobs is not None
-        keep = []
-        for i in sampling:
-            seq = seqs[i]
-            k = seq.prompt_logprobs
-            if k < 0 or seq.generated:
-                keep.append(i)
-                continue
-            seq.prompt_logprobs = -1  # once: a sequence started again does not send them again
-            n = len(seq.prompt_ids)
-            values = out.prompt_logprobs[i, :n].tolist()
-            ids, lps = out.prompt_top_ids[i, :n, :k].tolist(), out.prompt_top_logprobs[i, :n, :k].tolist()
-            seq.sink.put_nowait(
-                PromptLogprobsEvent(
-                    (None, *values[1:]),
-                    ((), *(tuple(zip(ids[t], lps[t], strict=True)) for t in range(1, n))),
-                )
-            )
-            if seq.max_new_tokens <= 0:
-                self._finish(seq, FinishEvent("length"))
-            else:
-                keep.append(i)
-        return keep
-
     def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
         full = status == RowStatus.CACHE_FULL
         # While the cache is full, offer as many new sequences as slots were freed, and at least
@@ -532,131 +466,10 @@ class Scheduler:
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
         return sampling
 
-    def _sample_rows(
-        self,
-        seqs: list[ActiveSequence],
-        rows: list[int],
-        out: StepResult,
-        adjustments: list[LogitAdjustment | None],
-    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
-        """Sample the given rows of a step; returns the rows that need their full logits row."""
-        if not rows:
-            return []
-        index = np.asarray(rows, dtype=np.int64)
-        chosen = [seqs[i] for i in rows]
-        # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
-        keys = np.fromiter((seq.rng_key for seq in chosen), dtype=np.uint64, count=len(chosen))
-        draws = np.fromiter((len(seq.generated) for seq in chosen), dtype=np.uint64, count=len(chosen))
-        u = step_uniforms(keys, draws)
-        topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
-        batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
-        fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
-        tokens, logprobs, tops = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.top_logprobs
-        # The batch knows no adjustment: adjusted rows are decided by their own vectorized pass.
-        decided = [d and adjustments[i] is None for d, i in zip(batch.decided.tolist(), rows, strict=True)]
-        adjusted = [j for j, i in enumerate(rows) if adjustments[i] is not None]
-        if adjusted and out.extra_logits is not None and out.rest_logsumexp is not None:
-            at = index[adjusted]
-            rows_adjustments = [a for a in (adjustments[rows[j]] for j in adjusted) if a is not None]
-            ab = sample_adjusted_batch(
-                topk_logits[adjusted],
-                topk_ids[adjusted],
-                out.extra_logits[at],
-                out.rest_logsumexp[at],
-                lse[adjusted],
-                rows_adjustments,
-                [chosen[j].params for j in adjusted],
-                u[adjusted],
-            )
-            for m, j in enumerate(adjusted):
-                if ab.decided[m]:
-                    decided[j] = True
-                    tokens[j], logprobs[j], tops[j] = int(ab.token_ids[m]), float(ab.logprobs[m]), ()
-        for j, seq in enumerate(chosen):
-            adjustment = adjustments[rows[j]]
-            if decided[j]:  # the common case
-                seq.needed_full_row = False
-                self._emit_token(seq, tokens[j], logprobs[j], tops[j])
-                continue
-            step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
-            if adjustment is not None and out.extra_logits is not None and out.rest_logsumexp is not None:
-                at = index[j]
-                step = replace(step, extra_logits=out.extra_logits[at], rest_logsumexp=float(out.rest_logsumexp[at]))
-            try:  # the reference sampler decides what the batch declined, or asks for the row
-                picked = sample(step, seq.params, float(u[j]), adjustment)
-                seq.needed_full_row = False
-            except NeedFullRow as why:
-                self.observer.full_row_fetched(why.reason)
-                seq.needed_full_row = True
-                if out.logits is None:
-                    fetch.append((seq, float(u[j]), step, adjustment))
-                    continue
-                full = replace(step, full_logits=out.logits[index[j]])
-                picked = sample(full, seq.params, float(u[j]), adjustment)  # the same draw
-            self._emit(seq, picked)
-        return fetch
-
-    async def _fetch_full_rows(
-        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]
-    ) -> None:
-        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch]
-        try:
-            out = await self.client.step(rows, window=1, want_logits=True)
-        except StepError as err:
-            self._fail([seq for seq, _, _, _ in fetch], err)
-            return
-        assert out.logits is not None
-        for i, (seq, u, step, adjustment) in enumerate(fetch):
-            if seq.done:
-                continue
-            if int(out.status[i]) != RowStatus.OK:
-                code = int(out.status[i])
-                self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
-                continue
-            # The same numbers for the adjusted ids as the window had (the step's extra logits).
-            self._emit(seq, sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment))
-
-    def _park(self, seq: ActiveSequence, error: Exception) -> None:
-        """The server lost `seq` (or may have): release its id, and start it again under a new one."""
-        self._releases.add(seq.sequence_id)
-        seq.sequence_id = secrets.randbits(63)
-        seq.on_server = False
-        if seq.parked_at is None:
-            seq.parked_at, seq.parked_by = time.monotonic(), error
-            self._parked.append(seq)
-            log.info("sequence lost by the model server (%s); it starts again on the next step", error)
-
-    def _unpark(self, started: list[ActiveSequence]) -> None:
-        for seq in started:
-            if seq.parked_at is not None:
-                seq.parked_at = seq.parked_by = None
-        self._parked = [s for s in self._parked if s.parked_at is not None and not s.done]
-
-    def _expire_parked(self) -> None:
-        now = time.monotonic()
-        for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
-            self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
-        self._parked = [s for s in self._parked if not s.done]
-
     def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
         exc = error if isinstance(error, Exception) else RuntimeError(str(error))
         for seq in seqs:
             self._finish(seq, ErrorEvent(exc))
-
-    def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
-        self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
-
-    def _emit_token(
-        self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
-    ) -> None:
-        seq.generated.append(token_id)
-        if seq.adjuster is not None:
-            seq.adjuster.append(token_id)
-        seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
-        if (token_id == self.eos_token_id and not seq.ignore_eos) or token_id in seq.stop_ids:
-            self._finish(seq, FinishEvent("stop"))
-        elif len(seq.generated) >= seq.max_new_tokens:
-            self._finish(seq, FinishEvent("length"))
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
         if not seq.done:
