@@ -22,8 +22,13 @@ from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
-from frontend.metrics import GatewayMetrics, MetricsMiddleware
-from frontend.observability import RequestContextMiddleware, configure_logging, install_tracing
+from frontend.observability import (
+    GatewayMetrics,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+    configure_logging,
+    install_tracing,
+)
 from frontend.security.gateway import (
     RateLimitHeadersMiddleware,
     Security,

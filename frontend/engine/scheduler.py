@@ -101,7 +101,7 @@ class ActiveSequence:
 
 
 class StepObserver(Protocol):
-    """Metrics hook (frontend.metrics implements it)."""
+    """Metrics hook (frontend.observability.GatewayMetrics implements it)."""
 
     def step_finished(self, rows: int, duration_s: float) -> None: ...
     def full_row_fetched(self, reason: str) -> None: ...
