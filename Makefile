@@ -15,7 +15,8 @@ REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements-gpu
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
 UV := uv==0.13.9
 
-.PHONY: setup run test lint format export triton bench clean redis-server prometheus
+.PHONY: setup run test test-unit test-api test-integration test-resilience lint format export triton bench clean \
+	redis-server prometheus
 
 $(BIN)/.installed: requirements.txt requirements-cpu.txt requirements-gpu.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,19 @@ run: setup ## export a default model if needed, start Triton + the gateway; Ctrl
 
 test: setup redis-server prometheus ## the whole suite; real servers are started by fixtures
 	$(BIN)/python -m pytest
+
+# One tier at a time (the pytest markers of the same names): the first two need no server.
+test-unit: setup ## pure functions: sampler, scheduler against a scripted backend, text, breaker
+	$(BIN)/python -m pytest tests/unit
+
+test-api: setup ## the gateway app with a fake engine: error shapes, validation, limits
+	$(BIN)/python -m pytest tests/api
+
+test-integration: setup redis-server prometheus ## real tritonserver / redis-server / Prometheus started by fixtures
+	$(BIN)/python -m pytest tests/integration
+
+test-resilience: setup redis-server prometheus ## real servers killed, frozen, flooded
+	$(BIN)/python -m pytest tests/resilience
 
 redis-server: ## the Redis tests start a real redis-server: install Debian's package when missing
 	@command -v redis-server >/dev/null 2>&1 || { \

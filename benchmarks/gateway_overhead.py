@@ -12,19 +12,17 @@ import argparse
 import asyncio
 import platform
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import Scheduler
-from frontend.engine.triton_client import Row, StepOutput
+from frontend.engine.protocol import EngineRequest, EventSink, GenerationHandle
+from frontend.engine.scheduler import Scheduler, SchedulerConfig
+from frontend.engine.step_rows import StepRequest, StepResult
 from frontend.generation.service import GenerationService
-from frontend.metrics import GatewayMetrics
-from frontend.sampling import SamplingParams
+from frontend.observability import GatewayMetrics
 from frontend.settings import Settings
 
 
@@ -35,12 +33,12 @@ class InstantTriton:
         self.vocab_size = vocab_size
         self.rng = np.random.default_rng(seed)
 
-    async def step(self, rows: Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        n = len(rows)
+    async def step(self, rows: StepRequest, *, window: int, want_logits: bool = False) -> StepResult:
+        n = int(rows.sequence_ids.shape[0])
         values = np.sort(self.rng.normal(0, 3, (n, window)).astype(np.float32), axis=1)[:, ::-1].copy()
         ids = self.rng.integers(0, self.vocab_size - 1, (n, window)).astype(np.int64)
         status = np.zeros(n, dtype=np.int32)  # every row OK
-        return StepOutput(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
+        return StepResult(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
 
 
 class _Engine:
@@ -48,10 +46,8 @@ class _Engine:
         self.scheduler = scheduler
         self.model = model
 
-    def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int, seed: int | None
-    ) -> GenerationHandle:
-        return self.scheduler.submit(prompt_ids, params, max_new_tokens, seed)
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
+        return self.scheduler.submit(request, events)
 
     def cancel(self, handle: GenerationHandle) -> None:
         self.scheduler.cancel(handle)  # type: ignore[arg-type]
@@ -61,9 +57,9 @@ async def measure(model: ServedModel, concurrency: int, new_tokens: int, top_k: 
     metrics = GatewayMetrics()
     scheduler = Scheduler(
         InstantTriton(model.vocab_size),  # type: ignore[arg-type]
+        SchedulerConfig(max_running=concurrency),
         eos_token_id=model.eos_token_id,
         vocab_size=model.vocab_size,
-        max_running=concurrency,
         observer=metrics,
     )
     scheduler.start()

@@ -31,6 +31,7 @@ RUN grep -vE '^(torch|onnx|onnxruntime|nvidia-pytriton)==' /tmp/requirements.txt
 COPY frontend/ /app/frontend/
 COPY step_model/__init__.py /app/step_model/__init__.py
 COPY step_model/contract/ /app/step_model/contract/
+COPY step_model/rows.py /app/step_model/rows.py
 
 # Not root at run time. The model repository (tokenizer + metadata.json of each version) is
 # mounted at /models read-only; the gateway writes nothing.

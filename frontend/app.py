@@ -22,8 +22,13 @@ from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
-from frontend.metrics import GatewayMetrics, MetricsMiddleware
-from frontend.observability import RequestContextMiddleware, configure_logging, install_tracing
+from frontend.observability import (
+    GatewayMetrics,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+    configure_logging,
+    install_tracing,
+)
 from frontend.security.gateway import (
     RateLimitHeadersMiddleware,
     Security,
@@ -39,27 +44,7 @@ EngineFactory = Callable[[Settings, GatewayMetrics], Engine]
 def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
     # vllm:kv_cache_usage_perc = running sequences / the model's KV slots (README "Metrics").
     metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
-    return TritonEngine(
-        triton_url=settings.triton_url,
-        model=settings.model,
-        version=settings.model_version,
-        repository=settings.repository,
-        step_timeout_s=settings.step_timeout_s,
-        default_window=settings.default_window,
-        max_running=settings.max_running,
-        max_waiting=settings.max_waiting,
-        queue_timeout_s=settings.queue_timeout_s,
-        startup_timeout_s=settings.startup_timeout_s,
-        observer=metrics,
-        probe_timeout_s=settings.probe_timeout_s,
-        reconnect_backoff_ms=settings.reconnect_backoff_ms,
-        connect_retries=settings.connect_retries,
-        breaker_failures=settings.breaker_failures,
-        breaker_reset_s=settings.breaker_reset_s,
-        prefill_batch=settings.prefill_batch,
-        prefill_hold_s=settings.prefill_hold_ms / 1000,
-        resume_timeout_s=settings.resume_timeout_s,
-    )
+    return TritonEngine.from_settings(settings, observer=metrics)
 
 
 def remote_engine(settings: Settings, metrics: GatewayMetrics, *, model_loader: ModelLoader | None = None) -> Engine:

@@ -16,8 +16,9 @@
 Every error body also carries the request's id (`"request_id"` inside `"error"`, next to the four
 keys above; the same id as the `X-Request-Id` response header, frontend.observability.requests).
 
-Routes raise these and hold no try/except ladders; `install_error_handlers` renders them, plus
-FastAPI's validation errors (400, with the offending field as `param`) and anything unexpected
+An engine's own errors (`frontend.engine.errors`) become one of these in one place,
+`from_engine_error`. Routes raise these and hold no try/except ladders; `install_error_handlers`
+renders them, plus FastAPI's validation errors (400, with the offending field as `param`) and anything unexpected
 (500, no traceback to the client; logged with one).
 """
 
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from frontend.engine import errors as engine
 from frontend.observability.requests import HEADER as REQUEST_ID_HEADER
 from frontend.observability.requests import current_request_id
 
@@ -127,6 +129,25 @@ class UpstreamTimeout(APIError):
     status_code = 504
     error_type = "upstream_timeout"
     code = "triton_timeout"
+
+
+def from_engine_error(err: Exception) -> APIError:
+    """The API error for what an engine raised or reported (an `APIError` stays itself)."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, engine.QueueFull):  # the waiting cap: refused at once, try again shortly
+        return RateLimited(str(err), code="queue_full", retry_after_s=1)
+    if isinstance(err, engine.Overloaded):
+        return Overloaded(str(err), retry_after_s=1)
+    if isinstance(err, engine.UpstreamTimeout):
+        return UpstreamTimeout(str(err))
+    if isinstance(err, engine.UpstreamUnavailable):  # BreakerOpen carries when its next probe is due
+        return UpstreamUnavailable(str(err), retry_after_s=max(1.0, getattr(err, "retry_after_s", 1.0)))
+    if isinstance(err, engine.StepRejected):
+        return UpstreamError(str(err))
+    if isinstance(err, engine.SamplingFailed):  # the request's own parameters: it alone failed
+        return InvalidRequest(str(err), code="sampling_failed")
+    return APIError("internal error during generation")
 
 
 class ErrorJSONResponse(JSONResponse):

@@ -11,19 +11,6 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from frontend.errors import APIError
 
-
-async def prime(stream: AsyncIterator[object]) -> AsyncIterator[object]:
-    """Run `stream` up to its first item now, so early failures raise before the response starts."""
-    first = await anext(stream)
-
-    async def chained() -> AsyncIterator[object]:
-        yield first
-        async for item in stream:
-            yield item
-
-    return chained()
-
-
 # JSON leaves these raw inside strings, and line splitters that follow Unicode rather than the SSE
 # spec (JavaScript's old eval, Python's str.splitlines) cut an event's data at them.
 _LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})

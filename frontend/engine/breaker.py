@@ -20,24 +20,15 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from frontend.engine.triton_client import UpstreamUnavailable
+from frontend.engine.errors import BreakerOpen
+
+__all__ = ["BreakerOpen", "BreakerState", "CircuitBreaker"]
 
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
-
-
-class BreakerOpen(UpstreamUnavailable):
-    """Refused without calling Triton: its recent steps failed (retry after `retry_after_s`)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def __reduce__(self) -> tuple[type[BreakerOpen], tuple[str, float]]:  # survives the engine core's IPC
-        return (type(self), (str(self), self.retry_after_s))
 
 
 class CircuitBreaker:

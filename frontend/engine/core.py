@@ -31,7 +31,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -40,10 +40,15 @@ import zmq
 import zmq.asyncio
 
 from frontend.engine import ipc
-from frontend.engine.protocol import Engine, GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, Event, TokenEvent
-from frontend.engine.triton_client import UpstreamUnavailable
-from frontend.sampling import SamplingParams
+from frontend.engine.protocol import (
+    Engine,
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    GenerationHandle,
+    TokenEvent,
+    UpstreamUnavailable,
+)
 from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,8 +194,7 @@ class EngineCore:
             log.info("engine core: worker %s connected", identity.decode(errors="replace"))
         worker.last_seen = self._loop.time()
         if kind == ipc.SUBMIT:
-            _, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id, prompt_logprobs = msg
-            self._submit(worker, rid, prompt_ids, params, max_new_tokens, seed, stops, request_id, prompt_logprobs)
+            self._submit(worker, msg[1], msg[2])
         elif kind == ipc.CANCEL:
             handle = worker.live.pop(msg[1], None)
             if handle is not None:
@@ -217,33 +221,10 @@ class EngineCore:
         else:
             log.warning("engine core: unknown message %r", kind)
 
-    def _submit(
-        self,
-        worker: _Worker,
-        rid: int,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        stops: tuple[bool, int, tuple[int, ...]] = (False, 0, ()),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> None:
+    def _submit(self, worker: _Worker, rid: int, request: EngineRequest) -> None:
         sink = _Sink(self, worker, rid)
-        ignore_eos, min_tokens, stop_token_ids = stops
         try:
-            handle = self.engine.submit(
-                prompt_ids,
-                params,
-                max_new_tokens,
-                seed,
-                events=sink,
-                ignore_eos=ignore_eos,
-                min_tokens=min_tokens,
-                stop_token_ids=stop_token_ids,
-                request_id=request_id,
-                prompt_logprobs=prompt_logprobs,
-            )
+            handle = self.engine.submit(request, sink)
         except Exception as err:  # Overloaded, UpstreamUnavailable, ...: the worker gets it as an event
             sink.put_nowait(ErrorEvent(err))
             return
@@ -349,8 +330,9 @@ class EngineCore:
 
 # ---------------------------------------------------------------------- the process
 async def _serve(settings: Settings, address: str, report: Callable[[str, str], None], gateway_child: bool) -> int:
-    from frontend.app import triton_engine  # here: frontend.app imports the worker side of this package
-    from frontend.metrics import GatewayMetrics
+    # Here, not at the top: the launcher imports this module too, and only the core talks gRPC.
+    from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
+    from frontend.observability import GatewayMetrics
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -371,8 +353,9 @@ async def _serve(settings: Settings, address: str, report: Callable[[str, str], 
         loop.add_reader(parent.sentinel, _orphaned)
 
     metrics = GatewayMetrics()  # only its engine_registry is fed and served here
+    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
     core = EngineCore(
-        triton_engine(settings, metrics),
+        TritonEngine.from_settings(settings, observer=metrics),
         address,
         worker_timeout_s=settings.engine_core_timeout_s,
         metrics_text=metrics.engine_text,

@@ -5,9 +5,7 @@ first element names it (the ROUTER adds and strips the worker's identity frame).
 Worker -> core:
 
     ("hello", corr)                                           -> ("reply", corr, (model, version))
-    ("submit", rid, prompt_ids, params, max_new_tokens, seed, (ignore_eos, min_tokens, stop_ids),
-     request_id, prompt_logprobs)
-                                                                 no reply; failures come as events
+    ("submit", rid, EngineRequest)                            no reply; failures come as events
     ("cancel", rid)
     ("heartbeat",)                                            -> ("load", running, waiting)
     ("ready", corr)                                           -> ("reply", corr, bool)
@@ -29,11 +27,14 @@ Core -> worker:
 `rid` is the worker's own request id, `corr` its id for a question. One DEALER socket per
 worker carries everything in order, so a cancel never overtakes its submit.
 
-Serialization is pickle: the payloads are a few small Python objects (SamplingParams, events,
+Serialization is pickle: the payloads are a few small Python objects (the request, events,
 exceptions whose TYPE must survive the trip), pickle round-trips all of them without a schema,
 and tokens travel as plain tuples (pickling a tuple costs ~0.2 µs, a slotted frozen dataclass
-~6 µs). The socket lives in a private temporary directory (mode 0700): only processes of the
-same user can connect, which is what makes unpickling its messages acceptable.
+~6 µs; `EngineRequest` pickles itself as plain tuples for the same reason). Everything a message
+can carry is defined beside the `Engine` protocol (`frontend.engine.events`, `.errors`,
+`.request`), so unpickling it in an HTTP worker imports neither the scheduler nor gRPC. The
+socket lives in a private temporary directory (mode 0700): only processes of the same user can
+connect, which is what makes unpickling its messages acceptable.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, cast
 
 import zmq
 
-from frontend.engine.scheduler import ErrorEvent, Event, PromptLogprobsEvent, TokenEvent
+from frontend.engine.events import ErrorEvent, Event, PromptLogprobsEvent, TokenEvent
 
 HELLO = "hello"
 SUBMIT = "submit"

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,15 @@ import zmq.asyncio
 
 from frontend.engine import ipc
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, Event, EventSink, Overloaded
-from frontend.engine.triton_client import UpstreamUnavailable
-from frontend.sampling import SamplingParams
+from frontend.engine.protocol import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    EventSink,
+    GenerationHandle,
+    Overloaded,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,39 +139,14 @@ class RemoteEngine:
         except Exception:  # unreachable (timeout) or any failure: not ready
             return False
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> GenerationHandle:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         if self._sock is None or self._closed:
             raise UpstreamUnavailable("the engine core is not connected")
         if not self._core_up:
             raise UpstreamUnavailable("the engine core is not answering")
         handle = RemoteHandle(next(self._ids), sink=events)
         self._handles[handle.request_id] = handle
-        stops = (ignore_eos, min_tokens, tuple(stop_token_ids))
-        message = (
-            ipc.SUBMIT,
-            handle.request_id,
-            list(prompt_ids),
-            params,
-            max_new_tokens,
-            seed,
-            stops,
-            request_id,
-            prompt_logprobs,
-        )
-        self._send(message)
+        self._send((ipc.SUBMIT, handle.request_id, request))
         return handle
 
     def cancel(self, handle: GenerationHandle) -> None:

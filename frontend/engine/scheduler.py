@@ -9,14 +9,12 @@ refuses otherwise fails its own sequence only. (Hand-written: no library does co
 batching against a stateful Triton step model; vLLM's and TGI's schedulers are tied to their own
 engines.)
 
-Sampling is batched: one uniform per row per step from the sequence's own generator, then the
-vectorized sampler over every row's window (`frontend.sampling.sample_window_batch`); the rows it
-leaves undecided go through the per-row reference sampler, and rows whose window does not decide
-the step are sampled again from their full row (one extra request for all of them) with the same
-draw, so a seeded sequence gets the same tokens whatever shares its batch. Results reach the
-consumer as events on the sequence's sink: TokenEvent per token, then FinishEvent or ErrorEvent.
-The consumer decides text-level stops (stop strings) and calls `cancel`, which releases the
-server's KV slot at the next step.
+Two parts live in modules of their own beside this one, mixed into `Scheduler`: the sampling of
+a step's rows, batched and exact (`frontend.engine.step_sampling`), and the recovery of sequences
+the server lost plus the loop while the circuit breaker is open (`frontend.engine.recovery`).
+Results reach the consumer as events on the sequence's sink: TokenEvent per token, then
+FinishEvent or ErrorEvent. The consumer decides text-level stops (stop strings) and calls
+`cancel`, which releases the server's KV slot at the next step.
 """
 
 from __future__ import annotations
@@ -28,82 +26,31 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from frontend.engine.breaker import CircuitBreaker
-from frontend.engine.triton_client import (
-    ROW_REFUSALS,
-    Row,
-    StepBatch,
-    StepError,
-    StepOutput,
-    StepRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from frontend.engine.errors import Overloaded, QueueFull, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
+from frontend.engine.events import ErrorEvent, Event, EventSink
+from frontend.engine.recovery import Recovery
+from frontend.engine.request import EngineRequest
+from frontend.engine.step_rows import ROW_REFUSALS, Row, StepRequest, StepResult, compose
+from frontend.engine.step_sampling import StepSampling
 from frontend.sampling import (
     AdjustmentTracker,
-    BatchParams,
     LogitAdjustment,
-    NeedFullRow,
-    Sampled,
     SamplingParams,
-    StepLogits,
-    sample,
-    sample_adjusted_batch,
-    sample_window_batch,
     window_size,
 )
-from frontend.sampling.uniform import sequence_key, step_uniforms
+from frontend.sampling.uniform import sequence_key
 from step_model.contract import RowStatus
 
+if TYPE_CHECKING:
+    from frontend.settings import Settings
+
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The gateway has no room for another sequence now (queue full or wait too long)."""
-
-
-class QueueFull(Overloaded):
-    """The waiting queue is at its cap: refused at once (429 with Retry-After)."""
-
-
-class SamplingFailed(Exception):
-    """This generation's own numbers could not be sampled (its parameters made its row non-finite,
-    say): it fails alone and leaves the step; the other rows go on."""
-
-
-class TokenEvent(NamedTuple):
-    """One generated token (a NamedTuple: one is made per token, ~4x cheaper than a dataclass)."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PromptLogprobsEvent:
-    """The prompt's own logprobs (OpenAI `echo` with `logprobs`), before the first token: entry t
-    is log p(prompt[t] | prompt[:t]) and its top alternatives; entry 0 is None (nothing precedes)."""
-
-    logprobs: tuple[float | None, ...]
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class FinishEvent:
-    reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    error: Exception
-
-
-Event = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
 
 
 @dataclass
@@ -153,15 +100,8 @@ class ActiveSequence:
         self.sink = self.events
 
 
-class EventSink(Protocol):
-    """Where a sequence's events go: an asyncio.Queue, or anything with put_nowait (the engine
-    core process batches the events of one step into one message per HTTP worker)."""
-
-    def put_nowait(self, item: Event, /) -> None: ...
-
-
 class StepObserver(Protocol):
-    """Metrics hook (frontend.metrics implements it)."""
+    """Metrics hook (frontend.observability.GatewayMetrics implements it)."""
 
     def step_finished(self, rows: int, duration_s: float) -> None: ...
     def full_row_fetched(self, reason: str) -> None: ...
@@ -186,50 +126,72 @@ class _NullObserver:
 class StepBackend(Protocol):
     """What the scheduler needs from the model server (StepClient implements it; tests script it)."""
 
-    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput: ...
+    async def step(
+        self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False
+    ) -> StepResult: ...
 
 
-class Scheduler:
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The scheduler's knobs (GATEWAY_* settings of the same names, `from_settings`)."""
+
+    default_window: int = 64  # the top-K window a step asks for when sampling needs no wider one
+    max_running: int = 256  # sequences stepping together (TritonEngine caps it at the KV slots)
+    max_waiting: int = 1024  # generations queued beyond max_running; more are refused (QueueFull)
+    queue_timeout_s: float = 30.0  # the longest a generation waits for a slot (Overloaded after)
+    cache_full_backoff_s: float = 0.02  # the pause after a step that made no progress
+    max_prefill_tokens: int = 16_384  # prompt tokens one step starts (a single longer prompt still goes)
+    # A step with prefills costs the decode plus one eager (un-graphed) prompt pass, whose cost
+    # barely depends on how many prompts it carries: while sequences are decoding, new ones wait
+    # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
+    prefill_batch: int = 16
+    prefill_hold_s: float = 0.02
+    # Sequences the model server lost (Triton restarted, a step failed in transit) start again on
+    # it with their prompt plus the tokens generated so far, under a new id: the n-th token still
+    # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
+    # most resume_timeout_s for a server that takes them (0: fail them at once instead).
+    resume_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SchedulerConfig:
+        return cls(
+            default_window=settings.default_window,
+            max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
+            queue_timeout_s=settings.queue_timeout_s,
+            prefill_batch=settings.prefill_batch,
+            prefill_hold_s=settings.prefill_hold_ms / 1000,
+            resume_timeout_s=settings.resume_timeout_s,
+        )
+
+
+class Scheduler(Recovery, StepSampling):
     """Owns the step loop of one model instance (per gateway process, or in the engine core)."""
 
     def __init__(
         self,
         client: StepBackend,
+        config: SchedulerConfig | None = None,
         *,
         eos_token_id: int,
         vocab_size: int,
-        default_window: int = 64,
-        max_running: int = 256,
-        max_waiting: int = 1024,
-        queue_timeout_s: float = 30.0,
-        cache_full_backoff_s: float = 0.02,
-        max_prefill_tokens: int = 16_384,
-        prefill_batch: int = 16,
-        prefill_hold_s: float = 0.02,
-        resume_timeout_s: float = 30.0,
         observer: StepObserver | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
+        config = config or SchedulerConfig()
         self.client = client
         self.breaker = breaker  # optional: whole-step failures open it; while open nothing is sent but probes
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
-        self.default_window = default_window
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.queue_timeout_s = queue_timeout_s
-        self.cache_full_backoff_s = cache_full_backoff_s
-        self.max_prefill_tokens = max_prefill_tokens
-        # A step with prefills costs the decode plus one eager (un-graphed) prompt pass, whose cost
-        # barely depends on how many prompts it carries: while sequences are decoding, new ones wait
-        # (at most `prefill_hold_s`) until `prefill_batch` of them can start together.
-        self.prefill_batch = prefill_batch
-        self.prefill_hold_s = prefill_hold_s
-        # Sequences the model server lost (Triton restarted, a step failed in transit) start again on
-        # it with their prompt plus the tokens generated so far, under a new id: the n-th token still
-        # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
-        # most resume_timeout_s for a server that takes them (0: fail them at once instead).
-        self.resume_timeout_s = resume_timeout_s
+        self.default_window = config.default_window
+        self.max_running = config.max_running
+        self.max_waiting = config.max_waiting
+        self.queue_timeout_s = config.queue_timeout_s
+        self.cache_full_backoff_s = config.cache_full_backoff_s
+        self.max_prefill_tokens = config.max_prefill_tokens
+        self.prefill_batch = config.prefill_batch
+        self.prefill_hold_s = config.prefill_hold_s
+        self.resume_timeout_s = config.resume_timeout_s
         # The step model returns the logits of ids a row names (contract.EXTRA_IDS): adjusted
         # sequences then need no full rows. False for a model version exported before that input.
         self.extra_logits = True
@@ -284,29 +246,17 @@ class Scheduler:
             with contextlib.suppress(StepError):
                 await self.client.step(rows, window=1)
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> ActiveSequence:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
         `events` when given, else to a new asyncio.Queue on the returned sequence. The stop
-        controls are vLLM's (see `ActiveSequence`)."""
+        controls are vLLM's (see `EngineRequest`)."""
         if self._closed:
             raise Overloaded("the gateway is shutting down")
         if self.breaker is not None:
             self.breaker.check()  # raises BreakerOpen: refused at once, no Triton call
         if len(self._waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self._waiting)} generations already waiting")
+        params, min_tokens, stop_token_ids = request.params, request.min_tokens, request.stop_token_ids
         adjusted = bool(
             params.repetition_penalty != 1.0
             or params.presence_penalty
@@ -315,19 +265,19 @@ class Scheduler:
             or min_tokens > 0
         )
         seq = ActiveSequence(
-            prompt_ids=list(prompt_ids),
+            prompt_ids=list(request.prompt_ids),
             params=params,
-            max_new_tokens=max_new_tokens,
-            rng_key=sequence_key(seed, secrets.randbits(64)),
+            max_new_tokens=request.max_new_tokens,
+            rng_key=sequence_key(request.seed, secrets.randbits(64)),
             window=window_size(params, default_window=self.default_window, vocab_size=self.vocab_size),
             full_rows=adjusted and not self.extra_logits,
             submitted_at=time.monotonic(),
-            ignore_eos=ignore_eos,
+            ignore_eos=request.ignore_eos,
             stop_ids=frozenset(stop_token_ids),
             min_tokens=min_tokens,
             banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
-            request_id=request_id or "",
-            prompt_logprobs=prompt_logprobs,
+            request_id=request.request_id or "",
+            prompt_logprobs=request.prompt_logprobs,
         )
         if adjusted:
             seq.adjuster = AdjustmentTracker(
@@ -376,36 +326,6 @@ class Scheduler:
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
 
-    async def _while_open(self, breaker: CircuitBreaker) -> None:
-        """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
-        send one probe step (a one-token sequence that starts and ends at once, plus the pending
-        releases); its outcome closes or re-opens the breaker."""
-        # New work is refused at once; generations the server lost wait (parked) for it to return.
-        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
-        self._waiting.clear()
-        self._expire_parked()
-        if pending:
-            try:
-                breaker.check()
-            except StepError as err:
-                for seq in pending:
-                    self._finish(seq, ErrorEvent(err))
-        self.observer.queue_changed(len(self._waiting), len(self._running))
-        if not breaker.probe_due():
-            await asyncio.sleep(min(breaker.retry_after_s(), 0.05))
-            return
-        releases = sorted(self._releases)
-        self._releases.clear()
-        rows = [Row(secrets.randbits(63), [0], start=True, end=True), *(Row(s, [], end=True) for s in releases)]
-        try:
-            await self.client.step(rows, window=1)
-        except StepError as err:
-            log.warning("circuit breaker probe failed: %s", err)
-            breaker.record_failure(err)
-            return
-        log.info("circuit breaker probe succeeded; closing")
-        breaker.record_success()
-
     def _admit(self) -> None:
         now = time.monotonic()
         while self._waiting and len(self._running) < self.max_running:
@@ -418,7 +338,7 @@ class Scheduler:
             self._expire_parked()
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
-    def _plan(self) -> tuple[list[ActiveSequence], StepBatch, list[LogitAdjustment | None]]:
+    def _plan(self) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None]]:
         """The rows of the next step: decodes, then new sequences (within the prefill budget and
         the start allowance), then releases. Returns the stepping sequences, the batch and each
         sequence's logit adjustment for this step (None for most)."""
@@ -445,7 +365,7 @@ class Scheduler:
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
         adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
-        batch = StepBatch.compose(
+        batch = compose(
             decode_ids,
             decode_tokens,
             decode_temperature,
@@ -475,7 +395,8 @@ class Scheduler:
         self._stepping = list(self._running)  # until the plan names the step's own
         seqs, rows, adjustments = self._plan()
         self._stepping = seqs
-        if not len(rows):
+        n_rows = int(rows.sequence_ids.shape[0])
+        if not n_rows:
             return False
         released = len(self._releases)
         self._releases.clear()
@@ -502,12 +423,12 @@ class Scheduler:
                     self._finish(seq, ErrorEvent(err))
                     self._releases.add(seq.sequence_id)
             if not seqs:
-                log.warning("releasing %d sequences failed: %s", len(rows), err)
+                log.warning("releasing %d sequences failed: %s", n_rows, err)
                 self._releases.clear()  # Triton's idle sweeper frees them
             return not resumable  # resumable: back off before the next attempt
         if self.breaker is not None:
             self.breaker.record_success()
-        self.observer.step_finished(len(rows), time.perf_counter() - started)
+        self.observer.step_finished(n_rows, time.perf_counter() - started)
         status = out.status[: len(seqs)]
         self._note_cache_full(seqs, status, released)
         progressed = released > 0 or bool((status != RowStatus.CACHE_FULL).any())
@@ -520,35 +441,6 @@ class Scheduler:
         self._stepping = []
         return progressed
 
-    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepOutput) -> list[int]:
-        """Send each started sequence that asked its prompt's logprobs (before its first token);
-        one with max_new_tokens 0 (OpenAI `echo` with `max_tokens: 0`) ends there. Returns the rows
-        still to sample."""
-        assert out.prompt_logprobs is not None and out.prompt_top_ids is not None
-        assert out.prompt_top_logprobs is not None
-        keep = []
-        for i in sampling:
-            seq = seqs[i]
-            k = seq.prompt_logprobs
-            if k < 0 or seq.generated:
-                keep.append(i)
-                continue
-            seq.prompt_logprobs = -1  # once: a sequence started again does not send them again
-            n = len(seq.prompt_ids)
-            values = out.prompt_logprobs[i, :n].tolist()
-            ids, lps = out.prompt_top_ids[i, :n, :k].tolist(), out.prompt_top_logprobs[i, :n, :k].tolist()
-            seq.sink.put_nowait(
-                PromptLogprobsEvent(
-                    (None, *values[1:]),
-                    ((), *(tuple(zip(ids[t], lps[t], strict=True)) for t in range(1, n))),
-                )
-            )
-            if seq.max_new_tokens <= 0:
-                self._finish(seq, FinishEvent("length"))
-            else:
-                keep.append(i)
-        return keep
-
     def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
         full = status == RowStatus.CACHE_FULL
         # While the cache is full, offer as many new sequences as slots were freed, and at least
@@ -559,7 +451,7 @@ class Scheduler:
             if time.monotonic() - (seq.parked_at or seq.submitted_at) > self.queue_timeout_s:
                 self._finish(seq, ErrorEvent(Overloaded("the model server's KV cache stayed full")))
 
-    def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepOutput) -> list[int]:
+    def _settle_rows(self, seqs: list[ActiveSequence], status: np.ndarray, out: StepResult) -> list[int]:
         """Apply each row's status; returns the indices of the rows to sample."""
         if self._parked:
             self._unpark([seqs[i] for i in np.flatnonzero(status == RowStatus.OK).tolist()])
@@ -590,168 +482,10 @@ class Scheduler:
                 self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
         return sampling
 
-    def _sample_rows(
-        self,
-        seqs: list[ActiveSequence],
-        rows: list[int],
-        out: StepOutput,
-        adjustments: list[LogitAdjustment | None],
-    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
-        """Sample the given rows of a step; returns the rows that need their full logits row.
-
-        A row whose numbers cannot be sampled fails alone: when a vectorized pass raises, the rows
-        are sampled one by one and only the one that raises again fails."""
-        if not rows:
-            return []
-        try:
-            return self._sample_batch(seqs, rows, out, adjustments)
-        except Exception as err:
-            if len(rows) > 1:
-                return [f for i in rows for f in self._sample_rows(seqs, [i], out, adjustments)]
-            self._fail_row(seqs[rows[0]], err)
-            return []
-
-    def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:
-        log.warning("generation %s failed in sampling: %s: %s", seq.request_id or "-", type(err).__name__, err)
-        self._finish(seq, ErrorEvent(SamplingFailed(f"this generation's logits could not be sampled ({err})")))
-
-    def _sample_batch(
-        self,
-        seqs: list[ActiveSequence],
-        rows: list[int],
-        out: StepOutput,
-        adjustments: list[LogitAdjustment | None],
-    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
-        """`_sample_rows` without the isolation: the vectorized passes may raise (before any row
-        is emitted); a row that fails after them fails alone."""
-        index = np.asarray(rows, dtype=np.int64)
-        chosen = [seqs[i] for i in rows]
-        # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
-        keys = np.fromiter((seq.rng_key for seq in chosen), dtype=np.uint64, count=len(chosen))
-        draws = np.fromiter((len(seq.generated) for seq in chosen), dtype=np.uint64, count=len(chosen))
-        u = step_uniforms(keys, draws)
-        topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
-        batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
-        fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
-        tokens, logprobs, tops = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.top_logprobs
-        # The batch knows no adjustment: adjusted rows are decided by their own vectorized pass.
-        decided = [d and adjustments[i] is None for d, i in zip(batch.decided.tolist(), rows, strict=True)]
-        adjusted = [j for j, i in enumerate(rows) if adjustments[i] is not None]
-        if adjusted and out.extra_logits is not None and out.rest_logsumexp is not None:
-            at = index[adjusted]
-            rows_adjustments = [a for a in (adjustments[rows[j]] for j in adjusted) if a is not None]
-            ab = sample_adjusted_batch(
-                topk_logits[adjusted],
-                topk_ids[adjusted],
-                out.extra_logits[at],
-                out.rest_logsumexp[at],
-                lse[adjusted],
-                rows_adjustments,
-                [chosen[j].params for j in adjusted],
-                u[adjusted],
-            )
-            for m, j in enumerate(adjusted):
-                if ab.decided[m]:
-                    decided[j] = True
-                    tokens[j], logprobs[j], tops[j] = int(ab.token_ids[m]), float(ab.logprobs[m]), ()
-        for j, seq in enumerate(chosen):
-            adjustment = adjustments[rows[j]]
-            if decided[j]:  # the common case
-                seq.needed_full_row = False
-                self._emit_token(seq, tokens[j], logprobs[j], tops[j])
-                continue
-            step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
-            if adjustment is not None and out.extra_logits is not None and out.rest_logsumexp is not None:
-                at = index[j]
-                step = replace(step, extra_logits=out.extra_logits[at], rest_logsumexp=float(out.rest_logsumexp[at]))
-            try:  # the reference sampler decides what the batch declined, or asks for the row
-                picked = sample(step, seq.params, float(u[j]), adjustment)
-                seq.needed_full_row = False
-            except NeedFullRow as why:
-                self.observer.full_row_fetched(why.reason)
-                seq.needed_full_row = True
-                if out.logits is None:
-                    fetch.append((seq, float(u[j]), step, adjustment))
-                    continue
-                try:
-                    picked = sample(
-                        replace(step, full_logits=out.logits[index[j]]), seq.params, float(u[j]), adjustment
-                    )
-                except Exception as err:
-                    self._fail_row(seq, err)
-                    continue
-            except Exception as err:  # this row alone: rows before it were emitted already
-                self._fail_row(seq, err)
-                continue
-            self._emit(seq, picked)
-        return fetch
-
-    async def _fetch_full_rows(
-        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]
-    ) -> None:
-        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch]
-        try:
-            out = await self.client.step(rows, window=1, want_logits=True)
-        except StepError as err:
-            self._fail([seq for seq, _, _, _ in fetch], err)
-            return
-        assert out.logits is not None
-        for i, (seq, u, step, adjustment) in enumerate(fetch):
-            if seq.done:
-                continue
-            if int(out.status[i]) != RowStatus.OK:
-                code = int(out.status[i])
-                self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
-                continue
-            # The same numbers for the adjusted ids as the window had (the step's extra logits).
-            try:
-                picked = sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment)
-            except Exception as err:
-                self._fail_row(seq, err)
-                continue
-            self._emit(seq, picked)
-
-    def _park(self, seq: ActiveSequence, error: Exception) -> None:
-        """The server lost `seq` (or may have): release its id, and start it again under a new one."""
-        self._releases.add(seq.sequence_id)
-        seq.sequence_id = secrets.randbits(63)
-        seq.on_server = False
-        if seq.parked_at is None:
-            seq.parked_at, seq.parked_by = time.monotonic(), error
-            self._parked.append(seq)
-            log.info("sequence lost by the model server (%s); it starts again on the next step", error)
-
-    def _unpark(self, started: list[ActiveSequence]) -> None:
-        for seq in started:
-            if seq.parked_at is not None:
-                seq.parked_at = seq.parked_by = None
-        self._parked = [s for s in self._parked if s.parked_at is not None and not s.done]
-
-    def _expire_parked(self) -> None:
-        now = time.monotonic()
-        for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
-            self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
-        self._parked = [s for s in self._parked if not s.done]
-
     def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
         exc = error if isinstance(error, Exception) else RuntimeError(str(error))
         for seq in seqs:
             self._finish(seq, ErrorEvent(exc))
-
-    def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
-        self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
-
-    def _emit_token(
-        self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
-    ) -> None:
-        seq.generated.append(token_id)
-        if seq.adjuster is not None:
-            seq.adjuster.append(token_id)
-        seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
-        if (token_id == self.eos_token_id and not seq.ignore_eos) or token_id in seq.stop_ids:
-            self._finish(seq, FinishEvent("stop"))
-        elif len(seq.generated) >= seq.max_new_tokens:
-            self._finish(seq, FinishEvent("length"))
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
         if not seq.done:

@@ -1,14 +1,15 @@
 """The gateway's adapter to the Triton step model (gRPC, asyncio).
 
-It knows the wire contract (`step_model.contract`) and nothing about sampling: rows go in, per-row
-statuses and windows (and full rows when asked) come out. A row the model refuses comes back with
-its `RowStatus` (the other rows ran); a request that fails as a whole raises from this tree:
+It knows the wire contract (`step_model.contract`) and nothing about sampling: rows go in (a
+`step_model.rows.StepRequest`, see `frontend.engine.step_rows`), per-row statuses and windows
+(and full rows when asked) come out as a `step_model.rows.StepResult`. A row the model refuses comes back with
+its `RowStatus` (the other rows ran); a request that fails as a whole raises the engine's
+`StepError` (`frontend.engine.errors`) that its gRPC status maps to:
 
-    StepError                      any failed step call
-    ├── StepRejected               the model refused the request as a whole (a gateway bug)
-    ├── UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
-    │   └── ConnectFailed          gRPC UNAVAILABLE: no connection, the request was not served
-    └── UpstreamTimeout            the call outlived its deadline
+    StepRejected               the model refused the request as a whole (a gateway bug)
+    UpstreamUnavailable        Triton unreachable, the model not ready, or it failed inside
+    ConnectFailed              gRPC UNAVAILABLE: no connection, the request was not served
+    UpstreamTimeout            the call outlived its deadline
 
 Every call has a deadline (`timeout_s` for steps, `probe_timeout_s` for readiness and the
 repository index), the channel reconnects with a bounded backoff (`reconnect_backoff_ms`, gRPC's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -35,150 +37,15 @@ from tenacity import (
 from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
+from frontend.engine.errors import ConnectFailed, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
+from frontend.engine.step_rows import Row, StepRequest, StepResult, from_rows
 from step_model import contract
-from step_model.contract import RowStatus
+
+if TYPE_CHECKING:
+    from frontend.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_GRPC_MESSAGE_SIZE = 2**31 - 1  # tritonclient's own channel default
-
-
-class StepError(Exception):
-    """A step call failed."""
-
-
-class StepRejected(StepError):
-    """The model refused a request or a row; no sequence state changed on the server."""
-
-
-class UpstreamUnavailable(StepError):
-    """Triton cannot be reached or the model is not ready."""
-
-
-class ConnectFailed(UpstreamUnavailable):
-    """gRPC UNAVAILABLE: Triton could not be reached; the request was not served."""
-
-
-class UpstreamTimeout(StepError):
-    """The step call did not finish within its deadline."""
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One sequence's part of a step: its new tokens (the prompt when start), or none."""
-
-    sequence_id: int
-    tokens: Sequence[int]
-    start: bool = False
-    end: bool = False
-    temperature: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class StepBatch:
-    """The rows of one step as columns (what goes on the wire); see `step_model.contract`."""
-
-    sequence_ids: np.ndarray  # uint64 [N]
-    input_ids: np.ndarray  # int64 [N, T], right-padded
-    lengths: np.ndarray  # int32 [N]
-    start: np.ndarray  # bool [N]
-    end: np.ndarray  # bool [N]
-    temperature: np.ndarray  # float32 [N]
-    request_ids: tuple[str, ...] = ()  # the gateway's request id of each row ("" for none), or ()
-    prompt_logprobs: tuple[int, ...] = ()  # per row: -1, or k alternatives of its prompt's logprobs; or ()
-    extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose own logits each row needs, -1 = none
-
-    def __len__(self) -> int:
-        return int(self.sequence_ids.shape[0])
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Row]) -> StepBatch:
-        n = len(rows)
-        lengths = np.fromiter((len(r.tokens) for r in rows), dtype=np.int32, count=n)
-        ids = np.zeros((n, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
-        for i in np.flatnonzero(lengths).tolist():
-            ids[i, : lengths[i]] = rows[i].tokens
-        return cls(
-            np.fromiter((r.sequence_id for r in rows), dtype=np.uint64, count=n),
-            ids,
-            lengths,
-            np.fromiter((r.start for r in rows), dtype=bool, count=n),
-            np.fromiter((r.end for r in rows), dtype=bool, count=n),
-            np.fromiter((r.temperature for r in rows), dtype=np.float32, count=n),
-        )
-
-    @classmethod
-    def compose(
-        cls,
-        decode_ids: np.ndarray,
-        decode_tokens: np.ndarray,
-        decode_temperature: np.ndarray,
-        starts: Sequence[tuple[int, Sequence[int], float]],
-        releases: Sequence[int],
-        request_ids: Sequence[str] = (),
-        start_prompt_logprobs: Sequence[int] = (),
-        extra_ids: Sequence[np.ndarray | None] = (),
-    ) -> StepBatch:
-        """Decode rows (one token each, given as arrays), then start rows (id, prompt,
-        temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
-        the decode and start rows' (in that order); `start_prompt_logprobs` the start rows';
-        `extra_ids` the decode and start rows' ids whose logits they need (None: none). Each is
-        kept only when some row has one (an id, a k >= 0, an extra id)."""
-        d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
-        n = d + s + r
-        width = max([1, *(len(p) for _, p, _ in starts)])
-        ids = np.zeros((n, width), dtype=np.int64)
-        ids[:d, 0] = decode_tokens
-        lengths = np.zeros(n, dtype=np.int32)
-        lengths[:d] = 1
-        for j, (_, prompt, _) in enumerate(starts):
-            ids[d + j, : len(prompt)] = prompt
-            lengths[d + j] = len(prompt)
-        sequence_ids = np.empty(n, dtype=np.uint64)
-        sequence_ids[:d] = decode_ids
-        sequence_ids[d : d + s] = [sid for sid, _, _ in starts]
-        sequence_ids[d + s :] = releases
-        start = np.zeros(n, dtype=bool)
-        start[d : d + s] = True
-        end = np.zeros(n, dtype=bool)
-        end[d + s :] = True
-        temperature = np.ones(n, dtype=np.float32)
-        temperature[:d] = decode_temperature
-        temperature[d : d + s] = [t for _, _, t in starts]
-        row_ids = (*request_ids, *([""] * (n - len(request_ids)))) if any(request_ids) else ()
-        echo = (
-            (*([-1] * d), *start_prompt_logprobs, *([-1] * (s + r - len(start_prompt_logprobs))))
-            if any(k >= 0 for k in start_prompt_logprobs)
-            else ()
-        )
-        return cls(sequence_ids, ids, lengths, start, end, temperature, row_ids, echo, _pad_rows(extra_ids, n))
-
-
-def _pad_rows(rows: Sequence[np.ndarray | None], n: int) -> np.ndarray | None:
-    """Per-row id lists as one int64 [n, E] array padded with -1; None when every row has none."""
-    width = max((r.shape[0] for r in rows if r is not None), default=0)
-    if width == 0:
-        return None
-    out = np.full((n, width), -1, dtype=np.int64)
-    for i, r in enumerate(rows):
-        if r is not None and r.shape[0]:
-            out[i, : r.shape[0]] = r
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutput:
-    status: np.ndarray  # int32 [N], RowStatus per row
-    topk_logits: np.ndarray  # float32 [N, K]
-    topk_ids: np.ndarray  # int64 [N, K]
-    logsumexp: np.ndarray  # float32 [N]
-    logits: np.ndarray | None  # float32 [N, V] when asked
-    # When some row asked for its prompt's logprobs: [N, T], [N, T, K], [N, T, K] (contract.PROMPT_OUTPUTS)
-    prompt_logprobs: np.ndarray | None = None
-    prompt_top_ids: np.ndarray | None = None
-    prompt_top_logprobs: np.ndarray | None = None
-    # When the step carried extra ids: float32 [N, E] and [N] (contract.EXTRA_OUTPUTS)
-    extra_logits: np.ndarray | None = None
-    rest_logsumexp: np.ndarray | None = None
 
 
 def _classify(err: InferenceServerException) -> StepError:
@@ -213,34 +80,37 @@ def channel_args(reconnect_backoff_ms: int) -> list[tuple[str, int]]:
     ]
 
 
-ROW_REFUSALS: dict[int, str] = {
-    RowStatus.NOT_FOUND: "the model server no longer knows this sequence (ended, or evicted as idle)",
-    RowStatus.ALREADY_EXISTS: "the model server already holds a sequence with this id",
-    RowStatus.INVALID: "the model server refused this sequence's step as malformed",
-}
+@dataclass(frozen=True, slots=True)
+class StepClientConfig:
+    """Deadlines and reconnection of the gRPC calls (GATEWAY_* settings, `from_settings`)."""
+
+    timeout_s: float = 30.0  # one step call (GATEWAY_STEP_TIMEOUT_S)
+    probe_timeout_s: float = 0.5  # readiness, metadata and repository-index calls
+    reconnect_backoff_ms: int = 500  # the longest wait between reconnect attempts
+    connect_retries: int = 2  # re-sends of a token-less step refused as UNAVAILABLE
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StepClientConfig:
+        return cls(
+            timeout_s=settings.step_timeout_s,
+            probe_timeout_s=settings.probe_timeout_s,
+            reconnect_backoff_ms=settings.reconnect_backoff_ms,
+            connect_retries=settings.connect_retries,
+        )
 
 
 class StepClient:
     """Sends step requests for one model (and optionally a pinned version) to Triton."""
 
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        version: str = "",
-        *,
-        timeout_s: float = 30.0,
-        probe_timeout_s: float = 0.5,
-        reconnect_backoff_ms: int = 500,
-        connect_retries: int = 2,
-    ) -> None:
+    def __init__(self, url: str, model: str, version: str = "", config: StepClientConfig | None = None) -> None:
+        config = config or StepClientConfig()
         self.url = url
         self.model = model
         self.version = version
-        self.timeout_s = timeout_s
-        self.probe_timeout_s = probe_timeout_s
-        self.connect_retries = connect_retries
-        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args(reconnect_backoff_ms))
+        self.timeout_s = config.timeout_s
+        self.probe_timeout_s = config.probe_timeout_s
+        self.connect_retries = config.connect_retries
+        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args(config.reconnect_backoff_ms))
 
     async def close(self) -> None:
         await self._client.close()
@@ -278,9 +148,13 @@ class StepClient:
         ]
         return sorted((v for v in versions if v), key=int, reverse=True)
 
-    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
-        n = len(batch)
+    async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
+        """One step: `rows` (a composed request, or a few rows) go to Triton as the contract's
+        input tensors, `window` as its `logits_window` parameter and `want_logits` as the request
+        for the LOGITS output (the model side decodes both into its StepRequest). Per-row refusals
+        come back in `status`; a failed call raises a StepError."""
+        batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
+        n = int(batch.sequence_ids.shape[0])
         arrays: dict[str, np.ndarray] = {
             contract.SEQUENCE_ID: batch.sequence_ids,
             contract.INPUT_IDS: batch.input_ids,
@@ -298,7 +172,7 @@ class StepClient:
             tensor = grpcclient.InferInput(name, list(column.shape), dtype)
             tensor.set_data_from_numpy(column)
             inputs.append(tensor)
-        echo = bool(batch.prompt_logprobs)
+        echo = batch.prompt_logprobs is not None
         names = list(contract.STEP_OUTPUTS) + ([contract.LOGITS] if want_logits else [])
         names += list(contract.PROMPT_OUTPUTS) if echo else []
         extra = batch.extra_ids is not None
@@ -308,8 +182,8 @@ class StepClient:
         named = [rid for rid in batch.request_ids if rid]
         if named:
             parameters[contract.PARAM_REQUEST_IDS] = ",".join(batch.request_ids)
-        if echo:
-            parameters[contract.PARAM_PROMPT_LOGPROBS] = ",".join(map(str, batch.prompt_logprobs))
+        if batch.prompt_logprobs is not None:
+            parameters[contract.PARAM_PROMPT_LOGPROBS] = ",".join(map(str, batch.prompt_logprobs.tolist()))
         # Triton's request id names the step: the generation's own id when it is the only one.
         request_id = named[0] if len(set(named)) == 1 else (f"step:{len(named)}-requests" if named else "")
         # Safe to send again only when no row has produced a token: start rows (a prefill that was
@@ -336,7 +210,7 @@ class StepClient:
                     )
                 except InferenceServerException as err:
                     raise _classify(err) from err
-        return StepOutput(
+        return StepResult(
             status=result.as_numpy(contract.STATUS).reshape(-1),
             topk_logits=result.as_numpy(contract.TOPK_LOGITS),
             topk_ids=result.as_numpy(contract.TOPK_IDS),

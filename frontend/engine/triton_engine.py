@@ -8,15 +8,22 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from frontend.engine.breaker import BreakerState, CircuitBreaker
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ActiveSequence, EventSink, Scheduler, StepObserver
-from frontend.engine.triton_client import Row, StepClient, StepError, StepRejected, UpstreamUnavailable
-from frontend.sampling import SamplingParams
+from frontend.engine.protocol import (
+    EngineRequest,
+    EventSink,
+    GenerationHandle,
+    StepError,
+    StepRejected,
+    UpstreamUnavailable,
+)
+from frontend.engine.scheduler import ActiveSequence, Scheduler, SchedulerConfig, StepObserver
+from frontend.engine.triton_client import Row, StepClient, StepClientConfig
+from frontend.settings import Settings
 from step_model import contract
 
 log = logging.getLogger(__name__)
@@ -54,54 +61,47 @@ class TritonEngine:
         model: str,
         version: str,
         repository: Path,
-        step_timeout_s: float,
-        default_window: int,
-        max_running: int,
-        max_waiting: int,
-        queue_timeout_s: float,
+        client: StepClientConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        breaker: CircuitBreaker | None = None,
         startup_timeout_s: float = 120.0,
         observer: StepObserver | None = None,
-        probe_timeout_s: float = 0.5,
-        reconnect_backoff_ms: int = 500,
-        connect_retries: int = 2,
-        breaker_failures: int = 3,
-        breaker_reset_s: float = 1.0,
-        prefill_batch: int = 16,
-        prefill_hold_s: float = 0.02,
-        resume_timeout_s: float = 30.0,
     ) -> None:
         self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
         self._model_name = model
         self._pinned_version = version
         self._repository = repository
-        self._step_timeout_s = step_timeout_s
-        self._client_args = {
-            "timeout_s": step_timeout_s,
-            "probe_timeout_s": probe_timeout_s,
-            "reconnect_backoff_ms": reconnect_backoff_ms,
-            "connect_retries": connect_retries,
-        }
-        on_change = getattr(observer, "breaker_changed", None)
-        self.breaker = CircuitBreaker(
-            failure_threshold=breaker_failures, reset_timeout_s=breaker_reset_s, on_change=on_change
-        )
-        self._max_running = max_running
-        self._scheduler_args = {
-            "default_window": default_window,
-            "max_running": max_running,
-            "max_waiting": max_waiting,
-            "queue_timeout_s": queue_timeout_s,
-            "prefill_batch": prefill_batch,
-            "prefill_hold_s": prefill_hold_s,
-            "resume_timeout_s": resume_timeout_s,
-            "observer": observer,
-        }
+        self._client_config = client or StepClientConfig()
+        self._scheduler_config = scheduler or SchedulerConfig()
+        self._observer = observer
+        self.breaker = breaker or CircuitBreaker()
         self._client: StepClient | None = None
         self._scheduler: Scheduler | None = None
         self._model: ServedModel | None = None
         self._warm = False
         self._prompt_outputs = False  # the served version declares contract.PROMPT_OUTPUTS
+
+    @classmethod
+    def from_settings(cls, settings: Settings, observer: StepObserver | None = None) -> TritonEngine:
+        """The engine GATEWAY_* settings describe; `observer` (the gateway's metrics) also hears
+        the breaker's state changes when it has `breaker_changed`."""
+        breaker = CircuitBreaker(
+            failure_threshold=settings.breaker_failures,
+            reset_timeout_s=settings.breaker_reset_s,
+            on_change=getattr(observer, "breaker_changed", None),
+        )
+        return cls(
+            triton_url=settings.triton_url,
+            model=settings.model,
+            version=settings.model_version,
+            repository=settings.repository,
+            client=StepClientConfig.from_settings(settings),
+            scheduler=SchedulerConfig.from_settings(settings),
+            breaker=breaker,
+            startup_timeout_s=settings.startup_timeout_s,
+            observer=observer,
+        )
 
     @property
     def model(self) -> ServedModel:
@@ -112,7 +112,7 @@ class TritonEngine:
     async def start(self) -> None:
         """Wait for Triton's model, load its tokenizer and run a warm-up step."""
         timeout_s = self._startup_timeout_s
-        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, **self._client_args)  # type: ignore[arg-type]
+        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, self._client_config)
         deadline = time.monotonic() + timeout_s
         version = self._pinned_version
         while True:
@@ -132,25 +132,27 @@ class TritonEngine:
         await probe.close()
         self._model = ServedModel.load(self._repository, self._model_name, version)
         # Pin the resolved version so the tokenizer and the weights always match.
-        self._client = StepClient(self._triton_url, self._model_name, version, **self._client_args)  # type: ignore[arg-type]
+        self._client = StepClient(self._triton_url, self._model_name, version, self._client_config)
         # Versions exported before prompt logprobs existed lack those outputs: asking for them would
         # fail the whole step (every sequence in it), so such requests are refused alone.
         outputs = await self._client.output_names()
         self._prompt_outputs = set(contract.PROMPT_OUTPUTS) <= outputs
         capacity = model_kv_capacity(self._repository, self._model_name)
-        max_running = self._max_running if capacity is None else max(1, min(self._max_running, capacity))
+        setting = self._scheduler_config.max_running
+        max_running = setting if capacity is None else max(1, min(setting, capacity))
         log.info(
             "max_running %d (setting %d, model KV capacity %s)",
             max_running,
-            self._max_running,
+            setting,
             "unknown" if capacity is None else capacity,
         )
         self._scheduler = Scheduler(
             self._client,
+            replace(self._scheduler_config, max_running=max_running),
             eos_token_id=self._model.eos_token_id,
             vocab_size=self._model.vocab_size,
+            observer=self._observer,
             breaker=self.breaker,
-            **{**self._scheduler_args, "max_running": max_running},  # type: ignore[arg-type]
         )
         # ... and those exported before EXTRA_IDS get full rows for adjusted sequences instead.
         self._scheduler.extra_logits = set(contract.EXTRA_OUTPUTS) <= outputs
@@ -180,39 +182,15 @@ class TritonEngine:
             return False
         return await self._client.model_ready()
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> GenerationHandle:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         if self._scheduler is None:
             raise UpstreamUnavailable("the engine is not started")
-        if prompt_logprobs >= 0 and not self._prompt_outputs:
+        if request.prompt_logprobs >= 0 and not self._prompt_outputs:
             raise StepRejected(
                 f"model {self._model_name!r} was exported before prompt logprobs (echo with logprobs) existed: "
                 "export it again"
             )
-        return self._scheduler.submit(
-            prompt_ids,
-            params,
-            max_new_tokens,
-            seed,
-            events,
-            ignore_eos=ignore_eos,
-            min_tokens=min_tokens,
-            stop_token_ids=stop_token_ids,
-            request_id=request_id,
-            prompt_logprobs=prompt_logprobs,
-        )
+        return self._scheduler.submit(request, events)
 
     def cancel(self, handle: GenerationHandle) -> None:
         if self._scheduler is not None and isinstance(handle, ActiveSequence):

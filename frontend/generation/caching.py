@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from frontend.cache import CachedResult, ResultCache, cache_key, is_cacheable
 from frontend.engine.protocol import Engine
 from frontend.generation.types import Completion, GenerationRequest, StreamItem, TextChunk
-from frontend.metrics import GatewayMetrics
+from frontend.observability import GatewayMetrics
 from frontend.observability.requests import current_request
 
 

@@ -28,7 +28,7 @@ from frontend.generation import caching, preparation
 from frontend.generation.params import FieldNames, GenerationParams
 from frontend.generation.stream import generate
 from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
-from frontend.metrics import GatewayMetrics
+from frontend.observability import GatewayMetrics
 from frontend.security.accounting import current_account
 from frontend.settings import Settings
 

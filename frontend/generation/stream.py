@@ -1,10 +1,11 @@
-"""One generation run on the engine, its events turned into stream items: tokens detokenized
-incrementally (never splitting a character) and cut at stop strings and stop token ids, the
-prompt's logprobs passed on, the deadline kept, timing and counts recorded.
+"""One generation run on the engine: its events read against the deadline, turned into stream
+items by a `TextAssembler` (detokenizing, stop strings and stop ids, prompt logprobs), timing
+and counts recorded.
 
 `generate` yields `TextChunk`s (a `PromptLogprobs` first when asked for) then one `Completion`;
 however it ends (finished, failed, timed out or closed early) it cancels the generation, which
-frees the server's KV slot at the next step boundary.
+frees the server's KV slot at the next step boundary. The engine's errors become API errors in
+`frontend.errors.from_engine_error`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,11 @@ import time
 from collections.abc import AsyncIterator
 
 from frontend import errors
-from frontend.engine.protocol import Engine, GenerationHandle
-from frontend.engine.scheduler import (
-    ErrorEvent,
-    FinishEvent,
-    Overloaded,
-    PromptLogprobsEvent,
-    QueueFull,
-    SamplingFailed,
-    TokenEvent,
-)
-from frontend.engine.triton_client import StepError, StepRejected
-from frontend.engine.triton_client import UpstreamTimeout as StepTimeout
-from frontend.engine.triton_client import UpstreamUnavailable as StepUnavailable
-from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
-from frontend.metrics import GatewayMetrics
+from frontend.engine.protocol import Engine, ErrorEvent, Event, GenerationHandle, Overloaded, StepError, TokenEvent
+from frontend.generation.assembler import TextAssembler
+from frontend.generation.types import GenerationRequest, StreamItem
+from frontend.observability import GatewayMetrics
 from frontend.observability.requests import current_request
-from frontend.text import IncrementalDecoder, StopMatcher
 
 
 async def generate(
@@ -45,137 +34,56 @@ async def generate(
     deadline count from it), `request_timeout_s` caps the client's own deadline."""
     model = engine.model
     try:
-        handle = submit(engine, req)
+        handle = engine.submit(req.engine_request())
     except (Overloaded, StepError) as err:
-        raise api_error(err) from err
-    decoder = IncrementalDecoder(model.tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
-    matcher = StopMatcher(req.stop, include_stop=req.include_stop_str_in_output)
-    stop_token_ids = frozenset(req.stop_token_ids)
-    chunks: list[TextChunk] = []
-    token_ids: list[int] = []
-    generated = 0
+        raise errors.from_engine_error(err) from err
+    text = TextAssembler(model.tokenizer, model.eos_token_id, req)
     first_token_at: float | None = None
-    prompt_event: PromptLogprobsEvent | None = None
     last_token_at = started
-    finish_reason = "length"
     timeout_s = min(req.timeout_s or request_timeout_s, request_timeout_s)
     deadline = started + timeout_s
     try:
-        while True:
+        while not text.finished:
             try:
                 event = handle.events.get_nowait()  # a step delivers many: no timer while they last
             except asyncio.QueueEmpty:
-                try:
-                    # asyncio.timeout arms one timer handle; wait_for would create a task per token.
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        event = await handle.events.get()
-                except TimeoutError as err:
-                    raise errors.UpstreamTimeout(
-                        f"generation did not finish within its deadline of {timeout_s:g} s"
-                    ) from err
-            if isinstance(event, ErrorEvent):
-                raise api_error(event.error)
-            if isinstance(event, PromptLogprobsEvent):
-                prompt_event = event
-                yield PromptLogprobs(event.logprobs, event.top_logprobs)
-                continue
-            if isinstance(event, FinishEvent):
-                finish_reason = event.reason
-                tail, stopped = matcher.push(decoder.flush())
-                if stopped:
-                    finish_reason = "stop"
+                event = await _next_event(handle, deadline, timeout_s)
+            item: StreamItem | None
+            if type(event) is TokenEvent:
+                now = time.monotonic()
+                if first_token_at is None:
+                    first_token_at = now
+                    metrics.first_token(now - started)
                 else:
-                    tail += matcher.flush()
-                if tail:
-                    chunk = TextChunk(tail, None, None)
-                    chunks.append(chunk)
-                    yield chunk
-                break
-            assert isinstance(event, TokenEvent)
-            now = time.monotonic()
-            if first_token_at is None:
-                first_token_at = now
-                metrics.first_token(now - started)
+                    metrics.token_gap(now - last_token_at)
+                last_token_at = now
+                item = text.token(event)
+            elif isinstance(event, ErrorEvent):
+                raise errors.from_engine_error(event.error)
             else:
-                metrics.token_gap(now - last_token_at)
-            last_token_at = now
-            generated += 1
-            # Stop conditions count only once min_tokens were generated (vLLM's order).
-            checking = generated >= req.min_tokens
-            if checking and event.token_id in stop_token_ids:
-                # Ends here whatever the engine does next; its text only when asked for.
-                tail = decoder.push(event.token_id) if req.include_stop_str_in_output else ""
-                tail, _ = matcher.push(tail + decoder.flush())
-                tail += matcher.flush()
-                chunk = TextChunk(tail, event.token_id, generated - 1, event.logprob, event.top_logprobs)
-                token_ids.append(event.token_id)
-                chunks.append(chunk)
-                yield chunk
-                finish_reason = "stop"
-                break
-            if event.token_id == model.eos_token_id and not req.ignore_eos:
-                continue  # counted as a completion token, never shown as text
-            text = decoder.push(event.token_id)
-            text, stopped = matcher.push(text) if checking else (text, False)
-            chunk = TextChunk(text, event.token_id, generated - 1, event.logprob, event.top_logprobs)
-            token_ids.append(event.token_id)
-            chunks.append(chunk)
-            yield chunk
-            if stopped:
-                finish_reason = "stop"
-                break
+                item = text.push(event)
+            if item is not None:
+                yield item
     finally:
         engine.cancel(handle)  # no-op when finished; frees the slot on disconnect or error
     total_s = time.monotonic() - started
-    completion = Completion(
-        text="".join(c.text for c in chunks),
-        token_ids=token_ids,
-        finish_reason=finish_reason,
-        prompt_tokens=len(req.prompt_ids),
-        completion_tokens=generated,
-        cached=False,
-        chunks=chunks,
-        time_to_first_token_s=None if first_token_at is None else first_token_at - started,
-        total_s=total_s,
-        prompt_logprobs=None if prompt_event is None else prompt_event.logprobs,
-        prompt_top_logprobs=None if prompt_event is None else prompt_event.top_logprobs,
+    completion = text.completion(
+        time_to_first_token_s=None if first_token_at is None else first_token_at - started, total_s=total_s
     )
+    prompt_tokens, generated = len(req.prompt_ids), text.generated
     metrics.generation_finished(
-        prompt_tokens=len(req.prompt_ids), generated_tokens=generated, total_s=total_s, reason=finish_reason
+        prompt_tokens=prompt_tokens, generated_tokens=generated, total_s=total_s, reason=text.finish_reason
     )
     if (record := current_request()) is not None:
-        record.add_generation(prompt_tokens=len(req.prompt_ids), generated_tokens=generated)
+        record.add_generation(prompt_tokens=prompt_tokens, generated_tokens=generated)
     yield completion
 
 
-def submit(engine: Engine, req: GenerationRequest) -> GenerationHandle:
-    return engine.submit(
-        req.prompt_ids,
-        req.sampling,
-        req.max_new_tokens,
-        req.seed,
-        ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens,
-        stop_token_ids=req.stop_token_ids,
-        request_id=req.request_id,
-        prompt_logprobs=req.prompt_logprobs,
-    )
-
-
-def api_error(err: Exception) -> errors.APIError:
-    """The API error for what the engine raised or reported."""
-    if isinstance(err, errors.APIError):
-        return err
-    if isinstance(err, QueueFull):  # the waiting cap: refused at once, try again shortly
-        return errors.RateLimited(str(err), code="queue_full", retry_after_s=1)
-    if isinstance(err, Overloaded):
-        return errors.Overloaded(str(err), retry_after_s=1)
-    if isinstance(err, StepTimeout):
-        return errors.UpstreamTimeout(str(err))
-    if isinstance(err, StepUnavailable):  # BreakerOpen carries when its next probe is due
-        return errors.UpstreamUnavailable(str(err), retry_after_s=max(1.0, getattr(err, "retry_after_s", 1.0)))
-    if isinstance(err, StepRejected):
-        return errors.UpstreamError(str(err))
-    if isinstance(err, SamplingFailed):  # the request's own parameters: it alone failed
-        return errors.InvalidRequest(str(err), code="sampling_failed")
-    return errors.APIError("internal error during generation")
+async def _next_event(handle: GenerationHandle, deadline: float, timeout_s: float) -> Event:
+    """The generation's next event, waited for until `deadline` (504 after it)."""
+    try:
+        # asyncio.timeout arms one timer handle; wait_for would create a task per token.
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await handle.events.get()
+    except TimeoutError as err:
+        raise errors.UpstreamTimeout(f"generation did not finish within its deadline of {timeout_s:g} s") from err

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from frontend.engine.request import EngineRequest
 from frontend.observability.requests import current_request_id
 from frontend.sampling import SamplingParams
 
@@ -30,6 +31,20 @@ class GenerationRequest:
     prompt_logprobs: int = -1  # >= 0: the prompt's logprobs come first (OpenAI echo); never cached
     # The HTTP request's id (X-Request-Id), for the engine to pass on; never part of the cache key.
     request_id: str | None = field(default_factory=current_request_id, compare=False)
+
+    def engine_request(self) -> EngineRequest:
+        """What the engine is asked for (the text options stay here: stop strings, detokenizing)."""
+        return EngineRequest(
+            self.prompt_ids,
+            self.sampling,
+            self.max_new_tokens,
+            self.seed,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids,
+            request_id=self.request_id,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
     def cache_params(self) -> dict[str, Any]:
         sampling = asdict(self.sampling)

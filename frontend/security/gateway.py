@@ -31,8 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from frontend import errors
-from frontend.api import docs as docs_pages
+from frontend import docs_pages, errors
 from frontend.observability.requests import note_api_key
 from frontend.security import accounting
 from frontend.security.clientip import client_ip, parse_networks
@@ -282,7 +281,7 @@ class Security:
             await guard(request)
             return JSONResponse(app.openapi())
 
-        # The pages load their assets from the gateway (frontend.api.docs), not from a CDN; the
+        # The pages load their assets from the gateway (frontend.docs_pages), not from a CDN; the
         # assets are public files, the pages and the schema need the admin key.
         app.mount(docs_pages.STATIC_URL, StaticFiles(directory=docs_pages.assets_dir()), name="docs-static")
 

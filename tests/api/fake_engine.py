@@ -12,7 +12,7 @@ and then one `FinishEvent` (or an `ErrorEvent` when a fault is injected):
 * a prompt whose text contains `EOS_TRIGGER` emits eos at step `EOS_STEP` (finish "stop");
   otherwise the generation ends with finish "length" after `max_new_tokens` tokens;
 * `TokenEvent.top_logprobs` has exactly `params.logprobs` entries, the chosen token first;
-* vLLM's stop controls, as `Engine.submit` says every engine honours them: `ignore_eos`
+* vLLM's stop controls, as `EngineRequest` says every engine honours them: `ignore_eos`
   (the eos is emitted and generation goes on), `stop_token_ids` (emitting one finishes with
   "stop"), `min_tokens` (eos and stop token ids are replaced by the next other pool token while
   fewer than `min_tokens` tokens were generated).
@@ -35,9 +35,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.scheduler import ErrorEvent, Event, EventSink, FinishEvent, PromptLogprobsEvent, TokenEvent
-from frontend.engine.triton_client import UpstreamUnavailable
+from frontend.engine.protocol import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    EventSink,
+    FinishEvent,
+    GenerationHandle,
+    PromptLogprobsEvent,
+    TokenEvent,
+    UpstreamUnavailable,
+)
 from frontend.sampling import SamplingParams
 
 EOS_TRIGGER = "goodbye"
@@ -100,32 +108,19 @@ class FakeEngine:
     def load(self) -> tuple[int, int]:
         return (self.live, 0)
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        *,
-        ignore_eos: bool = False,
-        min_tokens: int = 0,
-        stop_token_ids: Sequence[int] = (),
-        request_id: str | None = None,
-        prompt_logprobs: int = -1,
-    ) -> FakeHandle:
-        self.request_ids.append(request_id)
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> FakeHandle:
+        self.request_ids.append(request.request_id)
         if self.submit_error is not None:
             raise self.submit_error
         handle = FakeHandle(
-            list(prompt_ids),
-            params,
-            max_new_tokens,
-            seed,
-            ignore_eos=ignore_eos,
-            min_tokens=min_tokens,
-            stop_token_ids=tuple(stop_token_ids),
-            prompt_logprobs=prompt_logprobs,
+            list(request.prompt_ids),
+            request.params,
+            request.max_new_tokens,
+            request.seed,
+            ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
+            stop_token_ids=tuple(request.stop_token_ids),
+            prompt_logprobs=request.prompt_logprobs,
             sink=events,
         )
         self.handles.add(handle)

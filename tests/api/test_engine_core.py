@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import AsyncIterator, Callable, Sequence
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,19 +23,22 @@ from frontend.cache import MemoryResultCache
 from frontend.engine import ipc
 from frontend.engine.core import EngineCore
 from frontend.engine.model import ServedModel
-from frontend.engine.protocol import GenerationHandle
-from frontend.engine.remote import RemoteEngine
-from frontend.engine.scheduler import (
+from frontend.engine.protocol import (
+    EngineRequest,
     ErrorEvent,
     Event,
     EventSink,
     FinishEvent,
+    GenerationHandle,
     Overloaded,
     PromptLogprobsEvent,
+    StepRejected,
     TokenEvent,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
-from frontend.engine.triton_client import StepRejected, UpstreamTimeout, UpstreamUnavailable
-from frontend.metrics import GatewayMetrics
+from frontend.engine.remote import RemoteEngine
+from frontend.observability import GatewayMetrics
 from frontend.sampling import SamplingParams
 from frontend.settings import Settings
 from tests.api.conftest import assert_error_envelope
@@ -116,7 +122,7 @@ async def test_tokens_arrive_in_order_and_complete(
     remote: RemoteEngine, fake: FakeEngine, served_model: ServedModel
 ) -> None:
     ids = prompt(served_model, "The cat runs")
-    handle = remote.submit(ids, GREEDY, 12, None)
+    handle = remote.submit(EngineRequest(ids, GREEDY, 12, None))
     events = await collect(handle)
     assert events[-1] == FinishEvent("length")
     assert [e.token_id for e in events if isinstance(e, TokenEvent)] == fake.expected_tokens(ids, GREEDY, 12, None)
@@ -129,7 +135,7 @@ async def test_concurrent_requests_keep_their_own_streams(
 ) -> None:
     params = SamplingParams(temperature=0.9, logprobs=2)
     jobs = [(prompt(served_model, f"prompt number {i}"), 6 + i, i) for i in range(8)]
-    handles = [remote.submit(ids, params, n, seed) for ids, n, seed in jobs]
+    handles = [remote.submit(EngineRequest(ids, params, n, seed)) for ids, n, seed in jobs]
     results = await asyncio.gather(*(collect(h) for h in handles))
     for (ids, n, seed), events in zip(jobs, results, strict=True):
         tokens = [e for e in events if isinstance(e, TokenEvent)]
@@ -148,19 +154,11 @@ class LockstepEngine(FakeEngine):
         self.sinks: dict[int, EventSink] = {}
         self._next = 0
 
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        seed: int | None,
-        events: EventSink | None = None,
-        **stop_controls: object,  # the engine Protocol's stop controls: unused by this engine
-    ) -> FakeHandle:
+    def submit(self, request: EngineRequest, events: EventSink | None = None) -> FakeHandle:
         assert events is not None
         self._next += 1
         self.sinks[self._next] = events
-        return super().submit(prompt_ids, params, 0, seed, events=None)  # a handle for cancel/live only
+        return super().submit(replace(request, max_new_tokens=0))  # a handle for cancel/live only
 
     def step(self, token_id: int, *, last: bool = False) -> None:
         for sink in self.sinks.values():
@@ -177,7 +175,7 @@ async def test_one_message_per_worker_per_step(address: str, served_model: Serve
     try:
         for w in workers:
             await w.start()
-        handles = [w.submit([1, 2], GREEDY, 3, None) for w in workers for _ in range(16)]
+        handles = [w.submit(EngineRequest([1, 2], GREEDY, 3, None)) for w in workers for _ in range(16)]
         await eventually(lambda: len(engine.sinks) == 32)
         before = [w.event_messages for w in workers]
         for step in range(3):
@@ -202,17 +200,17 @@ async def test_prompt_logprobs_cross_to_the_worker_before_the_tokens(
     remote: RemoteEngine, core: EngineCore, served_model: ServedModel
 ) -> None:
     ids = prompt(served_model, "Hello there")
-    echoed = await collect(remote.submit(ids, GREEDY, 2, None, prompt_logprobs=2))
+    echoed = await collect(remote.submit(EngineRequest(ids, GREEDY, 2, None, prompt_logprobs=2)))
     assert echoed[0] == FakeEngine.prompt_logprobs_event(ids, 2)
     assert [type(e) for e in echoed[1:]] == [TokenEvent, TokenEvent, FinishEvent]
-    only = await collect(remote.submit(ids, GREEDY, 0, None, prompt_logprobs=1))  # echo, max_tokens 0
+    only = await collect(remote.submit(EngineRequest(ids, GREEDY, 0, None, prompt_logprobs=1)))  # echo, max_tokens 0
     assert [type(e) for e in only] == [PromptLogprobsEvent, FinishEvent]
 
 
 async def test_free_running_generations_are_batched(
     remote: RemoteEngine, core: EngineCore, served_model: ServedModel
 ) -> None:
-    handles = [remote.submit(prompt(served_model, f"p{i}"), GREEDY, 10, None) for i in range(16)]
+    handles = [remote.submit(EngineRequest(prompt(served_model, f"p{i}"), GREEDY, 10, None)) for i in range(16)]
     await asyncio.gather(*(collect(h) for h in handles))
     assert core.events_sent == 16 * 11
     assert core.event_messages * 4 <= core.events_sent, (core.event_messages, core.events_sent)
@@ -221,7 +219,7 @@ async def test_free_running_generations_are_batched(
 # ---------------------------------------------------------------------------------- releasing
 async def test_cancel_frees_the_generation(remote: RemoteEngine, fake: FakeEngine, served_model: ServedModel) -> None:
     fake.delay_s = 0.01
-    handle = remote.submit(prompt(served_model, "long one"), GREEDY, 500, None)
+    handle = remote.submit(EngineRequest(prompt(served_model, "long one"), GREEDY, 500, None))
     first = await asyncio.wait_for(handle.events.get(), 2.0)
     assert isinstance(first, TokenEvent)
     assert fake.live == 1
@@ -235,15 +233,11 @@ async def test_goodbye_cancels_the_workers_generations(
     fake.delay_s = 0.01
     worker = remote_for(address, served_model)
     await worker.start()
-    worker.submit(prompt(served_model, "a"), GREEDY, 500, None)
-    worker.submit(prompt(served_model, "b"), GREEDY, 500, None)
+    worker.submit(EngineRequest(prompt(served_model, "a"), GREEDY, 500, None))
+    worker.submit(EngineRequest(prompt(served_model, "b"), GREEDY, 500, None))
     await eventually(lambda: fake.live == 2)
     await worker.close()
     await eventually(lambda: fake.live == 0 and core.workers == 0, timeout_s=WORKER_TIMEOUT_S / 2)
-
-
-NO_STOPS = (False, 0, ())  # the SUBMIT message's stop controls (ignore_eos, min_tokens, stop ids)
-# ... then the request id (None: the worker had none) and the prompt logprobs asked (-1: none)
 
 
 async def test_a_silent_worker_loses_its_generations(
@@ -255,8 +249,8 @@ async def test_a_silent_worker_loses_its_generations(
     ipc.configure(sock)
     sock.connect(address)
     try:
-        await sock.send(ipc.dumps((ipc.SUBMIT, 1, prompt(served_model, "x"), GREEDY, 500, None, NO_STOPS, None, -1)))
-        await sock.send(ipc.dumps((ipc.SUBMIT, 2, prompt(served_model, "y"), GREEDY, 500, None, NO_STOPS, None, -1)))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 1, EngineRequest(prompt(served_model, "x"), GREEDY, 500))))
+        await sock.send(ipc.dumps((ipc.SUBMIT, 2, EngineRequest(prompt(served_model, "y"), GREEDY, 500))))
         await eventually(lambda: fake.live == 2)
         assert core.workers == 1
         await eventually(lambda: fake.live == 0, timeout_s=WORKER_TIMEOUT_S * 3)
@@ -282,7 +276,7 @@ async def test_a_silent_worker_loses_its_generations(
 )
 async def test_submit_errors_keep_their_type(remote: RemoteEngine, fake: FakeEngine, error: Exception) -> None:
     fake.submit_error = error
-    events = await collect(remote.submit([1, 2, 3], GREEDY, 4, None))
+    events = await collect(remote.submit(EngineRequest([1, 2, 3], GREEDY, 4, None)))
     assert len(events) == 1 and isinstance(events[0], ErrorEvent)
     assert type(events[0].error) is type(error)
     assert str(events[0].error) == str(error)
@@ -294,7 +288,7 @@ async def test_errors_mid_generation_keep_their_type(
 ) -> None:
     fake.fail_after = 2
     fake.error = StepRejected("bad row")
-    events = await collect(remote.submit(prompt(served_model, "z"), GREEDY, 8, None))
+    events = await collect(remote.submit(EngineRequest(prompt(served_model, "z"), GREEDY, 8, None)))
     assert [type(e) for e in events] == [TokenEvent, TokenEvent, ErrorEvent]
     assert isinstance(events[-1], ErrorEvent) and type(events[-1].error) is StepRejected
 
@@ -311,6 +305,34 @@ async def test_an_exception_pickle_cannot_carry_becomes_a_runtime_error() -> Non
     event = ipc.decode_event(pickle.loads(pickle.dumps(item)))
     assert isinstance(event, ErrorEvent) and type(event.error) is RuntimeError
     assert "_Unpicklable" in str(event.error)
+
+
+async def test_a_request_crosses_the_wire_whole() -> None:
+    params = SamplingParams(temperature=0.7, top_p=0.9, logprobs=2, logit_bias=((5, -1.5),))
+    request = EngineRequest(
+        (1, 2, 3),
+        params,
+        9,
+        seed=42,
+        ignore_eos=True,
+        min_tokens=2,
+        stop_token_ids=(7, 8),
+        request_id="req-1",
+        prompt_logprobs=1,
+    )
+    kind, rid, copy = ipc.loads(ipc.dumps((ipc.SUBMIT, 3, request)))
+    assert (kind, rid) == (ipc.SUBMIT, 3)
+    assert copy == request and type(copy.params) is SamplingParams
+
+
+async def test_a_worker_that_speaks_zeromq_imports_no_grpc() -> None:
+    """An HTTP worker of `--workers N` holds `RemoteEngine` only: neither gRPC nor the scheduler."""
+    code = (
+        "import sys, frontend.engine.remote, frontend.engine.ipc\n"
+        "loaded = [m for m in ('tritonclient', 'grpc', 'frontend.engine.scheduler') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=120)
 
 
 def app_settings(settings: Settings, address: str) -> Settings:
@@ -381,7 +403,7 @@ async def test_core_gone_means_not_ready_and_failed_generations(
     remote: RemoteEngine, core: EngineCore, fake: FakeEngine, served_model: ServedModel
 ) -> None:
     fake.delay_s = 0.01
-    handle = remote.submit(prompt(served_model, "long"), GREEDY, 500, None)
+    handle = remote.submit(EngineRequest(prompt(served_model, "long"), GREEDY, 500, None))
     await asyncio.wait_for(handle.events.get(), 2.0)
     assert await remote.ready()
     await core.close()
@@ -390,7 +412,7 @@ async def test_core_gone_means_not_ready_and_failed_generations(
     events = await collect(handle, timeout_s=WORKER_TIMEOUT_S * 4)
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamUnavailable)
     with pytest.raises(UpstreamUnavailable):
-        remote.submit([1], GREEDY, 2, None)
+        remote.submit(EngineRequest([1], GREEDY, 2, None))
 
 
 async def test_start_fails_without_a_core(address: str, served_model: ServedModel) -> None:

@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from frontend.engine.model import ServedModel
-from frontend.engine.scheduler import Overloaded
-from frontend.engine.triton_client import StepRejected, UpstreamTimeout, UpstreamUnavailable
+from frontend.engine.protocol import Overloaded, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from tests.api.conftest import MAX_CONTEXT, assert_error_envelope, parse_sse, prompt_of_tokens
 from tests.api.fake_engine import FakeEngine
 

@@ -274,7 +274,7 @@ async def test_bad_request_errors(
 
 
 async def test_overloaded_through_sdk(oai: openai.AsyncOpenAI, fake: FakeEngine) -> None:
-    from frontend.engine.scheduler import Overloaded
+    from frontend.engine.protocol import Overloaded
 
     fake.submit_error = Overloaded("queue full")
     with pytest.raises(openai.InternalServerError) as info:

@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from frontend import lifecycle as lifecycle_module
 from frontend.app import create_app
 from frontend.cache import MemoryResultCache
-from frontend.engine.breaker import BreakerOpen, BreakerState, CircuitBreaker
+from frontend.engine.breaker import BreakerState, CircuitBreaker
 from frontend.engine.model import ServedModel
-from frontend.engine.scheduler import ErrorEvent, Overloaded, QueueFull
+from frontend.engine.protocol import BreakerOpen, ErrorEvent, Overloaded, QueueFull
 from frontend.settings import Settings
 from tests.api.conftest import assert_error_envelope, parse_sse
 from tests.api.fake_engine import FakeEngine

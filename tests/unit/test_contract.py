@@ -86,8 +86,9 @@ def _import_report(modules: list[str], cwd: Path) -> dict[str, list[str]]:
     return dict(json.loads(done.stdout))
 
 
-def test_the_gateway_imports_only_the_contract_of_step_model() -> None:
-    assert _local_modules(_gateway_imports()) == {"step_model", "step_model.contract"}
+def test_the_gateway_imports_only_the_wire_types_of_step_model() -> None:
+    # the contract and the step's row types (pure numpy), one pair on both sides of gRPC
+    assert _local_modules(_gateway_imports()) == {"step_model", "step_model.contract", "step_model.rows"}
 
 
 def test_the_gateways_step_model_imports_pull_in_no_torch_or_onnxruntime() -> None:

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from frontend.engine.scheduler import FinishEvent, TokenEvent
+from frontend.engine.protocol import EngineRequest, FinishEvent, TokenEvent
 from frontend.observability.metrics import GatewayMetrics
 from frontend.sampling import SamplingParams
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
@@ -35,7 +35,7 @@ async def test_a_repetition_penalty_counts_as_its_own_reason_in_the_step() -> No
     metrics = GatewayMetrics(model_name="tiny")
     sched = scheduler(backend, observer=metrics)
     sched.start()
-    seq = sched.submit([1, 2, 3], PENALTY, 4, seed=7)
+    seq = sched.submit(EngineRequest([1, 2, 3], PENALTY, 4, seed=7))
     events = await drain(seq.events)  # type: ignore[arg-type]
     await sched.close()
     assert [type(e) for e in events] == [TokenEvent] * 4 + [FinishEvent]
@@ -48,14 +48,14 @@ async def test_a_repetition_penalty_counts_when_fetched_in_a_second_round_trip()
     metrics = GatewayMetrics(model_name="tiny")
     sched = scheduler(backend, observer=metrics)
     sched.start()
-    greedy = [sched.submit([4, 5], GREEDY, 3, seed=None) for _ in range(3)]
-    penalised = sched.submit([1, 2, 3], PENALTY, 3, seed=1)
+    greedy = [sched.submit(EngineRequest([4, 5], GREEDY, 3, seed=None)) for _ in range(3)]
+    penalised = sched.submit(EngineRequest([1, 2, 3], PENALTY, 3, seed=1))
     results = await asyncio.gather(*(drain(s.events) for s in [*greedy, penalised]))  # type: ignore[arg-type]
     await sched.close()
     assert all(isinstance(r[-1], FinishEvent) for r in results)
     assert not backend.wanted_logits[0]  # 1 of 4 rows: the step did not carry full rows
     tokens = sum(isinstance(e, TokenEvent) for e in results[-1])
-    assert tokens >= 1 and len(backend.batches[1]) == 1  # its row came by a second request
+    assert tokens >= 1 and backend.batches[1].sequence_ids.shape == (1,)  # its row came by a second request
     assert fetches(metrics)["repetition_penalty"] == tokens  # one fetch per token it drew
     assert set(fetches(metrics)) == {"repetition_penalty"}  # greedy rows were decided by the window
 
@@ -65,7 +65,7 @@ async def test_kv_usage_and_vllm_queue_gauges_follow_the_scheduler() -> None:
     metrics = GatewayMetrics(model_name="tiny", kv_capacity=4)
     sched = scheduler(backend, observer=metrics)
     sched.start()
-    seqs = [sched.submit([1, 2], GREEDY, 2, seed=None) for _ in range(2)]
+    seqs = [sched.submit(EngineRequest([1, 2], GREEDY, 2, seed=None)) for _ in range(2)]
     metrics.queue_changed(waiting=1, running=2)  # as the scheduler reports while they run
     samples = {
         (s.name, s.labels.get("model_name")): s.value

@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from frontend.engine.breaker import BreakerOpen, BreakerState, CircuitBreaker
-from frontend.engine.scheduler import ErrorEvent, FinishEvent, QueueFull, TokenEvent
-from frontend.engine.triton_client import ConnectFailed, Row, StepClient, UpstreamTimeout, channel_args
+from frontend.engine.breaker import BreakerState, CircuitBreaker
+from frontend.engine.protocol import (
+    BreakerOpen,
+    ConnectFailed,
+    EngineRequest,
+    ErrorEvent,
+    FinishEvent,
+    QueueFull,
+    TokenEvent,
+    UpstreamTimeout,
+)
+from frontend.engine.triton_client import Row, StepClient, StepClientConfig, channel_args
 from frontend.engine.triton_engine import model_kv_capacity
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
 
@@ -100,7 +109,7 @@ async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() 
     sched.start()
     backend.down = True
     # A failed step fails its generation; the release of its id fails too: two whole-step failures.
-    seq = sched.submit([1], GREEDY, 3, seed=None)
+    seq = sched.submit(EngineRequest([1], GREEDY, 3, seed=None))
     events = await drain(seq.events)  # type: ignore[arg-type]
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamTimeout)
     for _ in range(100):
@@ -111,7 +120,7 @@ async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() 
     calls = backend.calls
     started = time.perf_counter()
     with pytest.raises(BreakerOpen):
-        sched.submit([1], GREEDY, 3, seed=None)
+        sched.submit(EngineRequest([1], GREEDY, 3, seed=None))
     assert time.perf_counter() - started < 0.05
     await asyncio.sleep(0.1)
     assert backend.calls == calls  # no Triton call while open (before the reset timeout)
@@ -124,7 +133,7 @@ async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() 
             break
         await asyncio.sleep(0.01)
     assert breaker.closed
-    seq = sched.submit([2], GREEDY, 2, seed=None)
+    seq = sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     assert isinstance((await drain(seq.events))[-1], FinishEvent)  # type: ignore[arg-type]
     await sched.close()
     assert not backend.live  # probes start and end in one step: they hold no slot
@@ -138,10 +147,10 @@ async def test_queued_generations_fail_fast_when_the_breaker_opens() -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=5.0)
     sched = scheduler(backend, breaker=breaker, max_running=1)
     sched.start()
-    sched.submit([1], GREEDY, 100, seed=None)
+    sched.submit(EngineRequest([1], GREEDY, 100, seed=None))
     while not backend.calls:  # its start row is in flight
         await asyncio.sleep(0.001)
-    queued = sched.submit([2], GREEDY, 5, seed=None)  # waits for max_running
+    queued = sched.submit(EngineRequest([2], GREEDY, 5, seed=None))  # waits for max_running
     backend.down = True
     backend.hold.set()
     started = time.perf_counter()
@@ -157,12 +166,12 @@ async def test_the_waiting_cap_refuses_with_queue_full() -> None:
     backend.hold = asyncio.Event()
     sched = scheduler(backend, max_running=1, max_waiting=1)
     sched.start()
-    sched.submit([1], GREEDY, 2, seed=None)
+    sched.submit(EngineRequest([1], GREEDY, 2, seed=None))
     while not backend.batches:
         await asyncio.sleep(0.001)
-    sched.submit([2], GREEDY, 2, seed=None)
+    sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     with pytest.raises(QueueFull):
-        sched.submit([3], GREEDY, 2, seed=None)
+        sched.submit(EngineRequest([3], GREEDY, 2, seed=None))
     backend.hold.set()
     await sched.close()
 
@@ -194,7 +203,7 @@ class _Result:
 
 
 def client_with(fake: FakeGrpc, retries: int = 2) -> StepClient:
-    client = StepClient("127.0.0.1:1", "m", "1", timeout_s=3.0, connect_retries=retries)
+    client = StepClient("127.0.0.1:1", "m", "1", StepClientConfig(timeout_s=3.0, connect_retries=retries))
     client._client = fake  # type: ignore[assignment]
     return client
 

@@ -9,22 +9,30 @@ step in flight.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from frontend.engine.scheduler import (
+from frontend.engine.protocol import (
+    EngineRequest,
     ErrorEvent,
     Event,
     FinishEvent,
     Overloaded,
     SamplingFailed,
-    Scheduler,
+    StepRejected,
     TokenEvent,
+    UpstreamUnavailable,
 )
-from frontend.engine.triton_client import Row, StepBatch, StepOutput, StepRejected, UpstreamUnavailable
+from frontend.engine.scheduler import Scheduler, SchedulerConfig
+from frontend.engine.step_rows import Row, StepRequest, StepResult, compose, from_rows
 from frontend.sampling import SamplingParams
 from step_model.contract import RowStatus
 
@@ -47,14 +55,14 @@ class ScriptedBackend:
         # is), so a sequence started again under a new id continues as it would have.
         self.by_content = False
         self.history: dict[int, list[int]] = {}
-        self.batches: list[StepBatch] = []
+        self.batches: list[StepRequest] = []
         self.wanted_logits: list[bool] = []
         self.max_live = 0
         self.refused_full = 0
         self.answer_extras = False  # answer EXTRA_IDS (a model exported with them) or ignore them
 
-    async def step(self, rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
-        batch = rows if isinstance(rows, StepBatch) else StepBatch.from_rows(rows)
+    async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
+        batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
         self.batches.append(batch)
         self.wanted_logits.append(want_logits)
         if self.hold is not None:
@@ -63,7 +71,7 @@ class ScriptedBackend:
             await asyncio.sleep(self.delay_s)
         if self.fail_at is not None and self.fail_at[0] == len(self.batches):
             raise self.fail_at[1]
-        n = len(batch)
+        n = int(batch.sequence_ids.shape[0])
         status = np.zeros(n, dtype=np.int32)
         for i in range(n):
             sid = int(batch.sequence_ids[i])
@@ -110,17 +118,14 @@ class ScriptedBackend:
             top = masked.max(axis=1, keepdims=True)
             rest = (top[:, 0] + np.log(np.exp(masked - top).sum(axis=1))).astype(np.float32)
         logits = row if want_logits else None
-        return StepOutput(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
+        return StepResult(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
 
 
-def scheduler(backend: ScriptedBackend, **kwargs: object) -> Scheduler:
+def scheduler(backend: ScriptedBackend, *, observer: Any = None, breaker: Any = None, **config: Any) -> Scheduler:
+    """A scheduler on `backend`; `config` overrides SchedulerConfig's fields."""
+    knobs = SchedulerConfig(default_window=K, cache_full_backoff_s=0.001)
     return Scheduler(
-        backend,
-        eos_token_id=EOS,
-        vocab_size=VOCAB,
-        default_window=K,
-        cache_full_backoff_s=0.001,
-        **kwargs,  # type: ignore[arg-type]
+        backend, replace(knobs, **config), eos_token_id=EOS, vocab_size=VOCAB, observer=observer, breaker=breaker
     )
 
 
@@ -137,7 +142,7 @@ async def test_a_full_cache_queues_new_sequences_and_offers_only_freed_slots() -
     backend = ScriptedBackend(capacity=2)
     sched = scheduler(backend)
     sched.start()
-    seqs = [sched.submit([1, 2, 3], GREEDY, 3, seed=None) for _ in range(6)]
+    seqs = [sched.submit(EngineRequest([1, 2, 3], GREEDY, 3, seed=None)) for _ in range(6)]
     results = await asyncio.gather(*(drain(s.events) for s in seqs))  # type: ignore[arg-type]
     for seq, events in zip(seqs, results, strict=True):
         assert [type(e) for e in events] == [TokenEvent] * 3 + [FinishEvent]
@@ -155,8 +160,8 @@ async def test_a_refused_row_fails_its_own_sequence_only() -> None:
     backend = ScriptedBackend(capacity=4)
     sched = scheduler(backend)
     sched.start()
-    good = sched.submit([1], GREEDY, 4, seed=None)
-    bad = sched.submit([2], GREEDY, 4, seed=None)
+    good = sched.submit(EngineRequest([1], GREEDY, 4, seed=None))
+    bad = sched.submit(EngineRequest([2], GREEDY, 4, seed=None))
     backend.poisoned.add(bad.sequence_id)
     good_events, bad_events = await asyncio.gather(drain(good.events), drain(bad.events))  # type: ignore[arg-type]
     assert isinstance(good_events[-1], FinishEvent) and len(good_events) == 5
@@ -171,7 +176,7 @@ async def test_cancel_while_the_start_row_is_in_flight_releases_the_slot() -> No
     backend.hold = asyncio.Event()
     sched = scheduler(backend)
     sched.start()
-    seq = sched.submit([1, 2], GREEDY, 10, seed=None)
+    seq = sched.submit(EngineRequest([1, 2], GREEDY, 10, seed=None))
     while not backend.batches:
         await asyncio.sleep(0.001)
     sched.cancel(seq)  # the start row is on its way; the server will create the sequence
@@ -189,7 +194,7 @@ async def test_a_sequence_that_never_gets_a_slot_times_out_with_overloaded() -> 
     backend = ScriptedBackend(capacity=0)
     sched = scheduler(backend, queue_timeout_s=0.05)
     sched.start()
-    seq = sched.submit([1], GREEDY, 2, seed=None)
+    seq = sched.submit(EngineRequest([1], GREEDY, 2, seed=None))
     events = await drain(seq.events)  # type: ignore[arg-type]
     assert len(events) == 1 and isinstance(events[0], ErrorEvent) and isinstance(events[0].error, Overloaded)
     await sched.close()
@@ -200,11 +205,11 @@ async def test_a_failed_step_fails_its_sequences_and_releases_their_ids() -> Non
     sched = scheduler(backend, resume_timeout_s=0.0)  # resuming off (tested below)
     sched.start()
     backend.fail_at = (2, UpstreamUnavailable("triton went away"))  # the first decode step
-    first = sched.submit([1], GREEDY, 5, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 5, seed=None))
     events = await drain(first.events)  # type: ignore[arg-type]
     assert isinstance(events[0], TokenEvent)
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamUnavailable)
-    later = sched.submit([2], GREEDY, 2, seed=None)
+    later = sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     assert isinstance((await drain(later.events))[-1], FinishEvent)  # type: ignore[arg-type]
     await sched.close()
     assert not backend.live
@@ -217,9 +222,9 @@ async def test_seeded_sampling_is_independent_of_batch_company() -> None:
         backend = ScriptedBackend(capacity=16)
         sched = scheduler(backend)
         sched.start()
-        seq = sched.submit([3, 4], params, 12, seed=1234)
+        seq = sched.submit(EngineRequest([3, 4], params, 12, seed=1234))
         seq.sequence_id = 7  # the scripted windows depend on the id: keep it fixed
-        others = [sched.submit([5], params, 12, seed=i) for i in range(company)]
+        others = [sched.submit(EngineRequest([5], params, 12, seed=i)) for i in range(company)]
         events = await drain(seq.events)  # type: ignore[arg-type]
         await asyncio.gather(*(drain(o.events) for o in others))  # type: ignore[arg-type]
         await sched.close()
@@ -240,7 +245,7 @@ async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_it
         backend = ScriptedBackend(capacity=4)
         sched = scheduler(backend)
         sched.start()
-        seq = sched.submit([1, 2], params, 6, seed=11)
+        seq = sched.submit(EngineRequest([1, 2], params, 6, seed=11))
         seq.sequence_id = 5
         events = await drain(seq.events)  # type: ignore[arg-type]
         await sched.close()
@@ -261,13 +266,13 @@ async def test_new_sequences_wait_to_start_together_while_others_decode() -> Non
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_batch=3, prefill_hold_s=60.0)  # only the batch size releases them
     sched.start()
-    first = sched.submit([1], GREEDY, 50, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 50, seed=None))
     await first.events.get()  # it started alone at once: nothing was decoding
-    late = [sched.submit([2], GREEDY, 2, seed=None) for _ in range(2)]
+    late = [sched.submit(EngineRequest([2], GREEDY, 2, seed=None)) for _ in range(2)]
     for _ in range(5):  # two waiting (< 3): the steps carry the decode only
         await first.events.get()
     assert not first.done and not any(s.on_server for s in late)
-    third = sched.submit([3], GREEDY, 2, seed=None)
+    third = sched.submit(EngineRequest([3], GREEDY, 2, seed=None))
     await asyncio.gather(*(drain(s.events) for s in [*late, third]))  # type: ignore[arg-type]
     starts = [int(b.start.sum()) for b in backend.batches]
     assert starts[0] == 1 and 3 in starts and set(starts) <= {0, 1, 3}  # the three started in one step
@@ -280,9 +285,9 @@ async def test_a_held_sequence_starts_once_it_has_waited_prefill_hold_s() -> Non
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_batch=100, prefill_hold_s=0.05)
     sched.start()
-    first = sched.submit([1], GREEDY, 10_000, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 10_000, seed=None))
     await first.events.get()
-    late = sched.submit([2], GREEDY, 2, seed=None)
+    late = sched.submit(EngineRequest([2], GREEDY, 2, seed=None))
     await late.events.get()  # its first token: it started
     assert time.monotonic() - late.submitted_at >= 0.05  # not before it had waited prefill_hold_s
     events = await drain(late.events)  # type: ignore[arg-type]
@@ -297,10 +302,10 @@ async def test_stop_controls_ignore_eos_stop_token_ids_and_min_tokens() -> None:
     backend = ScriptedBackend(capacity=8)
     sched = scheduler(backend)
     sched.start()
-    plain = sched.submit([1], GREEDY, 6, seed=None)
-    ignoring = sched.submit([1], GREEDY, 4, seed=None, ignore_eos=True)
-    stopping = sched.submit([1], GREEDY, 6, seed=None, stop_token_ids=[7])
-    held = sched.submit([1], GREEDY, 6, seed=None, min_tokens=3)
+    plain = sched.submit(EngineRequest([1], GREEDY, 6, seed=None))
+    ignoring = sched.submit(EngineRequest([1], GREEDY, 4, seed=None, ignore_eos=True))
+    stopping = sched.submit(EngineRequest([1], GREEDY, 6, seed=None, stop_token_ids=[7]))
+    held = sched.submit(EngineRequest([1], GREEDY, 6, seed=None, min_tokens=3))
     for seq in (plain, ignoring, held):
         backend.top_token[seq.sequence_id] = EOS  # greedy would end them at once
     backend.top_token[stopping.sequence_id] = 7
@@ -336,7 +341,7 @@ async def test_each_admission_reports_its_queue_time() -> None:
     backend = ScriptedBackend(capacity=8)
     sched = scheduler(backend, max_running=1, observer=recorder)  # one at a time: the others queue
     sched.start()
-    seqs = [sched.submit([1], GREEDY, 3, seed=None) for _ in range(3)]
+    seqs = [sched.submit(EngineRequest([1], GREEDY, 3, seed=None)) for _ in range(3)]
     await asyncio.gather(*(drain(s.events) for s in seqs))  # type: ignore[arg-type]
     await sched.close()
     assert len(recorder.queued) == 3 and all(q >= 0 for q in recorder.queued)
@@ -352,7 +357,7 @@ def restart(backend: ScriptedBackend) -> None:
 async def greedy_tokens(backend: ScriptedBackend, n: int, **kwargs: object) -> tuple[list[Event], Scheduler]:
     sched = scheduler(backend, **kwargs)
     sched.start()
-    seq = sched.submit([5, 6, 7], GREEDY, n, seed=None)
+    seq = sched.submit(EngineRequest([5, 6, 7], GREEDY, n, seed=None))
     return await drain(seq.events), sched  # type: ignore[arg-type]
 
 
@@ -402,7 +407,7 @@ async def test_a_server_that_does_not_come_back_fails_the_sequence_after_resume_
     backend.delay_s = 0.001
     sched = scheduler(backend, resume_timeout_s=0.2)
     sched.start()
-    seq = sched.submit([1], GREEDY, 10_000, seed=None)
+    seq = sched.submit(EngineRequest([1], GREEDY, 10_000, seed=None))
     await seq.events.get()
 
     async def always_down(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
@@ -429,8 +434,8 @@ async def test_rows_carry_their_generations_request_ids() -> None:
     backend.delay_s = 0.001
     sched = scheduler(backend, prefill_hold_s=0.0)
     sched.start()
-    named = sched.submit([1], GREEDY, 3, seed=None, request_id="req-a")
-    anonymous = sched.submit([2], GREEDY, 3, seed=None)
+    named = sched.submit(EngineRequest([1], GREEDY, 3, seed=None, request_id="req-a"))
+    anonymous = sched.submit(EngineRequest([2], GREEDY, 3, seed=None))
     await asyncio.gather(drain(named.events), drain(anonymous.events))  # type: ignore[arg-type]
     await sched.close()
     first = backend.batches[0]
@@ -447,8 +452,8 @@ async def test_adjusted_sequences_name_their_ids_and_need_no_full_rows() -> None
     sched = scheduler(backend)
     sched.start()
     penalty = SamplingParams(temperature=0.8, repetition_penalty=1.3)
-    seq = sched.submit([1, 2, 3], penalty, 4, seed=7, min_tokens=2, stop_token_ids=[42])
-    plain = sched.submit([5], GREEDY, 4, seed=None)
+    seq = sched.submit(EngineRequest([1, 2, 3], penalty, 4, seed=7, min_tokens=2, stop_token_ids=[42]))
+    plain = sched.submit(EngineRequest([5], GREEDY, 4, seed=None))
     events = await drain(seq.events)  # type: ignore[arg-type]
     await drain(plain.events)  # type: ignore[arg-type]
     await sched.close()
@@ -476,7 +481,7 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     calls = {"now": 0, "most": 0}
     step = backend.step
 
-    async def counted(rows: StepBatch | Sequence[Row], *, window: int, want_logits: bool = False) -> StepOutput:
+    async def counted(rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         calls["now"] += 1
         calls["most"] = max(calls["most"], calls["now"])
         try:
@@ -487,7 +492,7 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     backend.step = counted  # type: ignore[method-assign]
     sched = scheduler(backend)
     sched.start()
-    seqs = [sched.submit([1, 2], GREEDY, 50, seed=None) for _ in range(3)]
+    seqs = [sched.submit(EngineRequest([1, 2], GREEDY, 50, seed=None)) for _ in range(3)]
     while not backend.live:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.02)  # a decode step is in flight now
@@ -497,6 +502,39 @@ async def test_close_lets_the_step_in_flight_finish_before_releasing() -> None:
     for seq in seqs:
         events = await drain(seq.events)  # type: ignore[arg-type]
         assert isinstance(events[-1], ErrorEvent)
+
+
+async def test_a_composed_step_is_the_step_models_own_request() -> None:
+    """Decode rows, then start rows, then releases, as the columns `step_model.rows.StepRequest`
+    has on both sides of gRPC; the optional columns only when some row uses them."""
+    batch = compose(
+        np.array([11], dtype=np.uint64),
+        np.array([5]),
+        np.array([0.7], dtype=np.float32),
+        [(12, [1, 2, 3], 1.0)],
+        [13],
+        request_ids=["a", "b"],
+        start_prompt_logprobs=[2],
+        extra_ids=[np.array([4, 9]), None],
+    )
+    assert isinstance(batch, StepRequest)
+    assert batch.sequence_ids.tolist() == [11, 12, 13] and batch.lengths.tolist() == [1, 3, 0]
+    assert batch.input_ids.tolist() == [[5, 0, 0], [1, 2, 3], [0, 0, 0]]
+    assert batch.start.tolist() == [False, True, False] and batch.end.tolist() == [False, False, True]
+    assert batch.request_ids == ("a", "b", "")
+    assert batch.prompt_logprobs is not None and batch.prompt_logprobs.tolist() == [-1, 2, -1]
+    assert batch.extra_ids is not None and batch.extra_ids.tolist() == [[4, 9], [-1, -1], [-1, -1]]
+    plain = compose(np.array([11], dtype=np.uint64), np.array([5]), np.array([1.0], dtype=np.float32), [], [])
+    assert plain.request_ids == () and plain.prompt_logprobs is None and plain.extra_ids is None
+
+
+async def test_the_scheduler_imports_neither_grpc_nor_the_model_runtime() -> None:
+    code = (
+        "import sys, frontend.engine.scheduler\n"
+        "loaded = [m for m in ('tritonclient', 'grpc', 'torch', 'onnxruntime') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=120)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -509,9 +547,9 @@ async def test_a_row_whose_numbers_cannot_be_sampled_fails_alone_and_the_others_
     backend.answer_extras = True
     sched = scheduler(backend)
     sched.start()
-    poison = sched.submit([1, 2, 3], SamplingParams(temperature=1.0, repetition_penalty=1e-300), 6, seed=1)
-    adjusted = sched.submit([1, 2, 3], SamplingParams(temperature=0.8, repetition_penalty=1.3), 6, seed=2)
-    plain = sched.submit([4], GREEDY, 6, seed=None)
+    poison = sched.submit(EngineRequest([1, 2, 3], SamplingParams(temperature=1.0, repetition_penalty=1e-300), 6, 1))
+    adjusted = sched.submit(EngineRequest([1, 2, 3], SamplingParams(temperature=0.8, repetition_penalty=1.3), 6, 2))
+    plain = sched.submit(EngineRequest([4], GREEDY, 6, seed=None))
     results = await asyncio.gather(*(drain(s.events, timeout_s=2.0) for s in (poison, adjusted, plain)))  # type: ignore[arg-type]
     await sched.close()
     assert isinstance(results[0][-1], ErrorEvent) and isinstance(results[0][-1].error, SamplingFailed)
@@ -528,7 +566,7 @@ async def test_an_iteration_that_fails_outside_the_rows_fails_its_step_once_not_
     original = sched._plan
     calls = {"n": 0}
 
-    def failing_once() -> object:
+    def failing_once() -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("a bug in planning")
@@ -536,10 +574,10 @@ async def test_an_iteration_that_fails_outside_the_rows_fails_its_step_once_not_
 
     sched._plan = failing_once  # type: ignore[method-assign]
     sched.start()
-    first = sched.submit([1], GREEDY, 4, seed=None)
+    first = sched.submit(EngineRequest([1], GREEDY, 4, seed=None))
     events = await drain(first.events, timeout_s=2.0)  # type: ignore[arg-type]
     assert isinstance(events[-1], ErrorEvent)
-    later = sched.submit([2], GREEDY, 3, seed=None)
+    later = sched.submit(EngineRequest([2], GREEDY, 3, seed=None))
     events = await drain(later.events, timeout_s=2.0)  # type: ignore[arg-type]
     assert [type(e) for e in events] == [TokenEvent] * 3 + [FinishEvent]
     await sched.close()

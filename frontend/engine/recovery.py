@@ -1,0 +1,100 @@
+"""The scheduler's recovery: sequences the model server lost, and the loop while the breaker is open.
+
+A sequence the server lost (a step that failed in transit, a decode row answered NOT_FOUND after a
+restart) is *parked*: its id is released, it gets a new one, and it starts again with its prompt
+plus the tokens generated so far on the next step that succeeds (`_park`, `_unpark`); one parked
+longer than `resume_timeout_s` fails with the error that parked it (`_expire_parked`). While the
+circuit breaker is open the loop sends nothing but one probe step per reset timeout
+(`_while_open`).
+
+A mixin of `frontend.engine.scheduler.Scheduler`, not an object of its own: these methods read
+and change the scheduler's queues, releases and parked list in the same synchronous passes as
+the step loop, and keeping them methods keeps their bodies as they were in the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from frontend.engine.errors import Overloaded, StepError
+from frontend.engine.events import ErrorEvent, Event
+from frontend.engine.step_rows import Row
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from frontend.engine.breaker import CircuitBreaker
+    from frontend.engine.scheduler import ActiveSequence, StepBackend, StepObserver
+
+log = logging.getLogger("frontend.engine.scheduler")
+
+
+class Recovery:
+    """Parking, resuming and the breaker-open loop (mixed into `Scheduler`)."""
+
+    client: StepBackend
+    observer: StepObserver
+    resume_timeout_s: float
+    _waiting: deque[ActiveSequence]
+    _running: list[ActiveSequence]
+    _releases: set[int]
+    _parked: list[ActiveSequence]
+
+    def _finish(self, seq: ActiveSequence, event: Event) -> None:
+        raise NotImplementedError  # the scheduler's
+
+    async def _while_open(self, breaker: CircuitBreaker) -> None:
+        """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
+        send one probe step (a one-token sequence that starts and ends at once, plus the pending
+        releases); its outcome closes or re-opens the breaker."""
+        # New work is refused at once; generations the server lost wait (parked) for it to return.
+        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
+        self._waiting.clear()
+        self._expire_parked()
+        if pending:
+            try:
+                breaker.check()
+            except StepError as err:
+                for seq in pending:
+                    self._finish(seq, ErrorEvent(err))
+        self.observer.queue_changed(len(self._waiting), len(self._running))
+        if not breaker.probe_due():
+            await asyncio.sleep(min(breaker.retry_after_s(), 0.05))
+            return
+        releases = sorted(self._releases)
+        self._releases.clear()
+        rows = [Row(secrets.randbits(63), [0], start=True, end=True), *(Row(s, [], end=True) for s in releases)]
+        try:
+            await self.client.step(rows, window=1)
+        except StepError as err:
+            log.warning("circuit breaker probe failed: %s", err)
+            breaker.record_failure(err)
+            return
+        log.info("circuit breaker probe succeeded; closing")
+        breaker.record_success()
+
+    def _park(self, seq: ActiveSequence, error: Exception) -> None:
+        """The server lost `seq` (or may have): release its id, and start it again under a new one."""
+        self._releases.add(seq.sequence_id)
+        seq.sequence_id = secrets.randbits(63)
+        seq.on_server = False
+        if seq.parked_at is None:
+            seq.parked_at, seq.parked_by = time.monotonic(), error
+            self._parked.append(seq)
+            log.info("sequence lost by the model server (%s); it starts again on the next step", error)
+
+    def _unpark(self, started: list[ActiveSequence]) -> None:
+        for seq in started:
+            if seq.parked_at is not None:
+                seq.parked_at = seq.parked_by = None
+        self._parked = [s for s in self._parked if s.parked_at is not None and not s.done]
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
+            self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
+        self._parked = [s for s in self._parked if not s.done]

@@ -1,0 +1,223 @@
+"""The scheduler's sampling of a step's rows: the tokens of every row the step answered.
+
+Batched: one uniform per row per step from the sequence's own generator, then the vectorized
+sampler over every row's window (`frontend.sampling.sample_window_batch`), adjusted rows through
+their own vectorized pass; the rows it leaves undecided go through the per-row reference sampler,
+and rows whose window does not decide the step are sampled again from their full row (one extra
+request for all of them) with the same draw, so a seeded sequence gets the same tokens whatever
+shares its batch (`_sample_rows`, `_fetch_full_rows`). A started sequence that asked for its
+prompt's logprobs gets them first (`_emit_prompt_logprobs`). Tokens leave as events on the
+sequence's sink (`_emit_token`), which also ends it at end-of-text, a stop id or its length.
+
+A mixin of `frontend.engine.scheduler.Scheduler`, not an object of its own: these methods emit
+into and finish the scheduler's sequences in the same synchronous pass as its step, and keeping
+them methods keeps their bodies as they were in the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from frontend.engine.errors import SamplingFailed, StepError, StepRejected
+from frontend.engine.events import ErrorEvent, Event, FinishEvent, PromptLogprobsEvent, TokenEvent
+from frontend.engine.step_rows import ROW_REFUSALS, Row, StepResult
+from frontend.sampling import (
+    BatchParams,
+    LogitAdjustment,
+    NeedFullRow,
+    Sampled,
+    StepLogits,
+    sample,
+    sample_adjusted_batch,
+    sample_window_batch,
+)
+from frontend.sampling.uniform import step_uniforms
+from step_model.contract import RowStatus
+
+if TYPE_CHECKING:
+    from frontend.engine.scheduler import ActiveSequence, StepBackend, StepObserver
+
+
+log = logging.getLogger(__name__)
+
+
+class StepSampling:
+    """Sampling and emitting a step's tokens (mixed into `Scheduler`)."""
+
+    client: StepBackend
+    observer: StepObserver
+    eos_token_id: int
+
+    def _finish(self, seq: ActiveSequence, event: Event) -> None:
+        raise NotImplementedError  # the scheduler's
+
+    def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
+        raise NotImplementedError  # the scheduler's
+
+    def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepResult) -> list[int]:
+        """Send each started sequence that asked its prompt's logprobs (before its first token);
+        one with max_new_tokens 0 (OpenAI `echo` with `max_tokens: 0`) ends there. Returns the rows
+        still to sample."""
+        assert out.prompt_logprobs is not None and out.prompt_top_ids is not None
+        assert out.prompt_top_logprobs is not None
+        keep = []
+        for i in sampling:
+            seq = seqs[i]
+            k = seq.prompt_logprobs
+            if k < 0 or seq.generated:
+                keep.append(i)
+                continue
+            seq.prompt_logprobs = -1  # once: a sequence started again does not send them again
+            n = len(seq.prompt_ids)
+            values = out.prompt_logprobs[i, :n].tolist()
+            ids, lps = out.prompt_top_ids[i, :n, :k].tolist(), out.prompt_top_logprobs[i, :n, :k].tolist()
+            seq.sink.put_nowait(
+                PromptLogprobsEvent(
+                    (None, *values[1:]),
+                    ((), *(tuple(zip(ids[t], lps[t], strict=True)) for t in range(1, n))),
+                )
+            )
+            if seq.max_new_tokens <= 0:
+                self._finish(seq, FinishEvent("length"))
+            else:
+                keep.append(i)
+        return keep
+
+    def _sample_rows(
+        self,
+        seqs: list[ActiveSequence],
+        rows: list[int],
+        out: StepResult,
+        adjustments: list[LogitAdjustment | None],
+    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
+        """Sample the given rows of a step; returns the rows that need their full logits row.
+
+        A row whose numbers cannot be sampled fails alone: when a vectorized pass raises, the rows
+        are sampled one by one and only the one that raises again fails."""
+        if not rows:
+            return []
+        try:
+            return self._sample_batch(seqs, rows, out, adjustments)
+        except Exception as err:
+            if len(rows) > 1:
+                return [f for i in rows for f in self._sample_rows(seqs, [i], out, adjustments)]
+            self._fail_row(seqs[rows[0]], err)
+            return []
+
+    def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:
+        log.warning("generation %s failed in sampling: %s: %s", seq.request_id or "-", type(err).__name__, err)
+        self._finish(seq, ErrorEvent(SamplingFailed(f"this generation's logits could not be sampled ({err})")))
+
+    def _sample_batch(
+        self,
+        seqs: list[ActiveSequence],
+        rows: list[int],
+        out: StepResult,
+        adjustments: list[LogitAdjustment | None],
+    ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
+        """`_sample_rows` without the isolation: the vectorized passes may raise (before any row
+        is emitted); a row that fails after them fails alone."""
+        index = np.asarray(rows, dtype=np.int64)
+        chosen = [seqs[i] for i in rows]
+        # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
+        keys = np.fromiter((seq.rng_key for seq in chosen), dtype=np.uint64, count=len(chosen))
+        draws = np.fromiter((len(seq.generated) for seq in chosen), dtype=np.uint64, count=len(chosen))
+        u = step_uniforms(keys, draws)
+        topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
+        batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
+        fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
+        tokens, logprobs, tops = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.top_logprobs
+        # The batch knows no adjustment: adjusted rows are decided by their own vectorized pass.
+        decided = [d and adjustments[i] is None for d, i in zip(batch.decided.tolist(), rows, strict=True)]
+        adjusted = [j for j, i in enumerate(rows) if adjustments[i] is not None]
+        if adjusted and out.extra_logits is not None and out.rest_logsumexp is not None:
+            at = index[adjusted]
+            rows_adjustments = [a for a in (adjustments[rows[j]] for j in adjusted) if a is not None]
+            ab = sample_adjusted_batch(
+                topk_logits[adjusted],
+                topk_ids[adjusted],
+                out.extra_logits[at],
+                out.rest_logsumexp[at],
+                lse[adjusted],
+                rows_adjustments,
+                [chosen[j].params for j in adjusted],
+                u[adjusted],
+            )
+            for m, j in enumerate(adjusted):
+                if ab.decided[m]:
+                    decided[j] = True
+                    tokens[j], logprobs[j], tops[j] = int(ab.token_ids[m]), float(ab.logprobs[m]), ()
+        for j, seq in enumerate(chosen):
+            adjustment = adjustments[rows[j]]
+            if decided[j]:  # the common case
+                seq.needed_full_row = False
+                self._emit_token(seq, tokens[j], logprobs[j], tops[j])
+                continue
+            step = StepLogits(topk_logits[j], topk_ids[j], float(lse[j]))
+            if adjustment is not None and out.extra_logits is not None and out.rest_logsumexp is not None:
+                at = index[j]
+                step = replace(step, extra_logits=out.extra_logits[at], rest_logsumexp=float(out.rest_logsumexp[at]))
+            try:  # the reference sampler decides what the batch declined, or asks for the row
+                picked = sample(step, seq.params, float(u[j]), adjustment)
+                seq.needed_full_row = False
+            except NeedFullRow as why:
+                self.observer.full_row_fetched(why.reason)
+                seq.needed_full_row = True
+                if out.logits is None:
+                    fetch.append((seq, float(u[j]), step, adjustment))
+                    continue
+                try:
+                    full = replace(step, full_logits=out.logits[index[j]])
+                    picked = sample(full, seq.params, float(u[j]), adjustment)  # the same draw
+                except Exception as err:
+                    self._fail_row(seq, err)
+                    continue
+            except Exception as err:  # this row alone: rows before it were emitted already
+                self._fail_row(seq, err)
+                continue
+            self._emit(seq, picked)
+        return fetch
+
+    async def _fetch_full_rows(
+        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]
+    ) -> None:
+        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch]
+        try:
+            out = await self.client.step(rows, window=1, want_logits=True)
+        except StepError as err:
+            self._fail([seq for seq, _, _, _ in fetch], err)
+            return
+        assert out.logits is not None
+        for i, (seq, u, step, adjustment) in enumerate(fetch):
+            if seq.done:
+                continue
+            if int(out.status[i]) != RowStatus.OK:
+                code = int(out.status[i])
+                self._finish(seq, ErrorEvent(StepRejected(ROW_REFUSALS.get(code, f"row status {code}"))))
+                continue
+            # The same numbers for the adjusted ids as the window had (the step's extra logits).
+            try:
+                picked = sample(replace(step, full_logits=out.logits[i]), seq.params, u, adjustment)
+            except Exception as err:
+                self._fail_row(seq, err)
+                continue
+            self._emit(seq, picked)
+
+    def _emit(self, seq: ActiveSequence, chosen: Sampled) -> None:
+        self._emit_token(seq, chosen.token_id, chosen.logprob, chosen.top_logprobs)
+
+    def _emit_token(
+        self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
+    ) -> None:
+        seq.generated.append(token_id)
+        if seq.adjuster is not None:
+            seq.adjuster.append(token_id)
+        seq.sink.put_nowait(TokenEvent(token_id, logprob, top_logprobs))
+        if (token_id == self.eos_token_id and not seq.ignore_eos) or token_id in seq.stop_ids:
+            self._finish(seq, FinishEvent("stop"))
+        elif len(seq.generated) >= seq.max_new_tokens:
+            self._finish(seq, FinishEvent("length"))

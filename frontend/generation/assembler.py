@@ -1,0 +1,101 @@
+"""`TextAssembler`: one generation's events turned into stream items, with no engine and no
+clock (TGI's `StoppingCriteria` and incremental detokenizing as one small object).
+
+Tokens are detokenized incrementally (never splitting a character) and cut at stop strings and
+stop token ids, both counted only once `min_tokens` were generated (vLLM's order); the
+end-of-text token counts as a completion token but is never shown as text (unless `ignore_eos`);
+the prompt's logprobs are passed on. `push` answers each event with at most one item; once
+`finished`, `completion` gives the whole result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from frontend.engine.events import FinishEvent, PromptLogprobsEvent, TokenEvent
+from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.text import IncrementalDecoder, StopMatcher
+
+__all__ = ["TextAssembler"]
+
+
+class TextAssembler:
+    def __init__(self, tokenizer: Any, eos_token_id: int, req: GenerationRequest) -> None:
+        self.req = req
+        self.eos_token_id = eos_token_id
+        self.decoder = IncrementalDecoder(tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
+        self.matcher = StopMatcher(req.stop, include_stop=req.include_stop_str_in_output)
+        self.stop_token_ids = frozenset(req.stop_token_ids)
+        self.chunks: list[TextChunk] = []
+        self.token_ids: list[int] = []
+        self.generated = 0  # completion tokens, end-of-text included
+        self.prompt_event: PromptLogprobsEvent | None = None
+        self.finish_reason = "length"
+        self.finished = False  # nothing after this counts: the caller stops reading events
+
+    def push(self, event: TokenEvent | PromptLogprobsEvent | FinishEvent) -> StreamItem | None:
+        """The item `event` gives, if any (an ErrorEvent is the caller's to raise)."""
+        if type(event) is TokenEvent:
+            return self.token(event)
+        if isinstance(event, PromptLogprobsEvent):
+            self.prompt_event = event
+            return PromptLogprobs(event.logprobs, event.top_logprobs)
+        assert isinstance(event, FinishEvent)
+        return self.finish(event.reason)
+
+    def token(self, event: TokenEvent) -> TextChunk | None:
+        """The text one generated token adds (None for a hidden end-of-text token)."""
+        self.generated += 1
+        position = self.generated - 1
+        # Stop conditions count only once min_tokens were generated (vLLM's order).
+        checking = self.generated >= self.req.min_tokens
+        if checking and event.token_id in self.stop_token_ids:
+            # Ends here whatever the engine does next; its text only when asked for.
+            tail = self.decoder.push(event.token_id) if self.req.include_stop_str_in_output else ""
+            tail, _ = self.matcher.push(tail + self.decoder.flush())
+            tail += self.matcher.flush()
+            self.finish_reason, self.finished = "stop", True
+            return self._add(TextChunk(tail, event.token_id, position, event.logprob, event.top_logprobs))
+        if event.token_id == self.eos_token_id and not self.req.ignore_eos:
+            return None  # counted as a completion token, never shown as text
+        text = self.decoder.push(event.token_id)
+        text, stopped = self.matcher.push(text) if checking else (text, False)
+        if stopped:
+            self.finish_reason, self.finished = "stop", True
+        return self._add(TextChunk(text, event.token_id, position, event.logprob, event.top_logprobs))
+
+    def finish(self, reason: str) -> TextChunk | None:
+        """The engine finished (`reason`): the text held back, unless it ends at a stop string."""
+        self.finish_reason, self.finished = reason, True
+        tail, stopped = self.matcher.push(self.decoder.flush())
+        if stopped:
+            self.finish_reason = "stop"
+        else:
+            tail += self.matcher.flush()
+        if not tail:
+            return None
+        chunk = TextChunk(tail, None, None)
+        self.chunks.append(chunk)
+        return chunk
+
+    def completion(self, *, time_to_first_token_s: float | None, total_s: float) -> Completion:
+        prompt = self.prompt_event
+        return Completion(
+            text="".join(c.text for c in self.chunks),
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.req.prompt_ids),
+            completion_tokens=self.generated,
+            cached=False,
+            chunks=self.chunks,
+            time_to_first_token_s=time_to_first_token_s,
+            total_s=total_s,
+            prompt_logprobs=None if prompt is None else prompt.logprobs,
+            prompt_top_logprobs=None if prompt is None else prompt.top_logprobs,
+        )
+
+    def _add(self, chunk: TextChunk) -> TextChunk:
+        assert chunk.token_id is not None
+        self.token_ids.append(chunk.token_id)
+        self.chunks.append(chunk)
+        return chunk
