@@ -44,7 +44,7 @@ from frontend.sampling import (
     SamplingParams,
     window_size,
 )
-from frontend.sampling.uniform import sequence_key
+from frontend.sampling.uniform import sequence_key, step_uniforms
 from step_model.contract import RowStatus
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ class ActiveSequence:
     request_id: str = ""  # the HTTP request's id (X-Request-Id): sent with the sequence's rows
     prompt_logprobs: int = -1  # >= 0: send the prompt's logprobs with this many alternatives first
     adjuster: AdjustmentTracker | None = None  # the adjustment of its next token, kept up to date
+    # (top_p, top_k, min_p) for the step model's device draw (contract.DRAW) when a step's window
+    # cannot hold the cut: sampled sequences without an adjustment; None for the others.
+    draw_cuts: tuple[float, float, float] | None = None
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -195,6 +198,9 @@ class Scheduler(Recovery, StepSampling):
         # The step model returns the logits of ids a row names (contract.EXTRA_IDS): adjusted
         # sequences then need no full rows. False for a model version exported before that input.
         self.extra_logits = True
+        # The step model draws rows whose window falls short on the device (contract.DRAW): a wide
+        # top-p nucleus then costs no full row. False for a model version exported before it.
+        self.device_draws = True
         self._parked: list[ActiveSequence] = []
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
@@ -278,6 +284,9 @@ class Scheduler(Recovery, StepSampling):
             banned=tuple(sorted({self.eos_token_id, *stop_token_ids})) if min_tokens > 0 else (),
             request_id=request.request_id or "",
             prompt_logprobs=request.prompt_logprobs,
+            draw_cuts=(params.top_p, float(params.top_k), params.min_p)
+            if params.temperature > 0.0 and not adjusted
+            else None,
         )
         if adjusted:
             seq.adjuster = AdjustmentTracker(
@@ -375,8 +384,26 @@ class Scheduler(Recovery, StepSampling):
             # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
             [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]],
             [a.ids if a is not None else None for a in adjustments] if self.extra_logits else (),
+            self._draw_columns(seqs) if self.device_draws else None,
         )
         return seqs, batch, adjustments
+
+    @staticmethod
+    def _draw_columns(seqs: list[ActiveSequence]) -> np.ndarray | None:
+        """The rows' DRAW columns (u, top_p, top_k, min_p): the uniform each sampled sequence
+        draws its next token with (the n-th of its stream: the one its sampling will use) and its
+        cuts, so the model can draw it on the device when the window falls short; u = -1 for the
+        rows that never ask (greedy, adjusted). None when no row asks."""
+        asking = [i for i, s in enumerate(seqs) if s.draw_cuts is not None]
+        if not asking:
+            return None
+        chosen = [seqs[i] for i in asking]
+        keys = np.fromiter((s.rng_key for s in chosen), dtype=np.uint64, count=len(chosen))
+        counts = np.fromiter((len(s.generated) for s in chosen), dtype=np.uint64, count=len(chosen))
+        columns = np.full((len(seqs), 4), -1.0)
+        columns[asking, 0] = step_uniforms(keys, counts)
+        columns[asking, 1:] = [s.draw_cuts for s in chosen]
+        return columns
 
     def _fail_stepping(self, err: Exception) -> None:
         """An iteration failed outside the per-row paths: fail the generations it held (else the

@@ -57,12 +57,14 @@ def compose(
     request_ids: Sequence[str] = (),
     start_prompt_logprobs: Sequence[int] = (),
     extra_ids: Sequence[np.ndarray | None] = (),
+    draw: np.ndarray | None = None,
 ) -> StepRequest:
     """Decode rows (one token each, given as arrays), then start rows (id, prompt,
     temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
     the decode and start rows' (in that order); `start_prompt_logprobs` the start rows';
-    `extra_ids` the decode and start rows' ids whose logits they need (None: none). Each is
-    kept only when some row has one (an id, a k >= 0, an extra id)."""
+    `extra_ids` the decode and start rows' ids whose logits they need (None: none); `draw` the
+    decode and start rows' DRAW columns [d + s, 4] (u < 0: not asked; release rows never ask).
+    Each is kept only when some row has one (an id, a k >= 0, an extra id, a u >= 0)."""
     d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
     n = d + s + r
     width = max([1, *(len(p) for _, p, _ in starts)])
@@ -89,6 +91,10 @@ def compose(
     if any(k >= 0 for k in start_prompt_logprobs):
         echo = np.full(n, -1, dtype=np.int32)
         echo[d : d + len(start_prompt_logprobs)] = start_prompt_logprobs
+    columns = None
+    if draw is not None and bool((draw[:, 0] >= 0).any()):
+        columns = np.full((n, 4), -1.0)
+        columns[: draw.shape[0]] = draw
     return StepRequest(
         sequence_ids,
         ids,
@@ -99,6 +105,7 @@ def compose(
         request_ids=row_ids,
         prompt_logprobs=echo,
         extra_ids=_pad_rows(extra_ids, n),
+        draw=columns,
     )
 
 

@@ -31,6 +31,7 @@ from frontend.sampling import (
     NeedFullRow,
     Sampled,
     StepLogits,
+    drawn,
     sample,
     sample_adjusted_batch,
     sample_window_batch,
@@ -130,9 +131,17 @@ class StepSampling:
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
-        tokens, logprobs, tops = batch.token_ids.tolist(), batch.logprobs.tolist(), batch.top_logprobs
+        token_ids, row_logprobs, tops = batch.token_ids, batch.logprobs, batch.top_logprobs
         # The batch knows no adjustment: adjusted rows are decided by their own vectorized pass.
-        decided = [d and adjustments[i] is None for d, i in zip(batch.decided.tolist(), rows, strict=True)]
+        unadjusted = np.fromiter((adjustments[i] is None for i in rows), dtype=bool, count=len(rows))
+        decided_rows = batch.decided & unadjusted
+        if out.drawn_ids is not None and out.drawn_logits is not None:
+            # Rows the model drew on the device (their window could not hold the cut): the token the
+            # full row gives for this u, so they are decided whatever the window said.
+            token_ids, row_logprobs, decided_rows = _take_draws(
+                chosen, index, out, lse, token_ids, row_logprobs, decided_rows, unadjusted, tops
+            )
+        tokens, logprobs, decided = token_ids.tolist(), row_logprobs.tolist(), decided_rows.tolist()
         adjusted = [j for j, i in enumerate(rows) if adjustments[i] is not None]
         if adjusted and out.extra_logits is not None and out.rest_logsumexp is not None:
             at = index[adjusted]
@@ -221,3 +230,40 @@ class StepSampling:
             self._finish(seq, FinishEvent("stop"))
         elif len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq, FinishEvent("length"))
+
+
+def _take_draws(
+    chosen: list[ActiveSequence],
+    index: np.ndarray,
+    out: StepResult,
+    lse: np.ndarray,
+    token_ids: np.ndarray,
+    logprobs: np.ndarray,
+    decided: np.ndarray,
+    unadjusted: np.ndarray,
+    tops: list[tuple[tuple[int, float], ...]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The step's device draws merged into the window's results: (token ids, logprobs, decided),
+    `tops` updated in place. A drawn row's logprob is its logit minus the row's log-sum-exp (as on
+    every path); one that reports alternatives takes them from its window (`drawn`), and stays
+    undecided when the window cannot vouch for them (it then takes the full-row path)."""
+    assert out.drawn_ids is not None and out.drawn_logits is not None
+    ids = out.drawn_ids[index]
+    took = (ids >= 0) & unadjusted
+    if not took.any():
+        return token_ids, logprobs, decided
+    logits = out.drawn_logits[index]
+    token_ids = np.where(took, ids, token_ids)
+    logprobs = np.where(took, logits.astype(np.float64) - lse.astype(np.float64), logprobs)
+    decided = decided | took
+    for j in np.flatnonzero(took).tolist():
+        seq = chosen[j]
+        if seq.params.logprobs:
+            window = StepLogits(out.topk_logits[index[j]], out.topk_ids[index[j]], float(lse[j]))
+            try:
+                tops[j] = drawn(window, seq.params, int(ids[j]), float(logits[j])).top_logprobs
+            except NeedFullRow:
+                decided[j] = False
+        else:
+            tops[j] = ()
+    return token_ids, logprobs, decided

@@ -165,6 +165,8 @@ class StepClient:
         }
         if batch.extra_ids is not None:
             arrays[contract.EXTRA_IDS] = batch.extra_ids
+        if batch.draw is not None:
+            arrays[contract.DRAW] = batch.draw
         inputs = []
         for name, value in arrays.items():
             dtype, _ = contract.INPUTS[name]
@@ -177,6 +179,8 @@ class StepClient:
         names += list(contract.PROMPT_OUTPUTS) if echo else []
         extra = batch.extra_ids is not None
         names += list(contract.EXTRA_OUTPUTS) if extra else []
+        draws = batch.draw is not None
+        names += list(contract.DRAW_OUTPUTS) if draws else []
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         parameters: dict[str, int | str] = {contract.PARAM_LOGITS_WINDOW: int(window)}
         named = [rid for rid in batch.request_ids if rid]
@@ -221,4 +225,6 @@ class StepClient:
             prompt_top_logprobs=result.as_numpy(contract.PROMPT_TOP_LOGPROBS) if echo else None,
             extra_logits=result.as_numpy(contract.EXTRA_LOGITS) if extra else None,
             rest_logsumexp=result.as_numpy(contract.REST_LOGSUMEXP).reshape(-1) if extra else None,
+            drawn_ids=result.as_numpy(contract.DRAWN_IDS).reshape(-1) if draws else None,
+            drawn_logits=result.as_numpy(contract.DRAWN_LOGITS).reshape(-1) if draws else None,
         )

@@ -156,6 +156,8 @@ class TritonEngine:
         )
         # ... and those exported before EXTRA_IDS get full rows for adjusted sequences instead.
         self._scheduler.extra_logits = set(contract.EXTRA_OUTPUTS) <= outputs
+        # ... and those exported before DRAW send rows whose window falls short for their full row.
+        self._scheduler.device_draws = set(contract.DRAW_OUTPUTS) <= outputs
         self._scheduler.start()
         await self._warm_up()
         log.info(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from frontend.engine.protocol import (
     EngineRequest,
@@ -33,8 +34,10 @@ from frontend.engine.protocol import (
 )
 from frontend.engine.scheduler import Scheduler, SchedulerConfig
 from frontend.engine.step_rows import Row, StepRequest, StepResult, compose, from_rows
-from frontend.sampling import SamplingParams
+from frontend.sampling import SamplingParams, StepLogits, sample
+from frontend.sampling.uniform import step_uniforms
 from step_model.contract import RowStatus
+from step_model.draw import draw_rows, needs_draw
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
@@ -60,6 +63,7 @@ class ScriptedBackend:
         self.max_live = 0
         self.refused_full = 0
         self.answer_extras = False  # answer EXTRA_IDS (a model exported with them) or ignore them
+        self.answer_draws = False  # draw DRAW rows as the step model does (step_model.draw) or ignore them
 
     async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
@@ -118,7 +122,26 @@ class ScriptedBackend:
             top = masked.max(axis=1, keepdims=True)
             rest = (top[:, 0] + np.log(np.exp(masked - top).sum(axis=1))).astype(np.float32)
         logits = row if want_logits else None
-        return StepResult(status, values, ids, lse, logits, extra_logits=extra_logits, rest_logsumexp=rest)
+        drawn_ids = drawn_logits = None
+        if self.answer_draws and batch.draw is not None:  # the step model's own code, on this row
+            drawn_ids, drawn_logits = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
+            want = np.flatnonzero(needs_draw(batch.draw, values, lse) & (status == RowStatus.OK))
+            if want.size:
+                got = draw_rows(
+                    torch.from_numpy(row[want]), torch.from_numpy(lse[want]), torch.from_numpy(batch.draw[want])
+                )
+                drawn_ids[want], drawn_logits[want] = got[0].numpy(), got[1].numpy()
+        return StepResult(
+            status,
+            values,
+            ids,
+            lse,
+            logits,
+            extra_logits=extra_logits,
+            rest_logsumexp=rest,
+            drawn_ids=drawn_ids,
+            drawn_logits=drawn_logits,
+        )
 
 
 def scheduler(backend: ScriptedBackend, *, observer: Any = None, breaker: Any = None, **config: Any) -> Scheduler:
@@ -259,6 +282,38 @@ async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_it
     assert fetches and carried  # the first undecided step fetched; later ones carried their rows
     assert all(not calls[i - 1][1] for i in fetches)  # never a fetch after a step that had the rows
     assert tokens == (await run())[0]  # deterministic for a seed
+
+
+async def test_rows_the_model_draws_on_the_device_fetch_no_full_row_and_get_the_full_rows_tokens() -> None:
+    """The same wide nucleus against a model that draws on the device (contract.DRAW): every step
+    carries the sampled row's uniform and cuts (greedy rows never ask), no full row is ever
+    fetched or carried, and each token is the one the gateway's full-row sampler picks from that
+    row with that step's uniform."""
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    backend = ScriptedBackend(capacity=4)
+    backend.answer_draws = True
+    sched = scheduler(backend)
+    sched.start()
+    seq = sched.submit(EngineRequest([1, 2], params, 6, seed=11))
+    seq.sequence_id = 5
+    greedy = sched.submit(EngineRequest([3], GREEDY, 6, seed=None))
+    events = await drain(seq.events)  # type: ignore[arg-type]
+    await drain(greedy.events)  # type: ignore[arg-type]
+    await sched.close()
+    tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == 6 and not any(backend.wanted_logits)
+    stepping = [b for b in backend.batches if b.lengths.any()]
+    for batch in stepping:
+        assert batch.draw is not None
+        rows = np.flatnonzero(batch.lengths > 0)
+        assert ((batch.draw[rows, 0] >= 0) == (batch.sequence_ids[rows] == 5)).all()  # not the greedy row
+    # The scripted row of sequence 5 (see ScriptedBackend.step), the same every step.
+    window = 64
+    row = np.full(VOCAB, -30.0, dtype=np.float32)
+    row[(6 + np.arange(window)) % VOCAB] = np.arange(window, 0, -1)
+    u = step_uniforms(np.full(6, seq.rng_key, dtype=np.uint64), np.arange(6, dtype=np.uint64))
+    full = StepLogits(np.zeros(1, np.float32), np.zeros(1, np.int64), float(window) + 1.0, full_logits=row)
+    assert tokens == [sample(full, params, float(u[k])).token_id for k in range(6)]
 
 
 async def test_new_sequences_wait_to_start_together_while_others_decode() -> None:
