@@ -200,7 +200,7 @@ def engine_target_rows(data: SuiteData, streams: int) -> list[Row]:
             f"{ENGINE_REF_512_MS:.2f} ms/step of 2026-12-07)",
             NA
             if ms is None
-            else f"{ms:.3f} ms/step ({f0(num(row, 'tok_per_s_at_p50'))} tok/s), {f2(speedup)}x faster than the "
+            else f"{ms:.3f} ms/step ({f0(num(row, 'tok_per_s_at_p50'))} tok/s), {f2(speedup)}x the speed of the "
             "reference" + other_card,
             judge(ms, goal_ms, False),
         ),

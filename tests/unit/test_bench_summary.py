@@ -215,7 +215,7 @@ def test_every_target_row_met_missed_or_not_run(tmp_path: Path) -> None:
     assert ttft.status == "met" and ttft.measured.startswith("8.00 ms (32-token prompts")
     engine_512, engine_1 = rows["4."]
     assert engine_512.status == "missed" and "(NVIDIA H200)" in engine_512.what  # 2.0 ms > 1.7 ms
-    assert "<= 1.70 ms on an H100" in engine_512.target and "1.70x faster than the reference" in engine_512.measured
+    assert "<= 1.70 ms on an H100" in engine_512.target and "1.70x the speed of the reference" in engine_512.measured
     assert "the reference is an H100's, this card differs" in engine_512.measured
     assert engine_1.status == "met" and engine_1.measured == "0.400 ms/step"
     (one,) = rows["5."]
