@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_summary import dist, num, read_json
+from benchmarks.gpu_summary.inputs import dist, num, read_json
 from benchmarks.report import NA, markdown_table
 
 MODES = {"topp": "top-p 0.9 (top-k off)", "topk": "top-k 50 (top-p off)"}

@@ -1,52 +1,68 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one device call (H200). From the project root, after the staged
-# wheels are installed in /root/site (see ../shared/device/README.md):
+# The whole GPU measurement of issue 16 in one device call (H100 or H200). From the project root, after
+# the staged wheels are installed in /root/site (see ../shared/device/README.md and docs/benchmarks.md):
 #
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh      # results: $OUT/<UTC date>-h200/ and $OUT/gpu_suite.tgz
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh      # results: $OUT/<UTC date>-<label>/ and $OUT/gpu_suite.tgz
 #
-# In this order (each stage under `timeout`; a stage that fails, times out or no longer fits the
-# budget is recorded in stages.tsv and the suite goes on):
+# It measures every target of issue 16 and the baselines they are ratios of, in the same run, and ends with
+# benchmarks.gpu_summary's table: each target met / missed / not run, with both sides of its ratio.
+# In this order (each stage under `timeout`; a stage that fails, times out or no longer fits the budget is
+# recorded in stages.tsv and the suite goes on; the target-bearing runs come first):
 #   0. environment: nvidia-smi, package versions, git commit                       -> env/
 #   1. export of the GPT-2 124M shape, fp16, strict device, 640 KV slots, window 64 -> export.log
-#      (kept when SUITE_REPO already holds one, see below), in parallel with
-#   5. correctness: the Triton parity suite in fp16 strict device and the seeded-determinism tests of
+#      (kept when SUITE_REPO already holds one this suite made from the same code), in parallel with
+#   2. correctness: the Triton parity suite in fp16 strict device and the seeded-determinism tests of
 #      the gateway suite (their own tiny models and servers, on free ports)          -> tests/
-#   2. the step engine alone at 1, 64, 512 rows; kernel tables at 1 and 512        -> engine/
-#   4. transformers on the same card: plain generate; static cache + compile        -> hf/
-#   3. the whole stack (embedded Triton + gateway, GATEWAY_MAX_RUNNING=640) with 1 then 8 gateway
-#      workers: single stream, 512 streams (/generate, then SSE), the seed scenarios, top-p 0.95, with
-#      Triton's and the gateway's /metrics scraped around every run                 -> stack_w<W>/
-#   6. benchmarks.gpu_summary -> summary.md (target vs measured); $OUT/gpu_suite.tgz; summary printed
+#   3. the step engine alone at 1, 64, 512 rows (kernel tables at 1 and 512), then at 1 and 512 rows with
+#      every row asking for a device draw (--draw top_p=0.9, targets 2 and 4)       -> engine/
+#   4. transformers static cache + compile at batch 1 and 512 (targets 1 and 3)     -> hf/
+#   5. the whole stack (embedded Triton + gateway, GATEWAY_MAX_RUNNING=640), Triton's and the gateway's
+#      /metrics scraped around every run                                             -> stack_w<W>/
+#      8 workers: single stream (/v1/completions SSE, 12 requests; target 3); 512 streams x 6 requests
+#        each, closed loop: /v1/completions SSE top-k 50 (1, 5, 6), the seed's default request on the same
+#        route (temperature 0.7, top-p 0.9, top-k off; 2), /generate top-k 50 (1); guidellm on
+#        /v1/completions with the same load (6; skipped when guidellm is not importable); then, only when
+#        the budget still holds the 1-process run, the penalties run and the seed scenarios (report only)
+#      1 process (no --workers): 512 streams x 6 on /v1/completions SSE (target 5)
+#   6. transformers plain generate at batch 1 and 512 (a reference, when time is left)
+#   7. benchmarks.gpu_summary -> summary.md; $OUT/gpu_suite.tgz; summary printed
 #
-# Wall time: a global budget (SUITE_BUDGET_S, default 480 s) caps every stage's timeout and keeps
-# RESERVE_S for the summary and the archive; what no longer fits is skipped, so the later stages go
-# first (the 8-worker runs, then the 1-worker ones). Estimated 6-8 minutes; at the 2026-11-30 speeds
-# the budget may cut the last 8-worker runs (stages.tsv says which).
+# Wall time: a global budget (SUITE_BUDGET_S, default 540 s: one device call has 600 s) caps every stage's
+# timeout and keeps RESERVE_S for the summary and the archive; what no longer fits is skipped (stages.tsv
+# says which). At the 2026-12-07 speeds: environment, export || tests ~60 s, engine ~30 s, transformers
+# ~45 s, Triton ~10 s, 8-worker gateway ~30 s, single stream ~20 s, each 512-stream run ~30-40 s (its load
+# processes' start-up included), guidellm ~45 s, 1-process gateway ~10 s + its run ~80 s: about 500 s,
+# the report-only runs and plain transformers in what is left.
 #
-# Knobs: OUT (/tmp/out), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S (480), SUITE_WORKERS ("1 8"),
-# SUITE_TOPP_TOKENS (32), SUITE_FRESH_EXPORT=1 (export again even when SUITE_REPO has a model),
-# SUITE_SKIP (stages to leave out, any of "tests engine hf stack"; skipped stages are recorded),
-# SUITE_RUNS (the whole-stack runs, default "single streams sse penalty seed topp"), SUITE_STREAM_REQUESTS (2),
-# SUITE_LOAD_PROCESSES (8: load-generator processes of every run but the single stream).
+# Knobs: OUT (/tmp/out), SUITE_LABEL (the card, from nvidia-smi), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S
+# (540), SUITE_WORKERS ("8 1": gateway worker counts, in order; 1 = one process), SUITE_FRESH_EXPORT=1
+# (export again even when SUITE_REPO has a model), SUITE_SKIP (stages to leave out, any of "tests engine hf
+# stack hf_plain"; recorded), SUITE_RUNS (the runs with several workers, default "single completions topp
+# streams guidellm penalty seed"), SUITE_RUNS_ONE (with one process, default "completions"),
+# SUITE_STREAM_REQUESTS (6 per user in the many-stream runs; the steady window needs 2 or more),
+# SUITE_LOAD_PROCESSES (8: load-generator processes of the many-user runs), SUITE_OUTSIDE_PATH (prepended
+# to PYTHONPATH for guidellm only, when its wheels live apart), SUITE_OUTSIDE_PROCESSES (guidellm's worker
+# processes; default guidellm's own, 10).
 # For a dry run without a GPU: SUITE_DEVICE=cpu SUITE_MODEL=tiny SUITE_PY=.venv/bin/python
-# SUITE_STREAMS=64 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
+# SUITE_STREAMS=32 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
 set -u -o pipefail
 set +m # no job control: background jobs stay in our process group, `setsid` below execs in place
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/out}
-R="$OUT/$(date -u +%Y-%m-%d)-${SUITE_LABEL:-h200}"
+LABEL=${SUITE_LABEL:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1 |
+  grep -oiE 'H100|H200|A100|L4|L40S?' | head -1 | tr 'A-Z' 'a-z')}
+R="$OUT/$(date -u +%Y-%m-%d)-${LABEL:-gpu}"
 [ -e "$R" ] && R="$R-$(date -u +%H%M%S)" # never mix two runs' files
 REPO=${SUITE_REPO:-/tmp/repo}
-BUDGET_S=${SUITE_BUDGET_S:-480}
+BUDGET_S=${SUITE_BUDGET_S:-540}
 RESERVE_S=25 # kept for the summary and the archive
-WORKER_COUNTS=${SUITE_WORKERS:-1 8}
-TOPP_TOKENS=${SUITE_TOPP_TOKENS:-32}
-TOPP_STREAMS=${SUITE_TOPP_STREAMS:-64} # at 512 the full-row sampling of random weights timed out (2026-11-30)
+WORKER_COUNTS=${SUITE_WORKERS:-8 1}
 DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
 STREAMS=${SUITE_STREAMS:-512}
-STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-2} # per user in the 512-stream run
-RUNS=${SUITE_RUNS:-single streams sse penalty seed topp} # the whole-stack runs, per worker count
+STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-6} # per user in the many-stream runs: 2 is mostly ramp-up and tail
+RUNS=${SUITE_RUNS:-single completions topp streams guidellm penalty seed} # with several gateway workers
+RUNS_ONE=${SUITE_RUNS_ONE:-completions}                                   # with one gateway process
 LOAD_PROCS=${SUITE_LOAD_PROCESSES:-8} # load-generator processes for the many-user runs (one could not keep up)
 SKIP=" ${SUITE_SKIP:-} "
 GW_PORT=8080
@@ -69,7 +85,7 @@ SETSID=$(command -v setsid) # own process group per server; without it, stop_gro
 note() { echo "=== $(date -u +%H:%M:%S) +$((SECONDS - T0))s $*"; }
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$STAGES"; }
 left_s() { echo $((BUDGET_S - (SECONDS - T0) - RESERVE_S)); }
-run_wanted() { [[ " $RUNS " == *" $1 "* ]]; }
+run_wanted() { [[ " $W_RUNS " == *" $1 "* ]]; } # in this gateway's runs (set per worker count below)
 wanted() { [[ "$SKIP" != *" $1 "* ]] || { record "$1" "skipped (SUITE_SKIP)" - 0 -; return 1; }; }
 
 # run_stage NAME LIMIT_S LOG CMD...: CMD under `timeout` (its limit capped by the budget), output to
@@ -151,15 +167,15 @@ EOF
 cat "$R/env/versions.json"
 record environment ok 0 $((SECONDS - T0)) -
 
-# ------------------------------------------------------------------------------ 1. export || 5. correctness
+# ------------------------------------------------------------------------------ 1. export || 2. correctness
 TEST_ENV=(env "GPT2_TEST_DTYPE=$DTYPE" "GPT2_TEST_DEVICE=$DEVICE" "GPT2_TEST_STRICT=$TEST_STRICT")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning)
 BG1="" BG2=""
 if wanted tests; then
-  run_stage tests_triton_model 240 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+  run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_triton_model.py --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
-  run_stage tests_gateway_seeded 240 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+  run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
   BG2=$!
 fi
@@ -192,35 +208,37 @@ note "waiting for the correctness suites"
 [ -n "$BG1$BG2" ] && wait $BG1 $BG2 # never a bare `wait`: it would wait for the tee above
 grep -hE "[0-9]+ (passed|failed|error)" "$R"/tests/*.log 2> /dev/null | tail -n 4
 
-# ------------------------------------------------------------------------------ 2. the step engine alone
+# ------------------------------------------------------------------------------ 3. the step engine alone
+ENGINE=("$PY" -m benchmarks.engine_bench "$VDIR" --capacity 640 --device "$DEVICE" "${STRICT[@]}" --out "$R/engine"
+  --engine-kw cuda_graphs=true --engine-kw graph_window=64) # as served (config.pbtxt: cuda_graphs 1, window 64)
 if ! wanted engine; then
   :
 elif [ -n "$VDIR" ]; then
-  run_stage engine 150 "$R/engine/engine_bench.log" "$PY" -m benchmarks.engine_bench "$VDIR" --rows "1,64,$STREAMS" \
-    --profile "1,$STREAMS" --capacity 640 --device "$DEVICE" "${STRICT[@]}" --out "$R/engine" \
-    --engine-kw cuda_graphs=true --engine-kw graph_window=64 # as served (config.pbtxt: cuda_graphs 1, window 64)
+  run_stage engine 150 "$R/engine/engine_bench.log" "${ENGINE[@]}" --rows "1,64,$STREAMS" --profile "1,$STREAMS"
+  # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
+  run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
+    --draw "top_p=0.9" --tag draw
 else
   note "no exported model in $REPO: the engine and stack stages cannot run"
   record engine skipped - 0 -
 fi
 
 # ------------------------------------------------------------------------------ 4. transformers, same card
-# Before the stack: bounded, and the reference every stack figure is compared with.
-HF=(--random-config "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --batch-sizes "1,32,$STREAMS" --prompt-tokens 32
+# Before the stack: bounded, and the reference the throughput and single-stream targets are ratios of.
+HF=(--random-config "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --batch-sizes "1,$STREAMS" --prompt-tokens 32
   --new-tokens 128 --top-k 50 --temperature 0.8 --out "$R/hf")
 if wanted hf; then
-  run_stage hf_plain 120 "$R/hf/plain.log" "$PY" -m benchmarks.baseline "${HF[@]}" --tag plain
   run_stage hf_static 120 "$R/hf/static.log" "$PY" -m benchmarks.hf_static "${HF[@]}" --warmup 2 --repeats 3 --tag static
 fi
 
-# ------------------------------------------------------------------------------ 3. the whole stack
+# ------------------------------------------------------------------------------ 5. the whole stack
 # Rows per execution = delta(nv_inference_count) / delta(nv_inference_exec_count) over a run. Triton's
 # metrics guide: Inference Count is the "number of inferences performed (one request counts as 'batch
 # size' inferences)", Execution Count the "number of inference executions", and for models that batch
 # "average batch size = Inference Count / Execution Count". The step model's batch dimension is the row
 # (one per sequence; max_batch_size 1024, dynamic batcher), so the quotient is rows per `execute`: rows
 # callers sent (decode, prefill, full-row fetch and release rows alike), successful requests only, not
-# the engine's bystander rows. gpu_summary.py computes it from the scrapes below, next to the model's
+# the engine's bystander rows. benchmarks/gpu_summary computes it from the scrapes below, next to the model's
 # own gpt2_rows_total / gpt2_steps_total.
 scrape() { # scrape DIR TAG WHEN
   mkdir -p "$1/metrics"
@@ -282,6 +300,74 @@ wait_ready() { # wait_ready URL PID SECONDS
   done
   return 1
 }
+# outside_run DIR LIMIT: guidellm (benchmarks.outside_client) with the load of the 512-stream
+# /v1/completions run, counters scraped around it; skipped (and recorded) when guidellm is not importable.
+outside_run() {
+  local d=$1 limit=$2 path=${SUITE_OUTSIDE_PATH:-}
+  if ! PYTHONPATH="${path:+$path:}${PYTHONPATH:-}" "$PY" -c \
+    'import importlib.util, sys; sys.exit(importlib.util.find_spec("guidellm") is None)' 2> /dev/null; then
+    note "[w${W}_guidellm] skipped: guidellm is not importable (stage its wheels: docs/benchmarks.md)"
+    record "w${W}_guidellm" "skipped (guidellm not importable)" - 0 -
+    return 0
+  fi
+  ((limit > $(left_s))) && limit=$(left_s)
+  scrape "$d" guidellm before
+  PYTHONPATH="${path:+$path:}${PYTHONPATH:-}" run_stage "w${W}_guidellm" "$limit" "$d/guidellm.log" "$PY" \
+    -m benchmarks.outside_client --base-url "http://127.0.0.1:$GW_PORT" --streams "$STREAMS" \
+    --requests-per-stream "$STREAM_REQUESTS" --prompt-tokens 32 --new-tokens 128 --tokenizer "$VDIR/tokenizer" \
+    --max-seconds $((limit > 60 ? limit - 30 : 30)) ${SUITE_OUTSIDE_PROCESSES:+--processes "$SUITE_OUTSIDE_PROCESSES"} \
+    --out "$d"
+  scrape "$d" guidellm after
+}
+# fits_before_one LIMIT: a report-only run of the many-worker gateway goes only when the budget still holds
+# it and the 1-process run of target 5 after it (ONE_RESERVE_S: its gateway's start and its run).
+ONE_RESERVE_S=${SUITE_ONE_RESERVE_S:-130}
+fits_before_one() {
+  local need=$1
+  [[ " $WORKER_COUNTS " == *" 1 "* ]] && ((W != 1)) && ! ((ONE_DONE)) && need=$((need + ONE_RESERVE_S))
+  (($(left_s) >= need)) && return 0
+  note "[w${W}] report-only run left out: ${need}s needed, $(left_s)s left"
+  return 1
+}
+# stack_runs DIR: the runs of one gateway (W workers), in the order of their weight for issue 16.
+stack_runs() {
+  local d=$1
+  local many=(--concurrency "$STREAMS" --requests "$STREAM_REQUESTS" --max-new-tokens 128 "${PROMPTS[@]}"
+    --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS")
+  local topk=(--temperature 0.8 --top-k 50 --top-p 0.95) # as transformers' reference and guidellm's load
+  # Target 3: one stream, /v1/completions SSE (TTFT and ITL p50).
+  run_wanted single && load_run "$d" single 60 --endpoint completions --ignore-eos --concurrency 1 --requests 12 \
+    --max-new-tokens 128 "${PROMPTS[@]}" "${topk[@]}" --warmup 2 --timeout-s 25
+  # Targets 1, 5, 6: 512 streams on /v1/completions SSE, top-k 50, 6 requests each (steady state).
+  run_wanted completions && load_run "$d" completions 120 --endpoint completions --ignore-eos "${many[@]}" "${topk[@]}"
+  # Target 2: the seed's default request on the same route and load; the step model draws its rows on
+  # the device (gpt2_drawn_rows_total), the gateway fetches full rows only where it must.
+  run_wanted topp && load_run "$d" topp 120 --endpoint completions --ignore-eos "${many[@]}" \
+    --temperature 0.7 --top-p 0.9 --top-k 0
+  # Target 1 on /generate, with py-spy samples of where the host time goes (when staged).
+  if run_wanted streams; then
+    profile_bg "$d" &
+    local spy=$!
+    load_run "$d" streams 120 --endpoint generate "${many[@]}" "${topk[@]}"
+    wait "$spy" # only the profiler: a bare `wait` would also wait for the servers (it hung the 2026-11-30 run)
+  fi
+  # Target 6: guidellm with the load of the completions run.
+  run_wanted guidellm && outside_run "$d" 110
+  # Report only: every step names each row's seen ids to Triton (EXTRA_IDS) and samples the adjusted window.
+  run_wanted penalty && fits_before_one 120 && load_run "$d" penalty 120 --endpoint generate "${many[@]}" \
+    "${topk[@]}" --presence-penalty 0.5 --frequency-penalty 0.5 --repetition-penalty 1.1
+  # Report only: the seed scenarios one by one (a timeout loses one, not all three), counters around all three.
+  if run_wanted seed && fits_before_one 80; then
+    scrape "$d" seed before
+    for SC in light medium heavy; do
+      run_stage "w${W}_seed_$SC" 45 "$d/load_seed_$SC.log" "$PY" -m benchmarks.load --out "$d" --tag seed \
+        --base-url "http://127.0.0.1:$GW_PORT" --scenario "$SC" --endpoint generate --temperature 0.8 --top-k 50 \
+        --timeout-s 30 --processes "$LOAD_PROCS"
+    done
+    scrape "$d" seed after
+  fi
+}
+ONE_DONE=0
 if ! wanted stack; then
   :
 elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
@@ -291,9 +377,11 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
   TRITON=$!
   if wait_ready localhost:8000/v2/health/ready "$TRITON" 150; then
     record triton_start ok 0 $((SECONDS - t)) 150
-    PROMPTS=(--prompt-tokens 32 --tokenizer "$VDIR/tokenizer" --temperature 0.8)
+    PROMPTS=(--prompt-tokens 32 --tokenizer "$VDIR/tokenizer")
     for W in $WORKER_COUNTS; do
       D="$R/stack_w$W"
+      W_RUNS=$RUNS
+      ((W == 1)) && W_RUNS=$RUNS_ONE
       if (($(left_s) < 40)); then
         note "[stack w$W] skipped: suite budget spent"
         record "gateway_w$W" skipped - 0 -
@@ -301,48 +389,21 @@ elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
       fi
       mkdir -p "$D"
       t=$SECONDS
+      WORKERS_ARG=(--workers "$W")
+      ((W == 1)) && WORKERS_ARG=() # one process: the gateway as `python -m frontend` runs it by default
       # GATEWAY_IP_RPM=0: auth is off here, and the per-IP limit for anonymous traffic (600/min) would
       # refuse most of one load client's requests (the 2026-12-01 profile run: 43% were 429s).
       GATEWAY_MODEL=gpt2 GATEWAY_REPOSITORY="$REPO" GATEWAY_MAX_RUNNING=640 GATEWAY_HOST=127.0.0.1 GATEWAY_IP_RPM=0 \
-        $SETSID "$PY" -m frontend --port "$GW_PORT" --workers "$W" > "$D/gateway.log" 2>&1 &
+        $SETSID "$PY" -m frontend --port "$GW_PORT" "${WORKERS_ARG[@]}" > "$D/gateway.log" 2>&1 &
       GW=$!
       if wait_ready "localhost:$GW_PORT/health/ready" "$GW" 120; then
         record "gateway_w$W" ok 0 $((SECONDS - t)) 120
-        # The top-k 50 runs keep load.py's default top-p 0.95, as the 2026-11-30 runs and hf_* do.
-        run_wanted single && load_run "$D" single 60 --endpoint stream --concurrency 1 --requests 12 --max-new-tokens 128 "${PROMPTS[@]}" \
-          --top-k 50 --warmup 2 --timeout-s 25
-        run_wanted streams && {
-        profile_bg "$D" & # where the host time goes during the 512-stream run (py-spy, when staged)
-        SPY=$!
-        load_run "$D" streams 120 --endpoint generate --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
-          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
-        wait "$SPY" # only the profiler: a bare `wait` would also wait for the servers (it hung the 2026-11-30 run)
-        }
-        # The same load streamed: one SSE event per token to each of the 512 clients.
-        run_wanted sse && load_run "$D" sse 120 --endpoint stream --concurrency "$STREAMS" --requests "$STREAM_REQUESTS" \
-          --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
-        # The 512-stream /generate run with presence, frequency and repetition penalties: every step
-        # names each row's seen ids to Triton (EXTRA_IDS) and samples the adjusted window (report only).
-        run_wanted penalty && load_run "$D" penalty 120 --endpoint generate --concurrency "$STREAMS" \
-          --requests "$STREAM_REQUESTS" --max-new-tokens 128 "${PROMPTS[@]}" --top-k 50 --presence-penalty 0.5 \
-          --frequency-penalty 0.5 --repetition-penalty 1.1 --warmup 2 --timeout-s 50 --processes "$LOAD_PROCS"
-        # The seed scenarios one by one (a timeout loses one, not all three), counters around all three.
-        run_wanted seed && scrape "$D" seed before
-        run_wanted seed && for SC in light medium heavy; do
-          run_stage "w${W}_seed_$SC" 45 "$D/load_seed_$SC.log" "$PY" -m benchmarks.load --out "$D" --tag seed \
-            --base-url "http://127.0.0.1:$GW_PORT" --scenario "$SC" --endpoint generate --temperature 0.8 --top-k 50 \
-            --timeout-s 30 --processes "$LOAD_PROCS"
-        done
-        run_wanted seed && scrape "$D" seed after
-        # Report only. Top-p over random weights needs every full row on the host (a few ms of sampling
-        # per row per step in the gateway), so this run generates $TOPP_TOKENS tokens per stream, not 128.
-        run_wanted topp && load_run "$D" topp 90 --endpoint generate --concurrency "$TOPP_STREAMS" --requests 1 \
-          --max-new-tokens "$TOPP_TOKENS" "${PROMPTS[@]}" --top-k 0 --top-p 0.95 --warmup 1 --timeout-s 70 \
-          --processes "$LOAD_PROCS"
+        stack_runs "$D"
       else
         tail -n 20 "$D/gateway.log"
         record "gateway_w$W" failed 1 $((SECONDS - t)) 120
       fi
+      ((W == 1)) && ONE_DONE=1
       stop_group "$GW"
       GW=""
       for _ in $(seq 20); do curl -s -m 1 "localhost:$GW_PORT" > /dev/null || break; sleep 0.5; done
@@ -357,7 +418,17 @@ else
   record stack skipped - 0 -
 fi
 
-# ------------------------------------------------------------------------------ 6. summary and archive
+# ------------------------------------------------------------------------------ 6. transformers plain generate
+# A reference only (issue 16's table names it): when the budget still has room for it.
+if [[ "$SKIP" == *" hf "* || "$SKIP" == *" hf_plain "* ]]; then
+  record hf_plain "skipped (SUITE_SKIP)" - 0 -
+elif (($(left_s) >= 50)); then
+  run_stage hf_plain 90 "$R/hf/plain.log" "$PY" -m benchmarks.baseline "${HF[@]}" --tag plain
+else
+  record hf_plain "skipped (budget)" - 0 -
+fi
+
+# ------------------------------------------------------------------------------ 7. summary and archive
 note "summary"
 timeout 60 "$PY" -m benchmarks.gpu_summary "$R" --streams "$STREAMS" > "$R/gpu_summary.log" 2>&1 ||
   tail -n 20 "$R/gpu_summary.log"

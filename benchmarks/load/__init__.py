@@ -2,7 +2,8 @@
 
     scenarios.py  named scenarios, prompts, run configurations and request plans
     sse.py        the server-sent-events parser
-    client.py     one HTTP request (generate / stream / batch) -> RequestResult
+    client.py     one HTTP request (generate / stream / batch / completions) -> RequestResult
+    steady.py     a closed-loop run's steady-state window and rate
     runner.py     closed loop and open loop runs -> RunResult
     summary.py    a run's numbers and the markdown report
     charts.py     PNG charts next to the markdown (latency CDF, TTFT/ITL histograms, tokens/s)
@@ -24,6 +25,12 @@ Contracts:
 - "req/s" is successful requests per second of wall time; "gen tok/s" is the completion tokens reported
   by the server (`usage.completion_tokens`; for the stream endpoint the `done` event's usage, or the
   number of `token` events when usage is missing) of successful requests over the wall time.
+- "steady tok/s" (closed loop, 2+ requests per user) is the tokens generated while every user was busy, from
+  every user's first answer to the first user's last answer, over that window (steady.py): the figure without
+  the ramp-up and the tail. The suite reports it for its 512-stream runs (6 requests per user).
+- /v1/completions (`--endpoint completions`) is sent as OpenAI clients send it: `stream: true` with
+  `stream_options.include_usage`; TTFT is the first chunk with text, ITLs the gaps between such chunks, the token
+  count the usage chunk's. `--ignore-eos` asks for `max_tokens` every time (vLLM's extension).
 - Wall time runs from the first request's start to the last request's end (warm-up excluded).
 - Batch endpoint: one request = one HTTP call carrying BATCH_SIZE (4) prompts; it succeeds only if every
   item does (an item succeeds when its `error` is null and `generated_text` is a string). req/s counts
@@ -60,6 +67,7 @@ from benchmarks.load.scenarios import (
     prompt_pool,
 )
 from benchmarks.load.sse import SSEEvent, SSEParser, sse_events
+from benchmarks.load.steady import SteadyState, steady_state, steady_window
 from benchmarks.load.summary import (
     COMPARISON_HEADERS,
     SUMMARY_HEADERS,
@@ -95,6 +103,7 @@ __all__ = [
     "Scenario",
     "SeedRow",
     "Series",
+    "SteadyState",
     "build_parser",
     "closed_loop_plans",
     "comparison_table",
@@ -113,6 +122,8 @@ __all__ = [
     "seed_row_for",
     "send",
     "sse_events",
+    "steady_state",
+    "steady_window",
     "summarize",
     "summary_table",
     "write_charts",

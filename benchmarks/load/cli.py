@@ -15,6 +15,7 @@ from benchmarks.load.client import CSV_FIELDS
 from benchmarks.load.runner import RunResult, execute
 from benchmarks.load.scenarios import (
     DEFAULT_BASE_URL,
+    DEFAULT_MODEL,
     ENDPOINTS,
     SCENARIOS,
     THINK_TIME_S,
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="/v1/completions: the model name sent (default %(default)s)")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="/v1/completions: ask for max tokens whatever the end-of-text token (as benchmark clients do)",
+    )
     p.add_argument("--seed", type=int, default=0, help="picks prompts (and per-request seeds); default %(default)s")
     p.add_argument("--seeded", action="store_true", help="send a per-request sampling seed (else seed: null)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit (default %(default)s)")
@@ -108,6 +115,8 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         "api_key": api_key,
         "think_time_s": args.think_time_s,
         "processes": max(1, args.processes),
+        "model": args.model,
+        "ignore_eos": args.ignore_eos,
     }
     if args.rate is not None:
         if args.scenario or args.concurrency or args.requests:

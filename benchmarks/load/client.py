@@ -224,7 +224,71 @@ async def _do_stream(client: aiohttp.ClientSession, cfg: RunConfig, plan: Reques
     res.ok, res.items_ok = True, 1
 
 
-_HANDLERS = {"generate": _do_generate, "stream": _do_stream, "batch": _do_batch}
+def completions_body(prompt: str, cfg: RunConfig, seed: int | None) -> dict[str, Any]:
+    """The JSON body of a streamed /v1/completions request, as OpenAI clients send it (with the usage
+    chunk asked for, so the token count is the server's)."""
+    body = request_body(prompt, cfg.max_new_tokens, cfg.sampling, seed)
+    body["max_tokens"] = body.pop("max_new_tokens")
+    body |= {"model": cfg.model, "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def _completion_chunk(data: str) -> dict[str, Any]:
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise ValueError("a completion chunk is not a JSON object")
+    if isinstance(chunk.get("error"), dict):  # a failure mid-stream: the last data event before [DONE]
+        raise RuntimeError(f"error chunk: {json.dumps(chunk['error'])[:200]}")
+    return chunk
+
+
+async def _do_completions(client: aiohttp.ClientSession, cfg: RunConfig, plan: RequestPlan, res: RequestResult) -> None:
+    """A streamed /v1/completions request: one `data:` chunk per text piece, then a usage chunk (no
+    choices), then `data: [DONE]`. TTFT is the first chunk that carries text, ITLs the gaps between
+    such chunks (a chunk that coalesces several tokens is one gap); the token count is the usage's."""
+    body = completions_body(plan.prompts[0], cfg, plan.seeds[0])
+    pieces = 0
+    last_t: float | None = None
+    usage: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    async with client.post(ENDPOINTS["completions"], json=body) as resp:
+        res.status = resp.status
+        if resp.status != 200:
+            res.error = _error_text(resp.status, await resp.read())
+            res.latency_s = time.perf_counter() - t0
+            return
+        async with aclosing(sse_events(_lines(resp))) as events:
+            async for event in events:
+                now = time.perf_counter()
+                if event.data == "[DONE]":
+                    res.latency_s = now - t0
+                    break
+                chunk = _completion_chunk(event.data)
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    if choice.get("finish_reason") is not None:
+                        res.finish_reason = choice["finish_reason"]
+                    if not choice.get("text"):
+                        continue
+                    pieces += 1
+                    if last_t is None:
+                        res.ttft_s = now - t0
+                    else:
+                        res.itl_s.append(now - last_t)
+                    last_t = now
+    if res.latency_s is None:
+        res.latency_s = time.perf_counter() - t0
+        res.error = f"stream ended without [DONE] after {pieces} text chunks"
+        return
+    res.completion_tokens, res.prompt_tokens = _tokens_from({"usage": usage} if usage else {})
+    res.completion_tokens = res.completion_tokens or pieces
+    res.ok, res.items_ok = True, 1
+
+
+_HANDLERS = {"generate": _do_generate, "stream": _do_stream, "batch": _do_batch, "completions": _do_completions}
 
 
 async def send(client: aiohttp.ClientSession, cfg: RunConfig, plan: RequestPlan, run_t0: float) -> RequestResult:

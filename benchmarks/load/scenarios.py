@@ -15,7 +15,13 @@ from benchmarks.report import (
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 THINK_TIME_S = 0.1
 BATCH_SIZE = 4  # prompts per /generate/batch request
-ENDPOINTS = {"generate": "/generate", "stream": "/generate/stream", "batch": "/generate/batch"}
+ENDPOINTS = {
+    "generate": "/generate",
+    "stream": "/generate/stream",
+    "batch": "/generate/batch",
+    "completions": "/v1/completions",  # OpenAI's legacy completions, streamed (`stream: true`) as OpenAI clients send
+}
+DEFAULT_MODEL = "gpt2"  # the served model's name: /v1/completions requests carry it
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class RunConfig:
     modified: bool = False  # the named scenario's sizes were overridden by flags
     warmup: int = 1
     processes: int = 1  # load processes the users / arrivals are spread over (runner.py)
+    model: str = DEFAULT_MODEL  # /v1/completions only
+    ignore_eos: bool = False  # /v1/completions only: every request generates max_new_tokens (vLLM's extension)
     api_key: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from benchmarks.load.runner import RunResult
 from benchmarks.load.scenarios import ENDPOINTS, SEED_ARTICLE, RunConfig, SeedRow
+from benchmarks.load.steady import SteadyState, steady_state
 from benchmarks.report import (
     Distribution,
     RunInfo,
@@ -40,6 +41,7 @@ class LoadSummary:
     items_per_s: float | None  # successful prompts / wall (a failed batch's good items count here)
     generated_tokens: int
     tokens_per_s: float | None
+    steady: SteadyState | None  # closed loop: the rate while every user was busy (steady.py)
     cache_hits: int | None  # prompts the gateway answered from its result cache; None if it never said
     prompt_tokens_mean: float | None
     latency: Distribution
@@ -89,6 +91,7 @@ def summarize(run: RunResult) -> LoadSummary:
         items_per_s=ratio(sum(r.items_ok for r in results), wall),
         generated_tokens=tokens,
         tokens_per_s=ratio(tokens, wall),
+        steady=steady_state(results) if cfg.mode != "open" else None,
         cache_hits=_sum_known(r.cache_hits for r in ok),
         prompt_tokens_mean=sum(prompt_counts) / len(prompt_counts) if prompt_counts else None,
         latency=Distribution.of(r.latency_s for r in ok if r.latency_s is not None),
@@ -121,6 +124,7 @@ SUMMARY_HEADERS = [
     "p99 s",
     "req/s",
     "gen tok/s",
+    "steady tok/s",
     "TTFT p50 ms",
     "TTFT p95 ms",
     "ITL p50 ms",
@@ -147,6 +151,7 @@ def summary_table(runs: Sequence[tuple[RunConfig, LoadSummary]]) -> str:
                 fmt(s.latency.p99),
                 fmt(s.requests_per_s, 2),
                 fmt(s.tokens_per_s, 1),
+                fmt(s.steady.tokens_per_s if s.steady else None, 1),
                 fmt(s.ttft.p50, 1, 1000),
                 fmt(s.ttft.p95, 1, 1000),
                 fmt(s.itl.p50, 2, 1000),
@@ -215,8 +220,9 @@ def render_markdown(runs: Sequence[tuple[RunConfig, LoadSummary]], info: RunInfo
     parts = [f"## {title}\n", summary_table(runs)]
     parts.append(
         "\nLatencies are end-to-end on the client over successful requests; req/s = successful requests / wall "
-        "time; gen tok/s = completion tokens of successful requests / wall time. TTFT/ITL only for the stream "
-        "endpoint.\n"
+        "time; gen tok/s = completion tokens of successful requests / wall time; steady tok/s = the tokens generated "
+        "while every user was busy (from every user's first answer to the first user's last answer) / that "
+        "window (benchmarks/load/steady.py). TTFT/ITL only for the streamed endpoints.\n"
     )
     comparison = comparison_table(runs)
     if comparison:
@@ -229,6 +235,11 @@ def render_markdown(runs: Sequence[tuple[RunConfig, LoadSummary]], info: RunInfo
             f"{s.generated_tokens} tokens generated, mean prompt tokens {fmt(s.prompt_tokens_mean, 1)} "
             f"(server-reported), result-cache hits {fmt(s.cache_hits)}, max in flight {s.max_in_flight}"
         )
+        if s.steady is not None:
+            line += (
+                f", steady window {s.steady.start_s:.2f}-{s.steady.end_s:.2f} s "
+                f"({fmt_pct(s.steady.share_of_tokens)} of the tokens)"
+            )
         if cfg.mode == "open":
             line += f", offered {fmt(s.offered_rate, 2)} req/s, dispatch lag p99 {fmt(s.dispatch_lag.p99, 1, 1000)} ms"
         parts.append(line + "\n")

@@ -35,10 +35,14 @@ def _write_load(
     itl: list[float] | None = None,
     max_new: int = 128,
     scenario: str | None = None,
+    per_user: int = 1,
+    endpoint: str | None = None,
 ) -> None:
+    """A benchmarks.load JSON of `n` users sending `per_user` requests back to back, each `latency` s
+    long with `tokens` tokens (the first `ok` requests succeed)."""
     cfg = load.RunConfig(
         name=name,
-        endpoint="stream" if ttft is not None else "generate",
+        endpoint=endpoint or ("stream" if ttft is not None else "generate"),
         mode="closed",
         base_url="http://x",
         max_new_tokens=max_new,
@@ -47,24 +51,17 @@ def _write_load(
         seeded=False,
         timeout_s=30.0,
         users=n,
-        requests_per_user=1,
+        requests_per_user=per_user,
         scenario=scenario,
     )
-    ok = n if ok is None else ok
-    results = [
-        load.RequestResult(
-            i,
-            i,
-            cfg.endpoint,
-            ok=i < ok,
-            latency_s=latency,
-            ttft_s=ttft,
-            itl_s=list(itl or []),
-            completion_tokens=tokens,
-            error=None if i < ok else "HTTP 503: busy",
-        )
-        for i in range(n)
-    ]
+    ok = n * per_user if ok is None else ok
+    results = []
+    for i in range(n * per_user):
+        user, k = divmod(i, per_user)
+        r = load.RequestResult(i, user, cfg.endpoint, ok=i < ok, start_s=k * latency, latency_s=latency)
+        r.ttft_s, r.itl_s, r.completion_tokens = ttft, list(itl or []), tokens
+        r.prompt_tokens, r.error = 32, None if i < ok else "HTTP 503: busy"
+        results.append(r)
     summary = load.summarize(load.RunResult(cfg, results, wall, n))
     data = {"summary": summary, "run": _info().to_dict(), "config": cfg.public()}
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,11 +76,79 @@ def _metrics(directory: Path, tag: str, when: str, triton: dict[str, float], gat
     (m / f"{tag}_{when}_gateway.txt").write_text(gateway)
 
 
+def _engine(root: Path, name: str, p50s: dict[int, float]) -> None:
+    rows = [engine_bench.RowsResult(n, 32, 0.01, (p50, p50, p50 * 1.2)) for n, p50 in p50s.items()]
+    data = {"rows": {str(r.rows): r.summary() for r in rows}, "run": _info().to_dict()}
+    (root / "engine").mkdir(exist_ok=True)
+    (root / "engine" / f"{name}.json").write_text(json.dumps(data))
+
+
+def _guidellm(directory: Path, tok_s: float) -> None:
+    """guidellm's JSON report, the parts benchmarks.outside_client reads (shapes as guidellm 0.8.1 writes)."""
+
+    def stat(mean: float, p50: float) -> dict[str, Any]:
+        return {"successful": {"mean": mean, "median": p50, "percentiles": {"p50": p50}}, "errored": {}}
+
+    metrics = {
+        "request_totals": {"successful": 2048, "errored": 0, "incomplete": 0, "total": 2048},
+        "output_tokens_per_second": stat(tok_s, tok_s * 0.9),
+        "time_to_first_token_ms": stat(40.0, 35.0),
+        "inter_token_latency_ms": stat(8.0, 7.5),
+    }
+    bench = {"config": {"strategy": {"type_": "concurrent", "streams": 512}}, "metrics": metrics, "duration": 4.2}
+    report = {"metadata": {"guidellm_version": "0.8.1"}, "benchmarks": [bench]}
+    (directory / "guidellm.json").write_text(json.dumps(report))
+
+
+def _counters(
+    directory: Path, tag: str, before: dict[str, float], after: dict[str, float], gw: tuple[str, str]
+) -> None:
+    _metrics(directory, tag, "before", before, gw[0])
+    _metrics(directory, tag, "after", after, gw[1])
+
+
+def _w8(root: Path) -> Path:
+    """The 8-worker stack: completions 65,536 tok/s steady, /generate 32,768 (whole run), top-p 54,613,
+    single stream ITL 1.2 ms and TTFT 8 ms, guidellm at 60,000 tok/s."""
+    w8 = root / "stack_w8"
+    _write_load(w8, "closed-completions-c512-r6-t128-completions", n=512, latency=1.0, tokens=128, wall=6.5, per_user=6)
+    _write_load(w8, "closed-generate-c512-r1-t128-streams", n=512, latency=2.0, tokens=128, wall=2.0)
+    _write_load(w8, "closed-completions-c512-r6-t128-topp", n=512, latency=1.2, tokens=128, wall=7.5, per_user=6)
+    itl = [0.0012] * 3
+    _write_load(w8, "closed-completions-c1-r12-t128-single", n=1, latency=0.2, tokens=128, wall=3, ttft=0.008, itl=itl)
+    for sc, mean in (("light", 0.2), ("medium", 0.24), ("heavy", 0.3)):
+        _write_load(w8, f"{sc}-generate-seed", n=5, latency=mean, tokens=50, wall=2.0, scenario=sc, per_user=2)
+    before: dict[str, float] = {
+        "nv_inference_count": 1000.0,
+        "nv_inference_exec_count": 100.0,
+        "nv_inference_request_success": 100.0,
+    }
+    before |= {"nv_inference_compute_infer_duration_us": 5e5, "nv_inference_queue_duration_us": 1e4}
+    before |= {"gpt2_rows_total": 1000, "gpt2_steps_total": 100, "gpt2_graph_replays_total": 90}
+    before |= {"gpt2_decode_tokens_total": 500, "gpt2_live_at_step_total": 500, "gpt2_drawn_rows_total": 7}
+    after: dict[str, float] = {"nv_inference_count": 1000 + 128 * 480, "nv_inference_exec_count": 228}
+    after |= {"nv_inference_request_success": 400, "nv_inference_compute_infer_duration_us": 5e5 + 128 * 2000.0}
+    after |= {"nv_inference_queue_duration_us": 1e4 + 300 * 100.0, "gpt2_kv_live_sequences": 0}
+    after |= {"gpt2_rows_total": 1000 + 128 * 480, "gpt2_steps_total": 228, "gpt2_graph_replays_total": 210}
+    after |= {"gpt2_decode_tokens_total": 500 + 128 * 470, "gpt2_live_at_step_total": 500 + 128 * 480}
+    after |= {"gpt2_drawn_rows_total": 7}
+    fetches = 'gateway_full_row_fetches_total{reason="top_k"}'
+    gw_before = f"gateway_step_rows_sum 10.0\ngateway_step_rows_count 5.0\n{fetches} 2.0\n"
+    gw_after = f"gateway_step_rows_sum 61450.0\ngateway_step_rows_count 133.0\n{fetches} 5.0\n"
+    _counters(w8, "completions", before, after, (gw_before, gw_after))
+    topp_after = {**after, "nv_inference_count": after["nv_inference_count"] + 1, "gpt2_drawn_rows_total": 60_007}
+    topp_gw = gw_after + 'gateway_full_row_fetches_total{reason="top_p"} 12.0\n'
+    _counters(w8, "topp", after, topp_after, (gw_after, topp_gw))
+    _guidellm(w8, 60_000.0)
+    return w8
+
+
 def _suite(root: Path) -> Path:
-    """A results directory with a fast engine, a mixed 1-worker stack, no 8-worker runs, plain transformers only."""
-    (root / "stages.tsv").parent.mkdir(parents=True, exist_ok=True)
+    """A results directory: engine plain and with the draw, transformers static at batch 1 and 512 (plain
+    at 512 only), the 8-worker stack, a 1-worker stack with its completions run only."""
+    root.mkdir(parents=True)
     (root / "stages.tsv").write_text(
-        "stage\tstatus\trc\tseconds\tlimit_s\nexport\tok\t0\t40\t240\nhf_static\ttimeout\t124\t150\t150\n"
+        "stage\tstatus\trc\tseconds\tlimit_s\nexport\tok\t0\t40\t240\nhf_plain\ttimeout\t124\t150\t150\n"
     )
     (root / "env").mkdir()
     meta = {"source": "random:gpt2:seed=0", "dtype": "fp16", "n_layer": 12, "max_context": 1024}
@@ -91,48 +156,24 @@ def _suite(root: Path) -> Path:
         json.dumps({**meta, "parity": {"max_abs_error": 0.004, "device": "cuda"}})
     )
     (root / "env" / "versions.json").write_text(
-        json.dumps({"gpu": "NVIDIA H200", "git_commit": "abc1234", "versions": {"torch": "2.11"}})
+        json.dumps({"gpu": "NVIDIA H200\n", "git_commit": "abc1234", "versions": {"torch": "2.11"}})
     )
-    rows = [
-        engine_bench.RowsResult(1, 32, 0.01, (0.0004, 0.0004, 0.0005)),
-        engine_bench.RowsResult(512, 32, 0.5, (0.002, 0.002, 0.003)),
-    ]
-    engine = {"rows": {str(r.rows): r.summary() for r in rows}, "run": _info().to_dict()}
-    (root / "engine").mkdir()
-    (root / "engine" / "engine_bench.json").write_text(json.dumps(engine))
-
-    w1 = root / "stack_w1"
-    itl = [0.0012, 0.0014, 0.0016]
-    _write_load(w1, "closed-stream-c1-r12-t128-single", n=4, latency=0.2, tokens=128, wall=1.0, ttft=0.008, itl=itl)
-    _write_load(w1, "closed-generate-c512-r2-t128-streams", n=512, latency=0.4, tokens=128, wall=0.4)  # 163,840 tok/s
-    for sc, mean in (("light", 0.2), ("medium", 0.24), ("heavy", 0.3)):
-        _write_load(w1, f"{sc}-generate-seed", n=5, latency=mean, tokens=50, wall=2.0, scenario=sc)
-    _write_load(w1, "closed-generate-c512-r1-t32-topp", n=512, latency=2.0, tokens=32, wall=2.0, ok=500, max_new=32)
-    before: dict[str, float] = {
-        "nv_inference_count": 1000,
-        "nv_inference_exec_count": 100,
-        "nv_inference_request_success": 100,
-    }
-    before |= {"nv_inference_compute_infer_duration_us": 5e5, "nv_inference_queue_duration_us": 1e4}
-    after: dict[str, float] = {"nv_inference_count": 1000 + 128 * 480, "nv_inference_exec_count": 228}
-    after |= {"nv_inference_request_success": 400, "nv_inference_compute_infer_duration_us": 5e5 + 128 * 2000.0}
-    after |= {"nv_inference_queue_duration_us": 1e4 + 300 * 100.0, "gpt2_kv_live_sequences": 0}
-    before |= {"gpt2_rows_total": 1000, "gpt2_steps_total": 100, "gpt2_graph_replays_total": 90}
-    after |= {"gpt2_rows_total": 1000 + 128 * 480, "gpt2_steps_total": 228, "gpt2_graph_replays_total": 210}
-    before |= {"gpt2_decode_tokens_total": 500, "gpt2_live_at_step_total": 500}
-    after |= {"gpt2_decode_tokens_total": 500 + 128 * 470, "gpt2_live_at_step_total": 500 + 128 * 480}
-    fetches = 'gateway_full_row_fetches_total{reason="top_k"}'
-    gw_before = f"gateway_step_rows_sum 10.0\ngateway_step_rows_count 5.0\n{fetches} 2.0\n"
-    gw_after = f"gateway_step_rows_sum 61450.0\ngateway_step_rows_count 133.0\n{fetches} 5.0\n"
-    _metrics(w1, "streams", "before", before, gw_before)
-    _metrics(w1, "streams", "after", after, gw_after)
-    topp_gw = gw_after + 'gateway_full_row_fetches_total{reason="top_p"} 16000.0\n'
-    _metrics(w1, "topp", "before", after, gw_after)
-    _metrics(w1, "topp", "after", {**after, "nv_inference_count": after["nv_inference_count"] + 1}, topp_gw)
-    (root / "stack_w8").mkdir()  # started, but nothing finished
-
-    plain = [baseline.BatchResult(bs, (1.0, 1.1, 0.9), (0.01,), 32, 128) for bs in (1, 32, 512)]
+    _engine(root, "engine_bench", {1: 0.0004, 64: 0.001, 512: 0.002})  # 512 rows: 256,000 tok/s
+    _engine(root, "engine_bench-draw", {1: 0.0005, 512: 0.0022})
+    _w8(root)
+    _write_load(
+        root / "stack_w1", "closed-completions-c512-r6-t128-completions", n=512, latency=3.0, tokens=128, wall=19.0,
+        per_user=6, ok=512 * 6 - 10,
+    )  # fmt: skip
     (root / "hf").mkdir()
+    static = [
+        hf_static.StaticResult(1, 32, 128, (5.0,), (0.256,)),
+        hf_static.StaticResult(512, 32, 128, (20.0,), (2.0,)),
+    ]
+    (root / "hf" / "hf-static-random-gpt2-cuda-fp16-static.json").write_text(
+        json.dumps({"results": [r.summary() for r in static], "run": _info().to_dict()})
+    )
+    plain = [baseline.BatchResult(512, (1.0, 1.1, 0.9), (0.01,), 32, 128)]
     (root / "hf" / "baseline-random-gpt2-cuda-fp16-plain.json").write_text(
         json.dumps({"results": [r.summary() for r in plain], "run": _info().to_dict()})
     )
@@ -145,51 +186,103 @@ def _suite(root: Path) -> Path:
     return root
 
 
-def _by_what(rows: list[gpu_summary.Row]) -> dict[str, gpu_summary.Row]:
-    return {r.what: r for r in rows}
+def _by_number(rows: list[gpu_summary.Row]) -> dict[str, list[gpu_summary.Row]]:
+    """Target rows by their number ("1." ... "6."), in table order."""
+    out: dict[str, list[gpu_summary.Row]] = {}
+    for r in rows:
+        head = r.what.split(" ", 1)[0]
+        if head.endswith(".") and head[:-1].isdigit():
+            out.setdefault(head, []).append(r)
+    return out
 
 
-def test_targets_met_missed_and_not_run(tmp_path: Path) -> None:
-    data = gpu_summary.collect(_suite(tmp_path / "2026-12-01-h200"))
-    rows = _by_what(gpu_summary.target_rows(data))
-    assert rows["512 streams, /generate, tok/s (1 worker)"].status == "met"  # 512*128/0.4 = 163,840
-    assert "163,840 tok/s (100.0% ok)" in rows["512 streams, /generate, tok/s (1 worker)"].measured
-    assert rows["512 streams, /generate, tok/s (8 workers)"].status == "not run"
-    assert rows["single stream ITL p50 (1 worker)"].status == "met"  # 1.4 ms
-    assert rows["single stream ITL p50 (1 worker)"].measured == "1.40 ms"
-    assert rows["single stream TTFT p50 (1 worker)"].status == "met"  # 8 ms
-    assert rows["step engine alone, 512 rows, tok/s"].status == "missed"  # 512 / 2 ms = 256,000
-    assert rows["step engine alone, 1 row, ms/step (p50)"].status == "met"  # 0.4 ms
-    assert rows["seed light mean latency (1 worker)"].status == "met"
-    assert rows["seed medium mean latency (1 worker)"].status == "met"
-    assert rows["seed heavy mean latency (1 worker)"].status == "missed"
-    assert rows["seed heavy mean latency (8 workers)"].status == "not run"
-    rpe = rows["rows per Triton execution at 512 streams (1 worker)"]
+def test_every_target_row_met_missed_or_not_run(tmp_path: Path) -> None:
+    rows = _by_number(gpu_summary.target_rows(gpu_summary.collect(_suite(tmp_path / "2026-12-01-h200"))))
+    assert [len(rows[f"{k}."]) for k in range(1, 7)] == [4, 1, 2, 2, 1, 1]
+    sse_hf, sse_engine, gen_hf, gen_engine = rows["1."]
+    assert "/v1/completions SSE, 8 workers, vs transformers static cache" in sse_hf.what
+    assert sse_hf.status == "met" and sse_hf.target == ">= 2x"  # 65,536 / 32,768 = 2.00
+    assert sse_hf.measured.startswith("65,536 tok/s (steady, 100.0% ok) / transformers static cache + compile 32,768")
+    assert sse_hf.measured.endswith("= 2.00x")
+    assert sse_engine.status == "missed" and "256,000 tok/s (2.000 ms/step) = 0.26x" in sse_engine.measured
+    assert gen_hf.status == "missed" and "(whole run: no steady window, 100.0% ok)" in gen_hf.measured  # 1.00x
+    assert gen_engine.status == "missed"
+    (topp,) = rows["2."]
+    assert topp.status == "met" and topp.target == ">= 0.8x" and "= 0.83x" in topp.measured  # 1.0 s / 1.2 s
+    assert "full-row fetches 12, device-drawn rows 60,000" in topp.measured
+    itl, ttft = rows["3."]
+    assert itl.status == "met" and itl.measured == "1.20 ms / 2.00 ms = 0.60x"  # <= 0.6x
+    assert ttft.status == "met" and ttft.measured.startswith("8.00 ms (32-token prompts")
+    engine_512, engine_1 = rows["4."]
+    assert engine_512.status == "missed" and "(NVIDIA H200)" in engine_512.what  # 2.0 ms > 1.7 ms
+    assert "<= 1.70 ms on an H100" in engine_512.target and "1.70x the speed of the reference" in engine_512.measured
+    assert "the reference is an H100's, this card differs" in engine_512.measured
+    assert engine_1.status == "met" and engine_1.measured == "0.400 ms/step"
+    (one,) = rows["5."]
+    assert one.status == "missed" and "= 0.33x" in one.measured and "99.7% ok" in one.measured  # 3.0 s vs 1.0 s
+    (outside,) = rows["6."]
+    assert outside.status == "met" and outside.target == "within 10%"  # 60,000 / 65,536 = 0.92
+    assert outside.measured.startswith("guidellm 0.8.1: 60,000 tok/s over its 4.20 s window (2,048 ok, 0 failed")
+    assert outside.measured.endswith("= 0.92x")
+
+
+def test_targets_not_run_when_their_runs_are_missing(tmp_path: Path) -> None:
+    root = _suite(tmp_path / "r")
+    for name in ("guidellm.json", "closed-completions-c512-r6-t128-topp.json"):
+        (root / "stack_w8" / name).unlink()
+    (root / "engine" / "engine_bench.json").unlink()
+    for path in (root / "stack_w1").iterdir():
+        path.unlink()
+    _guidellm(root / "stack_w8", 50_000.0)  # back, but 0.76x the suite's own figure
+    rows = _by_number(gpu_summary.target_rows(gpu_summary.collect(root)))
+    assert [r.status for r in rows["1."]] == ["met", "not run", "missed", "not run"]
+    assert rows["2."][0].status == "not run"
+    assert [r.status for r in rows["4."]] == ["not run", "not run"]
+    assert rows["5."][0].status == "not run" and rows["6."][0].status == "missed"
+
+
+def test_report_rows_and_references(tmp_path: Path) -> None:
+    rows = {r.what: r for r in gpu_summary.target_rows(gpu_summary.collect(_suite(tmp_path / "r")))}
+    draw = rows["step engine alone, 1 row, every row drawn on the device (top-p 0.9)"]
+    assert draw.status == "report only" and draw.measured == "0.500 ms/step / 0.400 ms/step plain = 1.25x"
+    assert "= 1.10x" in rows["step engine alone, 512 rows, every row drawn on the device (top-p 0.9)"].measured
+    seed = rows["seed scenario heavy (8 workers)"]
+    assert seed.status == "report only" and seed.measured.startswith("mean 0.300 s, p95 0.300 s, 100.0% ok")
+    rpe = rows["rows per Triton execution, 512 streams /v1/completions SSE (8 workers)"]
     assert rpe.status == "report only" and "= 480.0 (93.8% of 512)" in rpe.measured  # 61,440 rows / 128 executions
-    share = rows["live sequences stepping together at 512 streams (1 worker)"]
-    assert share.status == "met" and share.measured.startswith("97.9%")  # 470 of 480 live rows per step
-    topp = rows["top-p 0.95 (top-k off), tok/s (1 worker)"]
-    assert topp.status == "report only" and "97.7% ok" in topp.measured and "32 new tokens" in topp.measured
-    assert "full-row fetches 16,000" in topp.measured  # a label absent before the run counts from zero
+    share = rows["live sequences stepping together, 512 streams (8 workers)"]
+    assert share.status == "report only" and share.measured.startswith("97.9%")  # 470 of 480 live rows per step
+    assert "rows per Triton execution, 512 streams /v1/completions SSE (1 worker)" not in rows  # no scrapes there
+    assert "seed scenario light (1 worker)" not in rows  # the runs a worker count did not make are left out
+    assert (
+        rows["512 streams /generate with presence 0.5, frequency 0.5, repetition 1.1 (8 workers)"].status == "not run"
+    )
+    assert rows["transformers static cache + compile, batch 1"].measured == "500 tok/s, 2.00 ms/token"
     assert rows["transformers plain generate, batch 512"].status == "reference"
     assert "65,536 tok/s" in rows["transformers plain generate, batch 512"].measured  # 512*128/1.0
-    assert rows["transformers static cache + compile, batch 1"].status == "not run"
+    assert rows["transformers plain generate, batch 1"].status == "not run"
+    assert not any(r.status in ("met", "missed") for r in rows.values() if not r.what.split(" ")[0].endswith("."))
 
 
 def test_counters_arithmetic(tmp_path: Path) -> None:
     data = gpu_summary.collect(_suite(tmp_path / "r"))
-    c = data.stacks[0].counters["streams"]
+    w8 = data.stack(8)
+    assert w8 is not None and data.stack(1) is not None
+    c = w8.counters["completions"]
     assert (c.rows, c.executions, c.requests) == (61440, 128, 300)
     assert c.rows_per_exec == pytest.approx(480.0)
-    assert c.full_row_fetches == {"top_k": 3.0}
+    assert c.full_row_fetches == {"top_k": 3.0} and c.drawn_rows == 0
     assert gpu_summary.ratio(c.gateway_step_rows, c.gateway_steps) == pytest.approx(61440 / 128)
     assert c.kv_live_after == 0
-    empty = data.stacks[1].counters["streams"]
-    assert empty.rows is None and empty.rows_per_exec is None
+    topp = w8.counters["topp"]
+    assert topp.full_row_fetches == {"top_k": 0.0, "top_p": 12.0} and topp.drawn_rows == 60_000
+    empty = w8.counters["streams"]
+    assert empty.rows is None and empty.rows_per_exec is None and empty.full_row_fetches_total is None
     table = gpu_summary.counters_table(data)
-    assert "| 8 |" not in table  # runs that did not happen are left out
+    assert "\n| 1 |" not in table  # runs without scrapes are left out
     assert (
-        "| 1 | streams | 61,440 | 128 | 480.00 | 300 | 2.000 | 0.100 | 480.00 | 120 | 480.00 | top_k: 3 | 0 |" in table
+        "| 8 | completions | 61,440 | 128 | 480.00 | 300 | 2.000 | 0.100 | 480.00 | 120 | 0 | 480.00 | top_k: 3 | 0 |"
+        in table
     )
 
 
@@ -198,37 +291,41 @@ def test_render_and_main_write_summary(tmp_path: Path, capsys: pytest.CaptureFix
     assert gpu_summary.main([str(root)]) == 0
     text = (root / "summary.md").read_text()
     assert text == capsys.readouterr().out
-    assert "# GPU suite summary: 2026-12-01-h200" in text and "NVIDIA H200" in text and "abc1234" in text
+    assert "# GPU suite summary: 2026-12-01-h200" in text and "- GPU: NVIDIA H200;" in text and "abc1234" in text
+    assert "targets (issue 16): 6 met, 5 missed, 0 not run" in text
+    assert "steady-state rate (benchmarks/load/steady.py)" in text
     assert "| triton_model | 9 | 0 | 0 | 0 | ok |" in text
     assert (
         "- model: random:gpt2:seed=0, fp16, 12 layers, context 1024; export parity max abs error 0.004 on cuda" in text
     )
     assert "| gateway_seeded | n/a | n/a | n/a | n/a | unreadable |" in text
-    assert "| hf_static | timeout | 124 | 150 | 150 |" in text
+    assert "| hf_plain | timeout | 124 | 150 | 150 |" in text
     data: dict[str, Any] = json.loads((root / "summary.json").read_text())
-    assert {t["status"] for t in data["targets"]} >= {"met", "missed", "not run", "report only", "reference"}
+    assert {t["status"] for t in data["targets"]} == {"met", "missed", "not run", "report only", "reference"}
+    assert data["card"] == "NVIDIA H200" and data["outside"]["w8"]["output_tokens_per_s"] == 60_000.0
 
 
 def test_empty_directory_is_all_not_run(tmp_path: Path) -> None:
     assert gpu_summary.main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     rows = gpu_summary.target_rows(gpu_summary.collect(tmp_path))
-    assert rows and {r.status for r in rows} == {"not run"}
-    assert "no stages.tsv" in text and "not run" in text
+    assert len(_by_number(rows)) == 6 and {r.status for r in rows} == {"not run"}
+    assert "no stages.tsv" in text and "0 met, 0 missed, 11 not run" in text
 
 
 def test_malformed_inputs_do_not_crash(tmp_path: Path) -> None:
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "engine_bench.json").write_text("{truncated")
-    w = tmp_path / "stack_w1"
+    w = tmp_path / "stack_w8"
     (w / "metrics").mkdir(parents=True)
-    (w / "closed-generate-c512-r2-t128-streams.json").write_text(json.dumps({"summary": "oops"}))
-    (w / "metrics" / "streams_before_triton.txt").write_text("garbage line\n# HELP x\n")
-    (w / "metrics" / "streams_after_triton.txt").write_text("nv_inference_count 5\n")
+    (w / "closed-completions-c512-r6-t128-completions.json").write_text(json.dumps({"summary": "oops"}))
+    (w / "guidellm.json").write_text(json.dumps({"benchmarks": [{"metrics": {"request_totals": []}}]}))
+    (w / "metrics" / "completions_before_triton.txt").write_text("garbage line\n# HELP x\n")
+    (w / "metrics" / "completions_after_triton.txt").write_text("nv_inference_count 5\n")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "hf-static-x.json").write_text(json.dumps({"results": [{"no": "batch"}]}))
     data = gpu_summary.collect(tmp_path)
-    assert data.stacks[0].counters["streams"].rows is None  # the "before" scrape had no sample
+    assert data.stacks[0].counters["completions"].rows is None  # the "before" scrape had no sample
     assert {r.status for r in gpu_summary.target_rows(data)} == {"not run"}
     gpu_summary.render(data)
 
@@ -250,15 +347,22 @@ def test_prometheus_parsing_and_deltas() -> None:
     assert gpu_summary.delta(parsed, later, "nv_inference_count") is None  # went backwards: another process
     assert gpu_summary.delta(later, parsed, "nv_inference_count") == 3
     assert gpu_summary.delta(None, parsed, "nv_inference_count") is None
+    assert gpu_summary.COUNTER_METRICS["drawn_rows"] == ("triton", "gpt2_drawn_rows_total")
 
 
-def test_hf_static_results_are_read(tmp_path: Path) -> None:
-    r = hf_static.StaticResult(512, 32, 128, (20.0,), (0.5, 0.6, 0.7))
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "hf-static-random-gpt2-cuda-fp16-static.json").write_text(json.dumps({"results": [r.summary()]}))
-    rows = _by_what(gpu_summary.target_rows(gpu_summary.collect(tmp_path)))
-    static = rows["transformers static cache + compile, batch 512"]
-    assert static.status == "reference" and static.measured == "109,227 tok/s, 4.69 ms/token"
+def test_outside_client_command_and_report() -> None:
+    from benchmarks import outside_client
+
+    args = outside_client.guidellm_args(
+        base_url="http://127.0.0.1:8080", model="gpt2", streams=512, requests_per_stream=6, prompt_tokens=32,
+        new_tokens=128, tokenizer="/t", report=Path("/o/guidellm.json"), max_seconds=80,
+    )  # fmt: skip
+    joined = " ".join(args)
+    assert "request_format=/v1/completions" in joined and "extras.body.top_k=50" in joined
+    assert "kind=concurrent,streams=512,warmup.mode=requests,warmup.value=512,cooldown.mode=requests" in joined
+    assert "kind=max_requests,count=3072" in joined and "prompt_tokens=32,output_tokens=128" in joined
+    assert outside_client.parse_guidellm({"benchmarks": []}) is None
+    assert outside_client.main(["--tokenizer", "/t", "--out", "/nonexistent"]) in (0, outside_client.NOT_INSTALLED)
 
 
 # ------------------------------------------------------------------------------------- cpu_summary
