@@ -347,3 +347,25 @@ def test_echo_logprobs_equal_transformers_log_softmax(
     best = {tokenizer.decode([int(i)]) for i in torch.topk(ref[0], 2).indices}
     assert set(lp.top_logprobs[1]) == best  # the alternatives after the first token
     assert len(lp.token_logprobs) == len(ids) + max_tokens
+
+
+def _full_row_fetches(gateway: str) -> float:
+    text = httpx.get(f"{gateway}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^gateway_full_row_fetches_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_a_wide_nucleus_is_drawn_on_the_device_without_full_rows(gateway: str, triton: TritonServer) -> None:
+    """The seed's own request (temperature 0.7, top_p 0.9, no top_k) on random weights: where the
+    nucleus is wider than the window Triton draws the token on the device (DRAW), and the gateway
+    fetches no full row for any step; the seeded result is reproducible."""
+    body = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0.7, "top_p": 0.9, "seed": 4242}
+    drawn, fetched = triton_metric(triton, "gpt2_drawn_rows_total"), _full_row_fetches(gateway)
+    first = httpx.post(f"{gateway}/generate", json=body, timeout=60).json()
+    assert first["completion_tokens"] == 24 or first["finish_reason"] == "stop"
+    deadline = time.monotonic() + 5  # Triton's counters are published by the model's sweeper thread
+    while triton_metric(triton, "gpt2_drawn_rows_total") == drawn and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert triton_metric(triton, "gpt2_drawn_rows_total") > drawn
+    assert _full_row_fetches(gateway) == fetched
+    again = httpx.post(f"{gateway}/generate", json={**body, "stop": ["never"]}, timeout=60).json()  # not cached
+    assert again["generated_text"] == first["generated_text"]
