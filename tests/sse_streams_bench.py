@@ -144,7 +144,8 @@ async def _one(port: int, body: bytes, slow_ms: float, rcvbuf: int | None) -> tu
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    # A slow reader's stream buffer is small too (asyncio reads ahead up to twice `limit`).
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024 if rcvbuf else 1 << 16)
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
