@@ -27,7 +27,7 @@ from frontend.api.responses import GENERATION_ERRORS, error_responses
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
-from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.generation.types import Completion, GenerationRequest, MergedChunk, PromptLogprobs, StreamItem, TextChunk
 
 router = APIRouter(tags=["native"])
 
@@ -89,7 +89,9 @@ async def generate(
 async def generate_stream(
     body: GenerateRequest, _auth: AuthDep, service: ServiceDep, timeout: TimeoutHeaderDep
 ) -> EventSourceResponse:
-    """SSE: `token` events {text, position, token_id}, then `done` {finish_reason, usage, cached}."""
+    """SSE: `token` events {text, position, token_id}, then `done` {finish_reason, usage, cached}.
+    A client that reads slower than tokens come gets several in one `token` event: its `text` is
+    theirs, `position`/`token_id` the first's, and `token_ids` lists them all."""
     _only_on_generate(body)
     # Raises here, before any byte, when the generation cannot start: a plain JSON error.
     merged = await merge_streams([service.stream(_prepare(service, body, timeout_s=timeout))])
@@ -110,6 +112,15 @@ def _stream_event(item: StreamItem) -> ServerSentEvent:
     assert not isinstance(item, PromptLogprobs)  # refused on this route (_only_on_generate)
     if isinstance(item, TextChunk):
         data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
+        return ServerSentEvent(sse_json(data), event="token")
+    if isinstance(item, MergedChunk):
+        # Several tokens (the client read slower than they came): `position`/`token_id` name the
+        # first, `token_ids` lists them all (positions position, position + 1, ...).
+        ids = [c.token_id for c in item.chunks if c.token_id is not None]
+        first = next((c for c in item.chunks if c.token_id is not None), item.chunks[0])
+        data = {"text": item.text, "position": first.position, "token_id": first.token_id}
+        if len(ids) > 1:
+            data["token_ids"] = ids
         return ServerSentEvent(sse_json(data), event="token")
     done = {
         "finish_reason": item.finish_reason,

@@ -4,16 +4,25 @@ clock (TGI's `StoppingCriteria` and incremental detokenizing as one small object
 Tokens are detokenized incrementally (never splitting a character) and cut at stop strings and
 stop token ids, both counted only once `min_tokens` were generated (vLLM's order); the
 end-of-text token counts as a completion token but is never shown as text (unless `ignore_eos`);
-the prompt's logprobs are passed on. `push` answers each event with at most one item; once
-`finished`, `completion` gives the whole result.
+the prompt's logprobs are passed on. `push` answers each event with at most one item; `take`
+answers the events a reader found waiting with one text item for all of them (a `MergedChunk` when
+several tokens gave text); once `finished`, `completion` gives the whole result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from frontend.engine.events import FinishEvent, PromptLogprobsEvent, TokenEvent
-from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.generation.types import (
+    Completion,
+    GenerationRequest,
+    MergedChunk,
+    PromptLogprobs,
+    StreamItem,
+    TextChunk,
+)
 from frontend.text import IncrementalDecoder, StopMatcher
 
 __all__ = ["TextAssembler"]
@@ -42,6 +51,27 @@ class TextAssembler:
             return PromptLogprobs(event.logprobs, event.top_logprobs)
         assert isinstance(event, FinishEvent)
         return self.finish(event.reason)
+
+    def take(self, events: Iterable[TokenEvent | PromptLogprobsEvent | FinishEvent]) -> list[StreamItem]:
+        """The items `events` give, in order, with the text of all of them as ONE item: the events
+        that were waiting when the reader pulled (a slow reader gets several tokens per chunk; one
+        that keeps up finds one event and gets that token's `TextChunk`). Events after the one that
+        finishes the generation (a stop string, a stop id) are not read, as `push` callers stop."""
+        out: list[StreamItem] = []
+        texts: list[TextChunk] = []
+        for event in events:
+            if self.finished:
+                break
+            item = self.token(event) if type(event) is TokenEvent else self.push(event)
+            if isinstance(item, TextChunk):
+                texts.append(item)
+            elif item is not None:
+                out.append(item)  # the prompt's logprobs: always before any token
+        if len(texts) == 1:
+            out.append(texts[0])
+        elif texts:
+            out.append(MergedChunk(tuple(texts)))
+        return out
 
     def token(self, event: TokenEvent) -> TextChunk | None:
         """The text one generated token adds (None for a hidden end-of-text token)."""

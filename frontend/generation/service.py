@@ -2,7 +2,8 @@
 engine, turn tokens into text (never splitting a character, cutting at stop strings), and store
 complete deterministic results.
 
-`stream()` yields `TextChunk`s then one final `Completion` (with `prompt_logprobs`, a
+`stream()` yields `TextChunk`s (a `MergedChunk` of the tokens waiting when a slow reader pulls
+again) then one final `Completion` (with `prompt_logprobs`, a
 `PromptLogprobs` before them); `complete()` collects a stream. A stream that is closed early (the
 client went away) cancels its generation, which frees the server's KV slot at the next step
 boundary; a failed or cancelled generation is never cached.
@@ -27,7 +28,7 @@ from frontend.engine.protocol import Engine
 from frontend.generation import caching, preparation
 from frontend.generation.params import FieldNames, GenerationParams
 from frontend.generation.stream import generate
-from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.generation.types import Completion, GenerationRequest, MergedChunk, PromptLogprobs, StreamItem, TextChunk
 from frontend.observability import GatewayMetrics
 from frontend.security.accounting import current_account
 from frontend.settings import Settings
@@ -38,6 +39,7 @@ __all__ = [
     "GenerationParams",
     "GenerationRequest",
     "GenerationService",
+    "MergedChunk",
     "PromptLogprobs",
     "StreamItem",
     "TextChunk",

@@ -3,6 +3,8 @@ items by a `TextAssembler` (detokenizing, stop strings and stop ids, prompt logp
 and counts recorded.
 
 `generate` yields `TextChunk`s (a `PromptLogprobs` first when asked for) then one `Completion`;
+the tokens waiting when its reader pulls again come as one `MergedChunk` (coalescing by
+backpressure: a reader slower than the engine gets fewer, larger items, never a dropped token);
 however it ends (finished, failed, timed out or closed early) it cancels the generation, which
 frees the server's KV slot at the next step boundary. The engine's errors become API errors in
 `frontend.errors.from_engine_error`.
@@ -15,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from frontend import errors
-from frontend.engine.protocol import Engine, ErrorEvent, Event, GenerationHandle, Overloaded, StepError, TokenEvent
+from frontend.engine.protocol import Engine, ErrorEvent, Event, GenerationHandle, Overloaded, StepError
 from frontend.generation.assembler import TextAssembler
 from frontend.generation.types import GenerationRequest, StreamItem
 from frontend.observability import GatewayMetrics
@@ -44,26 +46,29 @@ async def generate(
     deadline = started + timeout_s
     try:
         while not text.finished:
-            try:
-                event = handle.events.get_nowait()  # a step delivers many: no timer while they last
-            except asyncio.QueueEmpty:
-                event = await _next_event(handle, deadline, timeout_s)
-            item: StreamItem | None
-            if type(event) is TokenEvent:
+            # Every event already waiting, read at once: when the reader (the SSE writer) fell
+            # behind the engine, the tokens of several steps become ONE item, so one event (one
+            # JSON, one write) carries them; a reader that keeps up finds one token and gets it
+            # alone at once. Nothing is waited for to make a batch.
+            events = await _waiting_events(handle, deadline, timeout_s)
+            failure = events.pop() if type(events[-1]) is ErrorEvent else None  # the last event there is
+            generated = text.generated
+            items = text.take(events)  # type: ignore[arg-type]  # no ErrorEvent left
+            if (tokens := text.generated - generated) > 0:
                 now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = now
                     metrics.first_token(now - started)
                 else:
                     metrics.token_gap(now - last_token_at)
+                for _ in range(tokens - 1):  # read together: no gap between them
+                    metrics.token_gap(0.0)
                 last_token_at = now
-                item = text.token(event)
-            elif isinstance(event, ErrorEvent):
-                raise errors.from_engine_error(event.error)
-            else:
-                item = text.push(event)
-            if item is not None:
+            for item in items:
                 yield item
+            if failure is not None and not text.finished:  # a stop before it ended the generation
+                assert isinstance(failure, ErrorEvent)
+                raise errors.from_engine_error(failure.error)
     finally:
         engine.cancel(handle)  # no-op when finished; frees the slot on disconnect or error
     total_s = time.monotonic() - started
@@ -79,11 +84,21 @@ async def generate(
     yield completion
 
 
-async def _next_event(handle: GenerationHandle, deadline: float, timeout_s: float) -> Event:
-    """The generation's next event, waited for until `deadline` (504 after it)."""
+async def _waiting_events(handle: GenerationHandle, deadline: float, timeout_s: float) -> list[Event]:
+    """Every event the generation has queued, waiting (until `deadline`, 504 after it) only when
+    there is none; stops after an ErrorEvent (nothing follows one)."""
+    queue = handle.events
     try:
-        # asyncio.timeout arms one timer handle; wait_for would create a task per token.
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await handle.events.get()
-    except TimeoutError as err:
-        raise errors.UpstreamTimeout(f"generation did not finish within its deadline of {timeout_s:g} s") from err
+        event = queue.get_nowait()  # a step delivers many: no timer while they last
+    except asyncio.QueueEmpty:
+        try:
+            # asyncio.timeout arms one timer handle; wait_for would create a task per token.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                event = await queue.get()
+        except TimeoutError as err:
+            raise errors.UpstreamTimeout(f"generation did not finish within its deadline of {timeout_s:g} s") from err
+    events = [event]
+    while type(event) is not ErrorEvent and not queue.empty():
+        event = queue.get_nowait()
+        events.append(event)
+    return events

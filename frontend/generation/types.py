@@ -1,6 +1,6 @@
 """What a generation is asked for and what it gives back: `GenerationRequest` (with the parameters
-that make its cache key) and the items a stream yields (`TextChunk`s, a `PromptLogprobs` when
-asked for, then one final `Completion`)."""
+that make its cache key) and the items a stream yields (`TextChunk`s, or a `MergedChunk` of several
+when the reader fell behind, a `PromptLogprobs` when asked for, then one final `Completion`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from frontend.engine.request import EngineRequest
 from frontend.observability.requests import current_request_id
 from frontend.sampling import SamplingParams
 
-__all__ = ["Completion", "GenerationRequest", "PromptLogprobs", "StreamItem", "TextChunk"]
+__all__ = [
+    "Completion",
+    "GenerationRequest",
+    "MergedChunk",
+    "PromptLogprobs",
+    "StreamItem",
+    "TextChunk",
+    "token_chunks",
+]
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,29 @@ class TextChunk:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
+    @property
+    def token_count(self) -> int:
+        """Generated tokens this item carries (0 for held-back text)."""
+        return 0 if self.token_id is None else 1
+
+
+@dataclass(frozen=True)
+class MergedChunk:
+    """Several `TextChunk`s in one stream item: the tokens that were waiting when the reader (the
+    SSE writer) pulled again, so one event carries them all (vLLM's coalescing of a slow stream).
+    `text` is the concatenation of `chunks`' texts; `chunks` are each token's own, in order (the
+    last may be held-back text with no token). A reader that keeps up never gets one."""
+
+    chunks: tuple[TextChunk, ...]
+    text: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", "".join(c.text for c in self.chunks))
+
+    @property
+    def token_count(self) -> int:
+        return sum(c.token_id is not None for c in self.chunks)
+
 
 @dataclass(frozen=True)
 class PromptLogprobs:
@@ -121,4 +152,9 @@ class Completion:
         }
 
 
-StreamItem = TextChunk | PromptLogprobs | Completion  # what `GenerationService.stream` yields
+StreamItem = TextChunk | MergedChunk | PromptLogprobs | Completion  # what `GenerationService.stream` yields
+
+
+def token_chunks(item: TextChunk | MergedChunk) -> tuple[TextChunk, ...]:
+    """The per-token chunks a text item carries, in order (one for a `TextChunk`)."""
+    return (item,) if isinstance(item, TextChunk) else item.chunks

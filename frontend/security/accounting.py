@@ -39,7 +39,7 @@ async def metered(
     reserver: Reserver, items: AsyncIterator[Any], *, prompt_tokens: int, max_new_tokens: int
 ) -> AsyncIterator[Any]:
     """Yield `items`, reserving before the first and settling after the last (see module doc).
-    Items with `completion_tokens` are the final result; items with a `token_id` are tokens."""
+    Items with `completion_tokens` are the final result; items with a `token_count` carry tokens."""
     reservation = await reserver.reserve(prompt_tokens + max_new_tokens)
     used = prompt_tokens
     failed = False
@@ -48,8 +48,8 @@ async def metered(
             async for item in items:
                 if hasattr(item, "completion_tokens"):
                     used = int(item.prompt_tokens) + int(item.completion_tokens)
-                elif getattr(item, "token_id", None) is not None:
-                    used += 1
+                else:
+                    used += getattr(item, "token_count", 0)  # a merged chunk carries several
                 yield item
     except Exception:
         failed = True

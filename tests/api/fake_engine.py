@@ -17,6 +17,11 @@ and then one `FinishEvent` (or an `ErrorEvent` when a fault is injected):
   "stop"), `min_tokens` (eos and stop token ids are replaced by the next other pool token while
   fewer than `min_tokens` tokens were generated).
 
+Pace knobs (set per test): `paced` makes each token wait until the gateway has read the one
+before (a reader that keeps up: exactly one stream chunk per token), `burst` queues that many
+tokens at once per step (a reader that many steps behind: they come as one merged chunk); by
+default a token is queued per event-loop round, so a reader busy with other choices may merge.
+
 Fault knobs (set per test): `delay_s` before every token, `fail_after` (an `ErrorEvent(error)`
 after that many tokens; only for prompts containing `fail_only_if_prompt_contains` when that is
 set), `submit_error` (an exception `submit` raises, e.g. `Overloaded`).
@@ -74,6 +79,9 @@ class FakeEngine:
         self.model = model
         self.is_ready = True
         self.request_ids: list[str | None] = []  # the request id of every submission, in order
+        # pace
+        self.paced = False
+        self.burst = 1
         # fault injection
         self.delay_s = 0.0
         self.fail_after: int | None = None
@@ -229,8 +237,10 @@ class FakeEngine:
         for step in range(handle.max_new_tokens):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            else:
+            elif step % self.burst == 0:
                 await asyncio.sleep(0)
+            while self.paced and handle.sink is None and not handle.events.empty():
+                await asyncio.sleep(0)  # the gateway has not read the last token yet
             if fail_after is not None and step == fail_after:
                 out.put_nowait(ErrorEvent(self.error))
                 return

@@ -99,6 +99,7 @@ async def test_streamed_echo_logprobs_equal_the_responses(
     """vLLM's streamed echo: each choice's first chunk opens with the prompt's text and the prompt's
     logprobs; the generated tokens' chunks follow with theirs, text offsets continuing after the
     prompt. Put together, the chunks of a choice are the choice of the same request not streamed."""
+    fake.paced = True  # a reader that keeps up: one chunk per token
     prompt = "Hello there, world"
     args: dict[str, Any] = {
         "model": MODEL,

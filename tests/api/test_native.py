@@ -234,8 +234,10 @@ async def test_batch_over_limit_names_requests(client: httpx.AsyncClient) -> Non
 async def test_stream_releases_held_back_text_at_the_end(
     client: httpx.AsyncClient, served_model: ServedModel, fake: FakeEngine
 ) -> None:
-    """Text that might start a stop string is held back, and released after the last token as a
-    `token` event without position/token_id (TextChunk's documented contract)."""
+    """Text that might start a stop string is held back, and released when the generation ends:
+    the fake engine queues the last token and its finish together, so the release joins the last
+    token's event (everything waiting is one event); alone it is a `token` event without
+    position/token_id (TextChunk's documented contract, tests/unit/test_text_assembler.py)."""
     tokens = fake.expected_tokens(_ids(served_model, "Hello world"), GREEDY, 4, None)
     pieces = [served_model.tokenizer.decode([t]) for t in tokens]
     stop = pieces[-1] + "\x07never"
@@ -244,6 +246,6 @@ async def test_stream_releases_held_back_text_at_the_end(
     )
     events = parse_sse(r.text)
     datas = [e.json() for e in events if e.event == "token"]
-    assert [d["position"] for d in datas] == [0, 1, 2, 3, None]
-    assert datas[3]["text"] == "" and datas[4] == {"text": pieces[-1], "position": None, "token_id": None}
+    assert [d["position"] for d in datas] == [0, 1, 2, 3]
+    assert datas[3] == {"text": pieces[-1], "position": 3, "token_id": tokens[-1]}
     assert "".join(d["text"] for d in datas) == events[-1].json()["generated_text"] == "".join(pieces)

@@ -123,7 +123,8 @@ async def test_stream_with_usage(oai: openai.AsyncOpenAI, served_model: ServedMo
     assert fake.live == 0
 
 
-async def test_stream_wire_format(client: httpx.AsyncClient) -> None:
+async def test_stream_wire_format(client: httpx.AsyncClient, fake: FakeEngine) -> None:
+    fake.paced = True  # a reader that keeps up: one chunk per token
     r = await client.post(
         "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 3, "stream": True}
     )

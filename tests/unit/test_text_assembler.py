@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from export.tokenizer_builder import build_tokenizer
 from frontend.engine.events import FinishEvent, PromptLogprobsEvent, TokenEvent
 from frontend.generation.assembler import TextAssembler
-from frontend.generation.types import GenerationRequest, PromptLogprobs, TextChunk
+from frontend.generation.types import GenerationRequest, MergedChunk, PromptLogprobs, TextChunk
 from frontend.sampling import SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -96,3 +96,50 @@ def test_the_prompts_logprobs_come_first_and_stay_in_the_completion(tokenizer: P
     assert items[0] == PromptLogprobs((None,), ((),))
     done = text.completion(time_to_first_token_s=None, total_s=0.0)
     assert done.prompt_logprobs == (None,) and done.prompt_top_logprobs == ((),)
+
+
+# ------------------------------------------------------------- take: the events a reader found waiting
+def test_take_merges_waiting_tokens_into_the_per_token_chunks(tokenizer: PreTrainedTokenizerFast) -> None:
+    """A reader that fell behind gets ONE item for every event waiting: the chunks, text and
+    completion are exactly those of the same events read one by one."""
+    events = [*tokens(ids(tokenizer, " upon a time there was")), FinishEvent("length")]
+    one_by_one = TextAssembler(tokenizer, EOS, request(tokenizer))
+    singles = [i for i in feed(one_by_one, events) if isinstance(i, TextChunk)]
+    merged = TextAssembler(tokenizer, EOS, request(tokenizer))
+    (item,) = merged.take(events)
+    assert isinstance(item, MergedChunk) and item.chunks == tuple(singles)
+    assert item.text == "".join(c.text for c in singles) == " upon a time there was"
+    assert item.token_count == len(events) - 1
+    done_1, done_n = (a.completion(time_to_first_token_s=None, total_s=0.0) for a in (one_by_one, merged))
+    assert done_n == done_1
+
+
+def test_take_of_one_token_is_its_chunk(tokenizer: PreTrainedTokenizerFast) -> None:
+    """A reader that keeps up finds one event and gets that token's own TextChunk (no merge)."""
+    text = TextAssembler(tokenizer, EOS, request(tokenizer))
+    first = ids(tokenizer, " upon")[0]
+    piece = tokenizer.decode([first])
+    assert text.take(tokens([first])) == [TextChunk(piece, first, 0, -0.5, ())]
+    assert text.take([]) == []
+
+
+def test_take_cuts_at_a_stop_string_across_the_merged_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    """A stop string that spans tokens of one merged item cuts exactly where it would one by one,
+    and the events after the one that ends the generation are not read."""
+    generated = ids(tokenizer, " upon a time there was")
+    stop = (" a ti",)  # ends inside " time", begins in " a"
+    one_by_one = TextAssembler(tokenizer, EOS, request(tokenizer, stop=stop))
+    feed(one_by_one, [*tokens(generated), FinishEvent("length")])
+    merged = TextAssembler(tokenizer, EOS, request(tokenizer, stop=stop))
+    (item,) = merged.take([*tokens(generated), FinishEvent("length")])
+    done_1, done_n = (a.completion(time_to_first_token_s=None, total_s=0.0) for a in (one_by_one, merged))
+    assert item.text == done_n.text == done_1.text == " upon"
+    assert done_n.finish_reason == done_1.finish_reason == "stop"
+    assert done_n.completion_tokens == done_1.completion_tokens < len(generated)
+
+
+def test_take_gives_the_prompts_logprobs_before_the_merged_text(tokenizer: PreTrainedTokenizerFast) -> None:
+    text = TextAssembler(tokenizer, EOS, request(tokenizer))
+    items = text.take([PromptLogprobsEvent((None,), ((),)), *tokens(ids(tokenizer, " upon a"))])
+    assert items[0] == PromptLogprobs((None,), ((),))
+    assert isinstance(items[1], MergedChunk) and items[1].text == " upon a" and len(items) == 2

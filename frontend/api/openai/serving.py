@@ -20,7 +20,15 @@ from frontend.api.openai import protocol as oai
 from frontend.api.streaming import sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
-from frontend.generation.types import Completion, GenerationRequest, PromptLogprobs, StreamItem, TextChunk
+from frontend.generation.types import (
+    Completion,
+    GenerationRequest,
+    MergedChunk,
+    PromptLogprobs,
+    StreamItem,
+    TextChunk,
+    token_chunks,
+)
 from frontend.observability.requests import current_request
 from frontend.settings import Settings
 
@@ -301,16 +309,17 @@ class _StreamedChoice:
         if isinstance(item, PromptLogprobs):
             self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
             held, self._held = self._held or [], None
-            return [self._text(chunk) for chunk in held]
-        if isinstance(item, TextChunk):
+            return [self._text(held)] if held else []
+        if isinstance(item, TextChunk | MergedChunk):
             if self._held is not None:
-                self._held.append(item)
+                self._held.extend(token_chunks(item))
                 return []
-            return [self._text(item)]
+            return [self._text(token_chunks(item))]
         out = []
         if self._held is not None:
             self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
-            out = [self._text(chunk) for chunk in self._held]
+            if self._held:
+                out.append(self._text(self._held))
             self._held = None
         prefix, self._prefix = self._prefix, ""
         logprobs, self._prompt_logprobs = self._prompt_logprobs, None  # max_tokens 0: the prompt's alone
@@ -318,11 +327,14 @@ class _StreamedChoice:
         out.append(oai.Choice(text=prefix, index=self._planned.index, logprobs=logprobs, finish_reason=finish))  # type: ignore[arg-type]
         return out
 
-    def _text(self, chunk: TextChunk) -> oai.Choice:
+    def _text(self, chunks: Sequence[TextChunk]) -> oai.Choice:
+        """One chunk for these tokens' text (several when the reader fell behind: their logprobs
+        entries in order, as in a response that is not streamed)."""
         prefix, self._prefix = self._prefix, ""
         logprobs = None
         if self._logprobs:
-            logprobs, self._offset = completion_logprobs(self._service, [chunk], self._offset)
+            logprobs, self._offset = completion_logprobs(self._service, chunks, self._offset)
             if self._prompt_logprobs is not None:
                 logprobs, self._prompt_logprobs = self._prompt_logprobs + logprobs, None
-        return oai.Choice(text=prefix + chunk.text, index=self._planned.index, logprobs=logprobs)
+        text = chunks[0].text if len(chunks) == 1 else "".join(c.text for c in chunks)
+        return oai.Choice(text=prefix + text, index=self._planned.index, logprobs=logprobs)

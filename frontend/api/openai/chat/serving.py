@@ -16,7 +16,7 @@ from frontend.api.openai.chat import protocol as chat
 from frontend.api.openai.serving import check_request, chunk_events, openai_sse, usage
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
-from frontend.generation.types import Completion, GenerationRequest, StreamItem, TextChunk
+from frontend.generation.types import Completion, GenerationRequest, MergedChunk, StreamItem, TextChunk, token_chunks
 from frontend.settings import Settings
 
 # What OpenAI reports for a token the model gives no probability (JSON has no -Infinity).
@@ -112,9 +112,10 @@ def _chat_events(
         if isinstance(item, Completion):
             finish = item.finish_reason
             return [chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)]  # type: ignore[arg-type]
-        if not isinstance(item, TextChunk):
+        if not isinstance(item, TextChunk | MergedChunk):
             return []  # a chat never asks the prompt's logprobs
-        logprobs = chat_logprobs(service, [item]) if body.logprobs and item.token_id is not None else None
+        # A merged chunk (the reader fell behind): its tokens' entries in order in `content`.
+        logprobs = chat_logprobs(service, token_chunks(item)) if body.logprobs and item.token_count else None
         if not item.text and logprobs is None:
             return []
         return [chat.ChatChunkChoice(index=index, delta=chat.Delta(content=item.text), logprobs=logprobs)]
