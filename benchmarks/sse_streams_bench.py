@@ -1,4 +1,4 @@
-"""`python tests/sse_streams_bench.py --code A --code B`: many concurrent SSE streams against ONE
+"""`python benchmarks/sse_streams_bench.py --code A --code B`: many concurrent SSE streams against ONE
 gateway process (no `--workers`), for each code tree in turn, alternating, on this CPU.
 
 The server is the real app (routes, service, scheduler, sampler, detokenizer, metrics, SSE) over a
@@ -8,7 +8,7 @@ the client is another process holding `--streams` streams (`/v1/completions`, `s
 as it can or slowly (`--slow-ms` between reads, a small receive buffer, so the server's writes
 back up). It reports tokens/s delivered and SSE events written per token.
 
-A measuring tool, not a test (pytest does not collect it). Each code tree is a directory holding
+A measuring tool beside the other benchmarks. Each code tree is a directory holding
 `frontend/` and `export/` (e.g. `git archive main | tar -x -C /tmp/base`).
 """
 
