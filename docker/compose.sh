@@ -70,7 +70,10 @@ case "${1:-}" in
     start=$SECONDS
     compose build
     echo "images built in $((SECONDS - start)) s"
-    compose up -d
+    if ! compose up -d; then
+      compose ps >&2; compose logs --tail 60 >&2
+      exit 1
+    fi
     wait_ready
     ;;
   down)

@@ -1,4 +1,4 @@
-# Triton with the GPT-2 step model's Python packages (numpy, torch, ONNX Runtime), in two flavours
+# Triton with the GPT-2 step model's Python packages (numpy, torch, onnx, ONNX Runtime), in two flavours
 # from this one file, chosen by the build target (docker-compose.yml: TRITON_TARGET):
 #
 #   wheel  (default) the real tritonserver 2.51 of the nvidia-pytriton wheel, started by
@@ -20,8 +20,8 @@ ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
 # ------------------------------------------------------------------------------ wheel (default)
 FROM ${BASE_IMAGE} AS wheel
-# requirements-cpu.txt (onnxruntime) or requirements-gpu.txt (onnxruntime-gpu); torch, numpy and
-# nvidia-pytriton come from requirements.txt's pins: the same versions as `make setup` installs.
+# requirements-cpu.txt (onnxruntime) or requirements-gpu.txt (onnxruntime-gpu); torch, numpy, onnx
+# and nvidia-pytriton come from requirements.txt's pins: the same versions as `make setup` installs.
 ARG REQUIREMENTS=requirements-cpu.txt
 # Where torch's CPU build comes from. docker/wheels/ first: `make compose-up` stages there the
 # torch wheel the host's pip has on local disk, if any (PyPI's torch==2.13.0 is the CUDA build,
@@ -41,12 +41,12 @@ RUN (python3 -c "import ensurepip, venv" 2>/dev/null || \
 
 COPY requirements.txt requirements-cpu.txt requirements-gpu.txt /tmp/req/
 COPY docker/wheels/ /tmp/wheels/
-RUN grep -hE '^(torch|numpy|nvidia-pytriton)==' /tmp/req/requirements.txt | cut -d' ' -f1 > /tmp/req/triton.txt \
+RUN grep -hE '^(torch|numpy|onnx|nvidia-pytriton)==' /tmp/req/requirements.txt | cut -d' ' -f1 > /tmp/req/triton.txt \
  && grep -hE '^onnxruntime(-gpu)?==' "/tmp/req/${REQUIREMENTS}" | cut -d' ' -f1 >> /tmp/req/triton.txt \
  && cat /tmp/req/triton.txt \
  && pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/req/triton.txt \
  && rm -rf /tmp/req /tmp/wheels \
- && python -c "import numpy, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
+ && python -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
 
 # The launcher only (embedded_triton/: the wheel's backend directory, the stub for this Python,
 # the environment tritonserver needs). The step model's code ships inside each model version.
@@ -78,9 +78,10 @@ ARG TORCH_VERSION=2.9.1
 ARG TORCH_INDEX_URL=""
 ARG ORT_GPU_VERSION=1.23.2
 ARG NUMPY_VERSION=1.26.4
+ARG ONNX_VERSION=1.23.2
 RUN python3 -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
- && python3 -m pip install --no-cache-dir "numpy==${NUMPY_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
- && python3 -c "import numpy, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
+ && python3 -m pip install --no-cache-dir "numpy==${NUMPY_VERSION}" "onnx==${ONNX_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+ && python3 -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
 ENV TRITON_HTTP_PORT=8000 TRITON_GRPC_PORT=8001 TRITON_METRICS_PORT=8002 TRITON_ADDRESS=0.0.0.0
 EXPOSE 8000 8001 8002
 # Same server options as embedded_triton/server.py (the Python backend's shared-memory sizes
