@@ -76,7 +76,7 @@ clean: ## the virtual environment, tool caches, and the embedded Triton's work d
 # ------------------------------------------------------------------------------ containers
 # README "Running with Docker Compose": every image is built here from this checkout (no image
 # registry needed); docker/compose.sh starts a Docker engine when none answers.
-.PHONY: compose-up compose-down test-compose kubectl
+.PHONY: compose-up compose-down test-compose kubectl test-balancer haproxy
 
 compose-up: setup ## export a default model if needed, build the images, start the stack; returns once :8080 is ready
 	@$(BIN)/python -c "import sys; from pathlib import Path; from embedded_triton.stack import export_default, has_version; \
@@ -97,3 +97,13 @@ kubectl: ## tests/deploy renders deploy/kubernetes with kubectl's kustomize: ins
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null; }; }
+
+test-balancer: setup redis-server haproxy ## the balancer tier: HAProxy in front of two real units, one killed under load
+	$(BIN)/python -m pytest -m balancer tests/balancer
+
+haproxy: ## tests/balancer runs deploy/balancer/haproxy.cfg: install Debian's package when missing
+	@command -v haproxy >/dev/null 2>&1 || { \
+	  echo "installing haproxy (Debian package) for the balancer tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }; }
