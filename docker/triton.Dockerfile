@@ -26,6 +26,7 @@ ARG REQUIREMENTS=requirements-cpu.txt
 # Where torch's CPU build comes from. docker/wheels/ first: `make compose-up` stages there the
 # torch wheel the host's pip has on local disk, if any (PyPI's torch==2.13.0 is the CUDA build,
 # several GB). Elsewhere pass PyTorch's CPU wheel index: --build-arg TORCH_INDEX_URL=<index>.
+# docker/wheels/ is ignored for requirements-gpu.txt: there torch must be PyPI's CUDA build.
 ARG TORCH_INDEX_URL=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -44,7 +45,8 @@ COPY docker/wheels/ /tmp/wheels/
 RUN grep -hE '^(torch|numpy|onnx|nvidia-pytriton)==' /tmp/req/requirements.txt | cut -d' ' -f1 > /tmp/req/triton.txt \
  && grep -hE '^onnxruntime(-gpu)?==' "/tmp/req/${REQUIREMENTS}" | cut -d' ' -f1 >> /tmp/req/triton.txt \
  && cat /tmp/req/triton.txt \
- && pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/req/triton.txt \
+ && links="$([ "$REQUIREMENTS" = requirements-cpu.txt ] && echo --find-links=/tmp/wheels || true)" \
+ && pip install $links ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/req/triton.txt \
  && rm -rf /tmp/req /tmp/wheels \
  && python -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers(), '| torch', torch.__version__)"
 
