@@ -65,7 +65,10 @@ case "${1:-}" in
   up)
     docker/engine.sh
     ensure_compose
-    docker/base/build.sh "${GPT2_BASE_IMAGE:-gpt2-serving/base:bookworm}"
+    base="${GPT2_BASE_IMAGE:-gpt2-serving/base:bookworm}"
+    case "$base" in  # ours is built here; another (debian:bookworm-slim) is pulled by the builds
+      gpt2-serving/*) docker/base/build.sh "$base" ;;
+    esac
     stage_torch_wheel
     start=$SECONDS
     compose build
