@@ -86,3 +86,38 @@ bench: setup ## load benchmark against a running gateway; see docs/benchmarks.md
 
 clean: ## the virtual environment, tool caches, and the embedded Triton's work directory
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(HOME)/.cache/gpt2-serving
+
+# ------------------------------------------------------------------------------ containers
+# README "Running with Docker Compose": every image is built here from this checkout (no image
+# registry needed); docker/compose.sh starts a Docker engine when none answers.
+.PHONY: compose-up compose-down test-compose kubectl test-balancer haproxy
+
+compose-up: setup ## export a default model if needed, build the images, start the stack; returns once :8080 is ready
+	@$(BIN)/python -c "import sys; from pathlib import Path; from embedded_triton.stack import export_default, has_version; \
+	  repo = Path('$(REPOSITORY)'); has_version(repo, '$(MODEL)') or export_default(repo, '$(MODEL)')"
+	GPT2_MODEL_REPOSITORY=$${GPT2_MODEL_REPOSITORY-$(abspath $(REPOSITORY))} GPT2_MODEL=$${GPT2_MODEL-$(MODEL)} \
+	  GPT2_GATEWAY_PORT=$${GPT2_GATEWAY_PORT-$(PORT)} docker/compose.sh up
+
+compose-down: ## stop and remove the stack's containers
+	docker/compose.sh down
+
+test-compose: setup ## the compose tier: build the images, a request through the stack, Prometheus's scrapes
+	docker/engine.sh
+	$(BIN)/python -m pytest -m compose tests/compose
+
+kubectl: ## tests/deploy renders deploy/kubernetes with kubectl's kustomize: install the package when missing
+	@command -v kubectl >/dev/null 2>&1 || { \
+	  echo "installing kubectl (apt package) for the Kubernetes manifest test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null; }; }
+
+test-balancer: setup redis-server haproxy ## the balancer tier: HAProxy in front of two real units, one killed under load
+	$(BIN)/python -m pytest -m balancer tests/balancer
+
+haproxy: ## tests/balancer runs deploy/balancer/haproxy.cfg: install Debian's package when missing
+	@command -v haproxy >/dev/null 2>&1 || { \
+	  echo "installing haproxy (Debian package) for the balancer tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }; }

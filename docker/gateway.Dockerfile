@@ -1,27 +1,38 @@
 # The gateway (frontend/ and the contract it speaks, step_model/contract/): FastAPI + the
 # continuous-batching scheduler, talking gRPC to Triton.
 #
-# Build context: the repository root (docker-compose.yml sets it); docker/gateway.Dockerfile.dockerignore
-# keeps the virtualenv, model_repository/, .env and build output out of the context.
+# Base: gpt2-serving/base:bookworm, a debootstrapped Debian 12 with Debian's Python 3.11
+# (docker/base/build.sh; `make compose-up` builds it when missing: no image registry needed).
+# Where a registry is reachable, `--build-arg BASE_IMAGE=debian:bookworm-slim` works too (the
+# first RUN installs python3 and python3-venv when the base lacks them).
+#
+# Build context: the repository root. BuildKit reads docker/gateway.Dockerfile.dockerignore; the
+# classic builder (docker-compose v1, a docker CLI without buildx) reads the root .dockerignore.
+# Both keep .venv/, model_repository/, .env and build output out of the context.
 #
 # Dependencies: requirements.txt's pins, minus the packages only the exporter and the embedded
 # Triton use (torch, onnx, onnxruntime, nvidia-pytriton): the gateway imports none of them (it
-# loads only the tokenizer, with `transformers` and `tokenizers`). That reduced set was checked
-# on this project's machine: a fresh Python 3.11 venv with exactly these pins served /generate
-# from a copy of frontend/ against a real tritonserver. The image itself was not built here (no
-# Docker engine).
-FROM python:3.11-slim
+# loads only the tokenizer, with `transformers` and `tokenizers`). Built and run by
+# tests/compose/ (the whole stack, an OpenAI SDK request through it).
+ARG BASE_IMAGE=gpt2-serving/base:bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN (python3 -c "import ensurepip, venv" 2>/dev/null || \
+      (apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+       && rm -rf /var/lib/apt/lists/*)) \
+ && python3 -m venv /opt/venv
 
 WORKDIR /app
 
 COPY requirements.txt /tmp/requirements.txt
 RUN grep -vE '^(torch|onnx|onnxruntime|nvidia-pytriton)==' /tmp/requirements.txt > /tmp/gateway-requirements.txt \
- && python -m pip install -r /tmp/gateway-requirements.txt \
+ && pip install -r /tmp/gateway-requirements.txt \
  && rm /tmp/requirements.txt /tmp/gateway-requirements.txt
 
 # The gateway's code and the step model's contract it speaks (`step_model.contract`: tensor names,
@@ -43,7 +54,8 @@ ENV GATEWAY_REPOSITORY=/models \
     GATEWAY_PORT=8080
 EXPOSE 8080
 
+# Probes the port the gateway was given (GATEWAY_PORT), so host networking may move it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health/ready', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}/health/ready\", timeout=2)"]
 
-CMD ["python", "-m", "frontend", "--host", "0.0.0.0", "--port", "8080"]
+CMD ["python", "-m", "frontend"]
