@@ -36,7 +36,7 @@ run: setup ## export a default model if needed, start Triton + the gateway; Ctrl
 	GATEWAY_CHAT_TEMPLATE=$${GATEWAY_CHAT_TEMPLATE-$(CHAT_TEMPLATE)} \
 	  $(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
 
-test: setup redis-server prometheus ## the whole suite; real servers are started by fixtures
+test: setup redis-server prometheus kubectl ## the whole suite; real servers are started by fixtures
 	$(BIN)/python -m pytest
 
 # One tier at a time (the pytest markers of the same names): the first two need no server.
