@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import time
 from dataclasses import replace
@@ -25,26 +24,30 @@ from frontend.engine.scheduler import ActiveSequence, Scheduler, SchedulerConfig
 from frontend.engine.triton_client import Row, StepClient, StepClientConfig
 from frontend.settings import Settings
 from step_model import contract
+from step_model.contract import model_config
 
 log = logging.getLogger(__name__)
 
 
 def model_kv_capacity(repository: Path, model: str) -> int | None:
     """The KV slots the model holds: GPT2_KV_CAPACITY when set in this environment, else the
-    `kv_capacity` parameter of <repository>/<model>/config.pbtxt; None when neither says."""
-    override = os.environ.get(f"GPT2_{contract.CONFIG_KV_CAPACITY.upper()}", "").strip()
+    `kv_capacity` parameter of <repository>/<model>/config.pbtxt (read as the model reads it,
+    `step_model.contract.model_config`); None when neither says or the file cannot be read."""
+    override = os.environ.get(model_config.env_name(contract.CONFIG_KV_CAPACITY), "").strip()
     if override:
         try:
             return int(override)
         except ValueError:
-            log.warning("ignoring GPT2_KV_CAPACITY=%r: not an integer", override)
+            log.warning("ignoring %s=%r: not an integer", model_config.env_name(contract.CONFIG_KV_CAPACITY), override)
     try:
-        text = (repository / model / "config.pbtxt").read_text()
-    except OSError:
+        value = model_config.read_parameters(repository / model / "config.pbtxt").get(contract.CONFIG_KV_CAPACITY)
+    except (OSError, model_config.ConfigSyntaxError) as err:
+        log.debug("no KV capacity from %s's config.pbtxt: %s", model, err)
         return None
-    key = re.escape(contract.CONFIG_KV_CAPACITY)
-    match = re.search(rf'key:\s*"{key}"\s*value:\s*{{\s*string_value:\s*"(\d+)"', text)
-    return int(match.group(1)) if match else None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class TritonEngine:

@@ -269,3 +269,21 @@ def test_kv_capacity_from_config_pbtxt_or_the_environment(tmp_path: Path, monkey
 
 def test_events_module_exports() -> None:
     assert TokenEvent and FinishEvent  # the scheduler's event types are what the breaker tests drain
+
+
+def test_kv_capacity_reads_the_config_as_the_model_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old regex missed what protobuf text format allows (another field order, single quotes,
+    # comments) and read a commented-out entry; a file the model cannot parse gives None.
+    monkeypatch.delenv("GPT2_KV_CAPACITY", raising=False)
+    (tmp_path / "m").mkdir()
+    config = tmp_path / "m" / "config.pbtxt"
+    config.write_text(
+        '# parameters { key: "kv_capacity" value: { string_value: "99" } }\n'
+        "parameters {\n  value { string_value: '12' }\n  key: 'kv_capacity'\n}\n"
+    )
+    assert model_kv_capacity(tmp_path, "m") == 12
+    config.write_text('parameters { key: "kv_capacity" value: { string_value: "12" ')
+    assert model_kv_capacity(tmp_path, "m") is None
+    monkeypatch.setenv("GPT2_KV_CAPACITY", "")  # empty means unset
+    config.write_text('parameters { key: "kv_capacity" value: { string_value: "7" } }')
+    assert model_kv_capacity(tmp_path, "m") == 7
