@@ -53,8 +53,9 @@ class Recovery:
         """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
         send one probe step (a one-token sequence that starts and ends at once, plus the pending
         releases); its outcome closes or re-opens the breaker."""
-        # New work is refused at once; generations the server lost wait (parked) for it to return.
-        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
+        # New work is refused at once; streams the server lost wait (parked) for it to return. A
+        # generation that has produced nothing yet is new work: it fails now, not after the outage.
+        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None or not s.generated)]
         self._waiting.clear()
         self._expire_parked()
         if pending:

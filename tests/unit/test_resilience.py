@@ -25,6 +25,7 @@ from frontend.engine.protocol import (
     TokenEvent,
     UpstreamTimeout,
 )
+from frontend.engine.step_rows import from_rows
 from frontend.engine.triton_client import Row, StepClient, StepClientConfig, channel_args
 from frontend.engine.triton_engine import model_kv_capacity
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
@@ -307,8 +308,6 @@ class StallingBackend(ScriptedBackend):
         self.refused = 0
 
     async def step(self, rows: Any, *, window: int, want_logits: bool = False) -> Any:
-        from frontend.engine.step_rows import from_rows
-
         self.calls += 1
         batch = rows if not isinstance(rows, list) else from_rows(rows)
         if self.calls in self.stall_at:
@@ -372,4 +371,36 @@ async def test_a_whole_step_refused_as_malformed_is_retried_once_then_fails() ->
     events = await drain(sched.submit(EngineRequest([5], GREEDY, 8, seed=None)).events)  # type: ignore[arg-type]
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, StepRejected)
     assert time.monotonic() - started < 1.0  # a request the model keeps refusing fails on its second refusal
+    await sched.close()
+
+
+@pytest.mark.asyncio
+async def test_when_the_breaker_opens_a_generation_with_no_token_fails_fast_and_a_stream_waits() -> None:
+    backend = FailingBackend()
+    backend.by_content = True
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.3)
+    sched = scheduler(backend, breaker=breaker, resume_timeout_s=30.0)
+    sched.start()
+    streaming = sched.submit(EngineRequest([1], GREEDY, 40, seed=None))
+    first = await streaming.events.get()
+    assert isinstance(first, TokenEvent)
+    real_step = backend.step
+    fresh_ids: set[int] = set()
+
+    async def fail_from_fresh_on(rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        batch = from_rows(rows) if isinstance(rows, list) else rows
+        if fresh_ids & set(batch.sequence_ids.tolist()):
+            backend.down = True  # the step that carries `fresh` fails, and so does what follows
+        return await real_step(rows, window=window, want_logits=want_logits)
+
+    backend.step = fail_from_fresh_on  # type: ignore[method-assign]
+    fresh = sched.submit(EngineRequest([2], GREEDY, 5, seed=None))  # just before the breaker opens
+    fresh_ids.add(fresh.sequence_id)
+    started = time.perf_counter()
+    last = (await drain(fresh.events))[-1]  # type: ignore[arg-type]
+    assert isinstance(last, ErrorEvent) and isinstance(last.error, BreakerOpen), last
+    assert time.perf_counter() - started < 0.2  # not resume_timeout_s
+    backend.down = False  # Triton returns: the running stream resumes and finishes
+    events = await drain(streaming.events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], FinishEvent) and len(events) == 40
     await sched.close()
