@@ -27,6 +27,7 @@ from step_model import contract
 from step_model.contract import model_config
 
 log = logging.getLogger(__name__)
+READY_STEP_TTL_S = 1.5  # how long a readiness step's success stands for the probes after it
 
 
 def model_kv_capacity(repository: Path, model: str) -> int | None:
@@ -83,6 +84,8 @@ class TritonEngine:
         self._scheduler: Scheduler | None = None
         self._model: ServedModel | None = None
         self._warm = False
+        self._stepped_at = -READY_STEP_TTL_S  # when a readiness step last succeeded (monotonic)
+        self._ready_step: asyncio.Future[bool] | None = None
         self._prompt_outputs = False  # the served version declares contract.PROMPT_OUTPUTS
 
     @classmethod
@@ -172,6 +175,7 @@ class TritonEngine:
     async def _warm_up(self) -> None:
         assert self._client is not None
         await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
+        self._stepped_at = time.monotonic()
         self._warm = True
 
     @property
@@ -180,10 +184,25 @@ class TritonEngine:
         return self._scheduler.max_running if self._scheduler is not None else None
 
     async def ready(self) -> bool:
-        """Warm, breaker closed, and Triton says the model is ready within the probe deadline."""
-        if not self._warm or self._client is None or self.breaker.state is not BreakerState.CLOSED:
+        """Warm, breaker closed, and the model runs a real step (`StepClient.steps`: Triton reports
+        a model ready while its Python stub is dead), within the probe deadline. The step's answer
+        is kept for `READY_STEP_TTL_S` (probes come every few seconds from each balancer; one step
+        serves them all, and concurrent probes share the one in flight); in between, Triton's own
+        readiness (a cheap call) still notices a frozen or stopped server at once."""
+        client = self._client
+        if not self._warm or client is None or self.breaker.state is not BreakerState.CLOSED:
             return False
-        return await self._client.model_ready()
+        if time.monotonic() - self._stepped_at < READY_STEP_TTL_S:
+            return await client.model_ready()
+        if self._ready_step is None or self._ready_step.done():
+            self._ready_step = asyncio.ensure_future(client.steps())
+        try:
+            ok = await asyncio.shield(self._ready_step)
+        except Exception:  # the client closed under it, say
+            return False
+        if ok:
+            self._stepped_at = time.monotonic()
+        return ok
 
     def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         if self._scheduler is None:

@@ -62,7 +62,7 @@ def test_a_stall_longer_than_the_step_deadline_does_not_end_live_streams(
         for round_ in range(ROUNDS):
             streams = [StreamReader(gateway.url, LONG_STREAM) for _ in range(STREAMS)]
             if round_ % 2:  # frozen mid-stream: decode steps time out
-                assert wait_for(lambda: all(s.tokens() >= 3 or s.done.is_set() for s in streams), 20)
+                assert wait_for(lambda: all(s.tokens() >= 3 or s.done.is_set() for s in streams), 20)  # noqa: B023
             # (else frozen before the first step: the prefills time out)
             os.killpg(group, signal.SIGSTOP)  # the whole group: a stub stopped alone is declared dead
             try:
@@ -76,8 +76,7 @@ def test_a_stall_longer_than_the_step_deadline_does_not_end_live_streams(
             for s in streams:
                 assert s.error is None and s.events[-1][0] == "done", (round_, s.events[-2:])
                 assert s.token_ids() == expected
-        report(f"{ROUNDS} Triton stalls of {STALL_S} s (step deadline 1 s): {STREAMS} live streams finished token for token")
+        report(f"{ROUNDS} Triton stalls of {STALL_S} s (step deadline 1 s): {STREAMS} streams finished token for token")
     finally:
         gateway.stop()
     assert_kv_released(fault_triton, within_s=5)
-

@@ -404,3 +404,39 @@ async def test_when_the_breaker_opens_a_generation_with_no_token_fails_fast_and_
     events = await drain(streaming.events)  # type: ignore[arg-type]
     assert isinstance(events[-1], FinishEvent) and len(events) == 40
     await sched.close()
+
+
+# ------------------------------------------------------------------------------ readiness
+class ReadyButStubDead:
+    """Triton's answers while the model's Python stub is dead: the model is "ready", no step runs."""
+
+    def __init__(self) -> None:
+        self.steps_ok = False
+        self.step_calls = 0
+
+    async def model_ready(self) -> bool:
+        return True
+
+    async def steps(self) -> bool:
+        self.step_calls += 1
+        await asyncio.sleep(0.01)
+        return self.steps_ok
+
+
+@pytest.mark.asyncio
+async def test_readiness_runs_a_real_step_cached_briefly(tmp_path: Path) -> None:
+    from frontend.engine import triton_engine
+
+    engine = triton_engine.TritonEngine(triton_url="x", model="m", version="1", repository=tmp_path)
+    client = ReadyButStubDead()
+    engine._client = client  # type: ignore[assignment]
+    engine._warm = True
+    engine._stepped_at = -1e9
+    assert not await engine.ready()  # Triton says ready; the step says otherwise
+    client.steps_ok = True
+    results = await asyncio.gather(*(engine.ready() for _ in range(5)))
+    assert all(results) and client.step_calls == 2  # concurrent probes share one step
+    assert await engine.ready() and client.step_calls == 2  # then it stands for a moment
+    engine._stepped_at -= triton_engine.READY_STEP_TTL_S
+    client.steps_ok = False
+    assert not await engine.ready() and client.step_calls == 3
