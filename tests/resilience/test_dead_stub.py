@@ -70,7 +70,7 @@ def test_embedded_triton_restarts_a_tritonserver_whose_model_cannot_step(
         assert "cannot run a step" in text() or "not ready" in text(), text()[-3000:]
         assert probe.model_steps(TINY), text()[-3000:]
         report(
-            f"a dead Python stub: embedded_triton restarted tritonserver, serving {time.monotonic() - stalled:.1f} s later"
+            f"a dead Python stub: embedded_triton restarted tritonserver; it steps {time.monotonic() - stalled:.1f} s later"
         )
     finally:
         if proc.poll() is None:
