@@ -69,9 +69,8 @@ def test_embedded_triton_restarts_a_tritonserver_whose_model_cannot_step(
             time.sleep(0.2)
         assert "cannot run a step" in text() or "not ready" in text(), text()[-3000:]
         assert probe.model_steps(TINY), text()[-3000:]
-        report(
-            f"a dead Python stub: embedded_triton restarted tritonserver; it steps {time.monotonic() - stalled:.1f} s later"
-        )
+        took_s = time.monotonic() - stalled
+        report(f"a dead Python stub: embedded_triton restarted tritonserver; it steps {took_s:.1f} s later")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
