@@ -454,6 +454,10 @@ class EngineCoreProcess:
         """The core is the only scheduler: when it dies, stop the gateway (a supervisor restarts it)."""
         assert self._process is not None
         multiprocessing.connection.wait([self._process.sentinel])
+        # The sentinel fires as the process closes its end, which may be before it can be reaped:
+        # its exit code read at once was None, and a clean stop (a SIGTERM to the whole group during
+        # a drain) was taken for a death (exit 1).
+        self._process.join(5)
         if self._stopping:
             return
         if self._process.exitcode == 0:
