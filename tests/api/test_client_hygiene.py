@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from frontend.api.client_hygiene import guarded_h11
+from frontend.api.client_hygiene import guarded_h11, json_values
 from frontend.app import create_app
 from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
@@ -169,6 +169,61 @@ def test_a_body_at_the_limit_is_parsed(server: Server) -> None:
         )
         status, _, text = read_response(s)
     assert status == 200, text
+
+
+def _post(server: Server, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    with server.connect() as s:
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        return read_response(s)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/detokenize"])
+def test_a_list_of_token_ids_under_the_byte_limit_but_past_any_context_is_refused_unparsed(
+    server: Server, path: str
+) -> None:
+    # Under the byte limit, over a million values: before, parsing and validating them cost +753 MiB
+    # and blocked the event loop 1.7 s (6 MB), and /detokenize answered them all.
+    ids = ",".join(["1"] * ((server.settings.body_limit - 64) // 2))
+    field = '"prompt"' if path == "/v1/completions" else '"tokens"'
+    body = f'{{"model":"{server.fake.model.name}",{field}:[{ids}]}}'.encode()
+    assert len(body) <= server.settings.body_limit
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        started = time.monotonic()
+        status, headers, text = _post(server, path, body)
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _assert_413(status, headers, text)
+    assert "JSON values" in json.loads(text)["error"]["message"]
+    assert peak - before < 8 * len(body), f"memory grew by {(peak - before) / 1e6:.1f} MB"  # the bytes, not objects
+    assert elapsed < 1.0, elapsed
+    assert server.fake.submitted == []
+
+
+def test_a_large_text_full_of_commas_is_not_counted_as_values(server: Server) -> None:
+    text = (',,,,,,,\\"' * server.settings.max_prompt_chars)[: server.settings.max_prompt_chars]  # commas, quotes
+    payload = {"model": server.fake.model.name, "prompt": [text] * 4, "max_tokens": 1}
+    body = json.dumps(payload).encode()
+    assert body.count(b",") > 96_000  # more commas than values allowed: the strings are looked into
+    status, _, answer = _post(server, "/v1/completions", body)
+    assert status != 413, answer
+
+
+def test_json_values_counts_values_outside_strings() -> None:
+    # `at_most` below the body's commas: the strings are looked into.
+    assert json_values(b'{"a": [1, 2, 3], "b": "x,y,z,w,v,u"}', at_most=5) == 4
+    assert json_values(b'{"s": "q\\\\", "t": [1,2], "u": ",,,,,,"}', at_most=5) == 4  # an escaped backslash
+    assert json_values(b'{"s": "a\\",\\"", "t": [1,2], "u": ",,,,,,"}', at_most=5) == 4  # an escaped quote
+    assert json_values(b'["a","b","c","d"]', at_most=1) > 1  # strings are values too
+    assert json_values(b"[1,2]", at_most=10) == 2
 
 
 def test_a_body_that_trickles_in_gets_408(server: Server) -> None:
