@@ -15,6 +15,9 @@
   so a slowloris client that trickles a header forever holds its connection forever; this
   subclass closes a connection whose request head is not complete `header_timeout_s` after the
   connection opened (or after its first byte, for the next request on a kept-alive connection).
+  It also bounds each connection's kernel send buffer (`SEND_BUFFER_BYTES`), so that a stream
+  whose reader stops reading blocks soon and sse-starlette's send timeout drops it, which cancels
+  its generation and frees its KV slot.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -246,8 +250,12 @@ def _env_header_timeout() -> float:
     return Settings().header_timeout_s
 
 
+SEND_BUFFER_BYTES = 64 * 1024  # per connection (Linux doubles it): ample for a stream that is read
+
+
 class GuardedH11Protocol(H11Protocol):
-    """h11 with a deadline on reading a request head (see the module docstring)."""
+    """h11 with a deadline on reading a request head, and a bounded send buffer (see the module
+    docstring)."""
 
     header_timeout_s: ClassVar[float | None] = None  # None: GATEWAY_HEADER_TIMEOUT_S
 
@@ -258,6 +266,13 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # What a reader that stopped reading may hold unread on our side: without a bound the
+            # kernel grows the send buffer to 4 MiB, which absorbs the largest allowed stream, so the
+            # SSE send timeout never fired and its generation ran to the end (80 s, 8 sequences).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
         self._arm_header_timer()
 

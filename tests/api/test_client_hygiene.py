@@ -56,6 +56,19 @@ class Server:
 
 @pytest.fixture
 def server(served_model: ServedModel) -> Iterator[Server]:
+    with _server(served_model, sndbuf=8192) as srv:
+        yield srv
+
+
+@pytest.fixture
+def kernel_buffers_server(served_model: ServedModel) -> Iterator[Server]:
+    """The same server, but its sockets' buffers are the product's own (no test-sized SO_SNDBUF)."""
+    with _server(served_model, sndbuf=None) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def _server(served_model: ServedModel, sndbuf: int | None) -> Iterator[Server]:
     model = dataclasses.replace(served_model, max_context=LONG + 64)
     fake = FakeEngine(model)
     settings = Settings(
@@ -71,7 +84,8 @@ def server(served_model: ServedModel) -> Iterator[Server]:
     )
     app = create_app(settings, engine_factory=lambda _s, _m: fake, cache=MemoryResultCache(64, 60.0, max_bytes=1 << 20))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # inherited by accepted sockets
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # inherited by accepted sockets
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
         app,
@@ -298,6 +312,20 @@ def test_a_stalled_sse_reader_is_dropped_and_its_generation_cancelled(
         handle = server.fake.submitted[0]
         assert _wait(lambda: handle.cancelled, 15.0), f"not cancelled after {len(handle.emitted)} tokens"
         assert len(handle.emitted) < LONG
+
+
+def test_a_reader_that_never_reads_is_dropped_with_the_kernels_own_buffers(kernel_buffers_server: Server) -> None:
+    # Before, the kernel grew the send buffer (to 4 MiB) and the client's receive buffer absorbed
+    # the rest: a 20,000-token stream (~2 MB of events) went out unread, the send timeout never
+    # fired, and the generation ran to its end.
+    server = kernel_buffers_server
+    server.fake.delay_s = 0.0002
+    with server.connect() as s:
+        send_json(s, "/generate/stream", {"prompt": "Hello", "max_new_tokens": LONG})  # and never read
+        assert _wait(lambda: bool(server.fake.submitted), 2.0)
+        handle = server.fake.submitted[0]
+        assert _wait(lambda: handle.cancelled or len(handle.emitted) >= LONG, 20.0)
+        assert handle.cancelled and len(handle.emitted) < LONG, f"ran to {len(handle.emitted)} tokens unread"
         assert closed_by_peer(s, 5.0) is not None, "the stalled connection must be closed"
     assert _wait(lambda: server.fake.live == 0, 2.0)
 
