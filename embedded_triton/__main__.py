@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from embedded_triton.server import StopFlag, TritonNotReady, TritonPorts, TritonServer
+from embedded_triton.server import ModelHealth, StopFlag, TritonNotReady, TritonPorts, TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--timeout-s", type=float, default=300.0, help="how long to wait for readiness")
+    p.add_argument(
+        "--health-interval-s",
+        type=float,
+        default=5.0,
+        help="seconds between health checks (each served model runs a real step; 0: off)",
+    )
+    p.add_argument(
+        "--health-failures", type=int, default=3, help="failed health checks in a row that restart tritonserver"
+    )
     args = p.parse_args(argv)
     if not args.repository.is_dir():
         print(f"error: no model repository at {args.repository}", file=sys.stderr)
@@ -30,12 +39,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"triton ready: grpc {server.grpc_url}, http {server.http_url}, metrics {server.metrics_url}", flush=True)
     stop = StopFlag()
+    health = ModelHealth(server, args.health_interval_s, args.health_failures)
     while not stop.wait(1.0):
         if server.process is None or server.process.poll() is not None:
             code = server.process.returncode if server.process is not None else None
             print(f"error: tritonserver exited ({code}); stopping its backend stubs", file=sys.stderr)
             server.cleanup()  # its process group (stubs included) and its /dev/shm regions
             return 1
+        if health.failing():
+            # Alive, maybe even "ready", but its models cannot step (a dead or wedged Python stub):
+            # a restart is what a supervisor's liveness probe would do, done here.
+            print(f"error: {health.why}; restarting tritonserver", file=sys.stderr, flush=True)
+            server.stop()
+            try:
+                server.start(args.timeout_s)
+            except TritonNotReady as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"triton ready again: grpc {server.grpc_url}, http {server.http_url}", flush=True)
+            health = ModelHealth(server, args.health_interval_s, args.health_failures)
     server.stop()
     return 0
 

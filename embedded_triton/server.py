@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from step_model import contract
 
 
 class StopFlag:
@@ -272,6 +275,50 @@ class TritonServer:
         self.stop()
         raise TritonNotReady(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
 
+    def ready_models(self) -> list[str]:
+        """The models of the repository index Triton reports READY (empty when it does not answer)."""
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                index = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+        return sorted({str(m["name"]) for m in index if m.get("state") == "READY" and "name" in m})
+
+    def model_steps(self, model: str, timeout_s: float = 5.0) -> bool:
+        """`model` runs a real step (one token that starts and ends a new sequence, as the
+        gateway's warm-up), answered within `timeout_s`. Triton reports the model ready while its
+        Python-backend stub is dead (seen after SIGSTOP/SIGCONT of the stub); only a step shows it."""
+
+        def column(name: str, value: object) -> dict[str, object]:
+            return {"name": name, "datatype": contract.INPUTS[name][0], "shape": [1, 1], "data": [value]}
+
+        body = {
+            "id": "embedded-triton-health",
+            "parameters": {contract.PARAM_LOGITS_WINDOW: 1},
+            "inputs": [
+                column(contract.SEQUENCE_ID, secrets.randbits(63)),
+                column(contract.INPUT_IDS, 0),
+                column(contract.LENGTH, 1),
+                column(contract.START, True),
+                column(contract.END, True),
+                column(contract.TEMPERATURE, 1.0),
+            ],
+            "outputs": [{"name": contract.STATUS}],
+        }
+        request = urllib.request.Request(
+            f"{self.http_url}/v2/models/{model}/infer",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as r:
+                outputs = json.loads(r.read()).get("outputs", [])
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        status = next((o.get("data", [None])[0] for o in outputs if o.get("name") == contract.STATUS), None)
+        return status in (contract.RowStatus.OK, contract.RowStatus.CACHE_FULL)
+
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():
             return "(no log file)"
@@ -311,3 +358,32 @@ class TritonServer:
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
         self.stop()
+
+
+class ModelHealth:
+    """Every `interval_s`, each READY model runs a real step; `failures` failed checks in a row
+    (or a server that stays unready that long) mean tritonserver must be restarted."""
+
+    def __init__(self, server: TritonServer, interval_s: float, failures: int) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.failures = failures
+        self.failed = 0
+        self.why = ""
+        self.models = server.ready_models()  # what it served when it became ready
+        self._next = time.monotonic() + interval_s
+
+    def failing(self) -> bool:
+        if self.interval_s <= 0 or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self.interval_s
+        broken = [m for m in self.models if not self.server.model_steps(m)]
+        if not self.server.is_ready():
+            self.failed, self.why = self.failed + 1, "tritonserver is not ready"
+        elif broken:
+            self.failed, self.why = self.failed + 1, f"model {', '.join(broken)} cannot run a step"
+        else:
+            self.failed = 0
+        if self.failed:
+            print(f"warning: {self.why} ({self.failed} of {self.failures} checks)", file=sys.stderr, flush=True)
+        return self.failed >= self.failures

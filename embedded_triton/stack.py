@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from embedded_triton.server import (
+    ModelHealth,
     PortInUse,
     StopFlag,
     TritonNotReady,
@@ -38,6 +39,7 @@ from embedded_triton.server import (
 )
 
 BANNER = "=" * 78
+HEALTH_INTERVAL_S, HEALTH_FAILURES = 5.0, 3  # a real step per model every 5 s; 3 failures restart Triton
 # How a user of `make run` moves each Triton port (the variables are read by this module's flags).
 PORT_SETTINGS = {
     "HTTP": "TRITON_HTTP_PORT=... (make run) or --triton-http-port",
@@ -162,6 +164,7 @@ def start_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def serve(gateway: subprocess.Popen[bytes], triton: TritonServer, stop: StopFlag, code: int) -> int:
     """Until Ctrl-C or a child exits; then stop the gateway (it drains) and tritonserver, once each."""
+    health = ModelHealth(triton, HEALTH_INTERVAL_S, HEALTH_FAILURES)
     try:
         while not stop.wait(0.5):
             if gateway.poll() is not None:
@@ -172,6 +175,16 @@ def serve(gateway: subprocess.Popen[bytes], triton: TritonServer, stop: StopFlag
                 print(f"error: tritonserver exited\n{triton.log_tail()}", file=sys.stderr)
                 code = 1
                 break
+            if health.failing():  # alive but its model cannot step: restart it (the gateway resumes)
+                print(f"error: {health.why}; restarting tritonserver", file=sys.stderr, flush=True)
+                triton.stop()
+                try:
+                    triton.start(timeout_s=600)
+                except TritonNotReady as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    code = 1
+                    break
+                health = ModelHealth(triton, HEALTH_INTERVAL_S, HEALTH_FAILURES)
     finally:
         if gateway.poll() is None:
             # Once, and SIGTERM: the gateway drains (GATEWAY_DRAIN_TIMEOUT_S) and stops. uvicorn re-raises

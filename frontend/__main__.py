@@ -71,8 +71,8 @@ def _serve_with_engine_core(settings: Settings, workers: int) -> None:
     # core waits for Triton; without a deadline, as one process retries its start until it succeeds.
     core = EngineCoreProcess(settings.model_copy(update={"startup_timeout_s": UNBOUNDED_S}))
     # Worker processes build their own app from the same GATEWAY_* environment, plus the core's
-    # address; they wait for the core's answer as long as it waits for Triton (a worker whose first
-    # wait timed out never became ready: frontend.engine.remote.RemoteEngine cannot start twice).
+    # address; they wait for the core's answer as long as it waits for Triton (a worker whose wait
+    # timed out would try again, as the lifecycle retries any failed start).
     os.environ["GATEWAY_ENGINE_CORE_URL"] = core.address
     os.environ["GATEWAY_STARTUP_TIMEOUT_S"] = str(UNBOUNDED_S)
     config = uvicorn.Config(
@@ -119,9 +119,10 @@ def _start_core(core: EngineCoreProcess, failed: threading.Event, stopping: thre
     cannot start stops the gateway, as one that dies later does (SIGTERM: the workers drain)."""
     try:
         core.start()
-    except SystemExit:
+    except SystemExit as stop:
         if not stopping.is_set():
-            failed.set()
+            if stop.code:  # stopped by a signal (code 0): not a failed start, but stop all the same
+                failed.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -63,6 +63,18 @@ def remote_engine(settings: Settings, metrics: GatewayMetrics, *, model_loader: 
     return engine
 
 
+def max_json_values(app: FastAPI, settings: Settings) -> int:
+    """The most JSON values a request body may hold: the largest batch of prompts as token ids,
+    each as long as the model's context (before the model is known: the longest prompt in
+    characters), plus room for every other field."""
+    service = getattr(app.state, "service", None)
+    try:
+        context = service.model.max_context if service is not None else settings.max_prompt_chars
+    except Exception:  # the engine has not started: its model is not known yet
+        context = settings.max_prompt_chars
+    return settings.max_batch_requests * max(context, 1) + 16_384
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -125,6 +137,7 @@ def create_app(
         BodyLimitMiddleware,  # type: ignore[arg-type]
         max_body_bytes=settings.body_limit,
         body_timeout_s=settings.body_timeout_s,
+        max_json_values=lambda: max_json_values(app, settings),
     )
     # x-ratelimit-* headers on every admitted response, not only on 429s (docs/security.md).
     app.add_middleware(RateLimitHeadersMiddleware)  # type: ignore[arg-type]

@@ -368,7 +368,7 @@ async def _serve(settings: Settings, address: str, report: Callable[[str, str], 
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
         await core.close()
-        report("failed", "stopped before it was ready")
+        report("stopped", "stopped before it was ready")
         return 0
     if (err := starting.exception()) is not None:
         stopping.cancel()
@@ -390,7 +390,8 @@ async def _serve(settings: Settings, address: str, report: Callable[[str, str], 
 
 
 def run_core(settings: Settings, address: str, conn: Connection | None = None, gateway_child: bool = True) -> None:
-    """Process entry point. Reports ("ready", address) or ("failed", why) on `conn`."""
+    """Process entry point. Reports ("ready", address), ("failed", why) or ("stopped", why) (a
+    signal before it was ready) on `conn`."""
     if gateway_child:
         # Ctrl-C reaches the whole process group; the launcher stops the core after the workers.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -439,6 +440,10 @@ class EngineCoreProcess:
                     state, detail = receiver.recv()
                 break
         receiver.close()
+        if state == "stopped":  # Ctrl-C or SIGTERM while it waited for Triton: a stop, not a failure
+            log.info("engine core stopped before it was ready (the gateway is stopping)")
+            self.stop()
+            raise SystemExit(0)
         if state != "ready":
             log.error("the gateway cannot start without its engine core (%s)", detail)
             self.stop()
@@ -449,6 +454,10 @@ class EngineCoreProcess:
         """The core is the only scheduler: when it dies, stop the gateway (a supervisor restarts it)."""
         assert self._process is not None
         multiprocessing.connection.wait([self._process.sentinel])
+        # The sentinel fires as the process closes its end, which may be before it can be reaped:
+        # its exit code read at once was None, and a clean stop (a SIGTERM to the whole group during
+        # a drain) was taken for a death (exit 1).
+        self._process.join(5)
         if self._stopping:
             return
         if self._process.exitcode == 0:

@@ -20,12 +20,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from frontend.engine.errors import Overloaded, StepError
+from frontend.engine.errors import Overloaded, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.engine.events import ErrorEvent, Event
 from frontend.engine.step_rows import Row
 
 if TYPE_CHECKING:
     from collections import deque
+    from collections.abc import Iterable
 
     from frontend.engine.breaker import CircuitBreaker
     from frontend.engine.scheduler import ActiveSequence, StepBackend, StepObserver
@@ -42,6 +43,7 @@ class Recovery:
     _waiting: deque[ActiveSequence]
     _running: list[ActiveSequence]
     _releases: set[int]
+    _deferred_releases: set[int]
     _parked: list[ActiveSequence]
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
@@ -51,8 +53,9 @@ class Recovery:
         """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
         send one probe step (a one-token sequence that starts and ends at once, plus the pending
         releases); its outcome closes or re-opens the breaker."""
-        # New work is refused at once; generations the server lost wait (parked) for it to return.
-        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None)]
+        # New work is refused at once; streams the server lost wait (parked) for it to return. A
+        # generation that has produced nothing yet is new work: it fails now, not after the outage.
+        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None or not s.generated)]
         self._waiting.clear()
         self._expire_parked()
         if pending:
@@ -73,13 +76,44 @@ class Recovery:
         except StepError as err:
             log.warning("circuit breaker probe failed: %s", err)
             breaker.record_failure(err)
+            # Releases are idempotent: sent again by the next probe (a timed-out one's, once one succeeded).
+            if isinstance(err, UpstreamTimeout):
+                self._defer_releases(releases)
+            else:
+                self._releases.update(releases)
             return
         log.info("circuit breaker probe succeeded; closing")
         breaker.record_success()
+        self._release_deferred()
 
-    def _park(self, seq: ActiveSequence, error: Exception) -> None:
-        """The server lost `seq` (or may have): release its id, and start it again under a new one."""
-        self._releases.add(seq.sequence_id)
+    def _resumes(self, seq: ActiveSequence, error: StepError) -> bool:
+        """Whether `seq`, whose step failed as a whole with `error`, starts again (else it fails).
+
+        The server away (unreachable, timed out, failing inside): yes, until `resume_timeout_s`.
+        The request refused as malformed (nothing ran): once. A timed-out step still queued on the
+        server may have joined it in one execution ("a sequence appears twice in one step"); a
+        request the model refuses again is the gateway's bug, and fails."""
+        if seq.done or self.resume_timeout_s <= 0:
+            return False
+        if isinstance(error, UpstreamUnavailable | UpstreamTimeout):
+            return True
+        return isinstance(error, StepRejected) and not isinstance(seq.parked_by, StepRejected)
+
+    def _defer_releases(self, ids: Iterable[int]) -> None:
+        """Ids a timed-out step named: released with the first step sent after one has succeeded."""
+        self._deferred_releases.update(ids)
+
+    def _release_deferred(self) -> None:
+        """A step succeeded: anything queued before it on the server has run (Triton's batcher
+        takes requests in order), so the timed-out steps' ids can be released without meeting them."""
+        if self._deferred_releases:
+            self._releases |= self._deferred_releases
+            self._deferred_releases.clear()
+
+    def _park(self, seq: ActiveSequence, error: Exception, *, in_doubt: bool = False) -> None:
+        """The server lost `seq` (or may have): release its id, and start it again under a new one.
+        `in_doubt`: its step timed out and may still run; its id is released later (`_defer_releases`)."""
+        (self._deferred_releases if in_doubt else self._releases).add(seq.sequence_id)
         seq.sequence_id = secrets.randbits(63)
         seq.on_server = False
         if seq.parked_at is None:

@@ -108,7 +108,12 @@ class RemoteEngine:
         return self._model
 
     async def start(self) -> None:
+        """Say hello to the core and load its model. Callable again after a failed start (the
+        lifecycle retries it) or a close: each start opens a fresh socket."""
         self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._core_up = False
+        self._model = None
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.DEALER)
         ipc.configure(sock)

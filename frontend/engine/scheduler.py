@@ -206,6 +206,8 @@ class Scheduler(Recovery, StepSampling):
         self._waiting: deque[ActiveSequence] = deque()
         self._running: list[ActiveSequence] = []
         self._releases: set[int] = set()
+        # Ids named by a step that timed out: released only after a later step succeeded (recovery.py).
+        self._deferred_releases: set[int] = set()
         # After a start row was refused for a full cache: how many new sequences the next step
         # may offer (the slots freed since), so a full cache is not asked again and again.
         self._start_allowance: int | None = None
@@ -246,11 +248,14 @@ class Scheduler(Recovery, StepSampling):
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._task
-        if self._releases:
-            rows = [Row(sid, [], end=True) for sid in sorted(self._releases)]
-            self._releases.clear()
-            with contextlib.suppress(StepError):
-                await self.client.step(rows, window=1)
+        # Ids of a timed-out step go in a request of their own: if that step is still queued on the
+        # server and joins it, only this request is refused (their slots then wait for the idle sweep).
+        for ids in (self._releases, self._deferred_releases):
+            if ids:
+                rows = [Row(sid, [], end=True) for sid in sorted(ids)]
+                ids.clear()
+                with contextlib.suppress(StepError):
+                    await self.client.step(rows, window=1)
 
     def submit(self, request: EngineRequest, events: EventSink | None = None) -> ActiveSequence:
         """Queue a generation; raises Overloaded when the waiting queue is full. Events go to
@@ -442,19 +447,27 @@ class Scheduler(Recovery, StepSampling):
             # ids once a step succeeds (an unreachable, timed-out or restarted server), else fail.
             if self.breaker is not None:
                 self.breaker.record_failure(err)
-            resumable = self.resume_timeout_s > 0 and isinstance(err, UpstreamUnavailable | UpstreamTimeout)
+            # A timed-out step may still be queued on the server and run in one execution with the
+            # next request: releasing its ids there would name them twice (the model refuses that
+            # request as a whole). They are released once a later step has succeeded (recovery.py).
+            in_doubt = isinstance(err, UpstreamTimeout)
+            if in_doubt:
+                self._defer_releases(rows.sequence_ids[len(seqs) :].tolist())
             for seq in seqs:
-                if resumable and not seq.done:
-                    self._park(seq, err)
+                if self._resumes(seq, err):
+                    self._park(seq, err, in_doubt=in_doubt)
                 else:
+                    seq.on_server = False  # released here, by the rule above, not by cancel()
                     self._finish(seq, ErrorEvent(err))
-                    self._releases.add(seq.sequence_id)
-            if not seqs:
+                    (self._deferred_releases if in_doubt else self._releases).add(seq.sequence_id)
+            if not seqs and not in_doubt:
                 log.warning("releasing %d sequences failed: %s", n_rows, err)
                 self._releases.clear()  # Triton's idle sweeper frees them
-            return not resumable  # resumable: back off before the next attempt
+            # Back off before the next attempt when the server is away; a refused step goes on at once.
+            return not (self.resume_timeout_s > 0 and isinstance(err, UpstreamUnavailable | UpstreamTimeout))
         if self.breaker is not None:
             self.breaker.record_success()
+        self._release_deferred()  # this step ran after any timed-out one: their ids may go now
         self.observer.step_finished(n_rows, time.perf_counter() - started)
         status = out.status[: len(seqs)]
         self._note_cache_full(seqs, status, released)

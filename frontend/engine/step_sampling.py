@@ -222,6 +222,8 @@ class StepSampling:
     def _emit_token(
         self, seq: ActiveSequence, token_id: int, logprob: float, top_logprobs: tuple[tuple[int, float], ...]
     ) -> None:
+        if seq.max_new_tokens <= 0:  # a prefill only (no prompt logprobs asked): no token, ever
+            return self._finish(seq, FinishEvent("length"))
         seq.generated.append(token_id)
         if seq.adjuster is not None:
             seq.adjuster.append(token_id)

@@ -21,6 +21,7 @@ ConnectFailed only. A step with a decode row is never re-sent.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -123,6 +124,42 @@ class StepClient:
             )
         except InferenceServerException:
             return False
+
+    async def steps(self) -> bool:
+        """The model runs a real step (a one-token sequence that starts and ends at once, as the
+        warm-up) within `probe_timeout_s`. Triton reports a model ready while its Python-backend stub
+        is dead or frozen; only a step shows it."""
+        batch = from_rows([Row(secrets.randbits(63), [0], start=True, end=True)])
+        inputs = []
+        for name, value in (
+            (contract.SEQUENCE_ID, batch.sequence_ids),
+            (contract.INPUT_IDS, batch.input_ids),
+            (contract.LENGTH, batch.lengths),
+            (contract.START, batch.start),
+            (contract.END, batch.end),
+            (contract.TEMPERATURE, batch.temperature),
+        ):
+            column = value if value.ndim == 2 else value.reshape(1, 1)
+            tensor = grpcclient.InferInput(name, list(column.shape), contract.INPUTS[name][0])
+            tensor.set_data_from_numpy(column)
+            inputs.append(tensor)
+        try:
+            result = await self._client.infer(
+                self.model,
+                inputs,
+                model_version=self.version,
+                outputs=[grpcclient.InferRequestedOutput(contract.STATUS)],
+                parameters={contract.PARAM_LOGITS_WINDOW: 1},
+                request_id="readiness",
+                client_timeout=self.probe_timeout_s,
+            )
+        except InferenceServerException as err:
+            log.info("readiness step failed: %s", _classify(err))
+            return False
+        return int(result.as_numpy(contract.STATUS).reshape(-1)[0]) in (
+            contract.RowStatus.OK,
+            contract.RowStatus.CACHE_FULL,
+        )
 
     async def output_names(self) -> set[str]:
         """The outputs the served model version declares (a version exported before an output

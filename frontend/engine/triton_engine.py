@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import time
 from dataclasses import replace
@@ -25,26 +24,31 @@ from frontend.engine.scheduler import ActiveSequence, Scheduler, SchedulerConfig
 from frontend.engine.triton_client import Row, StepClient, StepClientConfig
 from frontend.settings import Settings
 from step_model import contract
+from step_model.contract import model_config
 
 log = logging.getLogger(__name__)
+READY_STEP_TTL_S = 1.5  # how long a readiness step's success stands for the probes after it
 
 
 def model_kv_capacity(repository: Path, model: str) -> int | None:
     """The KV slots the model holds: GPT2_KV_CAPACITY when set in this environment, else the
-    `kv_capacity` parameter of <repository>/<model>/config.pbtxt; None when neither says."""
-    override = os.environ.get(f"GPT2_{contract.CONFIG_KV_CAPACITY.upper()}", "").strip()
+    `kv_capacity` parameter of <repository>/<model>/config.pbtxt (read as the model reads it,
+    `step_model.contract.model_config`); None when neither says or the file cannot be read."""
+    override = os.environ.get(model_config.env_name(contract.CONFIG_KV_CAPACITY), "").strip()
     if override:
         try:
             return int(override)
         except ValueError:
-            log.warning("ignoring GPT2_KV_CAPACITY=%r: not an integer", override)
+            log.warning("ignoring %s=%r: not an integer", model_config.env_name(contract.CONFIG_KV_CAPACITY), override)
     try:
-        text = (repository / model / "config.pbtxt").read_text()
-    except OSError:
+        value = model_config.read_parameters(repository / model / "config.pbtxt").get(contract.CONFIG_KV_CAPACITY)
+    except (OSError, model_config.ConfigSyntaxError) as err:
+        log.debug("no KV capacity from %s's config.pbtxt: %s", model, err)
         return None
-    key = re.escape(contract.CONFIG_KV_CAPACITY)
-    match = re.search(rf'key:\s*"{key}"\s*value:\s*{{\s*string_value:\s*"(\d+)"', text)
-    return int(match.group(1)) if match else None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class TritonEngine:
@@ -80,6 +84,8 @@ class TritonEngine:
         self._scheduler: Scheduler | None = None
         self._model: ServedModel | None = None
         self._warm = False
+        self._stepped_at = -READY_STEP_TTL_S  # when a readiness step last succeeded (monotonic)
+        self._ready_step: asyncio.Future[bool] | None = None
         self._prompt_outputs = False  # the served version declares contract.PROMPT_OUTPUTS
 
     @classmethod
@@ -171,6 +177,7 @@ class TritonEngine:
     async def _warm_up(self) -> None:
         assert self._client is not None
         await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
+        self._stepped_at = time.monotonic()
         self._warm = True
 
     @property
@@ -179,10 +186,25 @@ class TritonEngine:
         return self._scheduler.max_running if self._scheduler is not None else None
 
     async def ready(self) -> bool:
-        """Warm, breaker closed, and Triton says the model is ready within the probe deadline."""
-        if not self._warm or self._client is None or self.breaker.state is not BreakerState.CLOSED:
+        """Warm, breaker closed, and the model runs a real step (`StepClient.steps`: Triton reports
+        a model ready while its Python stub is dead), within the probe deadline. The step's answer
+        is kept for `READY_STEP_TTL_S` (probes come every few seconds from each balancer; one step
+        serves them all, and concurrent probes share the one in flight); in between, Triton's own
+        readiness (a cheap call) still notices a frozen or stopped server at once."""
+        client = self._client
+        if not self._warm or client is None or self.breaker.state is not BreakerState.CLOSED:
             return False
-        return await self._client.model_ready()
+        if time.monotonic() - self._stepped_at < READY_STEP_TTL_S:
+            return await client.model_ready()
+        if self._ready_step is None or self._ready_step.done():
+            self._ready_step = asyncio.ensure_future(client.steps())
+        try:
+            ok = await asyncio.shield(self._ready_step)
+        except Exception:  # the client closed under it, say
+            return False
+        if ok:
+            self._stepped_at = time.monotonic()
+        return ok
 
     def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         if self._scheduler is None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from frontend.api.client_hygiene import guarded_h11
+from frontend.api.client_hygiene import guarded_h11, json_values
 from frontend.app import create_app
 from frontend.cache import MemoryResultCache
 from frontend.engine.model import ServedModel
@@ -56,6 +56,19 @@ class Server:
 
 @pytest.fixture
 def server(served_model: ServedModel) -> Iterator[Server]:
+    with _server(served_model, sndbuf=8192) as srv:
+        yield srv
+
+
+@pytest.fixture
+def kernel_buffers_server(served_model: ServedModel) -> Iterator[Server]:
+    """The same server, but its sockets' buffers are the product's own (no test-sized SO_SNDBUF)."""
+    with _server(served_model, sndbuf=None) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def _server(served_model: ServedModel, sndbuf: int | None) -> Iterator[Server]:
     model = dataclasses.replace(served_model, max_context=LONG + 64)
     fake = FakeEngine(model)
     settings = Settings(
@@ -71,7 +84,8 @@ def server(served_model: ServedModel) -> Iterator[Server]:
     )
     app = create_app(settings, engine_factory=lambda _s, _m: fake, cache=MemoryResultCache(64, 60.0, max_bytes=1 << 20))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # inherited by accepted sockets
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # inherited by accepted sockets
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
         app,
@@ -171,6 +185,61 @@ def test_a_body_at_the_limit_is_parsed(server: Server) -> None:
     assert status == 200, text
 
 
+def _post(server: Server, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    with server.connect() as s:
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        return read_response(s)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/detokenize"])
+def test_a_list_of_token_ids_under_the_byte_limit_but_past_any_context_is_refused_unparsed(
+    server: Server, path: str
+) -> None:
+    # Under the byte limit, over a million values: before, parsing and validating them cost +753 MiB
+    # and blocked the event loop 1.7 s (6 MB), and /detokenize answered them all.
+    ids = ",".join(["1"] * ((server.settings.body_limit - 64) // 2))
+    field = '"prompt"' if path == "/v1/completions" else '"tokens"'
+    body = f'{{"model":"{server.fake.model.name}",{field}:[{ids}]}}'.encode()
+    assert len(body) <= server.settings.body_limit
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        started = time.monotonic()
+        status, headers, text = _post(server, path, body)
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _assert_413(status, headers, text)
+    assert "JSON values" in json.loads(text)["error"]["message"]
+    assert peak - before < 8 * len(body), f"memory grew by {(peak - before) / 1e6:.1f} MB"  # the bytes, not objects
+    assert elapsed < 1.0, elapsed
+    assert server.fake.submitted == []
+
+
+def test_a_large_text_full_of_commas_is_not_counted_as_values(server: Server) -> None:
+    text = (',,,,,,,\\"' * server.settings.max_prompt_chars)[: server.settings.max_prompt_chars]  # commas, quotes
+    payload = {"model": server.fake.model.name, "prompt": [text] * 4, "max_tokens": 1}
+    body = json.dumps(payload).encode()
+    assert body.count(b",") > 96_000  # more commas than values allowed: the strings are looked into
+    status, _, answer = _post(server, "/v1/completions", body)
+    assert status != 413, answer
+
+
+def test_json_values_counts_values_outside_strings() -> None:
+    # `at_most` below the body's commas: the strings are looked into.
+    assert json_values(b'{"a": [1, 2, 3], "b": "x,y,z,w,v,u"}', at_most=5) == 4
+    assert json_values(b'{"s": "q\\\\", "t": [1,2], "u": ",,,,,,"}', at_most=5) == 4  # an escaped backslash
+    assert json_values(b'{"s": "a\\",\\"", "t": [1,2], "u": ",,,,,,"}', at_most=5) == 4  # an escaped quote
+    assert json_values(b'["a","b","c","d"]', at_most=1) > 1  # strings are values too
+    assert json_values(b"[1,2]", at_most=10) == 2
+
+
 def test_a_body_that_trickles_in_gets_408(server: Server) -> None:
     with server.connect() as s:
         s.sendall(
@@ -243,6 +312,20 @@ def test_a_stalled_sse_reader_is_dropped_and_its_generation_cancelled(
         handle = server.fake.submitted[0]
         assert _wait(lambda: handle.cancelled, 15.0), f"not cancelled after {len(handle.emitted)} tokens"
         assert len(handle.emitted) < LONG
+
+
+def test_a_reader_that_never_reads_is_dropped_with_the_kernels_own_buffers(kernel_buffers_server: Server) -> None:
+    # Before, the kernel grew the send buffer (to 4 MiB) and the client's receive buffer absorbed
+    # the rest: a 20,000-token stream (~2 MB of events) went out unread, the send timeout never
+    # fired, and the generation ran to its end.
+    server = kernel_buffers_server
+    server.fake.delay_s = 0.0002
+    with server.connect() as s:
+        send_json(s, "/generate/stream", {"prompt": "Hello", "max_new_tokens": LONG})  # and never read
+        assert _wait(lambda: bool(server.fake.submitted), 2.0)
+        handle = server.fake.submitted[0]
+        assert _wait(lambda: handle.cancelled or len(handle.emitted) >= LONG, 20.0)
+        assert handle.cancelled and len(handle.emitted) < LONG, f"ran to {len(handle.emitted)} tokens unread"
         assert closed_by_peer(s, 5.0) is not None, "the stalled connection must be closed"
     assert _wait(lambda: server.fake.live == 0, 2.0)
 

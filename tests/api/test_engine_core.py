@@ -420,3 +420,23 @@ async def test_start_fails_without_a_core(address: str, served_model: ServedMode
     with pytest.raises(UpstreamUnavailable):
         await worker.start()
     assert not await worker.ready()
+
+
+async def test_a_worker_whose_first_wait_timed_out_becomes_ready_once_the_core_is_up(
+    fake: FakeEngine, address: str, served_model: ServedModel, core_metrics: GatewayMetrics
+) -> None:
+    # The lifecycle retries a failed start: the second start must not find the engine closed for good.
+    remote = RemoteEngine(address, model_loader=lambda _n, _v: served_model, startup_timeout_s=0.2)
+    with pytest.raises(UpstreamUnavailable):
+        await remote.start()  # no core yet
+    assert not await remote.ready()
+    core = EngineCore(fake, address, worker_timeout_s=WORKER_TIMEOUT_S, metrics_text=core_metrics.engine_text)
+    await core.start()
+    try:
+        await remote.start()
+        assert await remote.ready()
+        handle = remote.submit(EngineRequest(prompt(served_model, "Hi"), SamplingParams(temperature=0.0), 2))
+        assert isinstance((await collect(handle))[-1], FinishEvent)
+    finally:
+        await remote.close()
+        await core.close()

@@ -63,3 +63,28 @@ def test_one_process_and_workers_answer_alike_while_triton_is_down(model_reposit
             finally:
                 gw.kill()
         triton.stop()
+
+
+def test_a_stop_while_the_engine_core_waits_for_triton_is_a_stop_not_an_error(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    ports = TritonPorts.free()  # nothing ever listens there
+    env = {
+        "GATEWAY_ENVIRONMENT": "test",
+        "GATEWAY_TRITON_URL": f"127.0.0.1:{ports.grpc}",
+        "GATEWAY_MODEL": TINY,
+        "GATEWAY_MODEL_VERSION": "1",
+        "GATEWAY_REPOSITORY": str(model_repository),
+    }
+    gw = GatewayProcess(env, tmp_path / "gateway.log", workers=2)
+    try:
+        assert wait_for(lambda: _status(f"{gw.url}/health/live") == 200, 90, 0.2), gw.text()[-3000:]
+        assert wait_for(lambda: "waiting for Triton" in gw.text(), 30, 0.1), gw.text()[-3000:]
+        gw.signal_group(signal.SIGTERM)
+        assert gw.wait(60) in (0, -signal.SIGTERM), gw.text()[-3000:]
+        text = gw.text()
+        assert "cannot start without its engine core" not in text, text[-3000:]
+        assert "engine core stopped before it was ready" in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        gw.kill()

@@ -87,8 +87,14 @@ def _import_report(modules: list[str], cwd: Path) -> dict[str, list[str]]:
 
 
 def test_the_gateway_imports_only_the_wire_types_of_step_model() -> None:
-    # the contract and the step's row types (pure numpy), one pair on both sides of gRPC
-    assert _local_modules(_gateway_imports()) == {"step_model", "step_model.contract", "step_model.rows"}
+    # the contract (with its config.pbtxt reader, for the KV capacity) and the step's row types
+    # (pure numpy), one pair on both sides of gRPC
+    assert _local_modules(_gateway_imports()) == {
+        "step_model",
+        "step_model.contract",
+        "step_model.contract.model_config",
+        "step_model.rows",
+    }
 
 
 def test_the_gateways_step_model_imports_pull_in_no_torch_or_onnxruntime() -> None:

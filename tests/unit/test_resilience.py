@@ -21,9 +21,11 @@ from frontend.engine.protocol import (
     ErrorEvent,
     FinishEvent,
     QueueFull,
+    StepRejected,
     TokenEvent,
     UpstreamTimeout,
 )
+from frontend.engine.step_rows import from_rows
 from frontend.engine.triton_client import Row, StepClient, StepClientConfig, channel_args
 from frontend.engine.triton_engine import model_kv_capacity
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
@@ -108,10 +110,12 @@ async def test_scheduler_opens_the_breaker_refuses_fast_and_a_probe_closes_it() 
     sched = scheduler(backend, breaker=breaker, resume_timeout_s=0.0)  # resuming: tests/unit/test_scheduler.py
     sched.start()
     backend.down = True
-    # A failed step fails its generation; the release of its id fails too: two whole-step failures.
-    seq = sched.submit(EngineRequest([1], GREEDY, 3, seed=None))
-    events = await drain(seq.events)  # type: ignore[arg-type]
-    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamTimeout)
+    # Two failed steps fail their generations (the ids of a timed-out step are released only
+    # after a later step succeeds: no release step is sent meanwhile).
+    for _ in range(2):
+        seq = sched.submit(EngineRequest([1], GREEDY, 3, seed=None))
+        events = await drain(seq.events)  # type: ignore[arg-type]
+        assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, UpstreamTimeout)
     for _ in range(100):
         if not breaker.closed:
             break
@@ -269,3 +273,170 @@ def test_kv_capacity_from_config_pbtxt_or_the_environment(tmp_path: Path, monkey
 
 def test_events_module_exports() -> None:
     assert TokenEvent and FinishEvent  # the scheduler's event types are what the breaker tests drain
+
+
+def test_kv_capacity_reads_the_config_as_the_model_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old regex missed what protobuf text format allows (another field order, single quotes,
+    # comments) and read a commented-out entry; a file the model cannot parse gives None.
+    monkeypatch.delenv("GPT2_KV_CAPACITY", raising=False)
+    (tmp_path / "m").mkdir()
+    config = tmp_path / "m" / "config.pbtxt"
+    config.write_text(
+        '# parameters { key: "kv_capacity" value: { string_value: "99" } }\n'
+        "parameters {\n  value { string_value: '12' }\n  key: 'kv_capacity'\n}\n"
+    )
+    assert model_kv_capacity(tmp_path, "m") == 12
+    config.write_text('parameters { key: "kv_capacity" value: { string_value: "12" ')
+    assert model_kv_capacity(tmp_path, "m") is None
+    monkeypatch.setenv("GPT2_KV_CAPACITY", "")  # empty means unset
+    config.write_text('parameters { key: "kv_capacity" value: { string_value: "7" } }')
+    assert model_kv_capacity(tmp_path, "m") == 7
+
+
+# ------------------------------------------------------------------------------ timed-out steps
+class StallingBackend(ScriptedBackend):
+    """Triton's dynamic batcher behind a stalled model: a step the client gave up on (timed out)
+    stays queued on the server and runs in ONE execution with the next request, where a sequence
+    named by both refuses the later request as a whole (the model's INVALID_ARG), as the model does."""
+
+    def __init__(self, stall_at: set[int]) -> None:
+        super().__init__(capacity=8)
+        self.by_content = True
+        self.stall_at = stall_at  # call numbers whose client times out while the server keeps them
+        self.queued: list[Any] = []  # the timed-out steps still on the server
+        self.calls = 0
+        self.refused = 0
+
+    async def step(self, rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        self.calls += 1
+        batch = rows if not isinstance(rows, list) else from_rows(rows)
+        if self.calls in self.stall_at:
+            self.queued.append(batch)
+            raise UpstreamTimeout("Deadline Exceeded")
+        queued, self.queued = self.queued, []
+        claimed: set[int] = set()
+        for old in queued:  # they run first, in the same execution
+            claimed |= set(old.sequence_ids.tolist())
+            await super().step(old, window=window)
+        if not claimed.isdisjoint(batch.sequence_ids.tolist()):
+            self.refused += 1
+            raise StepRejected("a sequence appears twice in one step")
+        return await super().step(batch, window=window, want_logits=want_logits)
+
+
+@pytest.mark.asyncio
+async def test_a_timed_out_step_never_shares_an_execution_with_the_next_one() -> None:
+    undisturbed = ScriptedBackend(capacity=8)
+    undisturbed.by_content = True
+    sched = scheduler(undisturbed)
+    sched.start()
+    expected = await drain(sched.submit(EngineRequest([5, 6, 7], GREEDY, 12, seed=None)).events)  # type: ignore[arg-type]
+    await sched.close()
+
+    backend = StallingBackend(stall_at={4, 5})  # two decode steps time out in a row
+    sched = scheduler(backend)
+    sched.start()
+    got = await drain(sched.submit(EngineRequest([5, 6, 7], GREEDY, 12, seed=None)).events)  # type: ignore[arg-type]
+    await sched.close()
+    assert got == expected, got[-1]
+    assert backend.refused == 0  # the releases of the timed-out steps' ids waited for a later step
+    assert not backend.live  # ... and were sent: nothing the stalled steps started is left behind
+
+
+@pytest.mark.asyncio
+async def test_a_whole_step_refused_as_malformed_is_retried_once_then_fails() -> None:
+    backend = ScriptedBackend(capacity=4)
+    backend.by_content = True
+    real_step = backend.step
+    refusals = {"left": 1}
+
+    async def refuse(rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        if len(backend.batches) == 3 and refusals["left"]:
+            refusals["left"] -= 1
+            backend.batches.append(rows)
+            raise StepRejected("a sequence appears twice in one step")
+        return await real_step(rows, window=window, want_logits=want_logits)
+
+    backend.step = refuse  # type: ignore[method-assign]
+    sched = scheduler(backend)
+    sched.start()
+    events = await drain(sched.submit(EngineRequest([5, 6, 7], GREEDY, 8, seed=None)).events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], FinishEvent) and len(events) == 9  # retried, not fatal
+
+    async def always_refuse(rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        raise StepRejected("malformed")
+
+    backend.step = always_refuse  # type: ignore[method-assign]
+    started = time.monotonic()
+    events = await drain(sched.submit(EngineRequest([5], GREEDY, 8, seed=None)).events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, StepRejected)
+    assert time.monotonic() - started < 1.0  # a request the model keeps refusing fails on its second refusal
+    await sched.close()
+
+
+@pytest.mark.asyncio
+async def test_when_the_breaker_opens_a_generation_with_no_token_fails_fast_and_a_stream_waits() -> None:
+    backend = FailingBackend()
+    backend.by_content = True
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.3)
+    sched = scheduler(backend, breaker=breaker, resume_timeout_s=30.0)
+    sched.start()
+    streaming = sched.submit(EngineRequest([1], GREEDY, 40, seed=None))
+    first = await streaming.events.get()
+    assert isinstance(first, TokenEvent)
+    real_step = backend.step
+    fresh_ids: set[int] = set()
+
+    async def fail_from_fresh_on(rows: Any, *, window: int, want_logits: bool = False) -> Any:
+        batch = from_rows(rows) if isinstance(rows, list) else rows
+        if fresh_ids & set(batch.sequence_ids.tolist()):
+            backend.down = True  # the step that carries `fresh` fails, and so does what follows
+        return await real_step(rows, window=window, want_logits=want_logits)
+
+    backend.step = fail_from_fresh_on  # type: ignore[method-assign]
+    fresh = sched.submit(EngineRequest([2], GREEDY, 5, seed=None))  # just before the breaker opens
+    fresh_ids.add(fresh.sequence_id)
+    started = time.perf_counter()
+    last = (await drain(fresh.events))[-1]  # type: ignore[arg-type]
+    assert isinstance(last, ErrorEvent) and isinstance(last.error, BreakerOpen), last
+    assert time.perf_counter() - started < 0.2  # not resume_timeout_s
+    backend.down = False  # Triton returns: the running stream resumes and finishes
+    events = await drain(streaming.events)  # type: ignore[arg-type]
+    assert isinstance(events[-1], FinishEvent) and len(events) == 40
+    await sched.close()
+
+
+# ------------------------------------------------------------------------------ readiness
+class ReadyButStubDead:
+    """Triton's answers while the model's Python stub is dead: the model is "ready", no step runs."""
+
+    def __init__(self) -> None:
+        self.steps_ok = False
+        self.step_calls = 0
+
+    async def model_ready(self) -> bool:
+        return True
+
+    async def steps(self) -> bool:
+        self.step_calls += 1
+        await asyncio.sleep(0.01)
+        return self.steps_ok
+
+
+@pytest.mark.asyncio
+async def test_readiness_runs_a_real_step_cached_briefly(tmp_path: Path) -> None:
+    from frontend.engine import triton_engine
+
+    engine = triton_engine.TritonEngine(triton_url="x", model="m", version="1", repository=tmp_path)
+    client = ReadyButStubDead()
+    engine._client = client  # type: ignore[assignment]
+    engine._warm = True
+    engine._stepped_at = -1e9
+    assert not await engine.ready()  # Triton says ready; the step says otherwise
+    client.steps_ok = True
+    results = await asyncio.gather(*(engine.ready() for _ in range(5)))
+    assert all(results) and client.step_calls == 2  # concurrent probes share one step
+    assert await engine.ready() and client.step_calls == 2  # then it stands for a moment
+    engine._stepped_at -= triton_engine.READY_STEP_TTL_S
+    client.steps_ok = False
+    assert not await engine.ready() and client.step_calls == 3

@@ -637,3 +637,17 @@ async def test_an_iteration_that_fails_outside_the_rows_fails_its_step_once_not_
     assert [type(e) for e in events] == [TokenEvent] * 3 + [FinishEvent]
     await sched.close()
     assert not backend.live
+
+
+async def test_a_zero_token_generation_finishes_after_its_prefill_without_a_token() -> None:
+    # max_new_tokens 0 with no prompt logprobs (the API layer answers echo itself; the engine
+    # must be right too): the prefill runs (the model checks the prompt), then "length", no token.
+    backend = ScriptedBackend(capacity=4)
+    sched = scheduler(backend)
+    sched.start()
+    seq = sched.submit(EngineRequest([1, 2, 3], GREEDY, 0, seed=None))
+    events = await drain(seq.events)  # type: ignore[arg-type]
+    await sched.close()
+    assert events == [FinishEvent("length")]
+    assert backend.batches and bool(backend.batches[0].start.any())
+    assert not backend.live
