@@ -26,32 +26,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 # ------------------------------------------------------------------------------------ server
-def serve(port: int, step_ms: float, streams: int, small_buffers: bool) -> None:
-    import numpy as np
-    import uvicorn
+def _small_send_buffers() -> None:
+    """A slow network: the server's writes back up after 4 KiB, not after megabytes."""
     from uvicorn.protocols.http import h11_impl, httptools_impl
 
-    if small_buffers:  # a slow network: the server's writes back up after 4 KiB, not after megabytes
-        for protocol in (h11_impl.H11Protocol, httptools_impl.HttpToolsProtocol):
-            made = protocol.connection_made
+    for protocol in (h11_impl.H11Protocol, httptools_impl.HttpToolsProtocol):
+        made = protocol.connection_made
 
-            def connection_made(self: object, transport: asyncio.Transport, _made: object = made) -> None:
-                _made(self, transport)  # type: ignore[operator]
-                transport.set_write_buffer_limits(high=4096)
-                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        def connection_made(self: object, transport: asyncio.Transport, _made: object = made) -> None:
+            _made(self, transport)  # type: ignore[operator]
+            transport.set_write_buffer_limits(high=4096)
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
-            protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+
+
+def _engine_factory(step_ms: float, streams: int) -> Any:
+    """`create_app`'s engine factory: the real scheduler over a stand-in Triton."""
+    import numpy as np
 
     from export.tokenizer_builder import build_tokenizer
-    from frontend.app import create_app
-    from frontend.cache import MemoryResultCache
     from frontend.engine.model import ServedModel
     from frontend.engine.scheduler import Scheduler, SchedulerConfig
     from frontend.engine.step_rows import StepRequest, StepResult
-    from frontend.settings import Settings
 
     vocab = 8192
     tokenizer = build_tokenizer(Path(tempfile.mkdtemp()), vocab)
@@ -109,6 +110,18 @@ def serve(port: int, step_ms: float, streams: int, small_buffers: bool) -> None:
         def load(self) -> tuple[int, int]:
             return self.scheduler.running, self.scheduler.waiting
 
+    return lambda _s, m: Engine(m)
+
+
+def serve(port: int, step_ms: float, streams: int, small_buffers: bool) -> None:
+    import uvicorn
+
+    from frontend.app import create_app
+    from frontend.cache import MemoryResultCache
+    from frontend.settings import Settings
+
+    if small_buffers:
+        _small_send_buffers()
     settings = Settings(
         environment="test",
         model="bench",
@@ -118,7 +131,7 @@ def serve(port: int, step_ms: float, streams: int, small_buffers: bool) -> None:
         max_new_tokens_limit=1024,
         ip_rpm=0,  # no per-IP limit: every stream comes from this one address
     )
-    app = create_app(settings, engine_factory=lambda _s, m: Engine(m), cache=MemoryResultCache(16, 60.0))  # type: ignore[arg-type,return-value]
+    app = create_app(settings, engine_factory=_engine_factory(step_ms, streams), cache=MemoryResultCache(16, 60.0))
     profile_to = os.environ.get("SSE_BENCH_PROFILE")  # where the server's cProfile stats go, if set
     if profile_to:
         import cProfile

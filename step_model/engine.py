@@ -120,6 +120,16 @@ class ModelMeta:
         )
 
 
+def _own_stream(device: torch.device) -> Any:
+    """A CUDA stream of our own (not the legacy default stream) shared with ONNX Runtime. Current
+    streams are per thread and Triton may call execute from another thread than initialize, so
+    every step enters it explicitly (see `StepEngine.step`)."""
+    torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device)
+    torch.cuda.set_stream(stream)
+    return stream
+
+
 def _prompt_feeds(
     input_ids: np.ndarray, lengths: np.ndarray, *, gather_index: np.ndarray, temperature: np.ndarray, window: int
 ) -> dict[str, np.ndarray]:
@@ -165,14 +175,7 @@ class StepEngine:
         self.device = torch.device("cuda", device_id) if self.device_kind == "cuda" else torch.device("cpu")
         self._device_id = device_id
         self.dtype = torch.float16 if meta.dtype == "fp16" else torch.float32
-        self._stream: Any = None
-        if self.device_kind == "cuda":
-            # A stream of our own (not the legacy default stream) shared with ORT below. Current
-            # streams are per thread and Triton may call execute from another thread than
-            # initialize, so every step enters it explicitly (see `step`).
-            torch.cuda.set_device(self.device)
-            self._stream = torch.cuda.Stream(self.device)
-            torch.cuda.set_stream(self._stream)
+        self._stream: Any = _own_stream(self.device) if self.device_kind == "cuda" else None
         self.session = make_session(
             model_path,
             device_kind=self.device_kind,
