@@ -36,8 +36,8 @@ run: setup ## export a default model if needed, start Triton + the gateway; Ctrl
 	GATEWAY_CHAT_TEMPLATE=$${GATEWAY_CHAT_TEMPLATE-$(CHAT_TEMPLATE)} \
 	  $(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
 
-test: setup redis-server prometheus kubectl ## the whole suite; real servers are started by fixtures
-	$(BIN)/python -m pytest
+test: setup redis-server prometheus kubectl ## unit, api, integration (+ manifests); real servers started by fixtures
+	$(BIN)/python -m pytest --ignore=tests/resilience
 
 # One tier at a time (the pytest markers of the same names): the first two need no server.
 test-unit: setup ## pure functions: sampler, scheduler against a scripted backend, text, breaker
@@ -49,7 +49,7 @@ test-api: setup ## the gateway app with a fake engine: error shapes, validation,
 test-integration: setup redis-server prometheus ## real tritonserver / redis-server / Prometheus started by fixtures
 	$(BIN)/python -m pytest tests/integration
 
-test-resilience: setup redis-server prometheus ## real servers killed, frozen, flooded
+test-resilience: setup redis-server prometheus ## the fault tier: real servers killed, frozen, flooded (CI runs it after make test)
 	$(BIN)/python -m pytest tests/resilience
 
 redis-server: ## the Redis tests start a real redis-server: install Debian's package when missing
