@@ -390,6 +390,26 @@ def test_cpu_summary_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert one["ours_itl_p50_ms"] == pytest.approx(30.5)
     assert "1 of 2 rows met" in text and "top-k 50 (top-p off)" in text
     assert not any(mode == "topp" for mode, _ in rows)  # top-p did not run: no rows, no crash
+    ratios = json.loads((tmp_path / "cpu_summary.json").read_text())["topp_over_topk"]
+    assert [r["status"] for r in ratios] == ["not run", "not run"]
+
+
+def test_cpu_summary_top_p_over_top_k(tmp_path: Path) -> None:
+    """Issue 16 target 7: per concurrency, the stack's top-p run over its top-k run, >= 0.8x."""
+    from benchmarks import cpu_summary
+
+    for mode, wall in (("topk", 2.0), ("topp", 2.2)):  # 0.91x
+        name = f"closed-stream-c1-r3-t64-cpu_stack_{mode}"
+        _write_load(tmp_path, name, n=1, latency=1.0, tokens=64, wall=wall, ttft=0.05, itl=[0.03], max_new=64)
+    name = "closed-stream-c4-r3-t64-cpu_stack_topk"
+    _write_load(tmp_path, name, n=4, latency=1.0, tokens=64, wall=2.0, ttft=0.05, itl=[0.03], max_new=64)
+    name = "closed-stream-c4-r3-t64-cpu_stack_topp"
+    _write_load(tmp_path, name, n=4, latency=1.0, tokens=64, wall=4.0, ttft=0.05, itl=[0.03], max_new=64)  # 0.5x
+    assert cpu_summary.main([str(tmp_path)]) == 0
+    ratios = {r["concurrency"]: r for r in json.loads((tmp_path / "cpu_summary.json").read_text())["topp_over_topk"]}
+    assert ratios[1]["ratio"] == pytest.approx(2.0 / 2.2) and ratios[1]["status"] == "met"
+    assert ratios[4]["ratio"] == pytest.approx(0.5) and ratios[4]["status"] == "missed"
+    assert "top-p ÷ top-k" in (tmp_path / "cpu_summary.md").read_text()
 
 
 def test_cpu_summary_of_an_empty_directory(tmp_path: Path) -> None:
