@@ -53,6 +53,9 @@ RUN grep -hE '^(torch|numpy|onnx|nvidia-pytriton)==' /tmp/req/requirements.txt |
 # The launcher only (embedded_triton/: the wheel's backend directory, the stub for this Python,
 # the environment tritonserver needs). The step model's code ships inside each model version.
 COPY embedded_triton/ /app/embedded_triton/
+# The launcher's model health step speaks the wire contract (pure Python).
+COPY step_model/__init__.py /app/step_model/__init__.py
+COPY step_model/contract/ /app/step_model/contract/
 WORKDIR /app
 RUN useradd --create-home --uid 10002 triton
 USER triton
