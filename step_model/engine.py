@@ -501,6 +501,8 @@ class StepEngine:
             if rows.size and extra.shape[1]:
                 fill_extra_logits(res, rows, extra, self._stored_logits(slots[rows]))
         if req.draw is not None:
+            res.drawn_ids = np.full(answered.shape[0], -1, dtype=np.int64)
+            res.drawn_logits = np.zeros(answered.shape[0], dtype=np.float32)
             rows = rows_to_draw(req, res, answered)
             if rows.size:
                 fill_draws(req, res, rows, self._stored_logits(slots[rows]))

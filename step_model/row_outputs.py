@@ -47,8 +47,6 @@ def rows_to_draw(req: StepRequest, res: StepResult, answered: np.ndarray) -> np.
     EXTRA_IDS are never drawn: their window is over the rest of the row, their caller adjusts)."""
     assert req.draw is not None
     n = res.status.shape[0]
-    res.drawn_ids = np.full(n, -1, dtype=np.int64)
-    res.drawn_logits = np.zeros(n, dtype=np.float32)
     adjusted = (req.extra_ids >= 0).any(axis=1) if req.extra_ids is not None else np.zeros(n, dtype=bool)
     wanted = answered & ~adjusted & needs_draw(req.draw, res.topk_logits, res.logsumexp)
     return np.flatnonzero(wanted)

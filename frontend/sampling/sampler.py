@@ -254,16 +254,11 @@ def sample(
     ids = np.asarray(step.topk_ids)
     if logits.ndim != 1 or logits.shape != ids.shape or logits.size == 0:
         raise ValueError("topk_logits and topk_ids must be non-empty 1-D arrays of equal length")
-    # Re-sort by (descending logit, ascending id) so that ties are in the full row's stable order.
-    order = np.lexsort((ids, -logits))
-    z = logits[order].astype(np.float64)
-    sorted_ids = ids[order].astype(np.int64)
+    z, sorted_ids = _stable_window(logits, ids)
     if adjustment is None:
         n_trusted = _trusted_count(z)
-        if params.logprobs > n_trusted:
-            raise NeedFullRow("logprobs")
+        top = _trusted_top(z, sorted_ids, lse, params.logprobs, n_trusted)
         idx = _select(z, lse, params, u, n_trusted, complete=False)
-        top = tuple((int(sorted_ids[i]), float(z[i] - lse)) for i in range(params.logprobs))
         return Sampled(int(sorted_ids[idx]), float(z[idx] - lse), top)
     if step.extra_logits is None or step.rest_logsumexp is None:
         raise NeedFullRow(adjustment.reason)
@@ -295,14 +290,22 @@ def drawn(step: StepLogits, params: SamplingParams, token_id: int, logit: float)
     lse = float(step.logsumexp)
     top: tuple[tuple[int, float], ...] = ()
     if params.logprobs > 0:
-        logits = np.asarray(step.topk_logits)
-        ids = np.asarray(step.topk_ids)
-        order = np.lexsort((ids, -logits))
-        z = logits[order].astype(np.float64)
-        if params.logprobs > _trusted_count(z):
-            raise NeedFullRow("logprobs")
-        top = tuple((int(ids[order[i]]), float(z[i] - lse)) for i in range(params.logprobs))
+        z, ids = _stable_window(np.asarray(step.topk_logits), np.asarray(step.topk_ids))
+        top = _trusted_top(z, ids, lse, params.logprobs, _trusted_count(z))
     return Sampled(int(token_id), float(logit) - lse, top)
+
+
+def _stable_window(logits: NDArray[np.float32], ids: NDArray[np.int64]) -> tuple[_F64, _I64]:
+    """A window re-sorted by (descending logit, ascending id): ties in the full row's stable order."""
+    order = np.lexsort((ids, -logits))
+    return logits[order].astype(np.float64), ids[order].astype(np.int64)
+
+
+def _trusted_top(z: _F64, ids: _I64, lse: float, n: int, n_trusted: int) -> tuple[tuple[int, float], ...]:
+    """The ``n`` reported alternatives of a stably sorted window; NeedFullRow unless all are trusted."""
+    if n > n_trusted:
+        raise NeedFullRow("logprobs")
+    return tuple((int(ids[i]), float(z[i] - lse)) for i in range(n))
 
 
 def _raw_logit(token: int, adjusted_ids: _I64, extra: _F64, window_ids: _I64, window: _F64) -> float:
