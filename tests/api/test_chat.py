@@ -35,17 +35,9 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture
-def settings() -> Settings:
+def settings(settings: Settings) -> Settings:
     """The API tier's settings, started with the example template."""
-    return Settings(
-        environment="test",
-        model=MODEL,
-        max_batch_requests=4,
-        max_n=3,
-        max_new_tokens_limit=48,
-        request_timeout_s=5.0,
-        chat_template=EXAMPLE,
-    )
+    return settings.model_copy(update={"chat_template": EXAMPLE})
 
 
 def _prompt_ids(model: ServedModel, messages: list[Any] = MESSAGES) -> list[int]:

@@ -40,16 +40,9 @@ def cache() -> MemoryResultCache:
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return Settings(
-        environment="test",
-        model=MODEL,
-        max_batch_requests=4,
-        max_n=3,
-        max_new_tokens_limit=48,
-        request_timeout_s=5.0,
-        chat_template=EXAMPLE,
-    )
+def settings(settings: Settings) -> Settings:
+    """The API tier's settings, started with the example template."""
+    return settings.model_copy(update={"chat_template": EXAMPLE})
 
 
 async def _stream(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[Any]:
