@@ -352,10 +352,12 @@ class Scheduler(Recovery, StepSampling):
             self._expire_parked()
         self.observer.queue_changed(len(self._waiting), len(self._running))
 
-    def _plan(self) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None]]:
+    def _plan(self) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None], np.ndarray]:
         """The rows of the next step: decodes, then new sequences (within the prefill budget and
-        the start allowance), then releases. Returns the stepping sequences, the batch and each
-        sequence's logit adjustment for this step (None for most)."""
+        the start allowance), then releases. Returns the stepping sequences, the batch, each
+        sequence's logit adjustment for this step (None for most) and the uniform each draws its
+        token with (the n-th of its stream for its n-th token: the model's device draw and the
+        gateway's sampling use the same one)."""
         seqs = [s for s in self._running if s.on_server]
         n = len(seqs)
         decode_ids = np.fromiter((s.sequence_id for s in seqs), dtype=np.uint64, count=n)
@@ -379,6 +381,9 @@ class Scheduler(Recovery, StepSampling):
             seqs.append(s)
             starts.append((s.sequence_id, context, s.temperature))
         adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
+        keys = np.fromiter((s.rng_key for s in seqs), dtype=np.uint64, count=len(seqs))
+        counts = np.fromiter((len(s.generated) for s in seqs), dtype=np.uint64, count=len(seqs))
+        uniforms = step_uniforms(keys, counts)
         batch = compose(
             decode_ids,
             decode_tokens,
@@ -389,25 +394,21 @@ class Scheduler(Recovery, StepSampling):
             # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
             [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]],
             [a.ids if a is not None else None for a in adjustments] if self.extra_logits else (),
-            self._draw_columns(seqs) if self.device_draws else None,
+            self._draw_columns(seqs, uniforms) if self.device_draws else None,
         )
-        return seqs, batch, adjustments
+        return seqs, batch, adjustments, uniforms
 
     @staticmethod
-    def _draw_columns(seqs: list[ActiveSequence]) -> np.ndarray | None:
-        """The rows' DRAW columns (u, top_p, top_k, min_p): the uniform each sampled sequence
-        draws its next token with (the n-th of its stream: the one its sampling will use) and its
-        cuts, so the model can draw it on the device when the window falls short; u = -1 for the
-        rows that never ask (greedy, adjusted). None when no row asks."""
+    def _draw_columns(seqs: list[ActiveSequence], uniforms: np.ndarray) -> np.ndarray | None:
+        """The rows' DRAW columns (u, top_p, top_k, min_p): each sampled sequence's uniform for
+        this step and its cuts, so the model can draw it on the device when the window falls
+        short; u = -1 for the rows that never ask (greedy, adjusted). None when no row asks."""
         asking = [i for i, s in enumerate(seqs) if s.draw_cuts is not None]
         if not asking:
             return None
-        chosen = [seqs[i] for i in asking]
-        keys = np.fromiter((s.rng_key for s in chosen), dtype=np.uint64, count=len(chosen))
-        counts = np.fromiter((len(s.generated) for s in chosen), dtype=np.uint64, count=len(chosen))
         columns = np.full((len(seqs), 4), -1.0)
-        columns[asking, 0] = step_uniforms(keys, counts)
-        columns[asking, 1:] = [s.draw_cuts for s in chosen]
+        columns[asking, 0] = uniforms[asking]
+        columns[asking, 1:] = [seqs[i].draw_cuts for i in asking]
         return columns
 
     def _fail_stepping(self, err: Exception) -> None:
@@ -425,7 +426,7 @@ class Scheduler(Recovery, StepSampling):
         """One step for everything runnable; returns whether any token was produced or freed."""
         self._admit()
         self._stepping = list(self._running)  # until the plan names the step's own
-        seqs, rows, adjustments = self._plan()
+        seqs, rows, adjustments, uniforms = self._plan()
         self._stepping = seqs
         n_rows = int(rows.sequence_ids.shape[0])
         if not n_rows:
@@ -475,7 +476,7 @@ class Scheduler(Recovery, StepSampling):
         sampling = self._settle_rows(seqs, status, out)
         if out.prompt_logprobs is not None:
             sampling = self._emit_prompt_logprobs(seqs, sampling, out)
-        fetch = self._sample_rows(seqs, sampling, out, adjustments)
+        fetch = self._sample_rows(seqs, sampling, out, adjustments, uniforms)
         if fetch:
             await self._fetch_full_rows(fetch)
         self._stepping = []

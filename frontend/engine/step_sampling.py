@@ -36,7 +36,6 @@ from frontend.sampling import (
     sample_adjusted_batch,
     sample_window_batch,
 )
-from frontend.sampling.uniform import step_uniforms
 from step_model.contract import RowStatus
 
 if TYPE_CHECKING:
@@ -94,18 +93,20 @@ class StepSampling:
         rows: list[int],
         out: StepResult,
         adjustments: list[LogitAdjustment | None],
+        uniforms: np.ndarray,
     ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
-        """Sample the given rows of a step; returns the rows that need their full logits row.
+        """Sample the given rows of a step with the step's uniforms (one per sequence, from the
+        plan); returns the rows that need their full logits row.
 
         A row whose numbers cannot be sampled fails alone: when a vectorized pass raises, the rows
         are sampled one by one and only the one that raises again fails."""
         if not rows:
             return []
         try:
-            return self._sample_batch(seqs, rows, out, adjustments)
+            return self._sample_batch(seqs, rows, out, adjustments, uniforms)
         except Exception as err:
             if len(rows) > 1:
-                return [f for i in rows for f in self._sample_rows(seqs, [i], out, adjustments)]
+                return [f for i in rows for f in self._sample_rows(seqs, [i], out, adjustments, uniforms)]
             self._fail_row(seqs[rows[0]], err)
             return []
 
@@ -119,15 +120,13 @@ class StepSampling:
         rows: list[int],
         out: StepResult,
         adjustments: list[LogitAdjustment | None],
+        uniforms: np.ndarray,
     ) -> list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]:
         """`_sample_rows` without the isolation: the vectorized passes may raise (before any row
         is emitted); a row that fails after them fails alone."""
         index = np.asarray(rows, dtype=np.int64)
         chosen = [seqs[i] for i in rows]
-        # One draw per row per step: the n-th token of a sequence uses the n-th uniform of its stream.
-        keys = np.fromiter((seq.rng_key for seq in chosen), dtype=np.uint64, count=len(chosen))
-        draws = np.fromiter((len(seq.generated) for seq in chosen), dtype=np.uint64, count=len(chosen))
-        u = step_uniforms(keys, draws)
+        u = uniforms[index]  # one draw per row per step, the same the model's device draw used
         topk_logits, topk_ids, lse = out.topk_logits[index], out.topk_ids[index], out.logsumexp[index]
         batch = sample_window_batch(topk_logits, topk_ids, lse, BatchParams.from_params([s.params for s in chosen]), u)
         fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]] = []
