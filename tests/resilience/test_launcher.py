@@ -112,10 +112,10 @@ def test_a_taken_triton_port_fails_the_launcher_at_once(
     assert f"gRPC port {occupied_port}" in output and "--grpc-port" in output, output
 
 
-def test_make_run_names_a_taken_triton_port(model_repository: Path, tmp_path: Path, occupied_port: int) -> None:
-    """`make run` (embedded_triton.stack): the port and the variable that moves it, before any export."""
-    stack_args = ["--model", "tiny", "--repository", str(model_repository), "--port", str(free_port())]
-    stack_args += ["--triton-http-port", str(free_port()), "--triton-grpc-port", str(occupied_port)]
+def _stack_output(model_repository: Path, tmp_path: Path, *, port: int, grpc_port: int) -> tuple[int, str]:
+    """Run `make run`'s launcher (embedded_triton.stack) with these ports; its exit code and output."""
+    stack_args = ["--model", "tiny", "--repository", str(model_repository), "--port", str(port)]
+    stack_args += ["--triton-http-port", str(free_port()), "--triton-grpc-port", str(grpc_port)]
     stack_args += ["--triton-metrics-port", str(free_port())]
     log = tmp_path / "stack.log"
     launcher = _launcher(["embedded_triton.stack", *stack_args], log, cwd=tmp_path)
@@ -125,24 +125,18 @@ def test_make_run_names_a_taken_triton_port(model_repository: Path, tmp_path: Pa
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait(10)
-    output = log.read_text(errors="replace")
+    return code, log.read_text(errors="replace")
+
+
+def test_make_run_names_a_taken_triton_port(model_repository: Path, tmp_path: Path, occupied_port: int) -> None:
+    """`make run` (embedded_triton.stack): the port and the variable that moves it, before any export."""
+    code, output = _stack_output(model_repository, tmp_path, port=free_port(), grpc_port=occupied_port)
     assert code == 1, output
     assert f"gRPC port {occupied_port}" in output and "TRITON_GRPC_PORT" in output, output
     assert "starting tritonserver" not in output, output
 
 
 def test_make_run_names_a_taken_gateway_port(model_repository: Path, tmp_path: Path, occupied_port: int) -> None:
-    stack_args = ["--model", "tiny", "--repository", str(model_repository), "--port", str(occupied_port)]
-    stack_args += ["--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port())]
-    stack_args += ["--triton-metrics-port", str(free_port())]
-    log = tmp_path / "stack.log"
-    launcher = _launcher(["embedded_triton.stack", *stack_args], log, cwd=tmp_path)
-    try:
-        code = launcher.wait(30)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait(10)
-    output = log.read_text(errors="replace")
+    code, output = _stack_output(model_repository, tmp_path, port=occupied_port, grpc_port=free_port())
     assert code == 1, output
     assert f"gateway's port {occupied_port}" in output and "PORT=" in output, output
