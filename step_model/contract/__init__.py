@@ -126,6 +126,10 @@ PARAM_REQUEST_IDS: Final = "request_ids"
 # Per row, comma-separated: -1, or k >= 0 to get the row's prompt logprobs with k alternatives
 # (start rows only; PROMPT_OUTPUTS must be requested). One extra eager pass over those prompts.
 PARAM_PROMPT_LOGPROBS: Final = "prompt_logprobs"
+# The KV partition (0 <= p < CONFIG_KV_PARTITIONS) the request's start rows take their slots from
+# (any other partition when it is full). A gateway that keeps several steps in flight gives each its
+# own partition, so each decode runs over its own contiguous slot range, not the whole pool.
+PARAM_KV_PARTITION: Final = "kv_partition"
 
 
 class RowStatus(IntEnum):
@@ -156,6 +160,8 @@ CONFIG_DEFAULT_WINDOW: Final = "default_window"
 CONFIG_DEVICE: Final = "device"
 CONFIG_STRICT_DEVICE: Final = "strict_device"
 CONFIG_CUDA_GRAPHS: Final = "cuda_graphs"
+# The KV pool is cut into this many equal contiguous slot ranges (PARAM_KV_PARTITION); default 1.
+CONFIG_KV_PARTITIONS: Final = "kv_partitions"
 
 # ------------------------------------------------------------------------ metadata.json keys
 META_N_LAYER: Final = "n_layer"
