@@ -1,6 +1,7 @@
-"""Decode runs of the step engine: one token per stepping slot over slots [0, b) of the KV pool.
+"""Decode runs of the step engine: one token per stepping slot over slots [first, first + b) of the
+KV pool (first: the start of the lowest stepping slot's partition, step_model.slots).
 
-Per b, device buffers at fixed addresses and an ONNX Runtime IOBinding (`DecodeBuffers`): eager
+Per (first, b), device buffers at fixed addresses and an ONNX Runtime IOBinding (`DecodeBuffers`): eager
 ones cached least-recently-used; on the GPU with CUDA graphs, one captured graph per bucket
 (`gpu_graph_id`), all bindings at fixed addresses. GroupQueryAttention's `total_sequence_length`
 and TopK's K are host inputs read at capture time, so graph runs pass the pool's full context
@@ -108,31 +109,33 @@ class DecodeRunner:
             if setup.device_kind == "cuda"
             else ()  # CPU: run exactly the slots in use, padding rows cost real compute there
         )
-        self._eager: OrderedDict[int, DecodeBuffers] = OrderedDict()
-        self._graphs: dict[int, DecodeBuffers] = {}
+        self._eager: OrderedDict[tuple[int, int], DecodeBuffers] = OrderedDict()
+        self._graphs: dict[tuple[int, int], DecodeBuffers] = {}
         self.buffers: dict[int, DecodeBuffers] = {}  # by key: where a slot's latest logits live
 
     def disable_graphs(self) -> None:
         self.cuda_graphs, self._graphs, self._graphed, self._graphed_large = False, {}, None, None
 
-    def buffers_for(self, hi: int, window: int) -> tuple[DecodeBuffers, bool]:
-        """The buffers of a run over slots [0, >= hi) returning `window` entries, and whether the
-        run replays a CUDA graph."""
+    def buffers_for(self, first: int, hi: int, window: int) -> tuple[DecodeBuffers, bool]:
+        """The buffers of a run over slots [first, >= hi) returning `window` entries, and whether
+        the run replays a CUDA graph."""
         graphed = self.cuda_graphs and window <= self.graph_window
         if graphed:
-            return self.graph_buffers(self._bucket(hi)), True
-        decode = self._eager_buffers(self._bucket(hi) if self.buckets else hi)
+            return self.graph_buffers(first, self.bucket(first, hi - first)), True
+        decode = self._eager_buffers(first, self.bucket(first, hi - first) if self.buckets else hi - first)
         self._bind_window(decode, window)
         return decode, False
 
-    def _bucket(self, rows: int) -> int:
+    def bucket(self, first: int, rows: int) -> int:
+        """The smallest bucket >= rows, within the pool from `first` on."""
+        room = self.setup.pool.shape[2] - first
         i = int(np.searchsorted(self.buckets, rows))
-        return self.buckets[min(i, len(self.buckets) - 1)]
+        return min(self.buckets[min(i, len(self.buckets) - 1)], room)
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, *, output: bool) -> None:
         bind_tensor(binding, name, tensor, self.setup.device_kind, self.setup.device_id, output=output)
 
-    def _new_buffers(self, b: int, session: Any, *, torch_tail: bool) -> DecodeBuffers:
+    def _new_buffers(self, first: int, b: int, session: Any, *, torch_tail: bool) -> DecodeBuffers:
         dev, setup = self.setup.device, self.setup
         decode = DecodeBuffers(
             rows=b,
@@ -148,6 +151,7 @@ class DecodeRunner:
             gather_index=torch.arange(b, dtype=torch.int64, device=dev),
             session=session,
             torch_tail=torch_tail,
+            first=first,
         )
         decode.key = len(self.buffers)
         while decode.key in self.buffers:
@@ -162,36 +166,36 @@ class DecodeRunner:
             (graph_io.TEMPERATURE, decode.temperature),
         ):
             self._bind(binding, name, tensor, output=False)
-        bind_kv(binding, setup.pool[:, :, :b], setup.device_kind, setup.device_id, setup.n_layer)
+        bind_kv(binding, setup.pool[:, :, first : first + b], setup.device_kind, setup.device_id, setup.n_layer)
         self._bind(binding, graph_io.LOGITS, decode.logits, output=True)
         if not torch_tail:
             self._bind(binding, graph_io.LOGSUMEXP, decode.lse, output=True)
         return decode
 
-    def graph_buffers(self, b: int) -> DecodeBuffers:
-        decode = self._graphs.get(b)
+    def graph_buffers(self, first: int, b: int) -> DecodeBuffers:
+        decode = self._graphs.get((first, b))
         if decode is None:
             small = b <= self.xqa_max_rows
             session = self._graphed if small else self._graphed_large
             assert session is not None
-            decode = self._new_buffers(b, session, torch_tail=self.torch_tail and not small)
+            decode = self._new_buffers(first, b, session, torch_tail=self.torch_tail and not small)
             decode.graph_id = len(self._graphs)
             decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
             self._bind_window(decode, self.graph_window)
-            self._graphs[b] = decode
+            self._graphs[first, b] = decode
         return decode
 
-    def _eager_buffers(self, b: int) -> DecodeBuffers:
-        decode = self._eager.get(b)
+    def _eager_buffers(self, first: int, b: int) -> DecodeBuffers:
+        decode = self._eager.get((first, b))
         if decode is None:
-            decode = self._new_buffers(b, self.session, torch_tail=self.torch_tail)
-            self._eager[b] = decode
+            decode = self._new_buffers(first, b, self.session, torch_tail=self.torch_tail)
+            self._eager[first, b] = decode
             if len(self._eager) > _CACHED_BINDINGS:
                 _, evicted = self._eager.popitem(last=False)
                 self._on_evict(evicted)
                 del self.buffers[evicted.key]
         else:
-            self._eager.move_to_end(b)
+            self._eager.move_to_end((first, b))
         return decode
 
     def _bind_window(self, decode: DecodeBuffers, window: int) -> None:
@@ -215,12 +219,12 @@ class DecodeRunner:
     ) -> None:
         """Stage one run's inputs: stepping slots get their token, the rest a dummy at their own
         next position (`lengths`: every slot's cached tokens)."""
-        b = decode.rows
-        positions = np.minimum(lengths[:b], self.setup.max_context - 1)
+        b, first = decode.rows, decode.first
+        positions = np.minimum(lengths[first : first + b], self.setup.max_context - 1)
         input_ids = np.zeros(b, dtype=np.int64)
-        input_ids[slots] = tokens
+        input_ids[slots - first] = tokens
         temps = np.ones(b, dtype=np.float32)
-        temps[slots] = temperature
+        temps[slots - first] = temperature
         staged = np.concatenate((input_ids, positions)).reshape(2, b, 1)
         decode.input_ids.copy_(torch.from_numpy(staged[0]), non_blocking=True)
         decode.positions.copy_(torch.from_numpy(staged[1]), non_blocking=True)

@@ -34,7 +34,6 @@ Thread safety: `step` and the idle sweep may run on different threads; `_lock` g
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import threading
@@ -60,6 +59,7 @@ from step_model.ort_runtime import (
 )
 from step_model.row_outputs import fill_draws, fill_extra_logits, fill_prompt_logprobs, rows_to_draw
 from step_model.rows import EngineError, InvalidRequest, StepRequest, StepResult, check_shapes, row_status
+from step_model.slots import SlotPool
 
 # The engine's public surface (request types and errors live in step_model.rows).
 __all__ = [
@@ -156,6 +156,7 @@ class StepEngine:
         meta: ModelMeta,
         *,
         capacity: int,
+        partitions: int = 1,
         idle_timeout_s: float = 60.0,
         device: str = "auto",
         device_id: int = 0,
@@ -193,7 +194,7 @@ class StepEngine:
         self._length = np.zeros(capacity, dtype=np.int64)  # tokens cached; 0 for a free slot
         self._last_used = np.zeros(capacity, dtype=np.float64)
         self._sequence_of = np.zeros(capacity, dtype=np.uint64)
-        self._free_slots = list(range(capacity))  # a heap: lowest slot first keeps b small
+        self._free_slots = SlotPool(capacity, partitions)  # lowest slot first keeps decode ranges short
         setup = DecodeSetup(
             self.device,
             self.device_kind,
@@ -233,14 +234,20 @@ class StepEngine:
             return
         with self._lock, self._on_stream():
             try:
-                for b in decoder.buckets:
-                    decode = decoder.graph_buffers(b)
+                for first, b in self._graph_ranges():
+                    decode = decoder.graph_buffers(first, b)
                     while decode.runs < 3:  # ORT runs a graph eagerly before it captures it
                         decoder.fill(decode, self._length, np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
                         decoder.run(decode, graphed=True)
             except Exception as err:
                 log.warning("CUDA graphs disabled, capture failed: %s", err)
                 decoder.disable_graphs()
+
+    def _graph_ranges(self) -> list[tuple[int, int]]:
+        """(first, bucket) of every decode range a step can run: from each partition's start."""
+        pool = self._free_slots
+        starts = range(0, pool.capacity, pool.size)
+        return sorted({(first, self.decoder.bucket(first, b)) for first in starts for b in self.decoder.buckets})
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
@@ -273,7 +280,7 @@ class StepEngine:
     def _free_slots_of(self, slots: np.ndarray) -> None:
         for slot in slots.tolist():  # per freed sequence, not per row of a step
             del self._slot_of[int(self._sequence_of[slot])]
-            heapq.heappush(self._free_slots, slot)
+            self._free_slots.give(slot)
         self._length[slots] = 0
         self._home[slots] = -1
 
@@ -346,7 +353,10 @@ class StepEngine:
             input_ids[at : at + rows.size, :width] = req.input_ids[rows, :width]
             at += rows.size
         input_ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
-        new_slots = np.array([heapq.heappop(self._free_slots) for _ in range(b)], dtype=np.int64)
+        take = self._free_slots.take
+        new_slots = np.array(
+            [take(req.kv_partition) for req, _, _, rows in chosen for _ in range(rows.size)], dtype=np.int64
+        )
         scratch = self._scratch_kv(b, s)
         feeds = _prompt_feeds(
             input_ids,
@@ -427,7 +437,8 @@ class StepEngine:
         step_slots = np.concatenate([slots[rows] for _, slots, _, rows in chosen])
         tokens = np.concatenate([req.input_ids[rows, 0] for req, _, _, rows in chosen]).astype(np.int64)
         temperature = np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32)
-        decode, graphed = self.decoder.buffers_for(int(step_slots.max()) + 1, window)
+        first = self._free_slots.start_of(int(step_slots.min()))
+        decode, graphed = self.decoder.buffers_for(first, int(step_slots.max()) + 1, window)
         self.decoder.fill(decode, self._length, step_slots, tokens, temperature)
         self._save_bystanders(decode, step_slots)
         self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed))
@@ -437,7 +448,7 @@ class StepEngine:
         self._last_used[step_slots] = now
         at = 0
         for req, _, res, rows in chosen:
-            mine = step_slots[at : at + rows.size]
+            mine = step_slots[at : at + rows.size] - decode.first
             k = req.window
             res.topk_logits[rows] = host["topk_logits"].numpy()[mine, :k]
             res.topk_ids[rows] = host["topk_ids"].numpy()[mine, :k]
@@ -450,15 +461,16 @@ class StepEngine:
         """Copy rows whose latest logits live in `decode`'s buffer into `last_logits`."""
         if slots.size:
             index = torch.from_numpy(slots).to(self.device)
-            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, index))
+            rows = torch.from_numpy(slots - decode.first).to(self.device)
+            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, rows))
             self._home[slots] = -1
 
     def _save_bystanders(self, decode: DecodeBuffers, stepping: np.ndarray) -> None:
         """Before `decode` overwrites its buffer: keep the rows of slots that do not step now."""
-        mine = self._home[: decode.rows] == decode.key
+        mine = self._home[decode.first : decode.first + decode.rows] == decode.key
         if mine.any():
-            mine[stepping] = False
-            self._save_rows(decode, np.flatnonzero(mine))
+            mine[stepping - decode.first] = False
+            self._save_rows(decode, np.flatnonzero(mine) + decode.first)
 
     def _stored_logits(self, slots: np.ndarray) -> torch.Tensor:
         """The latest logits rows of `slots` [n, V], wherever they live."""

@@ -89,7 +89,8 @@ def pruned_to_logits(model_path: Path) -> bytes:
 
 @dataclass
 class DecodeBuffers:
-    """Device buffers and the IOBinding of decode runs over b slots (fixed addresses)."""
+    """Device buffers and the IOBinding of decode runs over slots [first, first + rows) (fixed
+    addresses); row i of every buffer is slot first + i."""
 
     rows: int
     binding: Any
@@ -110,6 +111,7 @@ class DecodeBuffers:
     key: int = 0  # this buffer's id in the engine's logits-home table
     session: Any = None  # the ONNX Runtime session this binding belongs to
     torch_tail: bool = False  # top-K / log-sum-exp by torch (the session runs the pruned graph)
+    first: int = 0  # the first slot of the range
 
 
 def make_session(

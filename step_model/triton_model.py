@@ -76,6 +76,7 @@ class TritonPythonModel:
             version_dir / contract.VERSION_ONNX,
             meta,
             capacity=int(setting(params, contract.CONFIG_KV_CAPACITY, "64")),
+            partitions=int(setting(params, contract.CONFIG_KV_PARTITIONS, "1")),
             idle_timeout_s=float(setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
             device=setting(params, contract.CONFIG_DEVICE, "auto"),
             device_id=int(args.get("model_instance_device_id", "0") or 0),
