@@ -253,6 +253,9 @@ def _block(b: _Builder, layer: int, x: str, pending: str | None) -> tuple[str, s
     return x, _mlp(b, layer, hidden)
 
 
+_HEAD_ALIGN = 64  # vocabulary columns of the fp16 LM head are padded to a multiple of this
+
+
 def _head(b: _Builder, x: str, pending: str) -> None:
     """ln_f, the tied LM head over each row's last real token, temperature, and the outputs
     logits, top-K window and log-sum-exp."""
@@ -262,9 +265,20 @@ def _head(b: _Builder, x: str, pending: str) -> None:
     head_key = "wte.weight" if b.spec.tie_word_embeddings else "lm_head.weight"  # [V, E] either way
     if b.dtype == "fp16":
         # On the GPU a MatMul against a [E, V] copy of the head runs cuBLAS's current kernels;
-        # Gemm(transB) over [V, E] ran an older, slower one (H200 profile, 2026-11-30).
-        lm_head = b.weight("lm_head", np.ascontiguousarray(b.w(head_key).T))
-        logits = b.op1("MatMul", [last, lm_head])
+        # Gemm(transB) over [V, E] ran an older, slower one (H200 profile, 2026-11-30). The copy's
+        # columns are padded to a multiple of 64 (zeros, sliced off): with GPT-2's odd 50,257
+        # cuBLAS falls back to unaligned sm75-era kernels (H100 profile, 2026-12-07: 0.31 ms of a
+        # 3.4 ms 512-row step).
+        head = b.w(head_key).T
+        padded = -(-head.shape[1] // _HEAD_ALIGN) * _HEAD_ALIGN
+        if padded != head.shape[1]:
+            head = np.pad(head, ((0, 0), (0, padded - head.shape[1])))
+        logits = b.op1("MatMul", [last, b.weight("lm_head", np.ascontiguousarray(head))])
+        if padded != b.spec.vocab_size:
+            vocab_end = b.weight("vocab_end", np.array([b.spec.vocab_size], dtype=np.int64), cast=False)
+            logits = b.op1(
+                "Slice", [logits, b.weight("vocab_start", np.array([0], dtype=np.int64), cast=False), vocab_end, _AXIS1]
+            )
     elif b.spec.tie_word_embeddings:
         logits = b.op1("Gemm", [last, "wte"], transB=1)  # tied LM head shares the embedding table
     else:

@@ -127,3 +127,26 @@ def test_an_unsupported_activation_is_refused_before_the_weights_load(
     assert code == 2 and len(err) >= 1
     assert "activation_function" in err[-1] and repr(activation) in err[-1] and "Traceback" not in err[-1]
     assert not (tmp_path / "repo" / "m").exists()
+
+
+@pytest.mark.parametrize("vocab_size", [1000, 1024])
+def test_the_fp16_head_is_padded_to_aligned_columns_and_keeps_parity(vocab_size: int, tmp_path: Path) -> None:
+    """GPT-2's odd vocabulary (50,257) sends cuBLAS to unaligned kernels: the fp16 head's columns
+    are padded to a multiple of 64 and the logits sliced back, with unchanged results."""
+    from export.checkpoint import state_dict_numpy
+    from export.graph import build_graph
+    from export.parity import check_parity
+    from step_model.engine import ModelMeta
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=vocab_size)
+    model = GPT2LMHeadModel(config).eval()
+    proto = build_graph(GraphSpec.from_config(config), state_dict_numpy(model), "fp16")
+    head = next(t for t in proto.graph.initializer if t.name == "lm_head")
+    assert list(head.dims) == [64, -(-vocab_size // 64) * 64]
+    assert any(n.op_type == "Slice" and "vocab_end" in n.input for n in proto.graph.node) == (vocab_size % 64 != 0)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    meta = ModelMeta(2, 4, 16, vocab_size, 64, "fp16", vocab_size - 1)
+    report = check_parity(model, path, meta, seed=0, device="cpu", strict_device=False, cuda_graphs=False)
+    assert report.compared_rows > 0 and report.max_abs_error < 5e-3
