@@ -20,7 +20,10 @@ Masses are float64 as on the gateway, so the token is the one the gateway's full
 for the same ``u``, up to float rounding met in another order of summation (a draw or a cut
 exactly on a boundary). `draw_rows` does it in linear passes over the rows (value bins; one bin
 sorted per cut) instead of sorting whole rows: 2.4x faster than `draw_rows_sorted` for 16 rows of
-GPT-2's vocabulary on one CPU core, which stays as the line-for-line reference. The caller gets
+GPT-2's vocabulary on one CPU core, which stays as the line-for-line reference. On the GPU the
+binned passes cost 6.4 ms for 512 rows (H100, 2026-12-07: float64 scatter-adds and a top-K as wide
+as the fullest bin) where one segmented sort is a few kernels: `draw_method` picks the sort there
+("sort") and the bins on the CPU ("bins"); the config parameter `draw_method` overrides it. The caller gets
 the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
 on every other path.
 
@@ -31,10 +34,12 @@ truncation) are left to the gateway's window sampler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-__all__ = ["DRAW_COLUMNS", "draw_rows", "draw_rows_sorted", "needs_draw"]
+__all__ = ["DRAW_COLUMNS", "DRAW_METHODS", "draw_method", "draw_rows", "draw_rows_sorted", "needs_draw"]
 
 DRAW_COLUMNS = 4  # u, top_p, top_k, min_p
 # The host's window masses are float32 sums; a row this close to its threshold is drawn anyway
@@ -106,6 +111,18 @@ def draw_rows_sorted(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tenso
     return tokens, zs.gather(1, index[:, None]).squeeze(1)
 
 
+def draw_method(
+    name: str, device_kind: str
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The draw function for `name` ("sort", "bins", or "auto": sort on CUDA, bins on the CPU)."""
+    if name == "auto":
+        name = "sort" if device_kind == "cuda" else "bins"
+    try:
+        return DRAW_METHODS[name]
+    except KeyError:
+        raise ValueError(f"draw_method must be auto, {' or '.join(DRAW_METHODS)}; got {name!r}") from None
+
+
 _BINS = 2048  # value bins per row: a cut or a draw sorts only the tokens of one bin
 
 
@@ -154,6 +171,9 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
         last_z, last_id = _last_positive(z, mass)
         token_z, token_id = torch.where(found, token_z, last_z), torch.where(found, token_id, last_id)
     return token_id, token_z
+
+
+DRAW_METHODS = {"sort": draw_rows_sorted, "bins": draw_rows}
 
 
 def _value_bins(z: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:

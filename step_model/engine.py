@@ -50,6 +50,7 @@ import torch
 from step_model import contract
 from step_model.contract import RowStatus, graph_io
 from step_model.decode import DecodeRunner, DecodeSetup
+from step_model.draw import draw_method as draw_method_for
 from step_model.ort_runtime import (
     DecodeBuffers,
     available_device,
@@ -157,6 +158,7 @@ class StepEngine:
         *,
         capacity: int,
         partitions: int = 1,
+        draw_method: str = "auto",
         idle_timeout_s: float = 60.0,
         device: str = "auto",
         device_id: int = 0,
@@ -173,6 +175,7 @@ class StepEngine:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self.device_kind = available_device(device)
+        self._draw = draw_method_for(draw_method, self.device_kind)
         self.device = torch.device("cuda", device_id) if self.device_kind == "cuda" else torch.device("cpu")
         self._device_id = device_id
         self.dtype = torch.float16 if meta.dtype == "fp16" else torch.float32
@@ -517,7 +520,7 @@ class StepEngine:
             res.drawn_logits = np.zeros(answered.shape[0], dtype=np.float32)
             rows = rows_to_draw(req, res, answered)
             if rows.size:
-                fill_draws(req, res, rows, self._stored_logits(slots[rows]))
+                fill_draws(req, res, rows, self._stored_logits(slots[rows]), self._draw)
                 self.stats.drawn_rows_total += int(rows.size)
 
     def _finish(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], now: float) -> None:

@@ -7,11 +7,15 @@ into the `StepResult`; the engine finds the rows and their logits, these decide 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from step_model.draw import draw_rows, needs_draw
 from step_model.rows import StepRequest, StepResult
+
+DrawFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = ["fill_draws", "fill_extra_logits", "fill_prompt_logprobs", "rows_to_draw"]
 
@@ -52,12 +56,15 @@ def rows_to_draw(req: StepRequest, res: StepResult, answered: np.ndarray) -> np.
     return np.flatnonzero(wanted)
 
 
-def fill_draws(req: StepRequest, res: StepResult, rows: np.ndarray, stored: torch.Tensor) -> None:
-    """Draw `rows` (from `rows_to_draw`) on the device from their logits `stored` [len(rows), V]."""
+def fill_draws(
+    req: StepRequest, res: StepResult, rows: np.ndarray, stored: torch.Tensor, method: DrawFunction = draw_rows
+) -> None:
+    """Draw `rows` (from `rows_to_draw`) on the device from their logits `stored` [len(rows), V]
+    with `method` (step_model.draw.draw_method)."""
     assert req.draw is not None and res.drawn_ids is not None and res.drawn_logits is not None
     device = stored.device
     lse = torch.from_numpy(res.logsumexp[rows]).to(device)
-    ids, logits = draw_rows(stored, lse, torch.from_numpy(req.draw[rows]).to(device))
+    ids, logits = method(stored, lse, torch.from_numpy(req.draw[rows]).to(device))
     res.drawn_ids[rows] = ids.cpu().numpy()
     res.drawn_logits[rows] = logits.cpu().numpy()
 

@@ -47,8 +47,9 @@ class SlotPool:
         the nearest partition that has one. Raises IndexError when the pool is full."""
         if not self._count:
             raise IndexError("no free KV slot")
+        order: list[int]
         if partition is None or not 0 <= partition < self.partitions:
-            order = range(self.partitions)
+            order = list(range(self.partitions))
         else:
             order = sorted(range(self.partitions), key=lambda p: (abs(p - partition), p))
         for p in order:

@@ -77,6 +77,7 @@ class TritonPythonModel:
             meta,
             capacity=int(setting(params, contract.CONFIG_KV_CAPACITY, "64")),
             partitions=int(setting(params, contract.CONFIG_KV_PARTITIONS, "1")),
+            draw_method=setting(params, contract.CONFIG_DRAW_METHOD, "auto"),
             idle_timeout_s=float(setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
             device=setting(params, contract.CONFIG_DEVICE, "auto"),
             device_id=int(args.get("model_instance_device_id", "0") or 0),

@@ -162,6 +162,9 @@ CONFIG_STRICT_DEVICE: Final = "strict_device"
 CONFIG_CUDA_GRAPHS: Final = "cuda_graphs"
 # The KV pool is cut into this many equal contiguous slot ranges (PARAM_KV_PARTITION); default 1.
 CONFIG_KV_PARTITIONS: Final = "kv_partitions"
+# How rows are drawn on the device (step_model.draw): "auto" (a sort on CUDA, value bins on the CPU),
+# "sort" or "bins".
+CONFIG_DRAW_METHOD: Final = "draw_method"
 
 # ------------------------------------------------------------------------ metadata.json keys
 META_N_LAYER: Final = "n_layer"

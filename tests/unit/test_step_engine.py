@@ -156,14 +156,15 @@ def test_extra_ids_return_their_logits_and_the_rest_of_the_rows_logsumexp(versio
     assert not isinstance(res, Exception) and res.status[0] == RowStatus.INVALID
 
 
-def test_draw_rows_get_the_gateways_full_row_token_and_the_others_none(version_dir: Path) -> None:
+@pytest.mark.parametrize("method", ["bins", "sort"])
+def test_draw_rows_get_the_gateways_full_row_token_and_the_others_none(version_dir: Path, method: str) -> None:
     """DRAW: rows whose window cannot hold their cut are drawn on the device, exactly as the
     gateway's full-row sampler would draw them (same u); rows that do not ask, whose window
     holds the cut (top-k inside it), or that carry EXTRA_IDS get -1. Start, decode and fetch rows
-    alike."""
+    alike. Both draw methods (value bins, the CPU's default; a sort, the GPU's)."""
     from frontend.sampling import SamplingParams, StepLogits, sample
 
-    eng = engine(version_dir)
+    eng = engine(version_dir, draw_method=method)
     first = request([(1, [5, 6, 7], True, False), (2, [8], True, False), (3, [9, 4], True, False)], window=4)
     asks = np.array([[0.3, 0.9, 0, 0], [0.7, 1.0, 3, 0], [-1.0, 0.5, 0, 0]])  # top-p; top-k 3 < window; not asked
     first.draw, first.want_logits = asks, True
@@ -183,6 +184,11 @@ def test_draw_rows_get_the_gateways_full_row_token_and_the_others_none(version_d
             assert int(res.drawn_ids[i]) == want.token_id
             assert float(res.drawn_logits[i]) - float(res.logsumexp[i]) == want.logprob
     assert eng.stats.drawn_rows_total == 3
+
+
+def test_an_unknown_draw_method_is_refused(version_dir: Path) -> None:
+    with pytest.raises(ValueError, match="draw_method"):
+        engine(version_dir, draw_method="quantum")
 
 
 def test_a_malformed_draw_refuses_its_row_or_the_request(version_dir: Path) -> None:
