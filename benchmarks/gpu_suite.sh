@@ -173,7 +173,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWar
 BG1="" BG2=""
 if wanted tests; then
   run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
-    tests/integration/test_triton_model.py --junitxml "$R/tests/triton_model.xml" &
+    tests/integration/test_triton_model.py tests/unit/test_kernels.py --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
   run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
@@ -218,6 +218,8 @@ elif [ -n "$VDIR" ]; then
   # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
   run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
     --draw "top_p=0.9" --tag draw
+  # The tail's kernels and the draw methods alone (report only: benchmarks/tail_bench.py).
+  run_stage tail 60 "$R/engine/tail_bench.log" "$PY" -m benchmarks.tail_bench --rows "1,64,$STREAMS"
 else
   note "no exported model in $REPO: the engine and stack stages cannot run"
   record engine skipped - 0 -

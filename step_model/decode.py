@@ -28,6 +28,7 @@ import onnxruntime as ort
 import torch
 
 from step_model.contract import graph_io
+from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import DecodeBuffers, bind_kv, bind_tensor, env_var, make_session, pruned_to_logits
 
 __all__ = ["DecodeRunner", "DecodeSetup"]
@@ -248,7 +249,7 @@ class DecodeRunner:
         assert decode.topk_logits is not None and decode.topk_ids is not None
         if decode.torch_tail:
             torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
-            torch.logsumexp(decode.logits, dim=-1, out=decode.lse)
+            row_logsumexp(decode.logits, decode.lse)
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name].copy_(tensor, non_blocking=True)
         if self.setup.stream is not None:

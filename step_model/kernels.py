@@ -1,0 +1,78 @@
+"""A fused row log-sum-exp for the decode tail on the GPU.
+
+`torch.logsumexp` over a [512, 50257] float32 logits block runs four kernels (max, subtract,
+exp, sum), each a pass over 100 MB: 0.24 ms of a 3.4 ms step (H100 profile, 2026-12-07). One
+Triton kernel with an online max reads the block once. Written here because neither torch nor
+ONNX Runtime offers a single-pass row log-sum-exp; `row_logsumexp` falls back to torch wherever
+Triton is missing or its first result disagrees with torch's (checked once per process).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+__all__ = ["row_logsumexp"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 2048
+_kernel: Any = None
+_checked: bool | None = None  # None: not tried yet; then whether the kernel is used
+
+
+def _build() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # type: ignore[misc]
+    def lse_kernel(x_ptr: Any, out_ptr: Any, stride: Any, n: Any, BLOCK: tl.constexpr) -> None:
+        row = tl.program_id(0)
+        base = x_ptr + row.to(tl.int64) * stride
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            v = tl.load(base + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+            new_m = tl.maximum(m, v)
+            # Lanes that saw only -inf keep s = 0 (exp(-inf - -inf) would be nan).
+            s = tl.where(new_m == float("-inf"), 0.0, s * tl.exp(m - new_m) + tl.exp(v - new_m))
+            m = new_m
+        row_max = tl.max(m, 0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - row_max)), 0)
+        tl.store(out_ptr + row, row_max + tl.log(total))
+
+    return lse_kernel
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor) -> None:
+    _kernel[(x.shape[0],)](x, out, x.stride(0), x.shape[1], BLOCK=_BLOCK, num_warps=8)
+
+
+def _usable(x: torch.Tensor) -> bool:
+    global _kernel, _checked
+    if _checked is None:
+        _checked = False
+        try:
+            _kernel = _build()
+            probe = torch.randn(3, 5000, device=x.device) * 4
+            probe[1, :] = float("-inf")
+            probe[1, 7] = 2.0
+            got = torch.empty(3, device=x.device)
+            _launch(probe, got)
+            _checked = bool(torch.allclose(got, torch.logsumexp(probe, dim=-1), rtol=1e-5, atol=1e-5))
+            if not _checked:
+                log.warning("fused log-sum-exp disagrees with torch: using torch.logsumexp")
+        except Exception as err:  # no Triton, no compiler, an old GPU: torch's kernels serve
+            log.info("fused log-sum-exp unavailable (%s): using torch.logsumexp", err)
+    return _checked
+
+
+def row_logsumexp(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x), -1)) of a 2-D CUDA tensor (unit stride along rows) into `out` [rows]."""
+    if x.is_cuda and x.stride(-1) == 1 and out.dtype == torch.float32 and _usable(x):
+        _launch(x, out)
+        return out
+    return torch.logsumexp(x, dim=-1, out=out)
