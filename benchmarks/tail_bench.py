@@ -66,6 +66,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,64,256,512")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("[tail] no CUDA device: nothing to measure")
+        return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for m in (int(r) for r in args.rows.split(",")):
         r = _row_count(m)
