@@ -148,21 +148,27 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
     bins = _value_bins(z, zmax)
     k = top_k.long().clamp(0, vocab)
     has_k, has_p, has_m = k > 0, top_p < 1.0, min_p > 0.0
-    keep = torch.ones_like(z, dtype=torch.bool)
+    # Passes a cut no row asks for are left out (the seed's request: top-p alone).
+    keep: torch.Tensor | None = None
+    kept = p
     if bool(has_k.any()):
         kth = torch.topk(z, int(k.max()), dim=1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
         keep = ~has_k[:, None] | (z >= kth)  # every tie of the k-th value
-    kept = p * keep
-    base = torch.where(has_k, kept.sum(dim=1), torch.ones_like(u))
+        kept = p * keep
+    base = torch.where(has_k, kept.sum(dim=1), torch.ones_like(u)) if keep is not None else torch.ones_like(u)
     # Top-p: the last kept token is the first whose cumulative mass reaches top_p * base.
     cut_z, cut_id, reached = _first_reaching(z, kept, bins, top_p * base, inclusive=True)
     cut_p = has_p & reached  # else rounding left the kept mass below top_p: keep everything
     in_p = ~cut_p[:, None] | (z > cut_z[:, None]) | ((z == cut_z[:, None]) & (ids[None, :] <= cut_id[:, None]))
-    # Min-p: its prefix is the shorter one when the top-p cut's value lies below its threshold.
-    threshold = zmax.double() + torch.log(min_p.clamp(min=1e-300))
-    in_m = z.double() >= threshold[:, None]
-    by_m = has_m & ~(cut_p & (cut_z.double() >= threshold))
-    final = keep & torch.where(by_m[:, None], in_m, in_p)
+    final = in_p
+    if bool(has_m.any()):
+        # Min-p: its prefix is the shorter one when the top-p cut's value lies below its threshold.
+        threshold = zmax.double() + torch.log(min_p.clamp(min=1e-300))
+        in_m = z.double() >= threshold[:, None]
+        by_m = has_m & ~(cut_p & (cut_z.double() >= threshold))
+        final = torch.where(by_m[:, None], in_m, in_p)
+    if keep is not None:
+        final = keep & final
     mass = p * final
     truncated = has_k | has_p | has_m
     total = torch.where(truncated, mass.sum(dim=1), torch.ones_like(u))
