@@ -41,6 +41,7 @@ class StepRequest:
     prompt_logprobs: np.ndarray | None = None  # int32 [N]: -1, or k alternatives of the prompt's logprobs
     extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose logits to return, -1 = padding
     draw: np.ndarray | None = None  # float64 [N, 4]: (u, top_p, top_k, min_p), u < 0 = not asked
+    kv_partition: int | None = None  # contract.PARAM_KV_PARTITION: where its start rows take slots; None: unsaid
 
 
 @dataclass
