@@ -9,7 +9,8 @@
 # In this order (each stage under `timeout`; a stage that fails, times out or no longer fits the budget is
 # recorded in stages.tsv and the suite goes on; the target-bearing runs come first):
 #   0. environment: nvidia-smi, package versions, git commit                       -> env/
-#   1. export of the GPT-2 124M shape, fp16, strict device, 640 KV slots, window 64 -> export.log
+#   1. export of the GPT-2 124M shape, fp16, strict device, 640 KV slots in 2 partitions (the gateway's
+#      2 lanes: 2 steps in flight), window 64                                        -> export.log
 #      (kept when SUITE_REPO already holds one this suite made from the same code), in parallel with
 #   2. correctness: the Triton parity suite in fp16 strict device and the seeded-determinism tests of
 #      the gateway suite (their own tiny models and servers, on free ports)          -> tests/
@@ -198,7 +199,7 @@ if [ -f "$REPO/gpt2/1/model.onnx" ] && [ "${SUITE_FRESH_EXPORT:-0}" != 1 ] &&
 else
   case "$REPO" in /tmp/?* | /root/?* | ./?* | /work/?*) rm -rf "$REPO" ;; esac
   run_stage export 240 "$R/export.log" "$PY" -m export --random-config "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
-    "${STRICT[@]}" --kv-capacity 640 --default-window 64 --repository "$REPO" --name gpt2 &&
+    "${STRICT[@]}" --kv-capacity 640 --kv-partitions 2 --default-window 64 --repository "$REPO" --name gpt2 &&
     echo "$STAMP" > "$REPO/.suite_stamp"
 fi
 VDIR=$(ls -d "$REPO"/gpt2/[0-9]* 2> /dev/null | awk -F/ '{print $NF, $0}' | sort -n | tail -n 1 | cut -d' ' -f2-)

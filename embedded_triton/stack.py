@@ -111,6 +111,8 @@ def export_default(repository: Path, model: str) -> None:
         "fp16" if gpu else "fp32",
         "--kv-capacity",
         "512" if gpu else "16",
+        "--kv-partitions",  # on the GPU: the gateway keeps 2 steps in flight (frontend.engine.lanes)
+        "2" if gpu else "1",
     ]
     if hub_reachable():
         print(f"exporting the hub's gpt2 into {repository}/{model} ...", flush=True)

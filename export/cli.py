@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--version", type=int, default=None, help="version number (default: next free)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--kv-capacity", type=int, default=64, help="KV-cache slots (concurrent sequences)")
+    p.add_argument(
+        "--kv-partitions",
+        type=int,
+        default=None,
+        help="cut the KV pool into this many equal slot ranges, one per step the gateway keeps in flight "
+        "(default: 2 with --device cuda, else 1)",
+    )
     p.add_argument("--max-context", type=int, default=None, help="cap the context (default: the model's n_positions)")
     p.add_argument("--idle-timeout-s", type=float, default=60.0, help="free a sequence untouched this long")
     p.add_argument("--default-window", type=int, default=64, help="top-K window when a request names none")
@@ -59,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.version is not None and args.version < 1:
         p.error("--version must be >= 1")
+    # On the GPU a second step in flight hides the gateway's sampling and the round trip behind the
+    # other's compute; on the CPU both share the cores, and each step has its fixed cost.
+    if args.kv_partitions is None:
+        args.kv_partitions = 2 if args.device == "cuda" and args.kv_capacity % 2 == 0 else 1
+    if args.kv_partitions < 1 or args.kv_capacity % args.kv_partitions:
+        p.error("--kv-partitions must be >= 1 and divide --kv-capacity (equal slot ranges)")
     return args
 
 
@@ -129,6 +142,7 @@ def export(args: argparse.Namespace) -> Path:
         metadata = _metadata(meta, spec, ckpt.source, parity)
         serving = ServingConfig(
             kv_capacity=args.kv_capacity,
+            kv_partitions=args.kv_partitions,
             idle_timeout_s=args.idle_timeout_s,
             default_window=args.default_window,
             serve_versions=args.serve_versions,

@@ -42,6 +42,7 @@ class ServingConfig:
     """Settings written into config.pbtxt; each can be overridden at serve time (GPT2_<KEY>)."""
 
     kv_capacity: int = 64
+    kv_partitions: int = 1  # the pool cut into this many equal slot ranges, one per gateway lane
     idle_timeout_s: float = 60.0
     default_window: int = 64
     max_batch_size: int = 1024
@@ -83,6 +84,7 @@ def _tensor_list(
 def config_pbtxt(name: str, serving: ServingConfig) -> str:
     params = {
         contract.CONFIG_KV_CAPACITY: serving.kv_capacity,
+        contract.CONFIG_KV_PARTITIONS: serving.kv_partitions,
         contract.CONFIG_IDLE_TIMEOUT_S: serving.idle_timeout_s,
         contract.CONFIG_DEFAULT_WINDOW: serving.default_window,
         contract.CONFIG_DEVICE: serving.device,

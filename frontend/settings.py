@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         20.0, ge=0, description="...or once the oldest has waited this long (0 = start each at once)"
     )
     default_window: int = Field(64, ge=1, description="top-K window for truncation-free sampling")
+    engine_lanes: int = Field(
+        0,
+        ge=0,
+        description="steps in flight at once, each for its own share of the sequences; 0 = the model's kv_partitions",
+    )
 
     # Request limits (input checks).
     max_new_tokens_limit: int = Field(1024, ge=1)

@@ -41,7 +41,9 @@ class StepRequest:
     prompt_logprobs: np.ndarray | None = None  # int32 [N]: -1, or k alternatives of the prompt's logprobs
     extra_ids: np.ndarray | None = None  # int64 [N, E]: ids whose logits to return, -1 = padding
     draw: np.ndarray | None = None  # float64 [N, 4]: (u, top_p, top_k, min_p), u < 0 = not asked
-    kv_partition: int | None = None  # the KV partition its start rows take slots from (step_model.slots)
+    kv_partition: int | None = (
+        None  # contract.PARAM_KV_PARTITION: its start rows' partition (step_model.slots); None: any
+    )
 
 
 @dataclass

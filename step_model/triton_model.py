@@ -253,6 +253,7 @@ class TritonPythonModel:
             else None,
             extra_ids=_to_numpy(extra).astype(np.int64, copy=False) if extra is not None else None,
             draw=_to_numpy(draw).astype(np.float64, copy=False) if draw is not None else None,
+            kv_partition=int(params[contract.PARAM_KV_PARTITION]) if contract.PARAM_KV_PARTITION in params else None,
         )
 
     @staticmethod

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from frontend.engine.errors import Overloaded, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.engine.events import ErrorEvent, Event
+from frontend.engine.lanes import sendable
 from frontend.engine.step_rows import Row
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from frontend.engine.breaker import CircuitBreaker
+    from frontend.engine.lanes import Lane
     from frontend.engine.scheduler import ActiveSequence, StepBackend, StepObserver
 
 log = logging.getLogger("frontend.engine.scheduler")
@@ -41,9 +43,11 @@ class Recovery:
     observer: StepObserver
     resume_timeout_s: float
     _waiting: deque[ActiveSequence]
-    _running: list[ActiveSequence]
+    _lanes: list[Lane]
     _releases: set[int]
     _deferred_releases: set[int]
+    _sends: int  # requests the lanes and probes sent so far
+    _deferred_after: int  # the deferred ids go after a success of a request sent later than this
     _parked: list[ActiveSequence]
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
@@ -55,7 +59,8 @@ class Recovery:
         releases); its outcome closes or re-opens the breaker."""
         # New work is refused at once; streams the server lost wait (parked) for it to return. A
         # generation that has produced nothing yet is new work: it fails now, not after the outage.
-        pending = [*self._waiting, *(s for s in self._running if s.parked_at is None or not s.generated)]
+        running = [s for lane in self._lanes for s in lane.running]
+        pending = [*self._waiting, *(s for s in running if s.parked_at is None or not s.generated)]
         self._waiting.clear()
         self._expire_parked()
         if pending:
@@ -64,13 +69,15 @@ class Recovery:
             except StepError as err:
                 for seq in pending:
                     self._finish(seq, ErrorEvent(err))
-        self.observer.queue_changed(len(self._waiting), len(self._running))
+        self.observer.queue_changed(len(self._waiting), sum(len(lane.running) for lane in self._lanes))
         if not breaker.probe_due():
             await asyncio.sleep(min(breaker.retry_after_s(), 0.05))
             return
-        releases = sorted(self._releases)
-        self._releases.clear()
+        releases = sendable(self._releases, self._lanes, None)  # a lane's step may still be in flight
+        self._releases.difference_update(releases)
         rows = [Row(secrets.randbits(63), [0], start=True, end=True), *(Row(s, [], end=True) for s in releases)]
+        self._sends += 1
+        sent = self._sends
         try:
             await self.client.step(rows, window=1)
         except StepError as err:
@@ -84,7 +91,7 @@ class Recovery:
             return
         log.info("circuit breaker probe succeeded; closing")
         breaker.record_success()
-        self._release_deferred()
+        self._release_deferred(sent)
 
     def _resumes(self, seq: ActiveSequence, error: StepError) -> bool:
         """Whether `seq`, whose step failed as a whole with `error`, starts again (else it fails).
@@ -100,13 +107,17 @@ class Recovery:
         return isinstance(error, StepRejected) and not isinstance(seq.parked_by, StepRejected)
 
     def _defer_releases(self, ids: Iterable[int]) -> None:
-        """Ids a timed-out step named: released with the first step sent after one has succeeded."""
+        """Ids a timed-out step named: released with the first step sent after one sent from now on
+        has succeeded (`_release_deferred`)."""
         self._deferred_releases.update(ids)
+        self._deferred_after = self._sends
 
-    def _release_deferred(self) -> None:
-        """A step succeeded: anything queued before it on the server has run (Triton's batcher
-        takes requests in order), so the timed-out steps' ids can be released without meeting them."""
-        if self._deferred_releases:
+    def _release_deferred(self, sent: int) -> None:
+        """The `sent`-th request succeeded. When it was sent after the last timed-out one had been
+        given up on, anything queued before it on the server has run (Triton's batcher takes
+        requests in order), so the timed-out steps' ids can be released without meeting them. A
+        request sent earlier (another lane's, in flight meanwhile) proves nothing."""
+        if self._deferred_releases and sent > self._deferred_after:
             self._releases |= self._deferred_releases
             self._deferred_releases.clear()
 

@@ -1,8 +1,10 @@
-"""Continuous batching: one loop steps every active sequence of a model together.
+"""Continuous batching: a loop per lane steps the lane's active sequences of a model together.
 
-Each iteration is ONE request to the step backend (Triton) carrying every row of the step: the
-prefill of each newly admitted sequence, one decode row per running sequence, and a release row
-for each sequence that finished or was cancelled. The model answers each row with a status: a
+The running sequences are split into lanes (`frontend.engine.lanes`: several steps in flight at
+once, one lane per KV partition of the model by default). Each iteration of a lane's loop is ONE
+request to the step backend (Triton) carrying every row of the lane's step: the prefill of each
+newly admitted sequence, one decode row per running sequence, and a release row for each sequence
+that finished or was cancelled. The model answers each row with a status: a
 start row refused for lack of a KV slot stays queued and is retried at a later step (while the
 cache is full only as many new sequences are offered as slots were freed), a row the model
 refuses otherwise fails its own sequence only. (Hand-written: no library does continuous
@@ -34,6 +36,7 @@ import numpy as np
 from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.errors import Overloaded, QueueFull, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.engine.events import ErrorEvent, Event, EventSink
+from frontend.engine.lanes import Lane, fewest, make_lanes, sendable
 from frontend.engine.recovery import Recovery
 from frontend.engine.request import EngineRequest
 from frontend.engine.step_rows import ROW_REFUSALS, Row, StepRequest, StepResult, compose
@@ -90,6 +93,7 @@ class ActiveSequence:
     # (top_p, top_k, min_p) for the step model's device draw (contract.DRAW) when a step's window
     # cannot hold the cut: sampled sequences without an adjustment; None for the others.
     draw_cuts: tuple[float, float, float] | None = None
+    lane: int = 0  # the index of the lane it steps in, from its admission on
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -154,6 +158,10 @@ class SchedulerConfig:
     # uses the n-th uniform, so greedy and seeded streams continue token for token. They wait at
     # most resume_timeout_s for a server that takes them (0: fail them at once instead).
     resume_timeout_s: float = 30.0
+    # Steps in flight at once (frontend.engine.lanes), at most max_running: TritonEngine sets it
+    # from GATEWAY_ENGINE_LANES, or from the model's kv_partitions when that is 0.
+    lanes: int = 1
+    kv_partitions: int = 1  # the model's: lane i's steps name partition i modulo this (1: none named)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchedulerConfig:
@@ -165,6 +173,7 @@ class SchedulerConfig:
             prefill_batch=settings.prefill_batch,
             prefill_hold_s=settings.prefill_hold_ms / 1000,
             resume_timeout_s=settings.resume_timeout_s,
+            lanes=settings.engine_lanes,
         )
 
 
@@ -204,50 +213,58 @@ class Scheduler(Recovery, StepSampling):
         self._parked: list[ActiveSequence] = []
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
-        self._running: list[ActiveSequence] = []
+        self._lanes: list[Lane] = make_lanes(min(config.lanes, config.max_running), config.kv_partitions)
         self._releases: set[int] = set()
-        # Ids named by a step that timed out: released only after a later step succeeded (recovery.py).
+        # Ids named by a step that timed out: released only after a step sent later (the
+        # `_sends`-th and beyond, numbered as sent) succeeded (recovery.py).
         self._deferred_releases: set[int] = set()
+        self._sends = 0
+        self._deferred_after = 0
         # After a start row was refused for a full cache: how many new sequences the next step
         # may offer (the slots freed since), so a full cache is not asked again and again.
         self._start_allowance: int | None = None
-        self._stepping: list[ActiveSequence] = []  # the sequences of the step under way
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     # ------------------------------------------------------------------ public
     @property
     def running(self) -> int:
-        return len(self._running)
+        return sum(len(lane.running) for lane in self._lanes)
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="step-scheduler")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._loop(lane), name=f"step-lane-{lane.index}") for lane in self._lanes
+            ]
 
     async def close(self, settle_s: float = 2.0) -> None:
-        """Stop the loop; running sequences get an error, and their slots are released.
+        """Stop the loops; running sequences get an error, and their slots are released.
 
-        The step in flight (if any) is let finish first, up to `settle_s`: its outcome says which
-        sequences the server now holds, and a release sent beside it could share its execution on
-        Triton, where a sequence named twice fails the release request as a whole (a KV slot left
-        until the idle sweep)."""
+        The steps in flight (if any) are let finish first, up to `settle_s`: their outcome says
+        which sequences the server now holds, and a release sent beside them could share their
+        execution on Triton, where a sequence named twice fails the release request as a whole (a
+        KV slot left until the idle sweep)."""
         self._closed = True
-        for seq in [*self._waiting, *self._running]:
+        for seq in [*self._waiting, *(s for lane in self._lanes for s in lane.running)]:
             self._finish(seq, ErrorEvent(Overloaded("the gateway is shutting down")))
         self._waiting.clear()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), settle_s)
-            except (TimeoutError, Exception):  # a hung step (frozen server) or a failed loop
-                self._task.cancel()
+        self._wake_all()
+        tasks, self._tasks = self._tasks, []
+        if tasks:
+            _, hung = await asyncio.wait(tasks, timeout=settle_s)  # a hung step (frozen server)
+            for task in hung:
+                task.cancel()
+            for task in tasks:  # a failed loop's error was logged by the loop
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._task
+                    await task
         # Ids of a timed-out step go in a request of their own: if that step is still queued on the
         # server and joins it, only this request is refused (their slots then wait for the idle sweep).
         for ids in (self._releases, self._deferred_releases):
@@ -304,7 +321,7 @@ class Scheduler(Recovery, StepSampling):
         if events is not None:
             seq.sink = events
         self._waiting.append(seq)
-        self._wake.set()
+        self._wake_all()
         return seq
 
     def cancel(self, seq: ActiveSequence) -> None:
@@ -314,58 +331,71 @@ class Scheduler(Recovery, StepSampling):
         seq.done = True
         if seq in self._waiting:
             self._waiting.remove(seq)
-        if seq in self._running:
-            self._running.remove(seq)
-        if seq.on_server:
+        lane = self._lanes[seq.lane]
+        if seq in lane.running:
+            lane.running.remove(seq)
+        if seq.on_server:  # a release, sent by the next lane that steps and may (lanes.sendable)
             self._releases.add(seq.sequence_id)
             seq.on_server = False
-        self._wake.set()
+        self._wake_all()
 
     # ------------------------------------------------------------------ loop
-    async def _loop(self) -> None:
+    def _wake_all(self) -> None:
+        for lane in self._lanes:
+            lane.wake.set()
+
+    async def _loop(self, lane: Lane) -> None:
+        """One lane's cycle: admit, then step its sequences (and the releases it may carry)."""
         while not self._closed:
             if self.breaker is not None and not self.breaker.closed:
                 await self._while_open(self.breaker)
                 continue
-            if not (self._waiting or self._running or self._releases):
-                self._wake.clear()
-                await self._wake.wait()
+            self._admit()
+            if not (lane.running or sendable(self._releases, self._lanes, lane)):
+                lane.wake.clear()
+                await lane.wake.wait()
                 continue
             try:
-                progressed = await self._step()
+                progressed = await self._step(lane)
             except Exception as err:  # the loop must survive anything, and never retry it forever:
                 log.exception("step loop iteration failed")  # what the step held fails, nothing else
-                self._fail_stepping(err)
+                self._fail_stepping(lane, err)
                 progressed = False
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
 
     def _admit(self) -> None:
+        """Waiting sequences join the lanes (each the one with the fewest) up to max_running."""
         now = time.monotonic()
-        while self._waiting and len(self._running) < self.max_running:
+        running = self.running
+        while self._waiting and running < self.max_running:
             seq = self._waiting.popleft()
-            self._running.append(seq)
+            lane = fewest(self._lanes)
+            seq.lane = lane.index
+            lane.running.append(seq)
+            lane.wake.set()
+            running += 1
             self.observer.sequence_admitted(now - seq.submitted_at)
         while self._waiting and now - self._waiting[0].submitted_at > self.queue_timeout_s:
             self._finish(self._waiting.popleft(), ErrorEvent(Overloaded("waited too long for a free slot")))
         if self._parked:
             self._expire_parked()
-        self.observer.queue_changed(len(self._waiting), len(self._running))
+        self.observer.queue_changed(len(self._waiting), self.running)
 
-    def _plan(self) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None], np.ndarray]:
-        """The rows of the next step: decodes, then new sequences (within the prefill budget and
-        the start allowance), then releases. Returns the stepping sequences, the batch, each
+    def _plan(self, lane: Lane) -> tuple[list[ActiveSequence], StepRequest, list[LogitAdjustment | None], np.ndarray]:
+        """The rows of `lane`'s next step: its decodes, then its new sequences (within the prefill
+        budget and the start allowance), then the releases it may carry. Returns the stepping sequences, the batch, each
         sequence's logit adjustment for this step (None for most) and the uniform each draws its
         token with (the n-th of its stream for its n-th token: the model's device draw and the
         gateway's sampling use the same one)."""
-        seqs = [s for s in self._running if s.on_server]
+        seqs = [s for s in lane.running if s.on_server]
         n = len(seqs)
         decode_ids = np.fromiter((s.sequence_id for s in seqs), dtype=np.uint64, count=n)
         decode_tokens = np.fromiter((s.generated[-1] for s in seqs), dtype=np.int64, count=n)
         decode_temperature = np.fromiter((s.temperature for s in seqs), dtype=np.float32, count=n)
         starts: list[tuple[int, Sequence[int], float]] = []
         budget, allowance = self.max_prefill_tokens, self._start_allowance
-        new = [s for s in self._running if not s.on_server] if len(self._running) > n else []
+        new = [s for s in lane.running if not s.on_server] if len(lane.running) > n else []
         if n and new and len(new) < self.prefill_batch:
             oldest = min(s.submitted_at for s in new)
             if time.monotonic() - oldest < self.prefill_hold_s:
@@ -389,12 +419,13 @@ class Scheduler(Recovery, StepSampling):
             decode_tokens,
             decode_temperature,
             starts,
-            sorted(self._releases),
+            sendable(self._releases, self._lanes, lane),
             [s.request_id for s in seqs],
             # Prompt logprobs: asked on a sequence's first start only (not when it is started again).
             [s.prompt_logprobs if not s.generated else -1 for s in seqs[n:]],
             [a.ids if a is not None else None for a in adjustments] if self.extra_logits else (),
             self._draw_columns(seqs, uniforms) if self.device_draws else None,
+            lane.kv_partition,
         )
         return seqs, batch, adjustments, uniforms
 
@@ -411,64 +442,59 @@ class Scheduler(Recovery, StepSampling):
         columns[asking, 1:] = [seqs[i].draw_cuts for i in asking]
         return columns
 
-    def _fail_stepping(self, err: Exception) -> None:
-        """An iteration failed outside the per-row paths: fail the generations it held (else the
-        next iteration fails the same way, and no generation on the gateway progresses)."""
+    def _fail_stepping(self, lane: Lane, err: Exception) -> None:
+        """An iteration of `lane` failed outside the per-row paths: fail the generations it held
+        (else the next iteration fails the same way, and none of the lane's generations progress)."""
         failed = RuntimeError(f"internal error while stepping this generation ({type(err).__name__})")
-        for seq in self._stepping:
+        for seq in lane.stepping:
             if seq.on_server:
                 self._releases.add(seq.sequence_id)
                 seq.on_server = False
             self._finish(seq, ErrorEvent(failed))
-        self._stepping = []
+        lane.stepping = []
 
-    async def _step(self) -> bool:
-        """One step for everything runnable; returns whether any token was produced or freed."""
-        self._admit()
-        self._stepping = list(self._running)  # until the plan names the step's own
-        seqs, rows, adjustments, uniforms = self._plan()
-        self._stepping = seqs
-        n_rows = int(rows.sequence_ids.shape[0])
-        if not n_rows:
+    async def _step(self, lane: Lane) -> bool:
+        """One step of `lane`; returns whether any token was produced or freed. While its request is
+        on the wire, the ids it names are the lane's `in_flight` (no other request may name them)."""
+        lane.stepping = list(lane.running)  # until the plan names the step's own
+        seqs, rows, adjustments, uniforms = self._plan(lane)
+        lane.stepping = seqs
+        if not rows.sequence_ids.shape[0]:
             return False
-        released = len(self._releases)
-        self._releases.clear()
+        self._releases.difference_update(rows.sequence_ids[len(seqs) :].tolist())
+        lane.in_flight = set(rows.sequence_ids.tolist())
+        try:
+            return await self._send(lane, seqs, rows, adjustments, uniforms)
+        finally:
+            lane.in_flight = set()
+
+    async def _send(
+        self,
+        lane: Lane,
+        seqs: list[ActiveSequence],
+        rows: StepRequest,
+        adjustments: list[LogitAdjustment | None],
+        uniforms: np.ndarray,
+    ) -> bool:
+        """Send a planned step and apply its outcome (`_step`)."""
+        n_rows = int(rows.sequence_ids.shape[0])
+        released = n_rows - len(seqs)
         window = max((s.window for s in seqs), default=1)
         # When most rows will need their full row anyway (a repetition penalty, or a window that
         # did not decide their last step, e.g. a wide top-p nucleus), ask for the rows in this
         # request instead of a second round trip.
         wanting = sum(1 for s in seqs if s.full_rows or s.needed_full_row)
         want_logits = wanting > 0 and 2 * wanting >= len(seqs)
+        self._sends += 1
+        sent = self._sends
         started = time.perf_counter()
         try:
             out = await self.client.step(rows, window=window, want_logits=want_logits)
         except StepError as err:
-            # The whole step failed: the server may or may not have run it. Its ids are released
-            # (a release of an unknown sequence is a no-op); its sequences start again under new
-            # ids once a step succeeds (an unreachable, timed-out or restarted server), else fail.
-            if self.breaker is not None:
-                self.breaker.record_failure(err)
-            # A timed-out step may still be queued on the server and run in one execution with the
-            # next request: releasing its ids there would name them twice (the model refuses that
-            # request as a whole). They are released once a later step has succeeded (recovery.py).
-            in_doubt = isinstance(err, UpstreamTimeout)
-            if in_doubt:
-                self._defer_releases(rows.sequence_ids[len(seqs) :].tolist())
-            for seq in seqs:
-                if self._resumes(seq, err):
-                    self._park(seq, err, in_doubt=in_doubt)
-                else:
-                    seq.on_server = False  # released here, by the rule above, not by cancel()
-                    self._finish(seq, ErrorEvent(err))
-                    (self._deferred_releases if in_doubt else self._releases).add(seq.sequence_id)
-            if not seqs and not in_doubt:
-                log.warning("releasing %d sequences failed: %s", n_rows, err)
-                self._releases.clear()  # Triton's idle sweeper frees them
-            # Back off before the next attempt when the server is away; a refused step goes on at once.
-            return not (self.resume_timeout_s > 0 and isinstance(err, UpstreamUnavailable | UpstreamTimeout))
+            return self._step_failed(seqs, rows, err)
         if self.breaker is not None:
             self.breaker.record_success()
-        self._release_deferred()  # this step ran after any timed-out one: their ids may go now
+        self._release_deferred(sent)  # this step was sent after any timed-out one: their ids may go now
         self.observer.step_finished(n_rows, time.perf_counter() - started)
         status = out.status[: len(seqs)]
         self._note_cache_full(seqs, status, released)
@@ -478,9 +504,35 @@ class Scheduler(Recovery, StepSampling):
             sampling = self._emit_prompt_logprobs(seqs, sampling, out)
         fetch = self._sample_rows(seqs, sampling, out, adjustments, uniforms)
         if fetch:
-            await self._fetch_full_rows(fetch)
-        self._stepping = []
+            await self._fetch_full_rows(fetch, lane.kv_partition)
+        lane.stepping = []
         return progressed
+
+    def _step_failed(self, seqs: list[ActiveSequence], rows: StepRequest, err: StepError) -> bool:
+        """The whole step failed: the server may or may not have run it. Its ids are released (a
+        release of an unknown sequence is a no-op); its sequences start again under new ids once a
+        step succeeds (an unreachable, timed-out or restarted server), else fail. Returns whether
+        the next attempt may go at once (a refused step), not after a backoff (the server away)."""
+        n_rows = int(rows.sequence_ids.shape[0])
+        if self.breaker is not None:
+            self.breaker.record_failure(err)
+        # A timed-out step may still be queued on the server and run in one execution with the
+        # next request: releasing its ids there would name them twice (the model refuses that
+        # request as a whole). They are released once a later step has succeeded (recovery.py).
+        in_doubt = isinstance(err, UpstreamTimeout)
+        if in_doubt:
+            self._defer_releases(rows.sequence_ids[len(seqs) :].tolist())
+        for seq in seqs:
+            if self._resumes(seq, err):
+                self._park(seq, err, in_doubt=in_doubt)
+            else:
+                seq.on_server = False  # released here, by the rule above, not by cancel()
+                self._finish(seq, ErrorEvent(err))
+                (self._deferred_releases if in_doubt else self._releases).add(seq.sequence_id)
+        if not seqs and not in_doubt:
+            log.warning("releasing %d sequences failed: %s", n_rows, err)
+            self._releases.clear()  # Triton's idle sweeper frees them
+        return not (self.resume_timeout_s > 0 and isinstance(err, UpstreamUnavailable | UpstreamTimeout))
 
     def _note_cache_full(self, seqs: list[ActiveSequence], status: np.ndarray, released: int) -> None:
         full = status == RowStatus.CACHE_FULL

@@ -32,7 +32,7 @@ class Row:
     temperature: float = 1.0
 
 
-def from_rows(rows: Sequence[Row]) -> StepRequest:
+def from_rows(rows: Sequence[Row], *, kv_partition: int | None = None) -> StepRequest:
     n = len(rows)
     lengths = np.fromiter((len(r.tokens) for r in rows), dtype=np.int32, count=n)
     ids = np.zeros((n, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
@@ -45,6 +45,7 @@ def from_rows(rows: Sequence[Row]) -> StepRequest:
         np.fromiter((r.start for r in rows), dtype=bool, count=n),
         np.fromiter((r.end for r in rows), dtype=bool, count=n),
         np.fromiter((r.temperature for r in rows), dtype=np.float32, count=n),
+        kv_partition=kv_partition,
     )
 
 
@@ -58,13 +59,15 @@ def compose(
     start_prompt_logprobs: Sequence[int] = (),
     extra_ids: Sequence[np.ndarray | None] = (),
     draw: np.ndarray | None = None,
+    kv_partition: int | None = None,
 ) -> StepRequest:
     """Decode rows (one token each, given as arrays), then start rows (id, prompt,
     temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
     the decode and start rows' (in that order); `start_prompt_logprobs` the start rows';
     `extra_ids` the decode and start rows' ids whose logits they need (None: none); `draw` the
     decode and start rows' DRAW columns [d + s, 4] (u < 0: not asked; release rows never ask).
-    Each is kept only when some row has one (an id, a k >= 0, an extra id, a u >= 0)."""
+    Each is kept only when some row has one (an id, a k >= 0, an extra id, a u >= 0).
+    `kv_partition`: the KV partition of the step's lane (None: one lane, the parameter unsent)."""
     d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
     n = d + s + r
     width = max([1, *(len(p) for _, p, _ in starts)])
@@ -106,6 +109,7 @@ def compose(
         prompt_logprobs=echo,
         extra_ids=_pad_rows(extra_ids, n),
         draw=columns,
+        kv_partition=kv_partition,
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from frontend.engine.errors import SamplingFailed, StepError, StepRejected
 from frontend.engine.events import ErrorEvent, Event, FinishEvent, PromptLogprobsEvent, TokenEvent
-from frontend.engine.step_rows import ROW_REFUSALS, Row, StepResult
+from frontend.engine.step_rows import ROW_REFUSALS, Row, StepResult, from_rows
 from frontend.sampling import (
     BatchParams,
     LogitAdjustment,
@@ -191,9 +191,12 @@ class StepSampling:
         return fetch
 
     async def _fetch_full_rows(
-        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]]
+        self, fetch: list[tuple[ActiveSequence, float, StepLogits, LogitAdjustment | None]], kv_partition: int | None
     ) -> None:
-        rows = [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch]
+        """The full rows of a step's undecided rows, in one request of the step's lane (`kv_partition`)."""
+        rows = from_rows(
+            [Row(seq.sequence_id, [], temperature=seq.temperature) for seq, _, _, _ in fetch], kv_partition=kv_partition
+        )
         try:
             out = await self.client.step(rows, window=1, want_logits=True)
         except StepError as err:

@@ -34,16 +34,27 @@ def model_kv_capacity(repository: Path, model: str) -> int | None:
     """The KV slots the model holds: GPT2_KV_CAPACITY when set in this environment, else the
     `kv_capacity` parameter of <repository>/<model>/config.pbtxt (read as the model reads it,
     `step_model.contract.model_config`); None when neither says or the file cannot be read."""
-    override = os.environ.get(model_config.env_name(contract.CONFIG_KV_CAPACITY), "").strip()
+    return _model_parameter(repository, model, contract.CONFIG_KV_CAPACITY)
+
+
+def model_kv_partitions(repository: Path, model: str) -> int:
+    """The partitions of the model's KV pool (`kv_partitions`, read as `model_kv_capacity` reads
+    its parameter): the gateway's lanes by default. 1 when neither says (a model exported before)."""
+    return max(1, _model_parameter(repository, model, contract.CONFIG_KV_PARTITIONS) or 1)
+
+
+def _model_parameter(repository: Path, model: str, key: str) -> int | None:
+    """Integer parameter `key` of the model: GPT2_<KEY> when set here, else its config.pbtxt's."""
+    override = os.environ.get(model_config.env_name(key), "").strip()
     if override:
         try:
             return int(override)
         except ValueError:
-            log.warning("ignoring %s=%r: not an integer", model_config.env_name(contract.CONFIG_KV_CAPACITY), override)
+            log.warning("ignoring %s=%r: not an integer", model_config.env_name(key), override)
     try:
-        value = model_config.read_parameters(repository / model / "config.pbtxt").get(contract.CONFIG_KV_CAPACITY)
+        value = model_config.read_parameters(repository / model / "config.pbtxt").get(key)
     except (OSError, model_config.ConfigSyntaxError) as err:
-        log.debug("no KV capacity from %s's config.pbtxt: %s", model, err)
+        log.debug("no %s from %s's config.pbtxt: %s", key, model, err)
         return None
     try:
         return int(value) if value is not None else None
@@ -144,17 +155,17 @@ class TritonEngine:
         outputs = await self._client.output_names()
         self._prompt_outputs = set(contract.PROMPT_OUTPUTS) <= outputs
         capacity = model_kv_capacity(self._repository, self._model_name)
+        partitions = model_kv_partitions(self._repository, self._model_name)
         setting = self._scheduler_config.max_running
         max_running = setting if capacity is None else max(1, min(setting, capacity))
-        log.info(
-            "max_running %d (setting %d, model KV capacity %s)",
-            max_running,
-            setting,
-            "unknown" if capacity is None else capacity,
-        )
         self._scheduler = Scheduler(
             self._client,
-            replace(self._scheduler_config, max_running=max_running),
+            replace(
+                self._scheduler_config,
+                max_running=max_running,
+                lanes=self._scheduler_config.lanes or partitions,  # 0: one lane per KV partition
+                kv_partitions=partitions,
+            ),
             eos_token_id=self._model.eos_token_id,
             vocab_size=self._model.vocab_size,
             observer=self._observer,
@@ -164,6 +175,14 @@ class TritonEngine:
         self._scheduler.extra_logits = set(contract.EXTRA_OUTPUTS) <= outputs
         # ... and those exported before DRAW send rows whose window falls short for their full row.
         self._scheduler.device_draws = set(contract.DRAW_OUTPUTS) <= outputs
+        log.info(
+            "max_running %d (setting %d, model KV capacity %s), %d lanes (model KV partitions %d)",
+            max_running,
+            setting,
+            "unknown" if capacity is None else capacity,
+            self._scheduler.lanes,
+            partitions,
+        )
         self._scheduler.start()
         await self._warm_up()
         log.info(

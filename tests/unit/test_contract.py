@@ -143,6 +143,7 @@ def test_config_parameters_read_back_as_the_exporter_writes_them() -> None:
     params = model_config.parameters(config_pbtxt("m", serving))
     assert params == {
         contract.CONFIG_KV_CAPACITY: "7",
+        contract.CONFIG_KV_PARTITIONS: "1",
         contract.CONFIG_IDLE_TIMEOUT_S: "2.5",
         contract.CONFIG_DEFAULT_WINDOW: "64",
         contract.CONFIG_DEVICE: "cpu",

@@ -79,3 +79,15 @@ def test_versions_count_up_and_metadata_records_parity(tmp_path: Path, capsys: p
         assert (repo / "m" / "2" / name).exists()
     code, last = run(capsys, "--random-config", "tiny", "--repository", str(repo), "--name", "m", "--version", "2")
     assert code == 2 and "already exists" in last
+
+
+def test_kv_partitions_default_by_device_and_must_divide_the_capacity(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--random-config", "tiny"]
+    assert cli.parse_args(base).kv_partitions == 1  # the CPU, or a device only known when served
+    assert cli.parse_args([*base, "--device", "cuda"]).kv_partitions == 2
+    assert cli.parse_args([*base, "--device", "cuda", "--kv-capacity", "7"]).kv_partitions == 1
+    assert cli.parse_args([*base, "--kv-partitions", "4"]).kv_partitions == 4
+    for bad in ("0", "3"):
+        with pytest.raises(SystemExit):
+            cli.parse_args([*base, "--kv-capacity", "16", "--kv-partitions", bad])
+    assert "--kv-partitions must be >= 1 and divide --kv-capacity" in capsys.readouterr().err

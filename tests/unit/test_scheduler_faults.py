@@ -44,11 +44,11 @@ async def test_an_iteration_that_fails_outside_the_rows_fails_its_step_once_not_
     original = sched._plan
     calls = {"n": 0}
 
-    def failing_once() -> Any:
+    def failing_once(lane: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("a bug in planning")
-        return original()
+        return original(lane)
 
     sched._plan = failing_once  # type: ignore[method-assign]
     sched.start()
