@@ -16,9 +16,9 @@ from frontend.api.docs import install_local_docs
 from frontend.api.openapi import install_openapi
 from frontend.api.tokenize.router import router as tokenize_router
 from frontend.cache import ResultCache, build_result_cache
+from frontend.engine.placement import engine_from_settings
 from frontend.engine.protocol import Engine
 from frontend.engine.remote import ModelLoader, RemoteEngine
-from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
@@ -42,9 +42,9 @@ EngineFactory = Callable[[Settings, GatewayMetrics], Engine]
 
 
 def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
-    # vllm:kv_cache_usage_perc = running sequences / the model's KV slots (README "Metrics").
-    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
-    return TritonEngine.from_settings(settings, observer=metrics)
+    """A `TritonEngine`, or a `PlacementEngine` over GATEWAY_MODEL_INSTANCES of them; binds the
+    metrics to the model's KV slots (vllm:kv_cache_usage_perc = running / slots, README "Metrics")."""
+    return engine_from_settings(settings, metrics)
 
 
 def remote_engine(settings: Settings, metrics: GatewayMetrics, *, model_loader: ModelLoader | None = None) -> Engine:

@@ -7,6 +7,11 @@ longer than `resume_timeout_s` fails with the error that parked it (`_expire_par
 circuit breaker is open the loop sends nothing but one probe step per reset timeout
 (`_while_open`).
 
+Several instances of one model (`frontend.engine.placement`): when an instance's breaker opens,
+its loop first calls `on_breaker_open`, where the placement layer takes the instance's sequences
+(`take_sequences`) and hands them to a healthy instance (`adopt`): there they start again in the
+same way, from prompt plus generated tokens.
+
 A mixin of `frontend.engine.scheduler.Scheduler`, not an object of its own: these methods read
 and change the scheduler's queues, releases and parked list in the same synchronous passes as
 the step loop, and keeping them methods keeps their bodies as they were in the scheduler.
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from frontend.engine.errors import Overloaded, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
@@ -45,6 +51,10 @@ class Recovery:
     _releases: set[int]
     _deferred_releases: set[int]
     _parked: list[ActiveSequence]
+    _wake: asyncio.Event
+    # Called by the loop each time it finds the breaker open, before it fails what is queued: a
+    # placement layer over several instances takes this instance's sequences to a healthy one.
+    on_breaker_open: Callable[[], None] | None = None
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
         raise NotImplementedError  # the scheduler's
@@ -53,6 +63,11 @@ class Recovery:
         """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
         send one probe step (a one-token sequence that starts and ends at once, plus the pending
         releases); its outcome closes or re-opens the breaker."""
+        if self.on_breaker_open is not None:
+            try:
+                self.on_breaker_open()
+            except Exception:  # the loop must go on: what was not handed over is handled below
+                log.exception("handing this instance's sequences over failed")
         # New work is refused at once; streams the server lost wait (parked) for it to return. A
         # generation that has produced nothing yet is new work: it fails now, not after the outage.
         pending = [*self._waiting, *(s for s in self._running if s.parked_at is None or not s.generated)]
@@ -132,3 +147,46 @@ class Recovery:
         for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
             self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
         self._parked = [s for s in self._parked if not s.done]
+
+    def take_sequences(self) -> list[ActiveSequence]:
+        """Remove every live sequence (queued, running, parked) and return them, for another
+        instance of the model to `adopt`; the slots this server holds for them are released with
+        its next step. Only between steps (the loop calls `on_breaker_open` there): a sequence in
+        a step under way must stay until the step's outcome is known."""
+        taken = [s for s in (*self._running, *self._waiting) if not s.done]
+        for seq in taken:
+            if seq.on_server:
+                self._releases.add(seq.sequence_id)
+                seq.on_server = False
+                seq.sequence_id = secrets.randbits(63)
+        self._running.clear()
+        self._waiting.clear()
+        self._parked = []
+        self.observer.queue_changed(0, 0)
+        return taken
+
+    def adopt(self, sequences: Iterable[ActiveSequence], error: Exception) -> None:
+        """Take sequences another instance of the model lost (`take_sequences`). One that has
+        generated tokens starts again here at once with its prompt plus those tokens, as a
+        sequence this server lost does (parked since it was lost, or since now with `error`); one
+        that has not queues here in submission order (its queue timeout counts from its
+        submission). Neither limit (max_running, max_waiting) refuses them: they were admitted."""
+        now = time.monotonic()
+        queued = []
+        for seq in sequences:
+            if seq.done:
+                continue
+            if seq.generated:
+                if seq.parked_at is None:
+                    seq.parked_at, seq.parked_by = now, error
+                self._running.append(seq)
+                self._parked.append(seq)
+            else:
+                seq.parked_at = seq.parked_by = None
+                queued.append(seq)
+        if queued:
+            merged = sorted([*self._waiting, *queued], key=lambda s: s.submitted_at)
+            self._waiting.clear()
+            self._waiting.extend(merged)
+        self.observer.queue_changed(len(self._waiting), len(self._running))
+        self._wake.set()
