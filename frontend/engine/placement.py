@@ -168,12 +168,18 @@ class PlacementEngine:
         await asyncio.gather(*(instance.close() for instance in self.instances), return_exceptions=True)
 
     async def ready(self) -> bool:
-        """At least one started instance is ready (its own test: breaker closed, a real step)."""
-        serving = list(self._serving)
-        if not serving:
+        """At least one started instance is ready (its own test: breaker closed, a real step),
+        answered as soon as one is: a failing instance's slow probe does not hold readiness."""
+        checks = [asyncio.ensure_future(instance.ready()) for instance in self._serving]
+        try:
+            for answer in asyncio.as_completed(checks):
+                with contextlib.suppress(Exception):
+                    if await answer is True:
+                        return True
             return False
-        answers = await asyncio.gather(*(instance.ready() for instance in serving), return_exceptions=True)
-        return any(answer is True for answer in answers)
+        finally:
+            for check in checks:
+                check.cancel()
 
     def submit(self, request: EngineRequest, events: EventSink | None = None) -> GenerationHandle:
         """Place a new generation (see the module docstring); an instance that refuses it now
@@ -341,6 +347,9 @@ class _Board:
         self.breakers: dict[str, object] = {}
 
     def observer(self, instance: str) -> _InstanceObserver:
+        """The observer of a new instance (its series start at empty and closed)."""
+        self.metrics.instance_queue_changed(instance, 0, 0)
+        self.metrics.instance_breaker_changed(instance, "closed")
         return _InstanceObserver(self, instance)
 
     def queue_changed(self, instance: str, waiting: int, running: int) -> None:

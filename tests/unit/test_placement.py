@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from export.repository import RepositoryError, ServingConfig, config_pbtxt, write_instances
+from embedded_triton.instances import InstancesError, write_instances
+from export.repository import ServingConfig, config_pbtxt
 from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.placement import PlacementEngine, _Board, engine_from_settings
 from frontend.engine.protocol import (
@@ -419,9 +420,9 @@ def test_write_instances_leaves_a_model_it_did_not_write_alone(tmp_path: Path) -
     _base_model(tmp_path)
     (tmp_path / "m_1").mkdir()
     (tmp_path / "m_1" / "config.pbtxt").write_text('name: "m_1"\n')
-    with pytest.raises(RepositoryError, match="not an instance"):
+    with pytest.raises(InstancesError, match="not an instance"):
         write_instances(tmp_path, "m", 2)
-    with pytest.raises(RepositoryError, match="no model"):
+    with pytest.raises(InstancesError, match="no model"):
         write_instances(tmp_path, "absent", 2)
     assert (tmp_path / "m_1" / "config.pbtxt").read_text() == 'name: "m_1"\n'
 
