@@ -142,7 +142,9 @@ def create_app(
     # x-ratelimit-* headers on every admitted response, not only on 429s (docs/security.md).
     app.add_middleware(RateLimitHeadersMiddleware)  # type: ignore[arg-type]
     # Shed generation requests while the waiting queue is full, before any per-request work.
-    app.add_middleware(AdmissionGateMiddleware, max_waiting=settings.max_waiting)  # type: ignore[arg-type]
+    # (MAX_WAITING is per model instance: the engine's waiting count is all of theirs.)
+    max_waiting = settings.max_waiting * settings.model_instances
+    app.add_middleware(AdmissionGateMiddleware, max_waiting=max_waiting)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     # Outermost: the request id and its record exist for everything inside; one access-log line.
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)  # type: ignore[arg-type]

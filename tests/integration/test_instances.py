@@ -33,7 +33,7 @@ from embedded_triton import TritonPorts, TritonServer
 from embedded_triton.instances import write_instances
 from step_model.contract import model_config
 from tests.conftest import TINY, hf_greedy
-from tests.integration.conftest import serve_gateway
+from tests.integration.conftest import serve_gateway, serve_workers
 
 pytestmark = pytest.mark.integration
 
@@ -121,8 +121,8 @@ class Stream:
                         event = line[6:].strip()
                     elif line.startswith("data:"):
                         data = json.loads(line[5:])
-                        if event == "token" and data.get("token_id") is not None:
-                            self.tokens.append(int(data["token_id"]))
+                        if event == "token" and data.get("token_id") is not None:  # one, or merged ones
+                            self.tokens.extend(int(t) for t in data.get("token_ids") or [data["token_id"]])
                         self.last = event
                         event = "message"
         except BaseException as err:
@@ -226,3 +226,35 @@ def test_a_crashed_instance_hands_its_streams_to_the_other_and_new_work_avoids_i
     assert all(a.status_code == 200 for a in answers)
     assert model_metric(instances_triton, "nv_inference_request_success", NAMES[1]) > again
     assert wait_for(lambda: all(model_metric(instances_triton, "gpt2_kv_live_sequences", m) == 0 for m in NAMES), 3)
+
+
+@pytest.mark.slow
+def test_the_engine_core_of_several_workers_places_over_the_instances_too(
+    instances_triton: TritonServer,
+    instances_repository: Path,
+    reference: tuple[object, object],
+    tmp_path: Path,
+) -> None:
+    """`python -m frontend --workers 2`: the engine core runs the placement (one scheduler per
+    instance) for both workers; its scheduler series come with every scrape."""
+    launched = serve_workers(
+        instances_triton,
+        instances_repository,
+        tmp_path / "gateway.log",
+        GATEWAY_MODEL_INSTANCES="2",
+        GATEWAY_DEFAULT_WINDOW="16",
+    )
+    url, _, _ = next(launched)
+    try:
+        before = {m: model_metric(instances_triton, "gpt2_prefill_tokens_total", m) for m in NAMES}
+        prompts = ["Two workers", "and one core", "place sequences", "on two instances"]
+        streams = [Stream(url, {"prompt": p, "max_new_tokens": 16, "temperature": 0}) for p in prompts]
+        for prompt, stream in zip(prompts, streams, strict=True):
+            assert stream.done.wait(60) and stream.error is None and stream.last == "done", stream.error
+            assert stream.tokens == expected_tokens(reference, prompt, 16)
+        time.sleep(0.3)
+        assert all(model_metric(instances_triton, "gpt2_prefill_tokens_total", m) > before[m] for m in NAMES)
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        assert f'gateway_instance_circuit_breaker_state{{instance="{NAMES[1]}"}} 0.0' in text
+    finally:
+        next(launched, None)  # the rest of serve_workers: kills the gateway's process group
