@@ -83,7 +83,7 @@ export: setup ## make export ARGS="--model path/to/checkpoint --name gpt2 --dtyp
 	$(BIN)/python -m export $(ARGS)
 
 triton: setup ## only the embedded tritonserver on $(REPOSITORY)
-	$(BIN)/python -m embedded_triton --repository $(REPOSITORY)
+	$(BIN)/python -m embedded_triton --repository $(REPOSITORY) --model $(MODEL) --instances $(INSTANCES)
 
 bench: setup ## load benchmark against a running gateway; see docs/benchmarks.md
 	$(BIN)/python -m benchmarks.load $(ARGS)

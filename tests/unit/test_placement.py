@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from embedded_triton.instances import InstancesError, write_instances
+from embedded_triton.instances import InstancesError, derived_instances, write_instances
 from export.repository import ServingConfig, config_pbtxt
 from frontend.engine.breaker import CircuitBreaker
 from frontend.engine.placement import PlacementEngine, _Board, engine_from_settings
@@ -390,7 +390,9 @@ def _base_model(repository: Path, versions: tuple[int, ...] = (1, 2)) -> None:
 
 def test_write_instances_adds_models_that_link_the_versions_under_their_own_name_and_group(tmp_path: Path) -> None:
     _base_model(tmp_path)
+    assert derived_instances(tmp_path, "m") == 0
     assert write_instances(tmp_path, "m", 3, gpus=[0, 1]) == ["m", "m_1", "m_2"]
+    assert derived_instances(tmp_path, "m") == 2
     assert model_config.instance_names("m", 3) == ["m", "m_1", "m_2"]
     for index, name in enumerate(["m", "m_1", "m_2"]):
         config = (tmp_path / name / "config.pbtxt").read_text()
@@ -413,7 +415,7 @@ def test_write_instances_adds_models_that_link_the_versions_under_their_own_name
     assert "kind: KIND_MODEL" in (tmp_path / "m_1" / "config.pbtxt").read_text()
     assert "kind: KIND_MODEL" in (tmp_path / "m" / "config.pbtxt").read_text()
     write_instances(tmp_path, "m", 1)
-    assert not (tmp_path / "m_1").exists()
+    assert not (tmp_path / "m_1").exists() and derived_instances(tmp_path, "m") == 0
 
 
 def test_write_instances_leaves_a_model_it_did_not_write_alone(tmp_path: Path) -> None:
