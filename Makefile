@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 MODEL ?= gpt2
 REPOSITORY ?= model_repository
 PORT ?= 8080
+# Triton models serving MODEL, one KV pool each (one per GPU where there are several): README
+# "Several model instances (GPUs) on one host".
+INSTANCES ?= 1
 # Plain GPT-2 has no chat template: `make run` serves it with the example one, so chat clients
 # (guidellm's default request type among them) work out of the box; CHAT_TEMPLATE= turns it off.
 CHAT_TEMPLATE ?= $(if $(filter gpt2,$(MODEL)),examples/chat_template.jinja,)
@@ -34,7 +37,8 @@ setup: $(BIN)/.installed ## create the virtual environment
 
 run: setup ## export a default model if needed, start Triton + the gateway; Ctrl-C stops both
 	GATEWAY_CHAT_TEMPLATE=$${GATEWAY_CHAT_TEMPLATE-$(CHAT_TEMPLATE)} \
-	  $(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT)
+	  $(BIN)/python -m embedded_triton.stack --model $(MODEL) --repository $(REPOSITORY) --port $(PORT) \
+	  --instances $(INSTANCES)
 
 test: setup redis-server prometheus kubectl ## unit, api, integration (+ manifests); real servers started by fixtures
 	$(BIN)/python -m pytest --ignore=tests/resilience
@@ -79,7 +83,7 @@ export: setup ## make export ARGS="--model path/to/checkpoint --name gpt2 --dtyp
 	$(BIN)/python -m export $(ARGS)
 
 triton: setup ## only the embedded tritonserver on $(REPOSITORY)
-	$(BIN)/python -m embedded_triton --repository $(REPOSITORY)
+	$(BIN)/python -m embedded_triton --repository $(REPOSITORY) --model $(MODEL) --instances $(INSTANCES)
 
 bench: setup ## load benchmark against a running gateway; see docs/benchmarks.md
 	$(BIN)/python -m benchmarks.load $(ARGS)

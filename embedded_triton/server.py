@@ -162,8 +162,12 @@ class TritonServer:
         env: dict[str, str] | None = None,
         address: str = "127.0.0.1",
         port_settings: dict[str, str] | None = None,
+        model_control: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
+        # Explicit model control (every model loaded at start): one model can then be unloaded and
+        # loaded again alone (`reload`), e.g. one instance of several whose stub died.
+        self.model_control = model_control
         self.address = address  # loopback by default: Triton has no authentication of its own
         self.ports = ports or TritonPorts()
         self.work_dir = Path(work_dir or Path.home() / ".cache" / "gpt2-serving" / "triton").resolve()
@@ -224,6 +228,7 @@ class TritonServer:
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.model_control else []),
             *self.extra_args,
         ]
         return args, env
@@ -284,6 +289,36 @@ class TritonServer:
         except (urllib.error.URLError, OSError, ValueError):
             return []
         return sorted({str(m["name"]) for m in index if m.get("state") == "READY" and "name" in m})
+
+    def _repository_call(self, model: str, action: str, timeout_s: float) -> None:
+        request = urllib.request.Request(
+            f"{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                pass
+        except (urllib.error.URLError, OSError) as err:
+            raise TritonNotReady(f"{action} of model {model} failed: {err}") from err
+
+    def unload_model(self, model: str, timeout_s: float = 30.0) -> None:
+        """Unload `model` (explicit model control): Triton stops it once its requests in flight
+        are answered, and refuses new ones. Returns before it has finished."""
+        self._repository_call(model, "unload", timeout_s)
+
+    def load_model(self, model: str, timeout_s: float = 300.0) -> None:
+        """(Re)load `model` from the repository (explicit model control); returns once it is ready."""
+        self._repository_call(model, "load", timeout_s)
+
+    def reload(self, models: list[str], timeout_s: float = 300.0) -> None:
+        """Unload and load `models` again (a new stub process each), leaving the others serving."""
+        for model in models:
+            self.unload_model(model)
+        deadline = time.monotonic() + timeout_s
+        for model in models:  # an unload finishes in the background: wait until it has
+            while model in self.ready_models() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for model in models:
+            self.load_model(model, max(1.0, deadline - time.monotonic()))
 
     def model_steps(self, model: str, timeout_s: float = 5.0) -> bool:
         """`model` runs a real step (one token that starts and ends a new sequence, as the
@@ -362,7 +397,8 @@ class TritonServer:
 
 class ModelHealth:
     """Every `interval_s`, each READY model runs a real step; `failures` failed checks in a row
-    (or a server that stays unready that long) mean tritonserver must be restarted."""
+    (or a server that stays unready that long) mean tritonserver must be restarted, or, when it
+    runs with explicit model control and is ready itself, only the `broken` models reloaded."""
 
     def __init__(self, server: TritonServer, interval_s: float, failures: int) -> None:
         self.server = server
@@ -370,6 +406,7 @@ class ModelHealth:
         self.failures = failures
         self.failed = 0
         self.why = ""
+        self.broken: list[str] = []  # the models whose step failed at the last check
         self.models = server.ready_models()  # what it served when it became ready
         self._next = time.monotonic() + interval_s
 
@@ -377,7 +414,7 @@ class ModelHealth:
         if self.interval_s <= 0 or time.monotonic() < self._next:
             return False
         self._next = time.monotonic() + self.interval_s
-        broken = [m for m in self.models if not self.server.model_steps(m)]
+        broken = self.broken = [m for m in self.models if not self.server.model_steps(m)]
         if not self.server.is_ready():
             self.failed, self.why = self.failed + 1, "tritonserver is not ready"
         elif broken:
@@ -387,3 +424,48 @@ class ModelHealth:
         if self.failed:
             print(f"warning: {self.why} ({self.failed} of {self.failures} checks)", file=sys.stderr, flush=True)
         return self.failed >= self.failures
+
+    def reloadable(self) -> bool:
+        """Reloading the broken models alone suffices: the server has explicit model control, is
+        ready, and some (not all) of its models step."""
+        return (
+            self.server.model_control
+            and bool(self.broken)
+            and len(self.broken) < len(self.models)
+            and self.server.is_ready()
+        )
+
+
+def recover(server: TritonServer, health: ModelHealth, timeout_s: float) -> str:
+    """After `health.failing()`: reload the broken models alone when that suffices (the other
+    instances keep serving), else restart tritonserver. Returns what was done (raises
+    TritonNotReady when the restarted server does not become ready)."""
+    if health.reloadable():
+        models = list(health.broken)
+        try:
+            server.reload(models, timeout_s)
+            return f"reloaded {', '.join(models)}"
+        except TritonNotReady as err:
+            print(f"error: {err}; restarting tritonserver", file=sys.stderr, flush=True)
+    server.stop()
+    server.start(timeout_s)
+    return "restarted tritonserver"
+
+
+def instance_gpus(spec: str) -> list[int]:
+    """`--gpus`: "auto" (every GPU torch sees, in turn; none: the CPU), "none" (the model's `device`
+    setting places each instance), or a comma list of GPU ids (instance i on the i-th, in turn)."""
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return []
+    if spec == "auto":
+        try:
+            import torch
+
+            return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        except ImportError:
+            return []
+    try:
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError as err:
+        raise ValueError(f"--gpus {spec!r}: auto, none, or a comma list of GPU ids") from err

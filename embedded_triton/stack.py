@@ -3,7 +3,9 @@
 1. If the repository holds no version of MODEL, export one: the hub's `gpt2` where the hub is
    reachable, otherwise a locally built GPT-2-shaped model with random weights (loudly: its text
    is noise; it exists so the stack runs anywhere).
-2. Start the embedded tritonserver on the repository and wait until it is ready.
+2. Start the embedded tritonserver on the repository and wait until it is ready (with
+   `--instances N`, `make run INSTANCES=N`: MODEL served as N Triton models, one KV pool each, one
+   per GPU where there are several; the gateway places each sequence on one).
 3. Start the gateway (`python -m frontend`) against it and print the URLs (and, when the newest
    version has random weights, say so again: that export may have happened on an earlier run).
 
@@ -27,6 +29,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from embedded_triton.instances import InstancesError, derived_instances, write_instances
 from embedded_triton.server import (
     ModelHealth,
     PortInUse,
@@ -35,7 +38,9 @@ from embedded_triton.server import (
     TritonPorts,
     TritonServer,
     die_with_parent,
+    instance_gpus,
     port_in_use,
+    recover,
 )
 
 BANNER = "=" * 78
@@ -177,15 +182,16 @@ def serve(gateway: subprocess.Popen[bytes], triton: TritonServer, stop: StopFlag
                 print(f"error: tritonserver exited\n{triton.log_tail()}", file=sys.stderr)
                 code = 1
                 break
-            if health.failing():  # alive but its model cannot step: restart it (the gateway resumes)
-                print(f"error: {health.why}; restarting tritonserver", file=sys.stderr, flush=True)
-                triton.stop()
+            if health.failing():  # alive but a model cannot step: restart it (the gateway resumes), or
+                # with several instances reload the broken one alone (the gateway moves its work)
+                print(f"error: {health.why}; recovering", file=sys.stderr, flush=True)
                 try:
-                    triton.start(timeout_s=600)
+                    done = recover(triton, health, 600)
                 except TritonNotReady as err:
                     print(f"error: {err}", file=sys.stderr)
                     code = 1
                     break
+                print(f"tritonserver serving again ({done})", file=sys.stderr, flush=True)
                 health = ModelHealth(triton, HEALTH_INTERVAL_S, HEALTH_FAILURES)
     finally:
         if gateway.poll() is None:
@@ -211,11 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT") or 8000))
     p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT") or 8001))
     p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT") or 8002))
+    p.add_argument(
+        "--instances", type=int, default=1, help="Triton models serving MODEL, one KV pool each (one per GPU)"
+    )
+    p.add_argument("--gpus", default="auto", help="with --instances: auto, none, or GPU ids (0,1: one per instance)")
     args = p.parse_args(argv)
+    if args.instances < 1:
+        p.error("--instances must be >= 1")
 
     ports = TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
     log_path = Path("build") / "triton.log"
-    triton = TritonServer(args.repository, ports=ports, log_path=log_path, port_settings=PORT_SETTINGS)
+    triton = TritonServer(
+        args.repository,
+        ports=ports,
+        log_path=log_path,
+        port_settings=PORT_SETTINGS,
+        model_control=args.instances > 1,  # a broken instance is reloaded alone
+    )
     # Every port before any work: a taken one would otherwise surface as a gateway waiting minutes
     # on a readiness answered by whatever holds it.
     taken = ports_taken(triton, args.port)
@@ -228,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.CalledProcessError as err:
             print(f"error: exporting the default model failed ({err.returncode})", file=sys.stderr)
             return 1
+    if args.instances > 1 or derived_instances(args.repository, args.model):  # 1: remove earlier runs' instances
+        try:
+            names = write_instances(args.repository, args.model, args.instances, instance_gpus(args.gpus))
+        except (InstancesError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if len(names) > 1:
+            print(f"serving {args.model} as {len(names)} instances: {', '.join(names)}", flush=True)
     print(f"starting tritonserver on {args.repository} (log: {log_path}) ...", flush=True)
     try:
         triton.start(timeout_s=600)
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ,
         GATEWAY_TRITON_URL=triton.grpc_url,
         GATEWAY_MODEL=args.model,
+        GATEWAY_MODEL_INSTANCES=str(args.instances),
         GATEWAY_REPOSITORY=str(args.repository.resolve()),
     )
     stop = StopFlag()  # before the gateway starts: from here a Ctrl-C is a request, not an exception

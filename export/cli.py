@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from embedded_triton.instances import InstancesError, write_instances
 from export.checkpoint import Checkpoint, CheckpointError, build_random, load_pretrained, state_dict_numpy
 from export.graph import GraphError, GraphSpec, build_graph
 from export.parity import ParityError, check_parity, scratch_dir
@@ -59,11 +60,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="serve decode steps eagerly on the GPU instead of replaying captured CUDA graphs",
     )
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="serve the model as this many Triton models, one KV pool each (<name>_1 ...; GATEWAY_MODEL_INSTANCES)",
+    )
+    p.add_argument(
+        "--gpus", default="", help="with --instances: GPU ids, instance i on the i-th in turn (default: `device`)"
+    )
     p.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)  # for tooling only, never tests
     args = p.parse_args(argv)
     for flag in ("kv_capacity", "default_window", "serve_versions"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.instances is not None and args.instances < 1:
+        p.error("--instances must be >= 1")
+    try:
+        args.gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+    except ValueError:
+        p.error("--gpus: a comma list of GPU ids, e.g. 0,1")
     if args.version is not None and args.version < 1:
         p.error("--version must be >= 1")
     # On the GPU a second step in flight hides the gateway's sampling and the round trip behind the
@@ -161,6 +177,9 @@ def export(args: argparse.Namespace) -> Path:
             extra_files=[onnx_dir / "model.onnx.data"] if external else [],
         )
     _log(f"wrote {final}")
+    if args.instances is not None:
+        names = write_instances(args.repository, args.name, args.instances, args.gpus)
+        _log(f"serving {args.name} as {len(names)} instances: {', '.join(names)}")
     return final
 
 
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as err:
         print(f"error: parity check failed: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, GraphError, RepositoryError) as err:
+    except (CheckpointError, GraphError, RepositoryError, InstancesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,9 @@ model.py (the Python-backend entry, `step_model/triton_model.py`) with the `step
 beside it, tokenizer/ and metadata.json. A version is
 assembled in a hidden staging directory next to its final place and renamed into place in one
 step, so Triton (or a reader) never sees half a version.
+
+Several instances of one model (one KV pool each, one per GPU) are more models of the same
+repository, written by `embedded_triton.instances.write_instances` (`--instances`).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from frontend.api.docs import install_local_docs
 from frontend.api.openapi import install_openapi
 from frontend.api.tokenize.router import router as tokenize_router
 from frontend.cache import ResultCache, build_result_cache
+from frontend.engine.placement import engine_from_settings
 from frontend.engine.protocol import Engine
 from frontend.engine.remote import ModelLoader, RemoteEngine
-from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
 from frontend.errors import install_error_handlers
 from frontend.generation.service import GenerationService
 from frontend.lifecycle import Lifecycle
@@ -42,9 +42,9 @@ EngineFactory = Callable[[Settings, GatewayMetrics], Engine]
 
 
 def triton_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
-    # vllm:kv_cache_usage_perc = running sequences / the model's KV slots (README "Metrics").
-    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
-    return TritonEngine.from_settings(settings, observer=metrics)
+    """A `TritonEngine`, or a `PlacementEngine` over GATEWAY_MODEL_INSTANCES of them; binds the
+    metrics to the model's KV slots (vllm:kv_cache_usage_perc = running / slots, README "Metrics")."""
+    return engine_from_settings(settings, metrics)
 
 
 def remote_engine(settings: Settings, metrics: GatewayMetrics, *, model_loader: ModelLoader | None = None) -> Engine:
@@ -142,7 +142,9 @@ def create_app(
     # x-ratelimit-* headers on every admitted response, not only on 429s (docs/security.md).
     app.add_middleware(RateLimitHeadersMiddleware)  # type: ignore[arg-type]
     # Shed generation requests while the waiting queue is full, before any per-request work.
-    app.add_middleware(AdmissionGateMiddleware, max_waiting=settings.max_waiting)  # type: ignore[arg-type]
+    # (MAX_WAITING is per model instance: the engine's waiting count is all of theirs.)
+    max_waiting = settings.max_waiting * settings.model_instances
+    app.add_middleware(AdmissionGateMiddleware, max_waiting=max_waiting)  # type: ignore[arg-type]
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
     # Outermost: the request id and its record exist for everything inside; one access-log line.
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.access_log)  # type: ignore[arg-type]

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     model: str = "gpt2"
     model_version: str = Field("", description="pin a version; empty = the newest READY one")
     repository: Path = Path("model_repository")
+    model_instances: int = Field(
+        1,
+        ge=1,
+        description="Triton models serving `model` (it, then <model>_1 ...: one KV pool each, one per GPU); "
+        "each new sequence goes to the one with the most free slots and stays there",
+    )
     step_timeout_s: float = Field(30.0, gt=0, description="deadline of one Triton step call")
     startup_timeout_s: float = Field(120.0, gt=0, description="how long to wait for Triton at start")
 

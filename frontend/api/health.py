@@ -82,6 +82,9 @@ async def _readiness(request: Request) -> JSONResponse:
     body = {"status": "ready", "model": model.name, "version": model.version, "running": running, "waiting": waiting}
     if breaker_state is not None:
         body["breaker"] = breaker_state
+    instances = getattr(engine, "instances_status", None)  # several model instances (placement)
+    if callable(instances):
+        body["instances"] = instances()
     return JSONResponse(body)
 
 

@@ -331,7 +331,7 @@ class EngineCore:
 # ---------------------------------------------------------------------- the process
 async def _serve(settings: Settings, address: str, report: Callable[[str, str], None], gateway_child: bool) -> int:
     # Here, not at the top: the launcher imports this module too, and only the core talks gRPC.
-    from frontend.engine.triton_engine import TritonEngine, model_kv_capacity
+    from frontend.engine.placement import engine_from_settings
     from frontend.observability import GatewayMetrics
 
     loop = asyncio.get_running_loop()
@@ -353,9 +353,8 @@ async def _serve(settings: Settings, address: str, report: Callable[[str, str], 
         loop.add_reader(parent.sentinel, _orphaned)
 
     metrics = GatewayMetrics()  # only its engine_registry is fed and served here
-    metrics.set_model(settings.model, kv_capacity=model_kv_capacity(settings.repository, settings.model))
     core = EngineCore(
-        TritonEngine.from_settings(settings, observer=metrics),
+        engine_from_settings(settings, metrics),  # a TritonEngine, or a PlacementEngine over several
         address,
         worker_timeout_s=settings.engine_core_timeout_s,
         metrics_text=metrics.engine_text,

@@ -7,6 +7,11 @@ longer than `resume_timeout_s` fails with the error that parked it (`_expire_par
 circuit breaker is open the loop sends nothing but one probe step per reset timeout
 (`_while_open`).
 
+Several instances of one model (`frontend.engine.placement`): when an instance's breaker opens,
+its loop first calls `on_breaker_open`, where the placement layer takes the instance's sequences
+(`take_sequences`) and hands them to a healthy instance (`adopt`): there they start again in the
+same way, from prompt plus generated tokens.
+
 A mixin of `frontend.engine.scheduler.Scheduler`, not an object of its own: these methods read
 and change the scheduler's queues, releases and parked list in the same synchronous passes as
 the step loop, and keeping them methods keeps their bodies as they were in the scheduler.
@@ -18,11 +23,12 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from frontend.engine.errors import Overloaded, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
 from frontend.engine.events import ErrorEvent, Event
-from frontend.engine.lanes import sendable
+from frontend.engine.lanes import fewest, sendable
 from frontend.engine.step_rows import Row
 
 if TYPE_CHECKING:
@@ -49,14 +55,25 @@ class Recovery:
     _sends: int  # requests the lanes and probes sent so far
     _deferred_after: int  # the deferred ids go after a success of a request sent later than this
     _parked: list[ActiveSequence]
+    # Called by the loop each time it finds the breaker open, before it fails what is queued: a
+    # placement layer over several instances takes this instance's sequences to a healthy one.
+    on_breaker_open: Callable[[], None] | None = None
 
     def _finish(self, seq: ActiveSequence, event: Event) -> None:
+        raise NotImplementedError  # the scheduler's
+
+    def _wake_all(self) -> None:
         raise NotImplementedError  # the scheduler's
 
     async def _while_open(self, breaker: CircuitBreaker) -> None:
         """The breaker is open: fail what is queued (no Triton call), and once per reset timeout
         send one probe step (a one-token sequence that starts and ends at once, plus the pending
         releases); its outcome closes or re-opens the breaker."""
+        if self.on_breaker_open is not None:
+            try:
+                self.on_breaker_open()
+            except Exception:  # the loop must go on: what was not handed over is handled below
+                log.exception("handing this instance's sequences over failed")
         # New work is refused at once; streams the server lost wait (parked) for it to return. A
         # generation that has produced nothing yet is new work: it fails now, not after the outage.
         running = [s for lane in self._lanes for s in lane.running]
@@ -143,3 +160,53 @@ class Recovery:
         for seq in [s for s in self._parked if s.parked_at is not None and now - s.parked_at > self.resume_timeout_s]:
             self._finish(seq, ErrorEvent(seq.parked_by or Overloaded("the model server did not come back")))
         self._parked = [s for s in self._parked if not s.done]
+
+    def take_sequences(self) -> list[ActiveSequence]:
+        """Remove every live sequence (queued, running, parked) that no step on the wire names, and
+        return them, for another instance of the model to `adopt`; the slots this server holds
+        for them are released with its next step. A sequence in a lane's step under way stays until
+        that step's outcome is known: the loops call `on_breaker_open` again while the breaker is
+        open, and take it then."""
+        busy = {id(s) for lane in self._lanes if lane.in_flight for s in lane.stepping}
+        taken = [s for s in self._waiting if not s.done]
+        for lane in self._lanes:
+            taken += [s for s in lane.running if not s.done and id(s) not in busy]
+            lane.running[:] = [s for s in lane.running if id(s) in busy]
+        for seq in taken:
+            if seq.on_server:
+                self._releases.add(seq.sequence_id)
+                seq.on_server = False
+                seq.sequence_id = secrets.randbits(63)
+        self._waiting.clear()
+        self._parked = [s for s in self._parked if id(s) in busy]
+        self.observer.queue_changed(0, sum(len(lane.running) for lane in self._lanes))
+        return taken
+
+    def adopt(self, sequences: Iterable[ActiveSequence], error: Exception) -> None:
+        """Take sequences another instance of the model lost (`take_sequences`). One that has
+        generated tokens starts again here at once with its prompt plus those tokens, as a
+        sequence this server lost does (parked since it was lost, or since now with `error`); one
+        that has not queues here in submission order (its queue timeout counts from its
+        submission). Neither limit (max_running, max_waiting) refuses them: they were admitted."""
+        now = time.monotonic()
+        queued = []
+        for seq in sequences:
+            if seq.done:
+                continue
+            if seq.generated:
+                if seq.parked_at is None:
+                    seq.parked_at, seq.parked_by = now, error
+                lane = fewest(self._lanes)
+                seq.lane = lane.index
+                lane.running.append(seq)
+                lane.wake.set()
+                self._parked.append(seq)
+            else:
+                seq.parked_at = seq.parked_by = None
+                queued.append(seq)
+        if queued:
+            merged = sorted([*self._waiting, *queued], key=lambda s: s.submitted_at)
+            self._waiting.clear()
+            self._waiting.extend(merged)
+        self.observer.queue_changed(len(self._waiting), sum(len(lane.running) for lane in self._lanes))
+        self._wake_all()

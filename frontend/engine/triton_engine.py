@@ -67,6 +67,10 @@ class TritonEngine:
 
     Ready once Triton reports the model ready AND a real step (a one-token prefill that ends at
     once) has succeeded: readiness means a request would be served, not merely that a port is open.
+
+    `triton_model` is the Triton model it steps when that is not `model` itself: one instance of
+    several (`model_1`, ...; `frontend.engine.placement`), which serves `model`'s versions (the
+    tokenizer and metadata are read from `model`'s directory either way).
     """
 
     def __init__(
@@ -81,10 +85,12 @@ class TritonEngine:
         breaker: CircuitBreaker | None = None,
         startup_timeout_s: float = 120.0,
         observer: StepObserver | None = None,
+        triton_model: str | None = None,
     ) -> None:
         self._startup_timeout_s = startup_timeout_s
         self._triton_url = triton_url
         self._model_name = model
+        self.name = triton_model or model  # the Triton model stepped
         self._pinned_version = version
         self._repository = repository
         self._client_config = client or StepClientConfig()
@@ -100,9 +106,12 @@ class TritonEngine:
         self._prompt_outputs = False  # the served version declares contract.PROMPT_OUTPUTS
 
     @classmethod
-    def from_settings(cls, settings: Settings, observer: StepObserver | None = None) -> TritonEngine:
-        """The engine GATEWAY_* settings describe; `observer` (the gateway's metrics) also hears
-        the breaker's state changes when it has `breaker_changed`."""
+    def from_settings(
+        cls, settings: Settings, observer: StepObserver | None = None, *, triton_model: str | None = None
+    ) -> TritonEngine:
+        """The engine GATEWAY_* settings describe (on Triton model `triton_model`, an instance of
+        the served model, when given); `observer` (the gateway's metrics) also hears the breaker's
+        state changes when it has `breaker_changed`."""
         breaker = CircuitBreaker(
             failure_threshold=settings.breaker_failures,
             reset_timeout_s=settings.breaker_reset_s,
@@ -118,6 +127,7 @@ class TritonEngine:
             breaker=breaker,
             startup_timeout_s=settings.startup_timeout_s,
             observer=observer,
+            triton_model=triton_model,
         )
 
     @property
@@ -129,7 +139,7 @@ class TritonEngine:
     async def start(self) -> None:
         """Wait for Triton's model, load its tokenizer and run a warm-up step."""
         timeout_s = self._startup_timeout_s
-        probe = StepClient(self._triton_url, self._model_name, self._pinned_version, self._client_config)
+        probe = StepClient(self._triton_url, self.name, self._pinned_version, self._client_config)
         deadline = time.monotonic() + timeout_s
         version = self._pinned_version
         while True:
@@ -144,12 +154,12 @@ class TritonEngine:
                 log.info("waiting for Triton at %s: %s", self._triton_url, err)
             if time.monotonic() > deadline:
                 await probe.close()
-                raise UpstreamUnavailable(f"model {self._model_name!r} not ready on Triton at {self._triton_url}")
+                raise UpstreamUnavailable(f"model {self.name!r} not ready on Triton at {self._triton_url}")
             await asyncio.sleep(0.5)
         await probe.close()
         self._model = ServedModel.load(self._repository, self._model_name, version)
         # Pin the resolved version so the tokenizer and the weights always match.
-        self._client = StepClient(self._triton_url, self._model_name, version, self._client_config)
+        self._client = StepClient(self._triton_url, self.name, version, self._client_config)
         # Versions exported before prompt logprobs existed lack those outputs: asking for them would
         # fail the whole step (every sequence in it), so such requests are refused alone.
         outputs = await self._client.output_names()
@@ -186,9 +196,10 @@ class TritonEngine:
         self._scheduler.start()
         await self._warm_up()
         log.info(
-            "serving %s version %s (%s, context %d)",
+            "serving %s version %s%s (%s, context %d)",
             self._model.name,
             version,
+            f" on Triton model {self.name}" if self.name != self._model_name else "",
             self._model.dtype,
             self._model.max_context,
         )
@@ -198,6 +209,11 @@ class TritonEngine:
         await self._client.step([Row(secrets.randbits(63), [0], start=True, end=True)], window=1)
         self._stepped_at = time.monotonic()
         self._warm = True
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The step loop, once started (None before `start` and after `close`)."""
+        return self._scheduler
 
     @property
     def max_running(self) -> int | None:

@@ -186,6 +186,26 @@ class GatewayMetrics:
             "Circuit breaker around Triton steps: 0 closed, 1 half-open, 2 open",
             registry=r,
         )
+        # Several model instances (GATEWAY_MODEL_INSTANCES > 1, frontend.engine.placement): each
+        # one's own; the unlabelled series above are then their sums (the breaker: its best state).
+        self.instance_running = Gauge(
+            "gateway_instance_running_sequences", "Sequences in a model instance's batch", ["instance"], registry=r
+        )
+        self.instance_waiting = Gauge(
+            "gateway_instance_waiting_sequences", "Generations waiting for a model instance", ["instance"], registry=r
+        )
+        self.instance_breaker_state = Gauge(
+            "gateway_instance_circuit_breaker_state",
+            "Circuit breaker around a model instance's steps: 0 closed, 1 half-open, 2 open",
+            ["instance"],
+            registry=r,
+        )
+        self.instance_moved = Counter(
+            "gateway_instance_moved_sequences",
+            "Generations moved from a failed model instance to a healthy one, where they started again",
+            ["from_instance", "to_instance"],
+            registry=r,
+        )
 
     def _define_vllm_scheduler_series(self, r: CollectorRegistry) -> None:
         """vLLM's names for the scheduler's gauges, its KV-cache usage and queue time, labelled by
@@ -269,7 +289,18 @@ class GatewayMetrics:
         self._queue_time.observe(queue_s)
 
     def breaker_changed(self, state: str) -> None:
-        self.breaker_state.set({"closed": 0, "half_open": 1, "open": 2}.get(str(getattr(state, "value", state)), 2))
+        self.breaker_state.set(breaker_level(state))
+
+    # Several model instances (frontend.engine.placement)
+    def instance_queue_changed(self, instance: str, waiting: int, running: int) -> None:
+        self.instance_waiting.labels(instance).set(waiting)
+        self.instance_running.labels(instance).set(running)
+
+    def instance_breaker_changed(self, instance: str, state: str) -> None:
+        self.instance_breaker_state.labels(instance).set(breaker_level(state))
+
+    def sequences_moved(self, source: str, target: str, count: int) -> None:
+        self.instance_moved.labels(source, target).inc(count)
 
     # Exposition
     def engine_text(self) -> bytes:
@@ -299,6 +330,11 @@ class GatewayMetrics:
         """At worker shutdown: drop this process's live gauges from the multiprocess sums."""
         if self.multiprocess:
             prometheus_multiprocess.mark_process_dead(os.getpid())
+
+
+def breaker_level(state: object) -> int:
+    """A breaker state (BreakerState or its value) as its gauge's number: 0 closed, 1 half-open, 2 open."""
+    return {"closed": 0, "half_open": 1, "open": 2}.get(str(getattr(state, "value", state)), 2)
 
 
 class _WorkerSeries(Collector):

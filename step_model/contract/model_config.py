@@ -150,3 +150,12 @@ def _value(tokens: list[tuple[str, str]], i: int) -> tuple[str | Message, int]:
         parts.append(_unquote(tokens[i][1]))
         i += 1
     return "".join(parts), i
+
+
+def instance_names(model: str, instances: int) -> list[str]:
+    """The Triton models that serve `model` as `instances` instances, each with its own KV pool:
+    `model` itself, then `model_1`, `model_2`, ... (`export.repository.write_instances` writes
+    them beside it; the gateway's placement layer steps each sequence on one of them)."""
+    if instances < 1:
+        raise ValueError("instances must be >= 1")
+    return [model, *(f"{model}_{i}" for i in range(1, instances))]

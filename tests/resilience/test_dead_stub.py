@@ -6,6 +6,7 @@ state every time: Triton ready, no step runs). The gateway's readiness runs a re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,3 +98,56 @@ def test_the_gateway_is_not_ready_while_tritons_model_cannot_step(
         gateway.wait_ready(15)
     finally:
         gateway.stop()
+
+
+def test_with_two_instances_embedded_triton_reloads_the_broken_one_alone(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """`python -m embedded_triton --instances 2` (what `make run INSTANCES=2` starts): one
+    instance's stub dies; the launcher reloads that model alone (explicit model control), and the
+    other instance's stub is never touched (its sequences would have had to start again)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / TINY / "1", repo / TINY / "1")
+    shutil.copy2(model_repository / TINY / "config.pbtxt", repo / TINY / "config.pbtxt")
+    ports = TritonPorts.free()
+    log = tmp_path / "embedded.log"
+    args = [sys.executable, "-m", "embedded_triton", "--repository", str(repo), "--model", TINY]
+    args += ["--instances", "2", "--gpus", "none", "--health-interval-s", "1", "--health-failures", "2"]
+    args += ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    text = lambda: log.read_text(errors="replace")  # noqa: E731
+    probe = TritonServer(repo, ports=ports)  # only its HTTP helpers: it starts nothing
+    try:
+        deadline = time.monotonic() + 120
+        while "triton ready" not in text():
+            assert proc.poll() is None and time.monotonic() < deadline, text()[-2000:]
+            time.sleep(0.1)
+        assert f"serving {TINY} as 2 instances: {TINY}, {TINY}_1" in text()
+        assert probe.ready_models() == [TINY, f"{TINY}_1"]
+        server_pid = next(
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _ppid(p) == proc.pid and "tritonserver" in _cmdline(p)
+        )
+        stubs = {pid: _cmdline(Path(f"/proc/{pid}")) for pid in _stubs(server_pid)}
+        broken = next(pid for pid, cmd in stubs.items() if f"/{TINY}_1/" in cmd)
+        healthy = next(pid for pid, cmd in stubs.items() if f"/{TINY}/" in cmd)
+        os.kill(broken, signal.SIGKILL)
+        stalled = time.monotonic()
+        while "triton ready again" not in text():
+            assert proc.poll() is None, "the launcher exited:\n" + text()[-3000:]
+            assert time.monotonic() < stalled + 90, text()[-3000:]
+            time.sleep(0.2)
+        assert f"reloaded {TINY}_1" in text(), text()[-3000:]
+        assert probe.model_steps(f"{TINY}_1") and probe.model_steps(TINY)
+        assert Path(f"/proc/{healthy}").exists() and healthy in _stubs(server_pid)  # never restarted
+        report(f"two instances, one stub dead: embedded_triton reloaded it alone in {time.monotonic() - stalled:.1f} s")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

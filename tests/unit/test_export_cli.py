@@ -91,3 +91,17 @@ def test_kv_partitions_default_by_device_and_must_divide_the_capacity(capsys: py
         with pytest.raises(SystemExit):
             cli.parse_args([*base, "--kv-capacity", "16", "--kv-partitions", bad])
     assert "--kv-partitions must be >= 1 and divide --kv-capacity" in capsys.readouterr().err
+
+
+def test_instances_serve_the_new_version_on_each_instance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    args = ["--random-config", "tiny", "--repository", str(repo), "--name", "m", "--max-context", "64"]
+    code, _ = run(capsys, *args, "--instances", "2", "--gpus", "0,1", "--skip-parity")
+    assert code == 0
+    assert (repo / "m_1" / "1" / "metadata.json").exists() and (repo / "m_1" / "1").is_symlink()
+    assert "gpus: [ 1 ]" in (repo / "m_1" / "config.pbtxt").read_text()
+    assert "gpus: [ 0 ]" in (repo / "m" / "config.pbtxt").read_text()
+    for bad, why in ((["--instances", "0"], "--instances must be >= 1"), (["--gpus", "first"], "--gpus")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, *bad])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
