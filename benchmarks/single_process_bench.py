@@ -86,7 +86,9 @@ class StepEngine:
         self._token, self._finish = TokenEvent, FinishEvent
         tok = model.tokenizer
         # Printable ASCII tokens: every one is whole text (a GPT-2-like mix of short words).
-        self.pool = [i for i in range(256, model.vocab_size - 1) if (s := tok.decode([i])).isascii() and s.isprintable()]
+        self.pool = [
+            i for i in range(256, model.vocab_size - 1) if (s := tok.decode([i])).isascii() and s.isprintable()
+        ]
         self._live: dict[_Handle, None] = {}
         self._waiting: deque[_Handle] = deque()
         self._wake = asyncio.Event()
@@ -299,7 +301,8 @@ def run_one(args: argparse.Namespace, code: str, tag: str) -> dict[str, Any]:
         load += ["--processes", str(args.client_processes), "--out", str(out), "--timeout-s", "600"]
         cpu0, t0 = _cpu_s(server.pid), time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(load, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.run(load, check=True, cwd=Path(__file__).parents[1], **quiet)  # type: ignore[call-overload]
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         cpu_s, wall = _cpu_s(server.pid) - cpu0, time.monotonic() - t0

@@ -175,7 +175,13 @@ class GenerationService:
         # Closed explicitly when this stream is (the client went away): its `finally` cancels the
         # generation on the engine at once, not whenever the garbage collector gets to it.
         generation = generate(
-            self.engine, self.metrics, req, started=started, request_timeout_s=self.request_timeout_s, pacer=self.pacer
+            self.engine,
+            self.metrics,
+            req,
+            started=started,
+            request_timeout_s=self.request_timeout_s,
+            pacer=self.pacer,
+            per_token_text=key is not None,  # a result to cache keeps every token's own text
         )
         async with aclosing(generation) as items:  # type: ignore[type-var]  # an async generator
             async for item in items:

@@ -33,18 +33,20 @@ async def generate(
     started: float,
     request_timeout_s: float,
     pacer: StreamPacer | None = None,
+    per_token_text: bool = True,
 ) -> AsyncIterator[StreamItem]:
     """Run `req` on `engine`; `started` is when the request began (the time-to-first-token and the
     deadline count from it), `request_timeout_s` caps the client's own deadline. `pacer` wakes
     this stream when its events arrive (the process's one, shared by every stream; default a
-    pacer of its own)."""
+    pacer of its own). `per_token_text`: each token's chunk carries its own text (for the result
+    cache); False lets the tokens read together share one decode (`TextAssembler`)."""
     model = engine.model
     sink = StreamSink(pacer if pacer is not None else StreamPacer())
     try:
         handle = engine.submit(req.engine_request(), sink)
     except (Overloaded, StepError) as err:
         raise errors.from_engine_error(err) from err
-    text = TextAssembler(model.tokenizer, model.eos_token_id, req)
+    text = TextAssembler(model.tokenizer, model.eos_token_id, req, per_token_text=per_token_text)
     first_token_at: float | None = None
     last_token_at = started
     timeout_s = min(req.timeout_s or request_timeout_s, request_timeout_s)
@@ -68,8 +70,7 @@ async def generate(
                     metrics.first_token(now - started)
                 else:
                     metrics.token_gap(now - last_token_at)
-                for _ in range(tokens - 1):  # read together: no gap between them
-                    metrics.token_gap(0.0)
+                metrics.tokens_together(tokens - 1)  # read together: no gap between them
                 last_token_at = now
             for item in items:
                 yield item
