@@ -204,13 +204,19 @@ def _scheduler_engine(model: Any, step_ms: float, max_running: int, metrics: Any
 
 
 # ------------------------------------------------------------------------------------ server
-def serve(port: int, engine: str, step_ms: float, streams: int, profile_to: str | None) -> None:
+def serve(
+    port: int, engine: str, step_ms: float, streams: int, profile_to: str | None, per_round: int | None = None
+) -> None:
     import uvicorn
 
     from frontend.app import create_app
     from frontend.cache import MemoryResultCache
     from frontend.settings import Settings
 
+    if per_round is not None:  # an experiment on the pacer's slice (frontend.generation.pacing)
+        from frontend.generation import pacing
+
+        pacing.PER_ROUND = per_round
     model = _model()
     settings = Settings(
         environment="test",
@@ -271,6 +277,16 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_wait_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (Linux schedstat): how
+    much the machine's other load held it back."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _chunks_per_token(out: Path) -> float | None:
     """Text chunks the client counted (its ITL gaps + one per request) over completion tokens."""
     with next(out.glob("*.csv")).open(newline="") as f:
@@ -285,6 +301,7 @@ def run_one(args: argparse.Namespace, code: str, tag: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--code", code, "--serve", str(port)]
     cmd += ["--engine", args.engine, "--step-ms", str(args.step_ms), "--streams", str(args.streams)]
+    cmd += ["--per-round", str(args.per_round)] if args.per_round else []
     prof = None
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -299,13 +316,14 @@ def run_one(args: argparse.Namespace, code: str, tag: str) -> dict[str, Any]:
         load += ["--requests", str(args.requests), "--max-new-tokens", str(args.tokens), "--prompt-tokens", "32"]
         load += ["--temperature", "0.8", "--top-k", "50", "--warmup", "0", "--think-time-s", "0"]
         load += ["--processes", str(args.client_processes), "--out", str(out), "--timeout-s", "600"]
-        cpu0, t0 = _cpu_s(server.pid), time.monotonic()
+        cpu0, wait0, t0 = _cpu_s(server.pid), _cpu_wait_s(server.pid), time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         subprocess.run(load, check=True, cwd=Path(__file__).parents[1], **quiet)  # type: ignore[call-overload]
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         cpu_s, wall = _cpu_s(server.pid) - cpu0, time.monotonic() - t0
+        waited_s = _cpu_wait_s(server.pid) - wait0
         (summary,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
         s = summary["summary"]
         steady = s.get("steady") or {}
@@ -316,6 +334,7 @@ def run_one(args: argparse.Namespace, code: str, tag: str) -> dict[str, Any]:
             "chunks_per_token": _chunks_per_token(out),
             "server_cpu": cpu_s / wall,
             "client_cpu": client_s / wall,
+            "server_waited": waited_s / wall,
             "cpu_us_per_token": 1e6 * cpu_s / max(1, s["generated_tokens"]),
             "wall_s": s["wall_s"],
             "prof": prof,
@@ -342,11 +361,12 @@ def main() -> int:
     p.add_argument("--client-processes", type=int, default=1)
     p.add_argument("--profile", metavar="DIR", help="cProfile each server; stats in DIR/<tree>-<round>.prof")
     p.add_argument("--top", type=int, default=25, help="functions shown per profile")
+    p.add_argument("--per-round", type=int, help="streams the pacer wakes per event-loop round (trees that have one)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.engine, args.step_ms, args.streams, args.profile_to)
+        serve(args.serve, args.engine, args.step_ms, args.streams, args.profile_to, args.per_round)
         return 0
     for rnd in range(args.rounds):
         for code in args.code:
@@ -357,7 +377,8 @@ def main() -> int:
             print(
                 f"round {rnd} {code:>28} {args.engine} streams={args.streams} step={args.step_ms:g}ms: "
                 f"{r['tok_s']:8,.0f} tok/s (steady {steady}), {r['ok']} ok, {cpt} chunks/token, "
-                f"server CPU {r['server_cpu']:.0%} ({r['cpu_us_per_token']:.0f} us/token), "
+                f"server CPU {r['server_cpu']:.0%} ({r['cpu_us_per_token']:.0f} us/token, waited for a CPU "
+                f"{r['server_waited']:.0%}), "
                 f"client CPU {r['client_cpu']:.0%}, {r['wall_s']:.1f} s",
                 flush=True,
             )

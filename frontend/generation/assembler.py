@@ -62,9 +62,11 @@ class TextAssembler:
 
     def take(self, events: Iterable[TokenEvent | PromptLogprobsEvent | FinishEvent]) -> list[StreamItem]:
         """The items `events` give, in order, with the text of all of them as ONE item: the events
-        that were waiting when the reader pulled (a slow reader gets several tokens per chunk; one
-        that keeps up finds one event and gets that token's `TextChunk`). Events after the one that
-        finishes the generation (a stop string, a stop id) are not read, as `push` callers stop."""
+        that were waiting when the reader pulled (a slow reader, or one in a process behind its
+        engine, gets several tokens per chunk; one that keeps up finds one event and gets that
+        token's `TextChunk`); plain tokens share one decode unless `per_token_text`. Events after
+        the one that finishes the generation (a stop string, a stop id) are not read, as `push`
+        callers stop."""
         out: list[StreamItem] = []
         texts: list[TextChunk] = []
         run: list[TokenEvent] = []  # plain tokens to detokenize together (per_token_text=False)

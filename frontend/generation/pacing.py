@@ -27,11 +27,14 @@ from frontend.engine.events import Event
 
 __all__ = ["StreamPacer", "StreamSink"]
 
-#: Streams woken per event-loop round. A stream's round costs ~0.1-0.5 ms of Python (detokenize,
-#: JSON, the ASGI send chain, the socket write): 32 keep a round within a few milliseconds, so the
-#: engine's next step waits at most that long for the loop, at the cost of one extra round (one
-#: epoll) per 32 streams.
-PER_ROUND = 32
+#: Streams woken per event-loop round. A stream's turn costs ~0.05-0.5 ms of Python (detokenize,
+#: JSON, the ASGI send chain, the socket write): 8 keep a round around a millisecond, so the
+#: engine's next step (a timer, a socket) waits at most that long for the loop, which keeps the
+#: engine stepping at its own pace while the streams share what is left of the CPU. The cost is
+#: one more loop round (one poll for I/O) per 8 streams. Measured on 512 streams over a 10 ms
+#: step (benchmarks/single_process_bench.py, docs/results/2026-12-07-cpu/single_process.md):
+#: 8 gave the fewest CPU microseconds per token, 128 three times as many.
+PER_ROUND = 8
 
 
 class StreamPacer:
@@ -41,7 +44,8 @@ class StreamPacer:
 
     __slots__ = ("_backlog", "_budget", "_loop", "_ticking", "per_round")
 
-    def __init__(self, per_round: int = PER_ROUND) -> None:
+    def __init__(self, per_round: int | None = None) -> None:
+        per_round = PER_ROUND if per_round is None else per_round
         if per_round < 1:
             raise ValueError("per_round must be at least 1")
         self.per_round = per_round

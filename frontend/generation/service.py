@@ -2,11 +2,11 @@
 engine, turn tokens into text (never splitting a character, cutting at stop strings), and store
 complete deterministic results.
 
-`stream()` yields `TextChunk`s (a `MergedChunk` of the tokens waiting when a slow reader pulls
-again) then one final `Completion` (with `prompt_logprobs`, a
-`PromptLogprobs` before them); `complete()` collects a stream. A stream that is closed early (the
-client went away) cancels its generation, which frees the server's KV slot at the next step
-boundary; a failed or cancelled generation is never cached.
+`stream()` yields `TextChunk`s (a `MergedChunk` of the tokens waiting when a slow reader, or a
+reader in a process behind its engine (`pacing`), pulls again) then one final `Completion` (with
+`prompt_logprobs`, a `PromptLogprobs` before them); `complete()` collects a stream. A stream that
+is closed early (the client went away) cancels its generation, which frees the server's KV slot at
+the next step boundary; a failed or cancelled generation is never cached.
 
 `GenerationService` composes the pieces, one module per concern: `types` (the request and what a
 stream yields), `preparation` (checks against the model and the server's limits), `stream` (the

@@ -121,7 +121,7 @@ def _chat_events(
             return [chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)]  # type: ignore[arg-type]
         if not isinstance(item, TextChunk | MergedChunk):
             return []  # a chat never asks the prompt's logprobs
-        # A merged chunk (the reader fell behind): its tokens' entries in order in `content`.
+        # A merged chunk (the reader or the process fell behind): its tokens' entries in order in `content`.
         if not body.logprobs or not item.token_count:
             return [frames.text(index, item.text)] if item.text else []
         logprobs = chat_logprobs(service, token_chunks(item))
