@@ -14,12 +14,17 @@ limit:
 * `--engine scheduler`: the real continuous-batching scheduler and sampler over a stand-in Triton
   that answers every step after `--step-ms` (the scheduler's own per-token work counts too).
 
-Each code tree is a directory holding `frontend/` and `export/` (e.g. `git worktree add /tmp/base
-main`); the trees are run alternately, `--rounds` times, each on a fresh server. The client runs
-from THIS tree in another process. `--profile DIR` writes each server's cProfile stats to
-DIR/<tree>-<round>.prof and prints the top functions by own time. Reported per run: delivered
-tokens/s (whole run, and steady state when users send 2+ requests), SSE text chunks per token
-(1.0 = no coalescing) and the server's CPU share (near 100%: the one process is the limit).
+Each code tree is a directory holding the packages the app imports (`frontend/`, `export/`,
+`step_model/`, e.g. `git archive <rev> frontend export step_model embedded_triton examples | tar -x
+-C /tmp/base`); the trees are run alternately, `--rounds` times, each on a fresh server. The
+client runs from THIS tree in another process. `--profile DIR` writes each server's cProfile stats
+to DIR/<tree>-<round>.prof and prints the top `--top` functions by own time; `--per-round N` sets
+the pacer's slice (`frontend.generation.pacing.PER_ROUND`) in trees that have one. Reported per
+run: delivered tokens/s (whole run, and steady state when users send 2+ requests), SSE text chunks
+per token (1.0 = no coalescing), the server's CPU share and CPU microseconds per token (the
+capacity figure, steadier than tok/s on a shared machine), the share of the run the server waited
+for a CPU (schedstat: other load on the machine), and the client's CPU share (near 100%: the
+client is the limit, not the server).
 """
 
 from __future__ import annotations
