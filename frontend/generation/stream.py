@@ -6,8 +6,9 @@ and counts recorded.
 the tokens waiting when its reader pulls again come as one `MergedChunk` (coalescing by
 backpressure: a reader slower than the engine, or a process slower than its engine, which the
 pacer then wakes late (`frontend.generation.pacing`), gets fewer, larger items, never a dropped
-token); its events wait in a `StreamSink` with one deadline timer; however it ends (finished, failed, timed out or closed early) it cancels the generation, which
-frees the server's KV slot at the next step boundary. The engine's errors become API errors in
+token); its events wait in a `StreamSink` with one deadline timer; however it ends (finished,
+failed, timed out or closed early) it cancels the generation, which frees the server's KV slot at
+the next step boundary. The engine's errors become API errors in
 `frontend.errors.from_engine_error`.
 """
 
