@@ -18,12 +18,12 @@ u, top_p, top_k, min_p; ``u < 0``: not asked), and this module applies exactly t
 
 Masses are float64 as on the gateway, so the token is the one the gateway's full-row path picks
 for the same ``u``, up to float rounding met in another order of summation (a draw or a cut
-exactly on a boundary). `draw_rows` does it in linear passes over the rows (value bins; one bin
-sorted per cut) instead of sorting whole rows: 2.4x faster than `draw_rows_sorted` for 16 rows of
-GPT-2's vocabulary on one CPU core, which stays as the line-for-line reference. On the GPU the
-binned passes cost 6.4 ms for 512 rows (H100, 2026-12-07: float64 scatter-adds and a top-K as wide
-as the fullest bin) where one segmented sort is a few kernels: `draw_method` picks the sort there
-("sort") and the bins on the CPU ("bins"); the config parameter `draw_method` overrides it. The caller gets
+exactly on a boundary). `draw_rows` does it without sorting whole rows (the masses summed into
+value bins once, then one bin sorted per cut and for the draw): for 16 rows of GPT-2's vocabulary
+on one CPU core, top-p 0.9, about 3x faster than `draw_rows_sorted`, which stays as the
+line-for-line reference (docs/benchmarks.md). On the GPU an earlier binned version cost 6.4 ms for
+512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks the sort
+there ("sort") and the bins on the CPU ("bins"); the config parameter `draw_method` overrides it. The caller gets
 the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
 on every other path.
 
@@ -35,6 +35,7 @@ truncation) are left to the gateway's window sampler.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,52 +130,53 @@ _BINS = 2048  # value bins per row: a cut or a draw sorts only the tokens of one
 def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The chosen token of each row and its scaled logit, without sorting whole rows.
 
-    The same selection as `draw_rows_sorted` (the gateway's), in linear passes: every cut is a
-    prefix of the stable descending order, so it is a value threshold plus, among the tokens tied
-    at it, the lowest ids. Top-k keeps ``z >= kth``; min-p keeps ``z >= z_max + log(min_p)``; the
+    The same selection as `draw_rows_sorted` (the gateway's), without a sort of the row: every cut
+    is a prefix of the stable descending order, so it is a value plus, among the tokens tied at
+    it, the highest id kept. Top-k keeps ``z >= kth``; min-p keeps ``z >= z_max + log(min_p)``; the
     top-p cut and the draw are the first token (in that order) whose cumulative mass reaches a
-    target: the rows' masses are summed into value bins, the bin holding the target found from
-    their prefix sums, and only that bin's tokens sorted (`_first_reaching`). Masses in float64, as
-    on the gateway; only the order of summation differs (the bins), so a target exactly on a
-    boundary (probability ~1e-16) may fall to the neighbour.
+    target. The rows' masses are summed into value bins once (`_Bins`); each query finds its bin
+    from the bins' prefix sums and sorts only that bin's tokens, and the kept total is the
+    cumulative mass through the final cut, so the kept set is never materialised. Masses in
+    float64, as on the gateway; only the order of summation differs (the bins), so a target
+    exactly on a boundary (probability ~1e-16) may fall to the neighbour.
 
     Args and returns as `draw_rows_sorted`.
     """
-    vocab = z.shape[1]
+    rows, vocab = z.shape
     u, top_p, top_k, min_p = draw.unbind(1)
     p = torch.exp(z.double() - logsumexp.double()[:, None])
-    zmax = z.max(dim=1).values
-    ids = torch.arange(vocab, device=z.device)
-    bins = _value_bins(z, zmax)
+    binned = _Bins(z, p)
+    all_ids = torch.full((rows,), vocab, dtype=torch.long, device=z.device)
     k = top_k.long().clamp(0, vocab)
     has_k, has_p, has_m = k > 0, top_p < 1.0, min_p > 0.0
-    # Passes a cut no row asks for are left out (the seed's request: top-p alone).
-    keep: torch.Tensor | None = None
-    kept = p
+    # The kept set is a prefix of the stable descending order: (cut value, highest id kept at it).
+    cut_z = torch.full_like(binned.zmax, float("-inf"))
+    cut_id = all_ids.clone()
+    total = binned.cum[:, -1]  # the kept mass, the whole row's until a cut
     if bool(has_k.any()):
-        kth = torch.topk(z, int(k.max()), dim=1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
-        keep = ~has_k[:, None] | (z >= kth)  # every tie of the k-th value
-        kept = p * keep
-    base = torch.where(has_k, kept.sum(dim=1), torch.ones_like(u)) if keep is not None else torch.ones_like(u)
-    # Top-p: the last kept token is the first whose cumulative mass reaches top_p * base.
-    cut_z, cut_id, reached = _first_reaching(z, kept, bins, top_p * base, inclusive=True)
-    cut_p = has_p & reached  # else rounding left the kept mass below top_p: keep everything
-    in_p = ~cut_p[:, None] | (z > cut_z[:, None]) | ((z == cut_z[:, None]) & (ids[None, :] <= cut_id[:, None]))
-    final = in_p
+        kth = torch.topk(z, int(k.max()), dim=1).values.gather(1, (k.clamp(min=1) - 1)[:, None]).squeeze(1)
+        cut_z = torch.where(has_k, kth, cut_z)  # every tie of the k-th value
+        total = torch.where(has_k, binned.prefix_mass(kth, all_ids), total)
+    if bool(has_p.any()):
+        base = torch.where(has_k, total, torch.ones_like(u))  # top-p renormalises over what top-k kept
+        pz, pid, reached, through = binned.first_reaching(top_p * base, inclusive=True)
+        by_p = has_p & reached & _shorter(pz, pid, cut_z, cut_id)  # else rounding: keep all
+        cut_z, cut_id = torch.where(by_p, pz, cut_z), torch.where(by_p, pid, cut_id)
+        total = torch.where(by_p, through, total)
     if bool(has_m.any()):
-        # Min-p: its prefix is the shorter one when the top-p cut's value lies below its threshold.
-        threshold = zmax.double() + torch.log(min_p.clamp(min=1e-300))
-        in_m = z.double() >= threshold[:, None]
-        by_m = has_m & ~(cut_p & (cut_z.double() >= threshold))
-        final = torch.where(by_m[:, None], in_m, in_p)
-    if keep is not None:
-        final = keep & final
-    mass = p * final
+        threshold = binned.zmax.double() + torch.log(min_p.clamp(min=1e-300))
+        mz = torch.where(z.double() >= threshold[:, None], z, float("inf")).min(dim=1).values  # zmax at least
+        by_m = has_m & _shorter(mz, all_ids, cut_z, cut_id)
+        cut_z, cut_id = torch.where(by_m, mz, cut_z), torch.where(by_m, all_ids, cut_id)
+        total = torch.where(by_m, binned.prefix_mass(mz, all_ids), total)
     truncated = has_k | has_p | has_m
-    total = torch.where(truncated, mass.sum(dim=1), torch.ones_like(u))
-    token_z, token_id, found = _first_reaching(z, mass, bins, u * total, inclusive=False)
-    if not bool(found.all()):  # x at or past the kept total by rounding: the last kept token of mass
-        last_z, last_id = _last_positive(z, mass)
+    total = torch.where(truncated, total, torch.ones_like(u))
+    token_z, token_id, found, _ = binned.first_reaching(u * total, inclusive=False)
+    found = found & _shorter(token_z, token_id, cut_z, cut_id)
+    if not bool(found.all()):  # at or past the kept total by rounding: the last kept token of mass
+        ids = torch.arange(vocab, device=z.device)
+        kept = _shorter(z, ids[None, :], cut_z[:, None], cut_id[:, None])
+        last_z, last_id = _last_positive(z, p * kept)
         token_z, token_id = torch.where(found, token_z, last_z), torch.where(found, token_id, last_id)
     return token_id, token_z
 
@@ -182,45 +184,83 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
 DRAW_METHODS = {"sort": draw_rows_sorted, "bins": draw_rows}
 
 
-def _value_bins(z: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:
-    """Each token's bin, 0 for the highest values: non-decreasing as z decreases, so the bins
-    follow the descending order and equal values share a bin."""
-    zmin = z.min(dim=1).values
-    scale = (_BINS - 1) / torch.clamp(zmax - zmin, min=1e-30)
-    return ((zmax[:, None] - z) * scale[:, None]).floor().clamp(0, _BINS - 1).long()
+class _Members(NamedTuple):
+    """One bin's tokens per row in stable descending order, padded to the widest row's count."""
+
+    ids: torch.Tensor  # int64 [M, W]
+    values: torch.Tensor  # float32 [M, W], -inf past `size`
+    valid: torch.Tensor  # bool [M, W], a prefix of each row
+    running: torch.Tensor  # float64 [M, W], the cumulative mass of the row through each entry
+    size: torch.Tensor  # int64 [M]
+    before: torch.Tensor  # float64 [M], the cumulative mass before the bin
 
 
-def _first_reaching(
-    z: torch.Tensor, weights: torch.Tensor, bins: torch.Tensor, target: torch.Tensor, *, inclusive: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, the first token in stable descending order whose cumulative weight reaches
-    `target` (``>= target`` when inclusive, else ``> target``): (its z, its id, found). Rows where
-    no token reaches it report found False (z and id then meaningless)."""
-    rows = z.shape[0]
-    offset = (torch.arange(rows, device=z.device) * _BINS)[:, None]
-    binned = torch.zeros(rows * _BINS, dtype=weights.dtype, device=z.device)
-    binned.scatter_add_(0, (bins + offset).reshape(-1), weights.reshape(-1))
-    cum = torch.cumsum(binned.view(rows, _BINS), dim=1)
-    below = (cum < target[:, None]) if inclusive else (cum <= target[:, None])
-    b = below.sum(dim=1).clamp(max=_BINS - 1)
-    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(target))
-    # The bin's tokens in stable descending order: gathered by value, then ordered by id, value.
-    member = bins == b[:, None]
-    size = member.sum(dim=1)
-    width = max(1, int(size.max()))
-    key = torch.where(member, z, torch.full_like(z, float("-inf")))
-    index = torch.topk(key, width, dim=1).indices
-    index = torch.sort(index, dim=1).values  # ascending id (padding entries: tokens of other bins)
-    valid = member.gather(1, index)
-    values = torch.where(valid, z.gather(1, index), torch.full_like(index, 0, dtype=z.dtype) - float("inf"))
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    index, values, valid = index.gather(1, order), values.gather(1, order), valid.gather(1, order)
-    running = before[:, None] + torch.cumsum(torch.where(valid, weights.gather(1, index), 0.0), dim=1)
-    short = (running < target[:, None]) if inclusive else (running <= target[:, None])
-    j = (short & valid).sum(dim=1)  # valid entries lead, and `short` holds on a prefix of them
-    found = j < size
-    j = j.clamp(max=width - 1)
-    return values.gather(1, j[:, None]).squeeze(1), index.gather(1, j[:, None]).squeeze(1), found
+class _Bins:
+    """The rows' masses summed once into value bins (bin 0 holds the highest values, and equal
+    values share a bin): every cut and the draw is then a prefix query that sorts one bin."""
+
+    def __init__(self, z: torch.Tensor, p: torch.Tensor) -> None:
+        rows = z.shape[0]
+        self.z, self.p = z, p
+        zmin, zmax = torch.aminmax(z, dim=1)
+        self.zmax = zmax
+        self.scale = (_BINS - 1) / torch.clamp(zmax - zmin, min=1e-30)
+        self.bins = self._bin_of(z)
+        offset = (torch.arange(rows, device=z.device) * _BINS)[:, None]
+        binned = torch.zeros(rows * _BINS, dtype=p.dtype, device=z.device)
+        binned.scatter_add_(0, (self.bins + offset).reshape(-1), p.reshape(-1))
+        self.cum = torch.cumsum(binned.view(rows, _BINS), dim=1)
+
+    def _bin_of(self, values: torch.Tensor) -> torch.Tensor:
+        """Bins of [rows, n] values (the same float operations for a row's tokens and its cut values)."""
+        d = self.zmax[:, None] - values
+        return d.mul_(self.scale[:, None]).floor_().clamp_(0, _BINS - 1).long()
+
+    def _members(self, b: torch.Tensor) -> _Members:
+        """Bin ``b[i]``'s tokens of each row i (one pass finds them: `nonzero` lists a row's in ascending id)."""
+        rows = self.z.shape[0]
+        where = (self.bins == b[:, None]).nonzero()  # row-major: ascending id within a row
+        size = torch.bincount(where[:, 0], minlength=rows)
+        width = max(1, int(size.max()))
+        start = torch.cumsum(size, 0) - size
+        col = torch.arange(where.shape[0], device=self.z.device) - start[where[:, 0]]
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.z.device)
+        ids[where[:, 0], col] = where[:, 1]
+        valid = torch.arange(width, device=self.z.device)[None, :] < size[:, None]
+        values = torch.where(valid, self.z.gather(1, ids), float("-inf"))
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices  # ties keep ascending id
+        ids, values, valid = ids.gather(1, order), values.gather(1, order), valid.gather(1, order)
+        masses = torch.where(valid, self.p.gather(1, ids), 0.0)
+        before = torch.where(b > 0, self.cum.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+        running = before[:, None] + torch.cumsum(masses, dim=1)
+        return _Members(ids, values, valid, running, size, before)
+
+    def first_reaching(
+        self, target: torch.Tensor, *, inclusive: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row the first token whose cumulative mass reaches `target` (>= when inclusive, else >):
+        (its z, its id, found, the cumulative mass through it)."""
+        below = (self.cum < target[:, None]) if inclusive else (self.cum <= target[:, None])
+        b = below.sum(dim=1).clamp(max=_BINS - 1)
+        m = self._members(b)
+        short = (m.running < target[:, None]) if inclusive else (m.running <= target[:, None])
+        j = (short & m.valid).sum(dim=1)  # valid entries lead, and `short` holds on a prefix of them
+        found = j < m.size
+        at = j.clamp(max=m.ids.shape[1] - 1)[:, None]
+        value, token, through = (t.gather(1, at).squeeze(1) for t in (m.values, m.ids, m.running))
+        return value, token, found, through
+
+    def prefix_mass(self, zc: torch.Tensor, ic: torch.Tensor) -> torch.Tensor:
+        """The cumulative mass through the prefix ``z > zc or (z == zc and id <= ic)`` (zc a value of the row)."""
+        m = self._members(self._bin_of(zc[:, None]).squeeze(1))
+        inside = m.valid & _shorter(m.values, m.ids, zc[:, None], ic[:, None])
+        n = inside.sum(dim=1)  # a prefix of the bin's sorted tokens
+        return torch.where(n > 0, m.running.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1), m.before)
+
+
+def _shorter(z1: torch.Tensor, i1: torch.Tensor, z2: torch.Tensor, i2: torch.Tensor) -> torch.Tensor:
+    """Whether the token or prefix end (z1, i1) comes at or before (z2, i2) in the stable descending order."""
+    return (z1 > z2) | ((z1 == z2) & (i1 <= i2))
 
 
 def _last_positive(z: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
