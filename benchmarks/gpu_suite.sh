@@ -171,7 +171,7 @@ record environment ok 0 $((SECONDS - T0)) -
 # ------------------------------------------------------------------------------ 1. export || 2. correctness
 TEST_ENV=(env "GPT2_TEST_DTYPE=$DTYPE" "GPT2_TEST_DEVICE=$DEVICE" "GPT2_TEST_STRICT=$TEST_STRICT")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning)
-BG1="" BG2=""
+BG1="" BG2="" BG3=""
 if wanted tests; then
   run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_triton_model.py tests/unit/test_kernels.py --junitxml "$R/tests/triton_model.xml" &
@@ -179,6 +179,11 @@ if wanted tests; then
   run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
   BG2=$!
+  # Issue 18 on one GPU: two instances of the test model (placement, stickiness, a crashed stub's
+  # streams finishing on the other) and the gateway's lanes over KV partitions.
+  run_stage tests_instances 150 "$R/tests/instances.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+    tests/integration/test_instances.py tests/integration/test_lanes.py --junitxml "$R/tests/instances.xml" &
+  BG3=$!
 fi
 
 # An export copies the serving code into its version directory: one this suite made from other code
@@ -206,7 +211,7 @@ VDIR=$(ls -d "$REPO"/gpt2/[0-9]* 2> /dev/null | awk -F/ '{print $NF, $0}' | sort
 cp "$REPO/gpt2/config.pbtxt" "$R/config.pbtxt" 2> /dev/null
 [ -n "$VDIR" ] && cp "$VDIR/metadata.json" "$R/metadata_${MODEL}_$DTYPE.json" 2> /dev/null
 note "waiting for the correctness suites"
-[ -n "$BG1$BG2" ] && wait $BG1 $BG2 # never a bare `wait`: it would wait for the tee above
+[ -n "$BG1$BG2$BG3" ] && wait $BG1 $BG2 $BG3 # never a bare `wait`: it would wait for the tee above
 grep -hE "[0-9]+ (passed|failed|error)" "$R"/tests/*.log 2> /dev/null | tail -n 4
 
 # ------------------------------------------------------------------------------ 3. the step engine alone
