@@ -155,7 +155,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
         kth = torch.topk(z, int(k.max()), dim=1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
         keep = ~has_k[:, None] | (z >= kth)  # every tie of the k-th value
         kept = p * keep
-    base = torch.where(has_k, kept.sum(dim=1), torch.ones_like(u)) if keep is not None else torch.ones_like(u)
+    base = torch.where(has_k, _row_sums(kept), torch.ones_like(u)) if keep is not None else torch.ones_like(u)
     # Top-p: the last kept token is the first whose cumulative mass reaches top_p * base.
     cut_z, cut_id, reached = _first_reaching(z, kept, bins, top_p * base, inclusive=True)
     cut_p = has_p & reached  # else rounding left the kept mass below top_p: keep everything
@@ -171,7 +171,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
         final = keep & final
     mass = p * final
     truncated = has_k | has_p | has_m
-    total = torch.where(truncated, mass.sum(dim=1), torch.ones_like(u))
+    total = torch.where(truncated, _row_sums(mass), torch.ones_like(u))
     token_z, token_id, found = _first_reaching(z, mass, bins, u * total, inclusive=False)
     if not bool(found.all()):  # x at or past the kept total by rounding: the last kept token of mass
         last_z, last_id = _last_positive(z, mass)
@@ -180,6 +180,15 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
 
 
 DRAW_METHODS = {"sort": draw_rows_sorted, "bins": draw_rows}
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, a function of the row alone: on the CPU torch splits the reduction of a
+    single row across its threads (another order of summation than with two rows or more), so
+    there numpy's per-row pairwise sum."""
+    if x.is_cuda:
+        return x.sum(dim=1)
+    return torch.from_numpy(x.numpy().sum(axis=1))
 
 
 def _value_bins(z: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:
