@@ -262,9 +262,12 @@ class DecodeRunner:
         assert decode.topk_logits is not None and decode.topk_ids is not None
         if decode.torch_tail:
             torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
-        if decode.torch_tail or self.setup.device_kind != "cuda":
-            # On the CPU the graph's own log-sum-exp depends on the row count (step_model.kernels).
+        if decode.torch_tail:
             row_logsumexp(decode.logits, decode.lse)
+        elif self.setup.device_kind != "cuda":
+            # On the CPU the graph's own log-sum-exp depends on the row count (step_model.kernels);
+            # each row's maximum is its window's first entry.
+            row_logsumexp(decode.logits, decode.lse, decode.topk_logits[:, 0])
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name].copy_(tensor, non_blocking=True)
         if self.setup.stream is not None:

@@ -599,7 +599,8 @@ class StepEngine:
         self.session.run_with_iobinding(binding)
         topk_logits, topk_ids = (v.numpy() for v in binding.get_outputs()[-3:-1])
         # The graph's own log-sum-exp depends on the row count on the CPU (step_model.kernels).
-        lse = row_logsumexp(logits, self._lse_out(batch)).cpu().numpy()
+        top = torch.from_numpy(topk_logits[:, 0].copy()) if self.device_kind != "cuda" else None
+        lse = row_logsumexp(logits, self._lse_out(batch), top).cpu().numpy()
         return logits, topk_logits, topk_ids, lse
 
     def _lse_out(self, rows: int) -> torch.Tensor:
