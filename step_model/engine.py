@@ -17,6 +17,13 @@ their own next position: GroupQueryAttention writes it just past the row's cache
 the row's next real step overwrites, and nothing reads it before. A prefill runs in a scratch
 buffer (rows of different lengths, right-padded) and is copied into the new sequences' slots.
 
+Batch invariance (docs/architecture.md): a row's outputs are a function of its own tokens (on the
+CPU the log-sum-exp is computed per row, `step_model.kernels`). With `invariant_slots` R > 0 the
+top R slots are kept for rows flagged invariant: each such prompt is prefilled in a pass of its
+own, and the range decodes in its own run over all R slots every step (fixed shapes, as the GPU's
+kernels need). A start row with `replay_from` (a sequence the server lost) prefills its prompt and
+replays its generated tokens one decode run each, so its cache is the lost one bit for bit.
+
 Per-row outcomes: a row the table refuses (no free slot for a start row, an unknown sequence, a
 malformed row) gets a `RowStatus` and changes nothing; the other rows run. Only a malformed
 request (shapes, a sequence named twice) fails as a whole.
