@@ -24,7 +24,7 @@ from frontend.api.native_protocol import (
     Usage,
 )
 from frontend.api.responses import GENERATION_ERRORS, error_responses
-from frontend.api.streaming import sse_json, sse_response
+from frontend.api.streaming import sse_frame, sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
 from frontend.generation.types import Completion, GenerationRequest, MergedChunk, PromptLogprobs, StreamItem, TextChunk
@@ -96,7 +96,7 @@ async def generate_stream(
     # Raises here, before any byte, when the generation cannot start: a plain JSON error.
     merged = await merge_streams([service.stream(_prepare(service, body, timeout_s=timeout))])
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[bytes]:
         async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels it
             async for _, item in merged:
                 yield _stream_event(item)
@@ -108,27 +108,27 @@ async def generate_stream(
     )
 
 
-def _stream_event(item: StreamItem) -> ServerSentEvent:
+def _stream_event(item: StreamItem) -> bytes:
     assert not isinstance(item, PromptLogprobs)  # refused on this route (_only_on_generate)
     if isinstance(item, TextChunk):
         data: dict[str, object] = {"text": item.text, "position": item.position, "token_id": item.token_id}
-        return ServerSentEvent(sse_json(data), event="token")
+        return sse_frame(sse_json(data), "token")
     if isinstance(item, MergedChunk):
-        # Several tokens (the client read slower than they came): `position`/`token_id` name the
+        # Several tokens (the client or the process fell behind): `position`/`token_id` name the
         # first, `token_ids` lists them all (positions position, position + 1, ...).
         ids = [c.token_id for c in item.chunks if c.token_id is not None]
         first = next((c for c in item.chunks if c.token_id is not None), item.chunks[0])
         data = {"text": item.text, "position": first.position, "token_id": first.token_id}
         if len(ids) > 1:
             data["token_ids"] = ids
-        return ServerSentEvent(sse_json(data), event="token")
+        return sse_frame(sse_json(data), "token")
     done = {
         "finish_reason": item.finish_reason,
         "usage": item.usage,
         "cached": item.cached,
         "generated_text": item.text,
     }
-    return ServerSentEvent(sse_json(done), event="done")
+    return sse_frame(sse_json(done), "done")
 
 
 @router.post("/generate/batch", response_model=BatchResponse, responses=error_responses(*GENERATION_ERRORS))

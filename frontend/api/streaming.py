@@ -5,7 +5,9 @@ generation (sse-starlette cancels the iterator; the service's `finally` frees th
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
+from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json.dumps(str, ensure_ascii=False)
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -27,13 +29,46 @@ def sse_json(data: object) -> str:
     return text
 
 
+def sse_frame(data: str, event: str | None = None) -> bytes:
+    """One SSE event of single-line `data` (JSON, as `sse_json` writes it), the bytes
+    `ServerSentEvent(data, event=event).encode()` gives, without building one: EventSourceResponse
+    sends bytes as they are."""
+    if event is None:
+        return f"data: {data}\r\n\r\n".encode()
+    return f"event: {event}\r\ndata: {data}\r\n\r\n".encode()
+
+
+class TextFrame:
+    """An SSE event whose only varying part is one JSON string (a text chunk's text), rendered ONCE
+    the slow way (pydantic model, JSON, SSE encoding) around a placeholder and then filled in per
+    chunk: the same bytes `render(text)` gives, at the cost of escaping `text` alone.
+
+    `render(text)` must give the event's bytes, with `text` as one JSON string value somewhere in it."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, render: Callable[[str], bytes]) -> None:
+        # Private-use characters: JSON leaves them raw, and no id, model name or number holds them.
+        marker = f"\ue000{secrets.token_hex(8)}\ue000"
+        head, sep, tail = render(marker).decode().partition(encode_basestring(marker))
+        if not sep or encode_basestring(marker) in tail:
+            raise ValueError("render(text) must hold text exactly once, as a JSON string")
+        self._head, self._tail = head, tail
+
+    def __call__(self, text: str) -> bytes:
+        quoted = encode_basestring(text)
+        if "\u2028" in quoted or "\u2029" in quoted or "\u0085" in quoted:  # as sse_json does
+            quoted = quoted.translate(_LINE_BREAKS)
+        return (self._head + quoted + self._tail).encode()
+
+
 def sse_response(
-    events: AsyncIterator[ServerSentEvent],
-    on_error: Callable[[APIError], ServerSentEvent | list[ServerSentEvent]],
+    events: AsyncIterator[ServerSentEvent | bytes],
+    on_error: Callable[[APIError], ServerSentEvent | bytes | list[ServerSentEvent | bytes]],
     *,
     send_timeout_s: float = 15.0,
 ) -> EventSourceResponse:
-    async def guarded() -> AsyncIterator[ServerSentEvent]:
+    async def guarded() -> AsyncIterator[ServerSentEvent | bytes]:
         try:
             async for event in events:
                 yield event

@@ -29,12 +29,20 @@ __all__ = ["TextAssembler"]
 
 
 class TextAssembler:
-    def __init__(self, tokenizer: Any, eos_token_id: int, req: GenerationRequest) -> None:
+    def __init__(
+        self, tokenizer: Any, eos_token_id: int, req: GenerationRequest, *, per_token_text: bool = True
+    ) -> None:
+        """`per_token_text`: every token's `TextChunk` carries the text it released (the result
+        cache stores them so). False lets `take` detokenize the plain tokens read together in one
+        call, their text carried by the first of them (the others ""); the items' text, and the
+        completion's, are the same either way."""
         self.req = req
         self.eos_token_id = eos_token_id
         self.decoder = IncrementalDecoder(tokenizer, req.prompt_ids, skip_special_tokens=req.skip_special_tokens)
         self.matcher = StopMatcher(req.stop, include_stop=req.include_stop_str_in_output)
         self.stop_token_ids = frozenset(req.stop_token_ids)
+        # Tokens whose text nothing can cut (no stop string, no stop id) may share one decode.
+        self._together = not per_token_text and not req.stop and not req.stop_token_ids
         self.chunks: list[TextChunk] = []
         self.token_ids: list[int] = []
         self.generated = 0  # completion tokens, end-of-text included
@@ -54,24 +62,59 @@ class TextAssembler:
 
     def take(self, events: Iterable[TokenEvent | PromptLogprobsEvent | FinishEvent]) -> list[StreamItem]:
         """The items `events` give, in order, with the text of all of them as ONE item: the events
-        that were waiting when the reader pulled (a slow reader gets several tokens per chunk; one
-        that keeps up finds one event and gets that token's `TextChunk`). Events after the one that
-        finishes the generation (a stop string, a stop id) are not read, as `push` callers stop."""
+        that were waiting when the reader pulled (a slow reader, or one in a process behind its
+        engine, gets several tokens per chunk; one that keeps up finds one event and gets that
+        token's `TextChunk`); plain tokens share one decode unless `per_token_text`. Events after
+        the one that finishes the generation (a stop string, a stop id) are not read, as `push`
+        callers stop."""
         out: list[StreamItem] = []
         texts: list[TextChunk] = []
+        run: list[TokenEvent] = []  # plain tokens to detokenize together (per_token_text=False)
+        item: StreamItem | None
+        together, eos, shown_eos = self._together, self.eos_token_id, self.req.ignore_eos
         for event in events:
             if self.finished:
                 break
-            item = self.token(event) if type(event) is TokenEvent else self.push(event)
+            if type(event) is TokenEvent:
+                if together and (shown_eos or event.token_id != eos):
+                    run.append(event)
+                    continue
+                if run:
+                    texts += self._together_chunks(run)
+                    run = []
+                item = self.token(event)
+            else:
+                if run:
+                    texts += self._together_chunks(run)
+                    run = []
+                item = self.push(event)
             if isinstance(item, TextChunk):
                 texts.append(item)
             elif item is not None:
                 out.append(item)  # the prompt's logprobs: always before any token
+        if run:
+            texts += self._together_chunks(run)
         if len(texts) == 1:
             out.append(texts[0])
         elif texts:
             out.append(MergedChunk(tuple(texts)))
         return out
+
+    def _together_chunks(self, run: list[TokenEvent]) -> list[TextChunk]:
+        """Plain tokens (nothing can cut their text) read together: ONE incremental decode, the
+        text carried by the first's chunk."""
+        if len(run) == 1:
+            return [self.token(run[0])]  # type: ignore[list-item]  # a plain token always gives a chunk
+        text = self.decoder.push_many([e.token_id for e in run])
+        position = self.generated
+        self.generated += len(run)
+        chunks = [
+            TextChunk(text if i == 0 else "", e.token_id, position + i, e.logprob, e.top_logprobs)
+            for i, e in enumerate(run)
+        ]
+        self.token_ids += [e.token_id for e in run]
+        self.chunks += chunks
+        return chunks
 
     def token(self, event: TokenEvent) -> TextChunk | None:
         """The text one generated token adds (None for a hidden end-of-text token)."""

@@ -2,11 +2,11 @@
 engine, turn tokens into text (never splitting a character, cutting at stop strings), and store
 complete deterministic results.
 
-`stream()` yields `TextChunk`s (a `MergedChunk` of the tokens waiting when a slow reader pulls
-again) then one final `Completion` (with `prompt_logprobs`, a
-`PromptLogprobs` before them); `complete()` collects a stream. A stream that is closed early (the
-client went away) cancels its generation, which frees the server's KV slot at the next step
-boundary; a failed or cancelled generation is never cached.
+`stream()` yields `TextChunk`s (a `MergedChunk` of the tokens waiting when a slow reader, or a
+reader in a process behind its engine (`pacing`), pulls again) then one final `Completion` (with
+`prompt_logprobs`, a `PromptLogprobs` before them); `complete()` collects a stream. A stream that
+is closed early (the client went away) cancels its generation, which frees the server's KV slot at
+the next step boundary; a failed or cancelled generation is never cached.
 
 `GenerationService` composes the pieces, one module per concern: `types` (the request and what a
 stream yields), `preparation` (checks against the model and the server's limits), `stream` (the
@@ -26,6 +26,7 @@ from frontend.chat import load_chat_template
 from frontend.engine.model import ServedModel
 from frontend.engine.protocol import Engine
 from frontend.generation import caching, preparation
+from frontend.generation.pacing import StreamPacer
 from frontend.generation.params import FieldNames, GenerationParams
 from frontend.generation.stream import generate
 from frontend.generation.types import Completion, GenerationRequest, MergedChunk, PromptLogprobs, StreamItem, TextChunk
@@ -59,6 +60,9 @@ class GenerationService:
         self.metrics = metrics
         self.settings = settings  # limits are read per request
         self.request_timeout_s = settings.request_timeout_s
+        # Wakes every stream of this process when its events arrive, a slice per event-loop round
+        # (frontend.generation.pacing): a process that falls behind coalesces tokens per stream.
+        self.pacer = StreamPacer()
         # GATEWAY_CHAT_TEMPLATE: read now, so a bad file fails the start rather than a request.
         self._chat_template = load_chat_template(settings.chat_template)
 
@@ -170,7 +174,15 @@ class GenerationService:
                 return
         # Closed explicitly when this stream is (the client went away): its `finally` cancels the
         # generation on the engine at once, not whenever the garbage collector gets to it.
-        generation = generate(self.engine, self.metrics, req, started=started, request_timeout_s=self.request_timeout_s)
+        generation = generate(
+            self.engine,
+            self.metrics,
+            req,
+            started=started,
+            request_timeout_s=self.request_timeout_s,
+            pacer=self.pacer,
+            per_token_text=key is not None,  # a result to cache keeps every token's own text
+        )
         async with aclosing(generation) as items:  # type: ignore[type-var]  # an async generator
             async for item in items:
                 if key is not None and isinstance(item, Completion):  # the last item: only complete results

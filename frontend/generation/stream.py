@@ -4,9 +4,11 @@ and counts recorded.
 
 `generate` yields `TextChunk`s (a `PromptLogprobs` first when asked for) then one `Completion`;
 the tokens waiting when its reader pulls again come as one `MergedChunk` (coalescing by
-backpressure: a reader slower than the engine gets fewer, larger items, never a dropped token);
-however it ends (finished, failed, timed out or closed early) it cancels the generation, which
-frees the server's KV slot at the next step boundary. The engine's errors become API errors in
+backpressure: a reader slower than the engine, or a process slower than its engine, which the
+pacer then wakes late (`frontend.generation.pacing`), gets fewer, larger items, never a dropped
+token); its events wait in a `StreamSink` with one deadline timer; however it ends (finished,
+failed, timed out or closed early) it cancels the generation, which frees the server's KV slot at
+the next step boundary. The engine's errors become API errors in
 `frontend.errors.from_engine_error`.
 """
 
@@ -17,8 +19,9 @@ import time
 from collections.abc import AsyncIterator
 
 from frontend import errors
-from frontend.engine.protocol import Engine, ErrorEvent, Event, GenerationHandle, Overloaded, StepError
+from frontend.engine.protocol import Engine, ErrorEvent, Event, Overloaded, StepError
 from frontend.generation.assembler import TextAssembler
+from frontend.generation.pacing import StreamPacer, StreamSink
 from frontend.generation.types import GenerationRequest, StreamItem
 from frontend.observability import GatewayMetrics
 from frontend.observability.requests import current_request
@@ -31,27 +34,35 @@ async def generate(
     *,
     started: float,
     request_timeout_s: float,
+    pacer: StreamPacer | None = None,
+    per_token_text: bool = True,
 ) -> AsyncIterator[StreamItem]:
     """Run `req` on `engine`; `started` is when the request began (the time-to-first-token and the
-    deadline count from it), `request_timeout_s` caps the client's own deadline."""
+    deadline count from it), `request_timeout_s` caps the client's own deadline. `pacer` wakes
+    this stream when its events arrive (the process's one, shared by every stream; default a
+    pacer of its own). `per_token_text`: each token's chunk carries its own text (for the result
+    cache); False lets the tokens read together share one decode (`TextAssembler`)."""
     model = engine.model
+    sink = StreamSink(pacer if pacer is not None else StreamPacer())
     try:
-        handle = engine.submit(req.engine_request())
+        handle = engine.submit(req.engine_request(), sink)
     except (Overloaded, StepError) as err:
         raise errors.from_engine_error(err) from err
-    text = TextAssembler(model.tokenizer, model.eos_token_id, req)
+    text = TextAssembler(model.tokenizer, model.eos_token_id, req, per_token_text=per_token_text)
     first_token_at: float | None = None
     last_token_at = started
     timeout_s = min(req.timeout_s or request_timeout_s, request_timeout_s)
-    deadline = started + timeout_s
+    # One timer for the whole generation, not one per wait.
+    expiry = asyncio.get_running_loop().call_later(max(0.0, started + timeout_s - time.monotonic()), sink.expire)
     try:
         while not text.finished:
-            # Every event already waiting, read at once: when the reader (the SSE writer) fell
-            # behind the engine, the tokens of several steps become ONE item, so one event (one
-            # JSON, one write) carries them; a reader that keeps up finds one token and gets it
-            # alone at once. Nothing is waited for to make a batch.
-            events = await _waiting_events(handle, deadline, timeout_s)
-            failure = events.pop() if type(events[-1]) is ErrorEvent else None  # the last event there is
+            # Every event already waiting, read at once: when the reader (the SSE writer) or the
+            # process (frontend.generation.pacing) fell behind the engine, the tokens of several
+            # steps become ONE item, so one event (one JSON, one write) carries them; a reader that
+            # keeps up finds one token and gets it alone at once. Nothing is waited for to make a
+            # batch.
+            events = sink.take() or await _wait(sink, timeout_s)
+            failure = _failure(events)  # the last event there is
             generated = text.generated
             items = text.take(events)  # type: ignore[arg-type]  # no ErrorEvent left
             if (tokens := text.generated - generated) > 0:
@@ -61,8 +72,7 @@ async def generate(
                     metrics.first_token(now - started)
                 else:
                     metrics.token_gap(now - last_token_at)
-                for _ in range(tokens - 1):  # read together: no gap between them
-                    metrics.token_gap(0.0)
+                metrics.tokens_together(tokens - 1)  # read together: no gap between them
                 last_token_at = now
             for item in items:
                 yield item
@@ -70,6 +80,7 @@ async def generate(
                 assert isinstance(failure, ErrorEvent)
                 raise errors.from_engine_error(failure.error)
     finally:
+        expiry.cancel()
         engine.cancel(handle)  # no-op when finished; frees the slot on disconnect or error
     total_s = time.monotonic() - started
     completion = text.completion(
@@ -84,21 +95,21 @@ async def generate(
     yield completion
 
 
-async def _waiting_events(handle: GenerationHandle, deadline: float, timeout_s: float) -> list[Event]:
-    """Every event the generation has queued, waiting (until `deadline`, 504 after it) only when
-    there is none; stops after an ErrorEvent (nothing follows one)."""
-    queue = handle.events
+async def _wait(sink: StreamSink, timeout_s: float) -> list[Event]:
+    """The events that arrive next (504 once the deadline passed with none)."""
     try:
-        event = queue.get_nowait()  # a step delivers many: no timer while they last
-    except asyncio.QueueEmpty:
-        try:
-            # asyncio.timeout arms one timer handle; wait_for would create a task per token.
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                event = await queue.get()
-        except TimeoutError as err:
-            raise errors.UpstreamTimeout(f"generation did not finish within its deadline of {timeout_s:g} s") from err
-    events = [event]
-    while type(event) is not ErrorEvent and not queue.empty():
-        event = queue.get_nowait()
-        events.append(event)
-    return events
+        return await sink.wait()
+    except TimeoutError as err:
+        raise errors.UpstreamTimeout(f"generation did not finish within its deadline of {timeout_s:g} s") from err
+
+
+def _failure(events: list[Event]) -> ErrorEvent | None:
+    """The ErrorEvent that ends `events`, taken out of them (nothing follows one: any event after
+    it is dropped)."""
+    if type(events[-1]) is ErrorEvent:
+        return events.pop()  # type: ignore[return-value]
+    for i, event in enumerate(events):
+        if type(event) is ErrorEvent:
+            del events[i:]
+            return event
+    return None

@@ -1,6 +1,6 @@
 """What a generation is asked for and what it gives back: `GenerationRequest` (with the parameters
 that make its cache key) and the items a stream yields (`TextChunk`s, or a `MergedChunk` of several
-when the reader fell behind, a `PromptLogprobs` when asked for, then one final `Completion`)."""
+when the reader or the process fell behind, a `PromptLogprobs` when asked for, then one final `Completion`)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,9 @@ class MergedChunk:
     """Several `TextChunk`s in one stream item: the tokens that were waiting when the reader (the
     SSE writer) pulled again, so one event carries them all (vLLM's coalescing of a slow stream).
     `text` is the concatenation of `chunks`' texts; `chunks` are each token's own, in order (the
-    last may be held-back text with no token). A reader that keeps up never gets one."""
+    last may be held-back text with no token). A reader that keeps up, in a process that keeps up
+    (frontend.generation.pacing), never gets one. Tokens that shared one decode
+    (`TextAssembler(per_token_text=False)`) carry their text in the first of them."""
 
     chunks: tuple[TextChunk, ...]
     text: str = field(init=False)

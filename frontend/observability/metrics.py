@@ -25,6 +25,7 @@ Which process owns which series:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -257,6 +258,13 @@ class GatewayMetrics:
         self.inter_token_latency.observe(gap_s)
         self._itl.observe(gap_s)
 
+    def tokens_together(self, count: int) -> None:
+        """`count` tokens read at once with the one before them: a gap of 0 each, as `count` calls
+        of `token_gap(0.0)` record, in two increments per series instead of 2 x count observes."""
+        if count > 0:
+            observe_repeated(self.inter_token_latency, 0.0, count)
+            observe_repeated(self._itl, 0.0, count)
+
     def generation_finished(self, *, prompt_tokens: int, generated_tokens: int, total_s: float, reason: str) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
@@ -346,6 +354,15 @@ class _WorkerSeries(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return [m for m in self._all.collect() if m.name not in self._excluded]
+
+
+def observe_repeated(histogram: Histogram, amount: float, count: int) -> None:
+    """`histogram.observe(amount)` `count` times, as one increment of its sum and one of its bucket
+    (prometheus_client's Histogram has no batch observe; its per-call loop is ~2 us a token on the
+    streaming hot path). The same samples as the loop (tests/unit/test_stream_pacing.py)."""
+    histogram._raise_if_not_observable()
+    histogram._sum.inc(amount * count)
+    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, amount)].inc(count)
 
 
 def route_template(scope: dict) -> str:  # type: ignore[type-arg]

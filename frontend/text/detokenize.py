@@ -137,6 +137,20 @@ class IncrementalDecoder:
         if self._finished:
             raise RuntimeError("IncrementalDecoder.push() called after flush()")
         self._ids.append(int(token_id))
+        return self._advance()
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add several generated tokens at once; return the text that is now final: what their
+        ``push`` calls would have returned, joined, for one or two decodes instead of two per
+        token (the tokens a stream reads together). The window holds them all until the next
+        character boundary, as it holds a run of partial characters."""
+        if self._finished:
+            raise RuntimeError("IncrementalDecoder.push_many() called after flush()")
+        self._ids.extend(int(t) for t in token_ids)
+        return self._advance()
+
+    def _advance(self) -> str:
+        """The text final now that the window has new ids (the module docstring's technique)."""
         text = self._decode(self._ids)
         start = len(self._prefix_text) + self._emitted_beyond_prefix
 

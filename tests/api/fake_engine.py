@@ -74,6 +74,12 @@ class FakeHandle:
     cancelled: bool = False
 
 
+def _unread(handle: FakeHandle) -> bool:
+    """Events queued for the gateway that it has not read yet (in its sink, or the handle's queue)."""
+    out = handle.sink if handle.sink is not None else handle.events
+    return hasattr(out, "empty") and not out.empty()
+
+
 class FakeEngine:
     def __init__(self, model: ServedModel) -> None:
         self.model = model
@@ -160,7 +166,7 @@ class FakeEngine:
             if not t.done():
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(asyncio.shield(t), timeout=max(0.0, deadline - loop.time()))
-        while any(not h.events.empty() for h in self.handles) and loop.time() < deadline:
+        while any(_unread(h) for h in self.handles) and loop.time() < deadline:
             await asyncio.sleep(0.001)
         for _ in range(3):
             await asyncio.sleep(0)
@@ -239,7 +245,7 @@ class FakeEngine:
                 await asyncio.sleep(self.delay_s)
             elif step % self.burst == 0:
                 await asyncio.sleep(0)
-            while self.paced and handle.sink is None and not handle.events.empty():
+            while self.paced and hasattr(out, "empty") and not out.empty():
                 await asyncio.sleep(0)  # the gateway has not read the last token yet
             if fail_after is not None and step == fail_after:
                 out.put_nowait(ErrorEvent(self.error))

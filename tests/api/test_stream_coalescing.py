@@ -8,11 +8,13 @@ are deterministic; the cache is off here, so every run reaches the engine."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from frontend.cache import CachedResult, MemoryResultCache
 from frontend.engine.model import ServedModel
@@ -193,3 +195,96 @@ async def test_native_slow_reader_gets_merged_token_events(
     assert merged["ids"] == fake.expected_tokens(ids, SamplingParams(temperature=0.0), TOKENS, None)
     assert merged["done"]["generated_text"] == merged["text"]
     assert merged["done"]["usage"]["completion_tokens"] == TOKENS
+
+
+# ------------------------------------------------------------------- the process falling behind
+# Here every reader keeps up; the PROCESS does not: three streams at once, the fake queuing a token
+# for each every loop round, and the service's pacer waking one stream per round
+# (frontend.generation.pacing). A stream woken late finds several tokens waiting and sends them
+# as one chunk; with the pacer out of the way (a round for everyone) each token goes alone.
+STREAMS = 3
+
+
+async def _fast_then_slow_process(
+    client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine, path: str, body: dict[str, Any]
+) -> tuple[list[Any], list[list[Any]]]:
+    """One stream read token by token, then STREAMS streams of the same request at once while the
+    process falls behind."""
+    fake.paced, fake.burst = True, 1  # one token at a time, each read before the next: per-token chunks
+    fast = await _stream(client, path, body)
+    fake.paced, fake.burst = False, 1
+    app.state.service.pacer.per_round = 1
+    slow = await asyncio.gather(*(_stream(client, path, body) for _ in range(STREAMS)))
+    return fast, list(slow)
+
+
+async def test_completions_coalesce_when_the_process_falls_behind(
+    client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine
+) -> None:
+    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": TOKENS, "temperature": 0, "logprobs": 2}
+    body["stream_options"] = {"include_usage": True}
+    fast, slow = await _fast_then_slow_process(client, app, fake, "/v1/completions", body)
+    per_token = _completion_choice(fast)
+    assert per_token["chunks"] == TOKENS + 1  # one per token, then the finish
+    sizes = []
+    for chunks in slow:
+        merged = _completion_choice(chunks)
+        assert {**merged, "chunks": 0} == {**per_token, "chunks": 0}  # text, logprobs, finish: the same
+        assert chunks[-1]["usage"] == fast[-1]["usage"]
+        # A chunk of k tokens carries k logprobs entries, in order, whose tokens spell its text.
+        for chunk in chunks[:-2]:
+            choice = chunk["choices"][0]
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+            assert "".join(lp["tokens"]) == choice["text"]
+            sizes.append(len(lp["tokens"]))
+    assert max(sizes) > 1 and sum(sizes) == STREAMS * TOKENS  # coalesced, none lost
+    assert len(sizes) < STREAMS * TOKENS
+
+
+async def test_a_stop_string_across_tokens_coalesced_by_the_process_cuts_exactly(
+    client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine, served_model: ServedModel
+) -> None:
+    ids = list(served_model.tokenizer("Hello world")["input_ids"])
+    tokens = fake.expected_tokens(ids, SamplingParams(temperature=0.0), TOKENS, None)
+    pieces = [served_model.tokenizer.decode([t]) for t in tokens]
+    stop = pieces[5][-1] + pieces[6][0]
+    full = "".join(pieces)
+    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": TOKENS, "temperature": 0, "stop": [stop]}
+    body["stream_options"] = {"include_usage": True}
+    fast, slow = await _fast_then_slow_process(client, app, fake, "/v1/completions", body)
+    per_token = _completion_choice(fast)
+    assert per_token["text"] == full[: full.index(stop)] and per_token["finish_reason"] == ["stop"]
+    assert fast[-1]["usage"]["completion_tokens"] == 7  # up to the token that completed the stop
+    for chunks in slow:
+        merged = _completion_choice(chunks)
+        assert (merged["text"], merged["finish_reason"]) == (per_token["text"], ["stop"])
+        assert chunks[-1]["usage"] == fast[-1]["usage"]
+    assert min(_completion_choice(chunks)["chunks"] for chunks in slow) < per_token["chunks"]  # coalesced
+
+
+async def test_chat_coalesces_when_the_process_falls_behind(
+    client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine
+) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": TOKENS, "temperature": 0, "logprobs": True}
+    body |= {"top_logprobs": 2, "stream_options": {"include_usage": True}}
+    fast, slow = await _fast_then_slow_process(client, app, fake, "/v1/chat/completions", body)
+    per_token = _chat_choice(fast)
+    assert per_token["chunks"] == 1 + TOKENS + 1  # the role, one per token, the finish
+    merged = [_chat_choice(chunks) for chunks in slow]
+    assert min(m["chunks"] for m in merged) < per_token["chunks"]
+    for m, chunks in zip(merged, slow, strict=True):
+        assert {**m, "chunks": 0} == {**per_token, "chunks": 0}
+        assert chunks[-1]["usage"] == fast[-1]["usage"]
+
+
+async def test_native_streams_coalesce_when_the_process_falls_behind(
+    client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine
+) -> None:
+    body = {"prompt": "Hello world", "max_new_tokens": TOKENS, "temperature": 0}
+    fast, slow = await _fast_then_slow_process(client, app, fake, "/generate/stream", body)
+    per_token, merged = _native(fast), [_native(events) for events in slow]
+    assert per_token["events"] == TOKENS
+    assert min(m["events"] for m in merged) < TOKENS
+    for m in merged:
+        assert {**m, "events": 0} == {**per_token, "events": 0}

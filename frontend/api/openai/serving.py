@@ -10,14 +10,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from frontend import errors
 from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai import protocol as oai
-from frontend.api.streaming import sse_json, sse_response
+from frontend.api.streaming import TextFrame, sse_frame, sse_json, sse_response
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
 from frontend.generation.types import (
@@ -42,11 +42,11 @@ def check_request(body: oai.SamplingRequest, service: GenerationService, setting
     body.check_supported()
 
 
-def openai_sse(events: AsyncIterator[ServerSentEvent], service: GenerationService) -> EventSourceResponse:
-    def on_error(err: errors.APIError) -> list[ServerSentEvent]:
+def openai_sse(events: AsyncIterator[bytes], service: GenerationService) -> EventSourceResponse:
+    def on_error(err: errors.APIError) -> list[ServerSentEvent | bytes]:
         # The error as the last data event, then `[DONE]`: clients that wait for it stop cleanly
         # (e.g. a generation ended by the drain on SIGTERM or by its deadline).
-        return [ServerSentEvent(sse_json(err.body())), ServerSentEvent("[DONE]")]
+        return [ServerSentEvent(sse_json(err.body())), _DONE]
 
     return sse_response(events, on_error, send_timeout_s=service.settings.sse_send_timeout_s)
 
@@ -60,45 +60,73 @@ def usage(prompt_tokens: int, completion_tokens: int) -> oai.Usage:
 C = TypeVar("C")  # the choice model of a stream's chunks
 
 
+class ChunkFrames(Generic[C]):
+    """How one OpenAI stream writes its chunks: `event(choices, usage)` builds a chunk's JSON object
+    with `envelope(choices, usage)` (the nulls its endpoint leaves out), every choice carrying
+    `logprobs` and `finish_reason`, null or not, as OpenAI's chunks do, and with `include_usage`
+    (`stream_options`) `"usage": null` unless it is the usage chunk. `text(index, text)` is the
+    same bytes as `event([text_choice(index, text)])` for the commonest chunk (a choice's text and
+    nothing else), rendered once per choice index (`TextFrame`) and filled in per chunk: no model
+    built, validated and dumped per token."""
+
+    def __init__(
+        self,
+        envelope: Callable[[list[C], oai.Usage | None], dict[str, Any]],
+        *,
+        include_usage: bool,
+        text_choice: Callable[[int, str], C],
+    ) -> None:
+        self._envelope = envelope
+        self.include_usage = include_usage
+        self._text_choice = text_choice
+        self._text: dict[int, TextFrame] = {}
+
+    def event(self, choices: list[C], usage_: oai.Usage | None = None) -> bytes:
+        data = self._envelope(choices, usage_)
+        data["choices"] = [_with_nulls(choice) for choice in data["choices"]]
+        if self.include_usage and usage_ is None:
+            data["usage"] = None
+        return sse_frame(sse_json(data))
+
+    def text(self, index: int, text: str) -> bytes:
+        frame = self._text.get(index)
+        if frame is None:
+            frame = self._text[index] = TextFrame(lambda t: self.event([self._text_choice(index, t)]))
+        return frame(text)
+
+
 async def chunk_events(
     merged: AsyncIterator[tuple[int, StreamItem]],
     *,
     n: int,
-    include_usage: bool,
-    envelope: Callable[[list[C], oai.Usage | None], dict[str, Any]],
-    choices: Callable[[int, StreamItem], Iterable[C]],
+    frames: ChunkFrames[C],
+    choices: Callable[[int, StreamItem], Iterable[C | bytes]],
     opening: Iterable[C] = (),
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     """The frame of every OpenAI stream (completions and chat): one chunk per choice object,
     `opening`'s first, then those `choices(index, item)` makes of each item of the merged choice
-    streams, in arrival order; with `include_usage` (`stream_options`) `"usage": null` in each of
-    them and a last chunk with no choices and the usage (each prompt counted once: the `n` choices
-    of a prompt share it); then `[DONE]`. `envelope(choices, usage)` makes a chunk's JSON object,
-    with the nulls its endpoint leaves out; every choice carries `logprobs` and `finish_reason`,
-    null or not, as OpenAI's chunks do. A failure raises out of here, for `openai_sse` to send
-    as the last event; closing this cancels the choices still running."""
-
-    def event(chunk_choices: list[C], usage_: oai.Usage | None = None) -> ServerSentEvent:
-        data = envelope(chunk_choices, usage_)
-        data["choices"] = [_with_nulls(choice) for choice in data["choices"]]
-        if include_usage and usage_ is None:
-            data["usage"] = None
-        return ServerSentEvent(sse_json(data))
-
+    streams, in arrival order (a choice object, or its chunk already written by `frames.text`);
+    with `frames.include_usage` a last chunk with no choices and the usage (each prompt counted
+    once: the `n` choices of a prompt share it); then `[DONE]`. A failure raises out of here, for
+    `openai_sse` to send as the last event; closing this cancels the choices still running."""
     prompt_tokens = completion_tokens = 0
+    event = frames.event
     async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
-        for choice in opening:
-            yield event([choice])
+        for first in opening:
+            yield event([first])
         async for index, item in merged:
             if isinstance(item, Completion):
                 if index % n == 0:  # a prompt shared by n choices counts once
                     prompt_tokens += item.prompt_tokens
                 completion_tokens += item.completion_tokens
             for choice in choices(index, item):
-                yield event([choice])
-    if include_usage:
+                yield choice if isinstance(choice, bytes) else event([choice])
+    if frames.include_usage:
         yield event([], usage(prompt_tokens, completion_tokens))
-    yield ServerSentEvent("[DONE]")
+    yield _DONE
+
+
+_DONE = sse_frame("[DONE]")
 
 
 def _with_nulls(choice: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +296,7 @@ def _completion_events(
     merged: AsyncIterator[tuple[int, StreamItem]],
     completion_id: str,
     created: int,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     model = service.model_name
 
@@ -277,12 +305,14 @@ def _completion_events(
         body_ = oai.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage_)
         return body_.model_dump(exclude_none=not include_usage)
 
-    choices = {c.index: _StreamedChoice(service, c, body) for c in plan}
+    frames = ChunkFrames(
+        envelope, include_usage=include_usage, text_choice=lambda index, text: oai.Choice(text=text, index=index)
+    )
+    choices = {c.index: _StreamedChoice(service, c, body, frames) for c in plan}
     return chunk_events(
         merged,
         n=body.n,
-        include_usage=include_usage,
-        envelope=envelope,
+        frames=frames,
         choices=lambda index, item: choices[index].chunks(item),
     )
 
@@ -296,8 +326,15 @@ class _StreamedChoice:
     With echo and logprobs, the choice's chunks wait for the prompt's logprobs (`PromptLogprobs`,
     which the service yields before the first token)."""
 
-    def __init__(self, service: GenerationService, planned: PlannedChoice, body: oai.CompletionRequest) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        planned: PlannedChoice,
+        body: oai.CompletionRequest,
+        frames: ChunkFrames[oai.Choice],
+    ) -> None:
         self._service = service
+        self._frames = frames
         self._planned = planned
         self._prefix = planned.echo  # sent before the choice's first text
         self._offset = len(planned.echo)  # the text offset of the next token
@@ -305,7 +342,7 @@ class _StreamedChoice:
         self._held: list[TextChunk] | None = [] if body.echo and self._logprobs else None
         self._prompt_logprobs: oai.LogProbs | None = None  # sent in the choice's first chunk
 
-    def chunks(self, item: StreamItem) -> list[oai.Choice]:
+    def chunks(self, item: StreamItem) -> list[oai.Choice | bytes]:
         if isinstance(item, PromptLogprobs):
             self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
             held, self._held = self._held or [], None
@@ -315,7 +352,7 @@ class _StreamedChoice:
                 self._held.extend(token_chunks(item))
                 return []
             return [self._text(token_chunks(item))]
-        out = []
+        out: list[oai.Choice | bytes] = []
         if self._held is not None:
             self._prompt_logprobs = echo_logprobs(self._service, self._planned.request.prompt_ids, item)
             if self._held:
@@ -327,14 +364,17 @@ class _StreamedChoice:
         out.append(oai.Choice(text=prefix, index=self._planned.index, logprobs=logprobs, finish_reason=finish))  # type: ignore[arg-type]
         return out
 
-    def _text(self, chunks: Sequence[TextChunk]) -> oai.Choice:
-        """One chunk for these tokens' text (several when the reader fell behind: their logprobs
-        entries in order, as in a response that is not streamed)."""
+    def _text(self, chunks: Sequence[TextChunk]) -> oai.Choice | bytes:
+        """One chunk for these tokens' text (several when the reader or the process fell behind:
+        their logprobs entries in order, as in a response that is not streamed). Text alone (no
+        logprobs, no echo to open with) is written at once from the choice's `TextFrame`."""
+        text = chunks[0].text if len(chunks) == 1 else "".join(c.text for c in chunks)
+        if not self._logprobs and not self._prefix:
+            return self._frames.text(self._planned.index, text)
         prefix, self._prefix = self._prefix, ""
         logprobs = None
         if self._logprobs:
             logprobs, self._offset = completion_logprobs(self._service, chunks, self._offset)
             if self._prompt_logprobs is not None:
                 logprobs, self._prompt_logprobs = self._prompt_logprobs + logprobs, None
-        text = chunks[0].text if len(chunks) == 1 else "".join(c.text for c in chunks)
         return oai.Choice(text=prefix + text, index=self._planned.index, logprobs=logprobs)

@@ -9,11 +9,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from frontend.api.fanin import collect, merge_streams
 from frontend.api.openai.chat import protocol as chat
-from frontend.api.openai.serving import check_request, chunk_events, openai_sse, usage
+from frontend.api.openai.serving import ChunkFrames, check_request, chunk_events, openai_sse, usage
 from frontend.generation.params import FieldNames
 from frontend.generation.service import GenerationService
 from frontend.generation.types import Completion, GenerationRequest, MergedChunk, StreamItem, TextChunk, token_chunks
@@ -100,27 +100,33 @@ def _chat_events(
     merged: AsyncIterator[tuple[int, StreamItem]],
     completion_id: str,
     created: int,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     model = service.model_name
 
     def envelope(choices: list[chat.ChatChunkChoice], usage_: chat.Usage | None) -> dict[str, Any]:
-        # Every null left out, include_usage or not (its `"usage": null` is chunk_events' own).
+        # Every null left out, include_usage or not (its `"usage": null` is ChunkFrames' own).
         body_ = chat.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage_)
         return body_.model_dump(exclude_none=True)
 
-    def choices(index: int, item: StreamItem) -> list[chat.ChatChunkChoice]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    frames = ChunkFrames(
+        envelope,
+        include_usage=include_usage,
+        text_choice=lambda index, text: chat.ChatChunkChoice(index=index, delta=chat.Delta(content=text)),
+    )
+
+    def choices(index: int, item: StreamItem) -> list[chat.ChatChunkChoice | bytes]:
         if isinstance(item, Completion):
             finish = item.finish_reason
             return [chat.ChatChunkChoice(index=index, delta=chat.Delta(), finish_reason=finish)]  # type: ignore[arg-type]
         if not isinstance(item, TextChunk | MergedChunk):
             return []  # a chat never asks the prompt's logprobs
-        # A merged chunk (the reader fell behind): its tokens' entries in order in `content`.
-        logprobs = chat_logprobs(service, token_chunks(item)) if body.logprobs and item.token_count else None
-        if not item.text and logprobs is None:
-            return []
+        # A merged chunk (the reader or the process fell behind): its tokens' entries in order in `content`.
+        if not body.logprobs or not item.token_count:
+            return [frames.text(index, item.text)] if item.text else []
+        logprobs = chat_logprobs(service, token_chunks(item))
         return [chat.ChatChunkChoice(index=index, delta=chat.Delta(content=item.text), logprobs=logprobs)]
 
     # Every choice opens with the assistant's role (OpenAI's first chunk), once one has started.
     opening = [chat.ChatChunkChoice(index=index, delta=chat.Delta(role="assistant", content="")) for index in range(n)]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return chunk_events(merged, n=n, include_usage=include_usage, envelope=envelope, choices=choices, opening=opening)
+    return chunk_events(merged, n=n, frames=frames, choices=choices, opening=opening)
