@@ -34,7 +34,7 @@ class Row:
     replay_from: int = -1
 
 
-def step(eng: StepEngine, rows: list[Row], *, check: bool = True) -> StepResult:
+def step(eng: StepEngine, rows: list[Row], *, check: bool = True, kv_partition: int | None = None) -> StepResult:
     width = max(1, max(len(r.tokens) for r in rows))
     ids = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -51,6 +51,7 @@ def step(eng: StepEngine, rows: list[Row], *, check: bool = True) -> StepResult:
         draw=np.array([r.draw for r in rows], dtype=np.float64),
         invariant=np.array([r.invariant for r in rows]),
         replay_from=np.array([r.replay_from for r in rows], dtype=np.int32),
+        kv_partition=kv_partition,
     )
     res = eng.step([req])[0]
     assert isinstance(res, StepResult)
@@ -195,10 +196,17 @@ def test_a_cache_rebuilt_by_replay_equals_the_lost_one(engines: dict[int, StepEn
 
 
 # ------------------------------------------------------------------------- the reserved range (tiny model)
-def tiny_engine(model_repository: Path, reserved: int, capacity: int = 6) -> StepEngine:
+def tiny_engine(model_repository: Path, reserved: int, capacity: int = 6, partitions: int = 1) -> StepEngine:
     version_dir = model_repository / TINY / "1"
     meta = ModelMeta.load(version_dir)
-    return StepEngine(version_dir / "model.onnx", meta, capacity=capacity, invariant_slots=reserved, device="cpu")
+    return StepEngine(
+        version_dir / "model.onnx",
+        meta,
+        capacity=capacity,
+        partitions=partitions,
+        invariant_slots=reserved,
+        device="cpu",
+    )
 
 
 def test_slot_pool_keeps_the_reserved_range_apart() -> None:
@@ -236,6 +244,29 @@ def test_the_reserved_run_is_one_fixed_shape_and_other_runs_stop_before_it(model
     step(eng, [Row(1, [8], invariant=True), Row(2, [9])])
     step(eng, [Row(1, [10], invariant=True)])
     assert {(d.first, d.rows) for d in eng.decoder.buffers.values()} == {(0, 1), (5, 3)}
+
+
+def test_the_reserved_range_lies_outside_the_partitions_and_serves_every_lane_alike(model_repository: Path) -> None:
+    """KV partitions (one per gateway lane) cut only the ordinary slots: a flagged row takes a
+    reserved slot whichever partition its step names and decodes in the reserved range's own run;
+    the same flagged sequence on either lane gets the same answers, bit for bit."""
+    eng = tiny_engine(model_repository, 2, capacity=8, partitions=2)  # [0, 3), [3, 6); reserved [6, 8)
+    assert (eng._free_slots.partitions, eng._free_slots.size, eng._free_slots.reserved_start) == (2, 3, 6)
+    got = {}
+    for lane, (me, other) in enumerate(((1, 2), (3, 4))):
+        first = step(
+            eng, [Row(me, [5, 6], start=True, invariant=True), Row(other, [7 + lane], start=True)], kv_partition=lane
+        )
+        then = step(eng, [Row(me, [8], invariant=True), Row(other, [9])], kv_partition=lane)
+        got[lane] = [(r.logits[0].copy(), float(r.logsumexp[0])) for r in (first, then)]  # type: ignore[index]
+    assert sorted(eng._slot_of[i] for i in (1, 3)) == [6, 7]
+    assert (eng._slot_of[2], eng._slot_of[4]) == (0, 3)
+    assert {(d.first, d.rows) for d in eng.decoder.buffers.values()} == {(0, 1), (3, 1), (6, 2)}
+    for (logits_0, lse_0), (logits_1, lse_1) in zip(got[0], got[1], strict=True):
+        np.testing.assert_array_equal(logits_0, logits_1)
+        assert lse_0 == lse_1
+    step(eng, [Row(i, [], end=True) for i in (1, 2, 3, 4)])
+    assert eng.live_sequences() == 0 and len(eng._free_slots) == 6 and eng._free_slots.reserved_free() == 2
 
 
 def test_replay_rows_are_checked(model_repository: Path) -> None:
