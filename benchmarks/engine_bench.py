@@ -85,9 +85,19 @@ def _rows_request(
     )
 
 
-def prefill_request(ids: Sequence[int], prompts: np.ndarray, temperature: float = 0.8, window: int = 64) -> Any:
-    """Start sequences `ids` with prompts [N, T] (every row T tokens long)."""
-    return _rows_request(ids, prompts, start=True, end=False, temperature=temperature, window=window)
+def prefill_request(
+    ids: Sequence[int],
+    prompts: np.ndarray,
+    temperature: float = 0.8,
+    window: int = 64,
+    invariant: np.ndarray | None = None,
+) -> Any:
+    """Start sequences `ids` with prompts [N, T] (every row T tokens long); `invariant`: the rows
+    flagged batch-invariant (contract.PARAM_INVARIANT_ROWS), bool [N]."""
+    request = _rows_request(ids, prompts, start=True, end=False, temperature=temperature, window=window)
+    if invariant is not None and invariant.any():
+        request.invariant = invariant
+    return request
 
 
 def decode_request(
@@ -202,8 +212,10 @@ def measure(
     seed: int,
     log: Callable[[str], None],
     draw: tuple[float, float, float] | None = None,
+    invariant_rows: int = 0,
 ) -> list[RowsResult]:
-    """Prefill, warm up, time and (optionally) profile every N in `rows`; see the module docstring."""
+    """Prefill, warm up, time and (optionally) profile every N in `rows`; see the module docstring.
+    `invariant_rows`: the first that many sequences of each N are flagged batch-invariant."""
     import torch
 
     cuda = torch.cuda.is_available() and str(getattr(engine, "device", "cpu")).startswith("cuda")
@@ -222,7 +234,9 @@ def measure(
         t0 = time.perf_counter()
         for k in range(0, n, prefill_chunk):
             chunk = ids[k : k + prefill_chunk]
-            check_step(engine.step([prefill_request(chunk, rng.integers(0, vocab_size, (len(chunk), prompt_tokens)))]))
+            flags = np.arange(k, k + len(chunk)) < invariant_rows
+            prompts = rng.integers(0, vocab_size, (len(chunk), prompt_tokens))
+            check_step(engine.step([prefill_request(chunk, prompts, invariant=flags)]))
         sync()
         prefill_s = time.perf_counter() - t0
 
@@ -347,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help='every decode row asks for a device draw with these cuts, e.g. "top_p=0.9" (the seed\'s request)',
     )
+    p.add_argument(
+        "--invariant-rows",
+        type=int,
+        default=0,
+        help="the first K sequences of each N are flagged batch-invariant (with --engine-kw invariant_slots=R: "
+        "they take reserved slots, are prefilled alone and decode in the reserved range's own run of R rows)",
+    )
     return p
 
 
@@ -398,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         log=_log,
         draw=draw,
+        invariant_rows=args.invariant_rows,
     )
     cuda = device.startswith("cuda")
     extra = {
@@ -407,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "capacity": capacity,
         "engine arguments": extra_kw or "defaults",
         "device draws": args.draw or "none",
+        "invariant rows": args.invariant_rows,
         "drawn rows": getattr(getattr(engine, "stats", None), "drawn_rows_total", "n/a"),
         "cuda graphs": getattr(engine, "cuda_graphs", "n/a"),
         "engine set-up s": round(setup_s, 2),

@@ -174,7 +174,8 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWar
 BG1="" BG2="" BG3=""
 if wanted tests; then
   run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
-    tests/integration/test_triton_model.py tests/unit/test_kernels.py --junitxml "$R/tests/triton_model.xml" &
+    tests/integration/test_triton_model.py tests/unit/test_kernels.py tests/unit/test_batch_invariance.py \
+    --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
   run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
@@ -224,6 +225,10 @@ elif [ -n "$VDIR" ]; then
   # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
   run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
     --draw "top_p=0.9" --tag draw
+  # Batch invariance's cost (issue 15): 16 sequences flagged, decoded in a reserved range of 64 slots
+  # in a run of their own (docs/architecture.md); compare with the engine stage's rows.
+  run_stage engine_invariant 120 "$R/engine/engine_bench-invariant.log" "${ENGINE[@]}" --rows "64,$STREAMS" \
+    --engine-kw invariant_slots=64 --invariant-rows 16 --tag invariant
   # The tail's kernels and the draw methods alone (report only: benchmarks/tail_bench.py).
   run_stage tail 60 "$R/engine/tail_bench.log" "$PY" -m benchmarks.tail_bench --rows "1,64,$STREAMS"
 else

@@ -69,7 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--gpus", default="", help="with --instances: GPU ids, instance i on the i-th in turn (default: `device`)"
     )
-    p.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)  # for tooling only, never tests
+    p.add_argument(
+        "--invariant-slots",
+        type=int,
+        default=0,
+        help="KV slots reserved for batch-invariant rows (seeded and greedy requests): decoded in a run of "
+        "this fixed row count, prefilled alone; 0 = none (docs/architecture.md, Batch invariance)",
+    )
+    # For tooling, and for the GPT-2-shape fixture of the tests (tests/conftest.py; the tiny model's tests
+    # check the graph builder's parity), never for a model that serves.
+    p.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for flag in ("kv_capacity", "default_window", "serve_versions"):
         if getattr(args, flag) < 1:
@@ -80,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
     except ValueError:
         p.error("--gpus: a comma list of GPU ids, e.g. 0,1")
+    if not 0 <= args.invariant_slots < args.kv_capacity:
+        p.error("--invariant-slots must be in [0, --kv-capacity)")
     if args.version is not None and args.version < 1:
         p.error("--version must be >= 1")
     # On the GPU a second step in flight hides the gateway's sampling and the round trip behind the
@@ -165,6 +176,7 @@ def export(args: argparse.Namespace) -> Path:
             device=args.device,
             strict_device=args.strict_device,
             cuda_graphs=args.cuda_graphs,
+            invariant_slots=args.invariant_slots,
         )
         final = write_version(
             args.repository,

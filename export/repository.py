@@ -53,6 +53,7 @@ class ServingConfig:
     device: str = "auto"
     strict_device: bool = False
     cuda_graphs: bool = True
+    invariant_slots: int = 0
 
 
 def next_version(model_dir: Path) -> int:
@@ -93,6 +94,7 @@ def config_pbtxt(name: str, serving: ServingConfig) -> str:
         contract.CONFIG_DEVICE: serving.device,
         contract.CONFIG_STRICT_DEVICE: int(serving.strict_device),
         contract.CONFIG_CUDA_GRAPHS: int(serving.cuda_graphs),
+        contract.CONFIG_INVARIANT_SLOTS: serving.invariant_slots,
     }
     parameters = model_config.format_parameters(params)
     inputs = _tensor_list(

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         ge=0,
         description="steps in flight at once, each for its own share of the sequences; 0 = the model's kv_partitions",
     )
+    batch_invariant: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="rows whose tokens must not depend on the rest of the batch: auto = greedy and seeded "
+        "generations, on = all, off = none. Flagged rows go to the model's reserved invariant slots (when it "
+        "has any) and are resumed after a Triton restart by replaying their tokens, token for token",
+    )
 
     # Request limits (input checks).
     max_new_tokens_limit: int = Field(1024, ge=1)

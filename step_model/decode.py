@@ -117,19 +117,24 @@ class DecodeRunner:
     def disable_graphs(self) -> None:
         self.cuda_graphs, self._graphs, self._graphed, self._graphed_large = False, {}, None, None
 
-    def buffers_for(self, first: int, hi: int, window: int) -> tuple[DecodeBuffers, bool]:
-        """The buffers of a run over slots [first, >= hi) returning `window` entries, and whether
-        the run replays a CUDA graph."""
-        graphed = self.cuda_graphs and window <= self.graph_window
+    def buffers_for(
+        self, first: int, hi: int, window: int, *, end: int | None = None, fixed: bool = False
+    ) -> tuple[DecodeBuffers, bool]:
+        """The buffers of a run over slots [first, >= hi) (and < `end`, the pool's end by default)
+        returning `window` entries, and whether the run replays a CUDA graph. `fixed`: the run of
+        the reserved invariant range, always the same graph when graphs are on, whatever the
+        window (the graph's window may then be narrower than `window`: the caller takes its top-K
+        from the logits)."""
+        graphed = self.cuda_graphs and (window <= self.graph_window or fixed)
         if graphed:
-            return self.graph_buffers(first, self.bucket(first, hi - first)), True
-        decode = self._eager_buffers(first, self.bucket(first, hi - first) if self.buckets else hi - first)
+            return self.graph_buffers(first, self.bucket(first, hi - first, end)), True
+        decode = self._eager_buffers(first, self.bucket(first, hi - first, end) if self.buckets else hi - first)
         self._bind_window(decode, window)
         return decode, False
 
-    def bucket(self, first: int, rows: int) -> int:
-        """The smallest bucket >= rows, within the pool from `first` on."""
-        room = self.setup.pool.shape[2] - first
+    def bucket(self, first: int, rows: int, end: int | None = None) -> int:
+        """The smallest bucket >= rows, within the pool from `first` on (up to `end`)."""
+        room = (self.setup.pool.shape[2] if end is None else end) - first
         i = int(np.searchsorted(self.buckets, rows))
         return min(self.buckets[min(i, len(self.buckets) - 1)], room)
 
@@ -216,10 +221,18 @@ class DecodeRunner:
             decode.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
 
     def fill(
-        self, decode: DecodeBuffers, lengths: np.ndarray, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray
+        self,
+        decode: DecodeBuffers,
+        lengths: np.ndarray,
+        slots: np.ndarray,
+        tokens: np.ndarray,
+        temperature: np.ndarray,
+        *,
+        fixed: bool = False,
     ) -> None:
         """Stage one run's inputs: stepping slots get their token, the rest a dummy at their own
-        next position (`lengths`: every slot's cached tokens)."""
+        next position (`lengths`: every slot's cached tokens). `fixed`: an eager run attends over
+        the pool's whole context, as a graph does, not as far as its longest row."""
         b, first = decode.rows, decode.first
         positions = np.minimum(lengths[first : first + b], self.setup.max_context - 1)
         input_ids = np.zeros(b, dtype=np.int64)
@@ -232,7 +245,7 @@ class DecodeRunner:
         decode.seqlens_k.copy_(torch.from_numpy(positions.astype(np.int32)), non_blocking=True)
         decode.temperature.copy_(torch.from_numpy(temps), non_blocking=True)
         if decode.graph_id < 0:  # eager runs attend exactly as far as the longest row
-            decode.total_length[...] = int(positions.max()) + 1
+            decode.total_length[...] = self.setup.max_context if fixed else int(positions.max()) + 1
             decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
 
     def run(self, decode: DecodeBuffers, *, graphed: bool) -> bool:
@@ -249,7 +262,12 @@ class DecodeRunner:
         assert decode.topk_logits is not None and decode.topk_ids is not None
         if decode.torch_tail:
             torch.topk(decode.logits, decode.topk_logits.shape[1], dim=-1, out=(decode.topk_logits, decode.topk_ids))
+        if decode.torch_tail:
             row_logsumexp(decode.logits, decode.lse)
+        elif self.setup.device_kind != "cuda":
+            # On the CPU the graph's own log-sum-exp depends on the row count (step_model.kernels);
+            # each row's maximum is its window's first entry.
+            row_logsumexp(decode.logits, decode.lse, decode.topk_logits[:, 0])
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name].copy_(tensor, non_blocking=True)
         if self.setup.stream is not None:

@@ -17,6 +17,13 @@ their own next position: GroupQueryAttention writes it just past the row's cache
 the row's next real step overwrites, and nothing reads it before. A prefill runs in a scratch
 buffer (rows of different lengths, right-padded) and is copied into the new sequences' slots.
 
+Batch invariance (docs/architecture.md): a row's outputs are a function of its own tokens (on the
+CPU the log-sum-exp is computed per row, `step_model.kernels`). With `invariant_slots` R > 0 the
+top R slots are kept for rows flagged invariant: each such prompt is prefilled in a pass of its
+own, and the range decodes in its own run over all R slots every step (fixed shapes, as the GPU's
+kernels need). A start row with `replay_from` (a sequence the server lost) prefills its prompt and
+replays its generated tokens one decode run each, so its cache is the lost one bit for bit.
+
 Per-row outcomes: a row the table refuses (no free slot for a start row, an unknown sequence, a
 malformed row) gets a `RowStatus` and changes nothing; the other rows run. Only a malformed
 request (shapes, a sequence named twice) fails as a whole.
@@ -51,6 +58,7 @@ from step_model import contract
 from step_model.contract import RowStatus, graph_io
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
+from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import (
     DecodeBuffers,
     available_device,
@@ -93,6 +101,7 @@ class EngineStats:
     ended_total: int = 0
     graph_replays_total: int = 0
     drawn_rows_total: int = 0  # rows drawn on the device (DRAW), their window short of their cut
+    replayed_tokens_total: int = 0  # generated tokens replayed into a rebuilt cache (PARAM_REPLAY_FROM)
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ class StepEngine:
         *,
         capacity: int,
         partitions: int = 1,
+        invariant_slots: int = 0,
         draw_method: str = "auto",
         idle_timeout_s: float = 60.0,
         device: str = "auto",
@@ -197,7 +207,9 @@ class StepEngine:
         self._length = np.zeros(capacity, dtype=np.int64)  # tokens cached; 0 for a free slot
         self._last_used = np.zeros(capacity, dtype=np.float64)
         self._sequence_of = np.zeros(capacity, dtype=np.uint64)
-        self._free_slots = SlotPool(capacity, partitions)  # lowest slot first keeps decode ranges short
+        # Lowest slot first keeps decode ranges short; the top `invariant_slots` are the reserved range.
+        self._free_slots = SlotPool(capacity, partitions, invariant_slots)
+        self.invariant_slots = invariant_slots
         setup = DecodeSetup(
             self.device,
             self.device_kind,
@@ -247,10 +259,15 @@ class StepEngine:
                 decoder.disable_graphs()
 
     def _graph_ranges(self) -> list[tuple[int, int]]:
-        """(first, bucket) of every decode range a step can run: from each partition's start."""
+        """(first, bucket) of every decode range a step can run: from each partition's start, and the
+        reserved range's one run."""
         pool = self._free_slots
         starts = range(0, pool.capacity, pool.size)
-        return sorted({(first, self.decoder.bucket(first, b)) for first in starts for b in self.decoder.buckets})
+        end = pool.reserved_start
+        ranges = {(first, self.decoder.bucket(first, b, end)) for first in starts for b in self.decoder.buckets}
+        if pool.reserved:
+            ranges.add((pool.reserved_start, pool.reserved))
+        return sorted(ranges)
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
@@ -303,7 +320,7 @@ class StepEngine:
         now = self._clock()
         outcomes: list[StepResult | EngineError] = []
         claimed: set[int] = set()
-        free_left = len(self._free_slots)
+        free_left, reserved_left = len(self._free_slots), self._free_slots.reserved_free()
         parts: list[tuple[StepRequest, np.ndarray, StepResult]] = []
         for req in requests:
             try:
@@ -313,11 +330,21 @@ class StepEngine:
                 continue
             slots = self._slots(req.sequence_ids)
             cached = np.where(slots >= 0, self._length[np.maximum(slots, 0)], 0)
+            reserved = self._in_reserved(req)
             status, messages, refused_full = row_status(
-                req, slots >= 0, cached, free_left, vocab_size=self.meta.vocab_size, max_context=self.meta.max_context
+                req,
+                slots >= 0,
+                cached,
+                free_left,
+                vocab_size=self.meta.vocab_size,
+                max_context=self.meta.max_context,
+                reserved=reserved,
+                reserved_left=reserved_left,
             )
             self.stats.rejected_full_total += refused_full
-            free_left -= int((req.start & (status == RowStatus.OK)).sum())
+            started = req.start & (status == RowStatus.OK)
+            free_left -= int((started & ~reserved).sum())
+            reserved_left -= int((started & reserved).sum())
             n = status.shape[0]
             result = StepResult(
                 status,
@@ -340,7 +367,17 @@ class StepEngine:
         self.stats.rows_total += sum(int(r.status.shape[0]) for _, _, r in parts)
         return outcomes
 
+    def _in_reserved(self, req: StepRequest) -> np.ndarray:
+        """Rows whose sequences live in the reserved invariant range (flagged, and the range exists)."""
+        n = int(req.sequence_ids.shape[0])
+        if req.invariant is None or not self.invariant_slots:
+            return np.zeros(n, dtype=bool)
+        return req.invariant.astype(bool)
+
     def _run_prefills(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], window: int, now: float) -> None:
+        """Start rows: their prompts prefilled (rows of the reserved range one pass each, so that the
+        pass's shapes depend on the row's own prompt only; the others in one pass), then the tokens
+        they replay (PARAM_REPLAY_FROM) decoded one run each."""
         chosen = [
             (req, slots, res, np.flatnonzero(req.start & (res.status == RowStatus.OK))) for req, slots, res in parts
         ]
@@ -348,6 +385,16 @@ class StepEngine:
         if not chosen:
             return
         lengths = np.concatenate([req.lengths[rows] for req, _, _, rows in chosen]).astype(np.int64)
+        prompt = np.concatenate(
+            [
+                np.where(req.replay_from[rows] >= 0, req.replay_from[rows], req.lengths[rows])
+                if req.replay_from is not None
+                else req.lengths[rows]
+                for req, _, _, rows in chosen
+            ]
+        ).astype(np.int64)
+        reserved = np.concatenate([self._in_reserved(req)[rows] for req, _, _, rows in chosen])
+        temperature = np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32)
         b, s = int(lengths.shape[0]), int(lengths.max())
         input_ids = np.zeros((b, s), dtype=np.int64)
         at = 0
@@ -356,25 +403,30 @@ class StepEngine:
             input_ids[at : at + rows.size, :width] = req.input_ids[rows, :width]
             at += rows.size
         input_ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
-        take = self._free_slots.take
+        pool = self._free_slots
+        partitions = [req.kv_partition for req, _, _, rows in chosen for _ in range(rows.size)]
         new_slots = np.array(
-            [take(req.kv_partition) for req, _, _, rows in chosen for _ in range(rows.size)], dtype=np.int64
+            [pool.take_reserved() if r else pool.take(p) for r, p in zip(reserved.tolist(), partitions, strict=True)],
+            dtype=np.int64,
         )
-        scratch = self._scratch_kv(b, s)
-        feeds = _prompt_feeds(
-            input_ids,
-            lengths,
-            gather_index=np.arange(b, dtype=np.int64) * s + lengths - 1,  # each row's last position
-            temperature=np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32),
-            window=window,
-        )
-        logits, topk_logits, topk_ids, lse = self._run_eager(feeds, scratch, b)
-        index = torch.from_numpy(new_slots).to(self.device)
-        # Copy the prompts' keys/values into their slots (positions past a row's length are
-        # padding; they are overwritten by the row's next steps before anything reads them).
-        self.pool[:, :, index, :, :s, :] = scratch
-        self.last_logits.index_copy_(0, index, logits)
-        self._home[new_slots] = -1
+        topk_logits = np.zeros((b, window), dtype=np.float32)
+        topk_ids = np.zeros((b, window), dtype=np.int64)
+        lse = np.zeros(b, dtype=np.float32)
+        groups = [np.flatnonzero(~reserved)] + [np.array([i]) for i in np.flatnonzero(reserved).tolist()]
+        for group in groups:
+            if group.size:
+                out = self._prefill(input_ids[group], prompt[group], temperature[group], new_slots[group], window)
+                topk_logits[group], topk_ids[group], lse[group] = out
+        self._length[new_slots] = prompt
+        self._last_used[new_slots] = now
+        self.stats.prefill_tokens_total += int(prompt.sum())
+        # Replayed tokens: one decode run per position, teacher-forced, as the lost cache was built.
+        for j in range(int((lengths - prompt).max())):
+            stepping = np.flatnonzero(prompt + j < lengths)
+            tokens = input_ids[stepping, prompt[stepping] + j]
+            out = self._decode(new_slots[stepping], tokens, temperature[stepping], window, now)
+            topk_logits[stepping], topk_ids[stepping], lse[stepping] = out
+            self.stats.replayed_tokens_total += int(stepping.size)
         at = 0
         for req, slots, res, rows in chosen:
             ids = req.sequence_ids[rows]
@@ -382,16 +434,35 @@ class StepEngine:
             slots[rows] = taken
             self._slot_of.update(zip(ids.tolist(), taken.tolist(), strict=True))
             self._sequence_of[taken] = ids
-            self._length[taken] = lengths[at : at + rows.size]
-            self._last_used[taken] = now
             k = req.window
-            res.topk_logits[rows], res.topk_ids[rows] = (
-                topk_logits[at : at + rows.size, :k],
-                topk_ids[at : at + rows.size, :k],
-            )
+            res.topk_logits[rows] = topk_logits[at : at + rows.size, :k]
+            res.topk_ids[rows] = topk_ids[at : at + rows.size, :k]
             res.logsumexp[rows] = lse[at : at + rows.size]
             at += rows.size
-        self.stats.prefill_tokens_total += int(lengths.sum())
+
+    def _prefill(
+        self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray, slots: np.ndarray, window: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One eager pass over right-padded prompts into `slots`: (top-K logits, ids, log-sum-exp)."""
+        b, s = int(lengths.shape[0]), int(lengths.max())
+        input_ids = input_ids[:, :s].copy()
+        input_ids[np.arange(s)[None, :] >= lengths[:, None]] = 0  # padding (or tokens to replay)
+        feeds = _prompt_feeds(
+            input_ids,
+            lengths,
+            gather_index=np.arange(b, dtype=np.int64) * s + lengths - 1,  # each row's last position
+            temperature=temperature,
+            window=window,
+        )
+        scratch = self._scratch_kv(b, s)
+        logits, topk_logits, topk_ids, lse = self._run_eager(feeds, scratch, b)
+        index = torch.from_numpy(slots).to(self.device)
+        # Copy the prompts' keys/values into their slots (positions past a row's length are
+        # padding; they are overwritten by the row's next steps before anything reads them).
+        self.pool[:, :, index, :, :s, :] = scratch
+        self.last_logits.index_copy_(0, index, logits)
+        self._home[slots] = -1
+        return topk_logits, topk_ids, lse
 
     def _prompt_logprobs(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]]) -> None:
         """OpenAI's `echo` logprobs: one extra eager pass over the prompts of the start rows that ask,
@@ -440,24 +511,55 @@ class StepEngine:
         step_slots = np.concatenate([slots[rows] for _, slots, _, rows in chosen])
         tokens = np.concatenate([req.input_ids[rows, 0] for req, _, _, rows in chosen]).astype(np.int64)
         temperature = np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32)
-        first = self._free_slots.start_of(int(step_slots.min()))
-        decode, graphed = self.decoder.buffers_for(first, int(step_slots.max()) + 1, window)
-        self.decoder.fill(decode, self._length, step_slots, tokens, temperature)
-        self._save_bystanders(decode, step_slots)
-        self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed))
-        host = decode.host
-        self._home[step_slots] = decode.key
-        self._length[step_slots] += 1
-        self._last_used[step_slots] = now
+        topk_logits, topk_ids, lse = self._decode(step_slots, tokens, temperature, window, now)
         at = 0
         for req, _, res, rows in chosen:
-            mine = step_slots[at : at + rows.size] - decode.first
             k = req.window
-            res.topk_logits[rows] = host["topk_logits"].numpy()[mine, :k]
-            res.topk_ids[rows] = host["topk_ids"].numpy()[mine, :k]
-            res.logsumexp[rows] = host["lse"].numpy()[mine]
+            res.topk_logits[rows] = topk_logits[at : at + rows.size, :k]
+            res.topk_ids[rows] = topk_ids[at : at + rows.size, :k]
+            res.logsumexp[rows] = lse[at : at + rows.size]
             at += rows.size
-        self.stats.decode_tokens_total += int(step_slots.size)
+
+    def _decode(
+        self, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray, window: int, now: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One token for each of `slots`: (top-K logits [n, window], ids, log-sum-exp [n]) in their
+        order. Slots outside the reserved range decode in one run over [start of the lowest one's
+        partition, highest + 1); reserved ones in the reserved range's own run, always over all of
+        it (a fixed row count, and on the CPU a fixed attention length: the pool's context)."""
+        pool = self._free_slots
+        n = int(slots.shape[0])
+        topk_logits = np.zeros((n, window), dtype=np.float32)
+        topk_ids = np.zeros((n, window), dtype=np.int64)
+        lse = np.zeros(n, dtype=np.float32)
+        reserved = slots >= pool.reserved_start
+        for group, fixed in ((np.flatnonzero(~reserved), False), (np.flatnonzero(reserved), True)):
+            if not group.size:
+                continue
+            mine_slots = slots[group]
+            if fixed:
+                first, hi, end = pool.reserved_start, self.capacity, self.capacity
+            else:
+                first, hi, end = pool.start_of(int(mine_slots.min())), int(mine_slots.max()) + 1, pool.reserved_start
+            decode, graphed = self.decoder.buffers_for(first, hi, window, end=end, fixed=fixed)
+            self.decoder.fill(decode, self._length, mine_slots, tokens[group], temperature[group], fixed=fixed)
+            self._save_bystanders(decode, mine_slots)
+            self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed))
+            host = decode.host
+            mine = mine_slots - decode.first
+            if host["topk_logits"].shape[1] >= window:
+                topk_logits[group] = host["topk_logits"].numpy()[mine, :window]
+                topk_ids[group] = host["topk_ids"].numpy()[mine, :window]
+            else:  # a graph of the reserved range, narrower than this step's window
+                rows = decode.logits.index_select(0, torch.from_numpy(mine).to(self.device))
+                values, ids = torch.topk(rows, window, dim=-1)
+                topk_logits[group], topk_ids[group] = values.cpu().numpy(), ids.cpu().numpy()
+            lse[group] = host["lse"].numpy()[mine]
+            self._home[mine_slots] = decode.key
+        self._length[slots] += 1
+        self._last_used[slots] = now
+        self.stats.decode_tokens_total += n
+        return topk_logits, topk_ids, lse
 
     # ----------------------------------------------------------------------------- stored logits
     def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray) -> None:
@@ -502,8 +604,14 @@ class StepEngine:
         for name in graph_io.TAIL_OUTPUTS:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        topk_logits, topk_ids, lse = (v.numpy() for v in binding.get_outputs()[-3:])
+        topk_logits, topk_ids = (v.numpy() for v in binding.get_outputs()[-3:-1])
+        # The graph's own log-sum-exp depends on the row count on the CPU (step_model.kernels).
+        top = torch.from_numpy(topk_logits[:, 0].copy()) if self.device_kind != "cuda" else None
+        lse = row_logsumexp(logits, self._lse_out(batch), top).cpu().numpy()
         return logits, topk_logits, topk_ids, lse
+
+    def _lse_out(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, dtype=torch.float32, device=self.device)
 
     # ----------------------------------------------------------------------------- answers
     def _row_outputs(self, req: StepRequest, slots: np.ndarray, res: StepResult, answered: np.ndarray) -> None:
@@ -534,7 +642,7 @@ class StepEngine:
                 top_values, top_ids = torch.topk(stored, req.window, dim=-1)
                 res.topk_logits[fetch] = top_values.cpu().numpy()
                 res.topk_ids[fetch] = top_ids.cpu().numpy()
-                res.logsumexp[fetch] = torch.logsumexp(stored, dim=-1).cpu().numpy()
+                res.logsumexp[fetch] = row_logsumexp(stored, self._lse_out(fetch.size)).cpu().numpy()
             self._last_used[slots[live]] = now
             self._row_outputs(req, slots, res, live & ~(req.end.astype(bool) & (req.lengths == 0)))
             if req.want_logits:

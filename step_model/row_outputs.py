@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from step_model.draw import draw_rows, needs_draw
+from step_model.kernels import row_logsumexp
 from step_model.rows import StepRequest, StepResult
 
 DrawFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -37,7 +38,7 @@ def fill_extra_logits(res: StepResult, rows: np.ndarray, extra: np.ndarray, stor
     index = torch.from_numpy(np.where(valid, mine, first[:, None])).to(stored.device)
     values = stored.gather(1, index).cpu().numpy()
     masked = stored.scatter(1, index, float("-inf"))
-    rest = torch.logsumexp(masked, dim=-1).cpu().numpy()
+    rest = row_logsumexp(masked, torch.empty(masked.shape[0], dtype=torch.float32, device=masked.device)).cpu().numpy()
     top_values, top_ids = torch.topk(masked, res.topk_logits.shape[1], dim=-1)
     assert res.extra_logits is not None and res.rest_logsumexp is not None
     res.extra_logits[rows] = np.where(valid, values, 0.0)

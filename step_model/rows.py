@@ -44,6 +44,8 @@ class StepRequest:
     kv_partition: int | None = (
         None  # contract.PARAM_KV_PARTITION: its start rows' partition (step_model.slots); None: any
     )
+    invariant: np.ndarray | None = None  # bool [N]: batch-invariant rows (contract.PARAM_INVARIANT_ROWS)
+    replay_from: np.ndarray | None = None  # int32 [N]: -1, or a start row's prompt length (PARAM_REPLAY_FROM)
 
 
 @dataclass
@@ -84,6 +86,12 @@ def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
         raise InvalidRequest(f"{contract.INPUT_IDS} must be [{n}, T], got {list(req.input_ids.shape)}")
     if req.extra_ids is not None and (req.extra_ids.ndim != 2 or req.extra_ids.shape[0] != n):
         raise InvalidRequest(f"{contract.EXTRA_IDS} must be [{n}, E], got {list(req.extra_ids.shape)}")
+    for name, per_row in (
+        (contract.PARAM_INVARIANT_ROWS, req.invariant),
+        (contract.PARAM_REPLAY_FROM, req.replay_from),
+    ):
+        if per_row is not None and per_row.shape != (n,):
+            raise InvalidRequest(f"{name} names {per_row.shape[0] if per_row.ndim else 0} rows, the request has {n}")
     if req.draw is not None and req.draw.shape != (n, 4):
         raise InvalidRequest(f"{contract.DRAW} must be [{n}, 4], got {list(req.draw.shape)}")
     if not 1 <= req.window <= vocab_size:
@@ -102,11 +110,14 @@ def row_status(
     *,
     vocab_size: int,
     max_context: int,
+    reserved: np.ndarray | None = None,
+    reserved_left: int = 0,
 ) -> tuple[np.ndarray, dict[int, str], int]:
     """(RowStatus per row, a message per refused row, start rows refused for a full cache).
 
     `known[i]`: the row's sequence is live; `cached[i]`: its cached tokens (0 when unknown);
-    `free_left`: free KV slots, taken by start rows in row order.
+    `free_left`: free KV slots, taken by start rows in row order; `reserved[i]`: a start row i
+    takes one of the `reserved_left` free reserved slots instead (step_model.slots).
     """
     n, width = req.input_ids.shape
     lengths = req.lengths.astype(np.int64)
@@ -143,17 +154,25 @@ def row_status(
     release_unknown = ~start & ~known & (lengths == 0) & req.end.astype(bool)  # a no-op, not an error
     refuse(~start & ~known & ~release_unknown, RowStatus.NOT_FOUND, "unknown (never started, ended, or evicted)")
     refuse(~start & (lengths > 1), RowStatus.INVALID, "a decode row carries one token")
+    if req.replay_from is not None:
+        replay = req.replay_from.astype(np.int64)
+        asked = replay >= 0
+        refuse(asked & ~start, RowStatus.INVALID, "only a start row replays tokens")
+        refuse(asked & ((replay < 1) | (replay > lengths)), RowStatus.INVALID, "replay_from must be in [1, LENGTH]")
     refuse(
         ~start & known & (cached + lengths > max_context),
         RowStatus.INVALID,
         f"would exceed the context of {max_context} tokens",
     )
-    # Start rows take the free slots in row order; the rest wait for a later step.
-    starting = np.flatnonzero(start & (status == RowStatus.OK))
+    # Start rows take the free slots in row order (reserved rows the reserved ones); the rest wait
+    # for a later step.
+    in_reserved = reserved if reserved is not None else np.zeros(n, dtype=bool)
     refused_full = 0
-    if starting.size > free_left:
-        over = np.zeros(n, dtype=bool)
-        over[starting[max(free_left, 0) :]] = True
-        refused_full = int(over.sum())
-        refuse(over, RowStatus.CACHE_FULL, "KV cache full")
+    for mine, left in ((~in_reserved, free_left), (in_reserved, reserved_left)):
+        starting = np.flatnonzero(start & mine & (status == RowStatus.OK))
+        if starting.size > left:
+            over = np.zeros(n, dtype=bool)
+            over[starting[max(left, 0) :]] = True
+            refused_full += int(over.sum())
+            refuse(over, RowStatus.CACHE_FULL, "KV cache full")
     return status, messages, refused_full

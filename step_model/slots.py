@@ -7,6 +7,10 @@ nothing. A gateway that keeps several steps in flight gives each its own partiti
 over the other step's. Within a partition, lowest slot first keeps the range short; a start row
 whose partition is full takes the nearest partition's lowest free slot (slower, never refused
 while any slot is free).
+
+Batch invariance (`contract.CONFIG_INVARIANT_SLOTS`): the top `reserved` slots are kept apart for
+rows flagged invariant; the partitions cut the rest. Only flagged rows take them (`take_reserved`)
+and they take no other: when the range is full a flagged start row waits (CACHE_FULL).
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ __all__ = ["SlotPool"]
 
 
 class SlotPool:
-    """Free slots of a pool of `capacity`, in `partitions` ranges of `size` slots (the last may be
-    shorter)."""
+    """Free slots of a pool of `capacity`: the first `capacity - reserved` in `partitions` ranges of
+    `size` slots (the last may be shorter), the top `reserved` apart (`reserved_start` on)."""
 
-    def __init__(self, capacity: int, partitions: int = 1) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+    def __init__(self, capacity: int, partitions: int = 1, reserved: int = 0) -> None:
+        if not 0 <= reserved < capacity:
+            raise ValueError(f"reserved slots must be in [0, {capacity}), got {reserved}")
+        self.reserved = reserved
+        self.reserved_start = capacity - reserved
+        self._reserved_free = list(range(self.reserved_start, capacity))
+        capacity -= reserved
         partitions = max(1, min(int(partitions), capacity))
         self.capacity = capacity
         self.size = -(-capacity // partitions)
@@ -33,13 +41,28 @@ class SlotPool:
         self._count = capacity
 
     def __len__(self) -> int:
+        """Free slots outside the reserved range."""
         return self._count
+
+    def reserved_free(self) -> int:
+        return len(self._reserved_free)
+
+    def is_reserved(self, slot: int) -> bool:
+        return slot >= self.reserved_start
+
+    def take_reserved(self) -> int:
+        """The lowest free reserved slot. Raises IndexError when there is none."""
+        if not self._reserved_free:
+            raise IndexError("no free reserved KV slot")
+        return heapq.heappop(self._reserved_free)
 
     def partition_of(self, slot: int) -> int:
         return slot // self.size
 
     def start_of(self, slot: int) -> int:
-        """The first slot of `slot`'s partition: where a decode run over it begins."""
+        """The first slot of `slot`'s partition (or of the reserved range): where a decode run over it begins."""
+        if slot >= self.reserved_start:
+            return self.reserved_start
         return (slot // self.size) * self.size
 
     def take(self, partition: int | None = None) -> int:
@@ -59,5 +82,8 @@ class SlotPool:
         raise AssertionError("free count and lists disagree")  # unreachable
 
     def give(self, slot: int) -> None:
+        if slot >= self.reserved_start:
+            heapq.heappush(self._reserved_free, slot)
+            return
         heapq.heappush(self._free[slot // self.size], slot)
         self._count += 1

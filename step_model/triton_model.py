@@ -49,13 +49,13 @@ def _to_numpy(tensor: Any) -> np.ndarray:
         return tensor.as_numpy()  # dtypes DLPack cannot carry here (e.g. BOOL on some versions)
 
 
-def _per_row_ints(value: object, n: int) -> np.ndarray:
+def _per_row_ints(value: object, n: int, name: str = contract.PARAM_PROMPT_LOGPROBS) -> np.ndarray:
     """A comma-separated per-row parameter ("-1,2,-1") as int32 [n]; absent: all -1."""
     if not value:
         return np.full(n, -1, dtype=np.int32)
     out = np.array([int(v) for v in str(value).split(",")], dtype=np.int32)
     if out.shape[0] != n:
-        raise ValueError(f"{contract.PARAM_PROMPT_LOGPROBS} names {out.shape[0]} rows, the request has {n}")
+        raise ValueError(f"{name} names {out.shape[0]} rows, the request has {n}")
     return out
 
 
@@ -77,6 +77,7 @@ class TritonPythonModel:
             meta,
             capacity=int(setting(params, contract.CONFIG_KV_CAPACITY, "64")),
             partitions=int(setting(params, contract.CONFIG_KV_PARTITIONS, "1")),
+            invariant_slots=int(setting(params, contract.CONFIG_INVARIANT_SLOTS, "0")),
             draw_method=setting(params, contract.CONFIG_DRAW_METHOD, "auto"),
             idle_timeout_s=float(setting(params, contract.CONFIG_IDLE_TIMEOUT_S, "60")),
             device=setting(params, contract.CONFIG_DEVICE, "auto"),
@@ -121,6 +122,10 @@ class TritonPythonModel:
                 ("idle_evicted_total", "Sequences freed after the idle timeout"),
                 ("ended_total", "Sequences freed by an explicit end"),
                 ("drawn_rows_total", "Rows drawn on the device because their top-K window could not hold their cut"),
+                (
+                    "replayed_tokens_total",
+                    "Generated tokens replayed, one decode run each, into a rebuilt sequence's cache",
+                ),
             )
         }
         self._published: dict[str, int] = dict.fromkeys(self._counters, 0)
@@ -133,7 +138,8 @@ class TritonPythonModel:
         self._sweeper.start()
         pb_utils.Logger.log_info(
             f"gpt2 step model ready: device={self.engine.device_kind} dtype={meta.dtype} "
-            f"capacity={self.engine.capacity} context={meta.max_context} cuda_graphs={self.engine.cuda_graphs}"
+            f"capacity={self.engine.capacity} context={meta.max_context} cuda_graphs={self.engine.cuda_graphs} "
+            f"invariant_slots={self.engine.invariant_slots}"
         )
 
     def _sweep(self) -> None:
@@ -236,6 +242,7 @@ class TritonPythonModel:
         input_ids = tensor(contract.INPUT_IDS)
         if input_ids.ndim != 2:
             raise ValueError(f"{contract.INPUT_IDS} must be [N, T], got {list(input_ids.shape)}")
+        n = input_ids.shape[0]
         return StepRequest(
             sequence_ids=column(contract.SEQUENCE_ID, np.uint64),
             input_ids=input_ids.astype(np.int64, copy=False),
@@ -248,8 +255,14 @@ class TritonPythonModel:
             request_ids=tuple(str(params.get(contract.PARAM_REQUEST_IDS, "")).split(","))
             if params.get(contract.PARAM_REQUEST_IDS)
             else (),
-            prompt_logprobs=_per_row_ints(params.get(contract.PARAM_PROMPT_LOGPROBS), input_ids.shape[0])
+            prompt_logprobs=_per_row_ints(params.get(contract.PARAM_PROMPT_LOGPROBS), n)
             if contract.PROMPT_LOGPROBS in wanted
+            else None,
+            invariant=_per_row_ints(params.get(contract.PARAM_INVARIANT_ROWS), n, contract.PARAM_INVARIANT_ROWS) > 0
+            if params.get(contract.PARAM_INVARIANT_ROWS)
+            else None,
+            replay_from=_per_row_ints(params.get(contract.PARAM_REPLAY_FROM), n, contract.PARAM_REPLAY_FROM)
+            if params.get(contract.PARAM_REPLAY_FROM)
             else None,
             extra_ids=_to_numpy(extra).astype(np.int64, copy=False) if extra is not None else None,
             draw=_to_numpy(draw).astype(np.float64, copy=False) if draw is not None else None,

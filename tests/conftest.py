@@ -83,6 +83,27 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
     return repo
 
 
+# The GPT-2 124M shape (12 layers, 768 wide, vocabulary 50,257; random weights) for the batch-
+# invariance tests: its kernels reduce over widths where the tiny model's do not differ. Context
+# capped to keep the KV pool small.
+GPT2_SHAPE = "gpt2"
+GPT2_CONTEXT = 128
+GPT2_CAPACITY = 40
+
+
+@pytest.fixture(scope="session")
+def gpt2_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one version of `gpt2` (the GPT-2 124M shape, random weights, seed 0).
+    Exported without the parity check (50 s of this tier on 2 cores): the graph builder's parity
+    is the tiny model's tests' and every `make export`'s."""
+    repo = tmp_path_factory.mktemp("gpt2repo")
+    args = ["--random-config", "gpt2", "--seed", "0", "--name", GPT2_SHAPE, "--repository", str(repo)]
+    args += ["--kv-capacity", str(GPT2_CAPACITY), "--max-context", str(GPT2_CONTEXT), "--default-window", "16"]
+    args += ["--dtype", DTYPE, "--device", DEVICE, "--skip-parity"] + (["--strict-device"] if STRICT else [])
+    assert export_main(args) == 0
+    return repo
+
+
 @pytest.fixture(scope="session")
 def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     work = tmp_path_factory.mktemp("triton")

@@ -8,6 +8,7 @@ The layout (gpu_suite.sh writes it; the names are the constants below):
     metadata_*.json                   the served export's metadata.json (shape, dtype, parity)
     engine/engine_bench.json          benchmarks.engine_bench, plain
     engine/engine_bench-draw.json     benchmarks.engine_bench --draw top_p=0.9 (every row drawn on the device)
+    engine/engine_bench-invariant.json  benchmarks.engine_bench --invariant-rows 16 (a reserved range of 64)
     stack_w<W>/<name>-<tag>.json      benchmarks.load, tag in LOAD_TAGS (<W> = gateway workers)
     stack_w<W>/guidellm.json          benchmarks.outside_client (guidellm's report)
     stack_w<W>/metrics/<tag>_{before,after}_{triton,gateway}.txt
@@ -153,6 +154,8 @@ class SuiteData:
     env: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)  # the export's metadata.json
     engine_draw: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine_bench --draw top_p=0.9
+    # engine_bench --invariant-rows 16 --engine-kw invariant_slots=64 (batch invariance's cost)
+    engine_invariant: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def card(self) -> str | None:
@@ -185,4 +188,5 @@ def collect(root: Path) -> SuiteData:
         env=env if isinstance(env, dict) else {},
         model=metas[0] if metas else {},
         engine_draw=engine_rows(root / "engine" / "engine_bench-draw.json"),
+        engine_invariant=engine_rows(root / "engine" / "engine_bench-invariant.json"),
     )

@@ -48,6 +48,24 @@ def engine_draw_rows(data: SuiteData, streams: int) -> list[Row]:
     return rows
 
 
+def engine_invariant_rows(data: SuiteData, streams: int) -> list[Row]:
+    """Batch invariance's cost on the step engine (issue 15): 16 of the rows flagged, decoded in a
+    reserved range of 64 slots in a run of their own, beside the plain figure."""
+    rows = []
+    for n in dict.fromkeys((64, streams)):
+        plain_ms = num(data.engine.get(str(n)), "decode_step_p50_ms")
+        invariant_ms = num(data.engine_invariant.get(str(n)), "decode_step_p50_ms")
+        rows.append(
+            Row(
+                f"step engine alone, {n} rows, 16 of them batch-invariant (invariant_slots 64)",
+                "report only (on by default if under 10% more)",
+                f"{f3(invariant_ms)} ms/step / {f3(plain_ms)} ms/step plain = {f2(ratio(invariant_ms, plain_ms))}x",
+                _seen(invariant_ms),
+            )
+        )
+    return rows
+
+
 def _seen(source: object) -> str:
     return REPORT if source is not None else NOT_RUN
 
@@ -152,7 +170,12 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
     """The "target vs measured" table: the targets (the engine's draw beside target 4), then the report rows."""
     targets = issue_targets(data, streams)
     after_engine = max(i for i, r in enumerate(targets) if r.what.startswith("4.")) + 1
-    rows = targets[:after_engine] + engine_draw_rows(data, streams) + targets[after_engine:]
+    rows = (
+        targets[:after_engine]
+        + engine_draw_rows(data, streams)
+        + engine_invariant_rows(data, streams)
+        + targets[after_engine:]
+    )
     stacks = sorted(data.stacks, key=lambda s: -s.workers) or [StackRun(MANY_WORKERS, {}, {})]
     rows += seed_rows(stacks) + batching_rows(stacks, streams) + penalty_rows(stacks, streams)
     return rows + reference_rows(data, streams)

@@ -90,6 +90,11 @@ class ActiveSequence:
     request_id: str = ""  # the HTTP request's id (X-Request-Id): sent with the sequence's rows
     prompt_logprobs: int = -1  # >= 0: send the prompt's logprobs with this many alternatives first
     adjuster: AdjustmentTracker | None = None  # the adjustment of its next token, kept up to date
+    # Its tokens must not depend on the rest of its steps (a greedy or seeded generation, per
+    # SchedulerConfig.batch_invariant): its start rows are flagged to the model
+    # (contract.PARAM_INVARIANT_ROWS), and when it starts again it replays its tokens
+    # (contract.PARAM_REPLAY_FROM) instead of prefilling them, so the rebuilt cache is the lost one.
+    invariant: bool = False
     # (top_p, top_k, min_p) for the step model's device draw (contract.DRAW) when a step's window
     # cannot hold the cut: sampled sequences without an adjustment; None for the others.
     draw_cuts: tuple[float, float, float] | None = None
@@ -162,6 +167,9 @@ class SchedulerConfig:
     # from GATEWAY_ENGINE_LANES, or from the model's kv_partitions when that is 0.
     lanes: int = 1
     kv_partitions: int = 1  # the model's: lane i's steps name partition i modulo this (1: none named)
+    # Which generations are batch-invariant (ActiveSequence.invariant): "auto" greedy and seeded
+    # ones, "on" all, "off" none.
+    batch_invariant: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchedulerConfig:
@@ -174,6 +182,7 @@ class SchedulerConfig:
             prefill_hold_s=settings.prefill_hold_ms / 1000,
             resume_timeout_s=settings.resume_timeout_s,
             lanes=settings.engine_lanes,
+            batch_invariant=settings.batch_invariant,
         )
 
 
@@ -204,6 +213,7 @@ class Scheduler(Recovery, StepSampling):
         self.prefill_batch = config.prefill_batch
         self.prefill_hold_s = config.prefill_hold_s
         self.resume_timeout_s = config.resume_timeout_s
+        self.batch_invariant = config.batch_invariant
         # The step model returns the logits of ids a row names (contract.EXTRA_IDS): adjusted
         # sequences then need no full rows. False for a model version exported before that input.
         self.extra_logits = True
@@ -309,6 +319,8 @@ class Scheduler(Recovery, StepSampling):
             draw_cuts=(params.top_p, float(params.top_k), params.min_p)
             if params.temperature > 0.0 and not adjusted
             else None,
+            invariant=self.batch_invariant == "on"
+            or (self.batch_invariant == "auto" and (request.seed is not None or params.temperature == 0.0)),
         )
         if adjusted:
             seq.adjuster = AdjustmentTracker(
@@ -426,6 +438,10 @@ class Scheduler(Recovery, StepSampling):
             [a.ids if a is not None else None for a in adjustments] if self.extra_logits else (),
             self._draw_columns(seqs, uniforms) if self.device_draws else None,
             lane.kv_partition,
+            start_invariant=[s.invariant for s in seqs[n:]],
+            # Started again: an invariant sequence replays the tokens it generated (one decode run
+            # each on the model) after its prompt's prefill, as they were computed the first time.
+            start_replay_from=[len(s.prompt_ids) if s.generated and s.invariant else -1 for s in seqs[n:]],
         )
         return seqs, batch, adjustments, uniforms
 

@@ -60,6 +60,9 @@ def compose(
     extra_ids: Sequence[np.ndarray | None] = (),
     draw: np.ndarray | None = None,
     kv_partition: int | None = None,
+    *,
+    start_invariant: Sequence[bool] = (),
+    start_replay_from: Sequence[int] = (),
 ) -> StepRequest:
     """Decode rows (one token each, given as arrays), then start rows (id, prompt,
     temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
@@ -67,7 +70,9 @@ def compose(
     `extra_ids` the decode and start rows' ids whose logits they need (None: none); `draw` the
     decode and start rows' DRAW columns [d + s, 4] (u < 0: not asked; release rows never ask).
     Each is kept only when some row has one (an id, a k >= 0, an extra id, a u >= 0).
-    `kv_partition`: the KV partition of the step's lane (None: one lane, the parameter unsent)."""
+    `kv_partition`: the KV partition of the step's lane (None: one lane, the parameter unsent).
+    `start_invariant` / `start_replay_from`: the start rows' batch-invariance flags and replay
+    points (contract.PARAM_INVARIANT_ROWS, PARAM_REPLAY_FROM; -1: none), kept when one is set."""
     d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
     n = d + s + r
     width = max([1, *(len(p) for _, p, _ in starts)])
@@ -94,6 +99,14 @@ def compose(
     if any(k >= 0 for k in start_prompt_logprobs):
         echo = np.full(n, -1, dtype=np.int32)
         echo[d : d + len(start_prompt_logprobs)] = start_prompt_logprobs
+    invariant = None
+    if any(start_invariant):
+        invariant = np.zeros(n, dtype=bool)
+        invariant[d : d + len(start_invariant)] = start_invariant
+    replay_from = None
+    if any(p >= 0 for p in start_replay_from):
+        replay_from = np.full(n, -1, dtype=np.int32)
+        replay_from[d : d + len(start_replay_from)] = start_replay_from
     columns = None
     if draw is not None and bool((draw[:, 0] >= 0).any()):
         columns = np.full((n, 4), -1.0)
@@ -110,6 +123,8 @@ def compose(
         extra_ids=_pad_rows(extra_ids, n),
         draw=columns,
         kv_partition=kv_partition,
+        invariant=invariant,
+        replay_from=replay_from,
     )
 
 

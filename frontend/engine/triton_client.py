@@ -188,8 +188,8 @@ class StepClient:
     async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         """One step: `rows` (a composed request, or a few rows) go to Triton as the contract's
         input tensors, `window` as its `logits_window` parameter, `want_logits` as the request
-        for the LOGITS output and the batch's `kv_partition`, when set, as its `kv_partition`
-        parameter (the model side decodes them into its StepRequest). Per-row refusals
+        for the LOGITS output and the batch's `kv_partition`, `invariant` and `replay_from`, when
+        set, as the parameters of those names (the model side decodes them into its StepRequest). Per-row refusals
         come back in `status`; a failed call raises a StepError."""
         batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
         n = int(batch.sequence_ids.shape[0])
@@ -228,6 +228,13 @@ class StepClient:
             parameters[contract.PARAM_PROMPT_LOGPROBS] = ",".join(map(str, batch.prompt_logprobs.tolist()))
         if batch.kv_partition is not None:
             parameters[contract.PARAM_KV_PARTITION] = int(batch.kv_partition)
+        # Batch invariance (contract.PARAM_INVARIANT_ROWS, PARAM_REPLAY_FROM): sent only when a row
+        # asks, so the wire is unchanged otherwise. A model version exported before them ignores
+        # both (its rows are then batched as any, and a resumed row's tokens prefilled).
+        if batch.invariant is not None:
+            parameters[contract.PARAM_INVARIANT_ROWS] = ",".join("1" if v else "0" for v in batch.invariant.tolist())
+        if batch.replay_from is not None:
+            parameters[contract.PARAM_REPLAY_FROM] = ",".join(map(str, batch.replay_from.tolist()))
         # Triton's request id names the step: the generation's own id when it is the only one.
         request_id = named[0] if len(set(named)) == 1 else (f"step:{len(named)}-requests" if named else "")
         # Safe to send again only when no row has produced a token: start rows (a prefill that was

@@ -130,6 +130,16 @@ PARAM_PROMPT_LOGPROBS: Final = "prompt_logprobs"
 # (any other partition when it is full). A gateway that keeps several steps in flight gives each its
 # own partition, so each decode runs over its own contiguous slot range, not the whole pool.
 PARAM_KV_PARTITION: Final = "kv_partition"
+# Per row, comma-separated 0/1: 1 = the row's outputs must not depend on the other rows of its steps
+# (a seeded or greedy generation). With CONFIG_INVARIANT_SLOTS > 0 such a start row takes a slot of
+# the reserved invariant range, is prefilled alone, and decodes in that range's own run of a fixed
+# row count; without, the flag changes nothing (see docs/architecture.md, "Batch invariance").
+PARAM_INVARIANT_ROWS: Final = "invariant_rows"
+# Per row, comma-separated: -1, or p >= 1 on a start row: only its first p tokens are the prompt
+# (prefilled); the rest were generated before the server lost the sequence and are replayed one
+# decode run each, teacher-forced, so the rebuilt cache is the lost one bit for bit. The row's
+# answer is the step after its last token.
+PARAM_REPLAY_FROM: Final = "replay_from"
 
 
 class RowStatus(IntEnum):
@@ -165,6 +175,9 @@ CONFIG_KV_PARTITIONS: Final = "kv_partitions"
 # How rows are drawn on the device (step_model.draw): "auto" (a sort on CUDA, value bins on the CPU),
 # "sort" or "bins".
 CONFIG_DRAW_METHOD: Final = "draw_method"
+# KV slots reserved at the top of the pool for rows flagged invariant (PARAM_INVARIANT_ROWS); 0 = none
+# (default). Their decode runs over exactly this many rows whatever the number of live ones.
+CONFIG_INVARIANT_SLOTS: Final = "invariant_slots"
 
 # ------------------------------------------------------------------------ metadata.json keys
 META_N_LAYER: Final = "n_layer"

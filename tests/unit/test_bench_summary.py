@@ -160,6 +160,7 @@ def _suite(root: Path) -> Path:
     )
     _engine(root, "engine_bench", {1: 0.0004, 64: 0.001, 512: 0.002})  # 512 rows: 256,000 tok/s
     _engine(root, "engine_bench-draw", {1: 0.0005, 512: 0.0022})
+    _engine(root, "engine_bench-invariant", {64: 0.0012, 512: 0.0021})
     _w8(root)
     _write_load(
         root / "stack_w1", "closed-completions-c512-r6-t128-completions", n=512, latency=3.0, tokens=128, wall=19.0,
@@ -246,6 +247,8 @@ def test_report_rows_and_references(tmp_path: Path) -> None:
     draw = rows["step engine alone, 1 row, every row drawn on the device (top-p 0.9)"]
     assert draw.status == "report only" and draw.measured == "0.500 ms/step / 0.400 ms/step plain = 1.25x"
     assert "= 1.10x" in rows["step engine alone, 512 rows, every row drawn on the device (top-p 0.9)"].measured
+    invariant = rows["step engine alone, 64 rows, 16 of them batch-invariant (invariant_slots 64)"]
+    assert invariant.measured == "1.200 ms/step / 1.000 ms/step plain = 1.20x" and invariant.status == "report only"
     seed = rows["seed scenario heavy (8 workers)"]
     assert seed.status == "report only" and seed.measured.startswith("mean 0.300 s, p95 0.300 s, 100.0% ok")
     rpe = rows["rows per Triton execution, 512 streams /v1/completions SSE (8 workers)"]

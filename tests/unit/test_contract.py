@@ -139,7 +139,7 @@ def test_every_contract_module_ships_in_a_model_version() -> None:
 
 # ------------------------------------------------------------------------------ config.pbtxt
 def test_config_parameters_read_back_as_the_exporter_writes_them() -> None:
-    serving = ServingConfig(kv_capacity=7, idle_timeout_s=2.5, device="cpu", cuda_graphs=False)
+    serving = ServingConfig(kv_capacity=7, idle_timeout_s=2.5, device="cpu", cuda_graphs=False, invariant_slots=2)
     params = model_config.parameters(config_pbtxt("m", serving))
     assert params == {
         contract.CONFIG_KV_CAPACITY: "7",
@@ -149,6 +149,7 @@ def test_config_parameters_read_back_as_the_exporter_writes_them() -> None:
         contract.CONFIG_DEVICE: "cpu",
         contract.CONFIG_STRICT_DEVICE: "0",
         contract.CONFIG_CUDA_GRAPHS: "0",
+        contract.CONFIG_INVARIANT_SLOTS: "2",
     }
 
 

@@ -158,3 +158,20 @@ def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
     assert exact.sum() > 2600
     rows = np.flatnonzero(~exact)
     assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
+
+
+@pytest.mark.parametrize("draw_rows", [draw_rows, draw_rows_sorted], ids=["binned", "sorted"])
+def test_a_rows_draw_does_not_depend_on_the_rows_beside_it(draw_rows: Any) -> None:
+    """Batch invariance (issue 15): each row drawn alone gives the token it gets among 24 others, on
+    GPT-2's vocabulary with the seed's request (every sum
+    of the binned draw is a row's own: a sequential scatter into its bins, then prefix sums)."""
+    rng = np.random.default_rng(17)
+    z = (rng.normal(0.0, 1.0, size=(24, 50257)) / 0.7).astype(np.float32)
+    lse = _lse(z)
+    columns = _columns(SamplingParams(temperature=0.7, top_p=0.9), rng.random(24))
+    columns[::4, 2] = 300.0  # some rows with a top-k cut too
+    zt, lt, ct = torch.from_numpy(z), torch.from_numpy(lse), torch.from_numpy(columns)
+    together = draw_rows(zt, lt, ct)
+    for i in range(24):
+        alone = draw_rows(zt[i : i + 1], lt[i : i + 1], ct[i : i + 1])
+        assert int(alone[0][0]) == int(together[0][i]) and float(alone[1][0]) == float(together[1][i]), f"row {i}"

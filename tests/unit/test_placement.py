@@ -34,6 +34,7 @@ from frontend.engine.scheduler import ActiveSequence, Scheduler
 from frontend.engine.step_rows import StepRequest, StepResult, from_rows
 from frontend.engine.triton_engine import TritonEngine
 from frontend.observability import GatewayMetrics
+from frontend.sampling import SamplingParams
 from frontend.settings import Settings
 from step_model.contract import model_config
 from tests.unit.test_scheduler import GREEDY, ScriptedBackend, drain, scheduler
@@ -258,6 +259,44 @@ async def test_a_failed_instances_generations_finish_on_the_other_token_for_toke
     assert placed_on(b, again)
     await engine.close()
     assert not a.backend.live and not b.backend.live
+
+
+@pytest.mark.asyncio
+async def test_a_moved_batch_invariant_generation_replays_its_tokens_on_the_other_instance() -> None:
+    """Failover resumes as a Triton restart does (test_scheduler): a greedy or seeded generation
+    (batch-invariant under GATEWAY_BATCH_INVARIANT=auto) starts again on the other instance with its
+    start row flagged and replay_from = its prompt's length; an unseeded sampled one prefills its
+    prompt plus tokens."""
+    a, b = FakeInstance("tiny"), FakeInstance("tiny_1")
+    a.backend.answer_draws = b.backend.answer_draws = True
+    engine = await started(a, b)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9)
+    # Equal instances alternate: tiny_1 takes the 2nd (seeded) and the 4th (unseeded sampled).
+    bodies = [([1, 2, 3], GREEDY, None), ([4, 5], sampled, 7), ([8], sampled, None), ([6, 7], sampled, None)]
+    handles = [engine.submit(EngineRequest(p, params, 30, seed=seed, ignore_eos=True)) for p, params, seed in bodies]
+    on_b = [h for h in handles if holder(h, a, b) == "tiny_1"]
+    readers = [asyncio.ensure_future(drain(h.events, timeout_s=10)) for h in handles]  # type: ignore[arg-type]
+    while min(len(h.generated) for h in on_b) < 5:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.002)
+    b.backend.down = True
+    results = await asyncio.gather(*readers)
+    assert all(isinstance(r[-1], FinishEvent) for r in results)
+    assert on_b and all(placed_on(a, h) for h in on_b)
+    for h in on_b:
+        assert isinstance(h, ActiveSequence)
+        batch, row = next(
+            (batch, i)
+            for batch in (x if isinstance(x, StepRequest) else from_rows(x) for x in a.backend.batches)
+            for i, (sid, start) in enumerate(zip(batch.sequence_ids.tolist(), batch.start.tolist(), strict=True))
+            if start and sid == h.sequence_id
+        )
+        assert int(batch.lengths[row]) > len(h.prompt_ids)  # prompt + the tokens generated on tiny_1
+        flagged = batch.invariant is not None and bool(batch.invariant[row])
+        replay = int(batch.replay_from[row]) if batch.replay_from is not None else -1
+        assert (flagged, replay) == ((True, len(h.prompt_ids)) if h.invariant else (False, -1))
+    assert {h.invariant for h in on_b} == {True, False}  # type: ignore[attr-defined]
+    await engine.close()
+    assert not a.backend.live  # (tiny_1 stays down: what it held went with it)
 
 
 @pytest.mark.asyncio

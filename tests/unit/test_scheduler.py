@@ -456,6 +456,45 @@ async def test_a_restarted_server_gets_the_sequence_again_and_it_continues_token
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    ("mode", "seed", "temperature", "invariant"),
+    [("auto", None, 0.0, True), ("auto", 7, 0.8, True), ("auto", None, 0.8, False), ("off", 7, 0.8, False)],
+)
+async def test_batch_invariant_sequences_are_flagged_and_replay_their_tokens_when_resumed(
+    mode: str, seed: int | None, temperature: float, invariant: bool
+) -> None:
+    """GATEWAY_BATCH_INVARIANT: greedy and seeded generations (auto) flag their start rows
+    (contract.PARAM_INVARIANT_ROWS), and when the server lost them start again with prompt +
+    tokens and replay_from = the prompt's length (the model replays the tokens one decode run
+    each, step_model.engine); the others, and every one with "off", prefill prompt + tokens."""
+    backend = ScriptedBackend(capacity=4)
+    backend.by_content = True
+    backend.answer_draws = True  # no full-row fetches: every step is a decode step
+    real_step = backend.step
+
+    async def restart_before_step_5(rows, *, window, want_logits=False):  # type: ignore[no-untyped-def]
+        if len(backend.batches) == 4:
+            restart(backend)
+        return await real_step(rows, window=window, want_logits=want_logits)
+
+    backend.step = restart_before_step_5  # type: ignore[method-assign]
+    sched = scheduler(backend, batch_invariant=mode)
+    sched.start()
+    params = SamplingParams(temperature=temperature, top_p=0.9 if temperature else 1.0)
+    request = EngineRequest([5, 6, 7], params, 8, seed=seed, ignore_eos=True)
+    events = await drain(sched.submit(request).events)  # type: ignore[arg-type]
+    await sched.close()
+    assert isinstance(events[-1], FinishEvent)
+    first, again = [b for b in backend.batches if b.start.any()][:2]
+    flags = [b.invariant[b.start].tolist() if b.invariant is not None else [False] for b in (first, again)]
+    assert flags == [[invariant], [invariant]]
+    assert first.replay_from is None
+    assert int(again.lengths[again.start][0]) > 3  # the prompt and the tokens generated before
+    assert (again.replay_from[again.start].tolist() if again.replay_from is not None else None) == (
+        [3] if invariant else None
+    )
+
+
 async def test_a_server_that_does_not_come_back_fails_the_sequence_after_resume_timeout_s() -> None:
     backend = ScriptedBackend(capacity=4)
     backend.delay_s = 0.001
