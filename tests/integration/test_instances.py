@@ -60,6 +60,7 @@ def instances_triton(instances_repository: Path, tmp_path_factory: pytest.TempPa
         work_dir=work,
         log_path=work / "triton.log",
         model_control=True,  # one instance can be loaded again alone
+        extra_args=["--exit-timeout-secs=2"],  # at the end nothing runs that must finish (else 20 s)
     )
     with server:
         assert server.ready_models() == NAMES
