@@ -43,7 +43,9 @@
 # SUITE_STREAM_REQUESTS (6 per user in the many-stream runs; the steady window needs 2 or more),
 # SUITE_LOAD_PROCESSES (8: load-generator processes of the many-user runs), SUITE_OUTSIDE_PATH (prepended
 # to PYTHONPATH for guidellm only, when its wheels live apart), SUITE_OUTSIDE_PROCESSES (guidellm's worker
-# processes; default guidellm's own, 10).
+# processes; default guidellm's own, 10), SUITE_EXPORT_ARGS / SUITE_TRITON_ARGS (more flags for the export and
+# for `python -m embedded_triton`, e.g. "--instances 2" for both: two model instances on the one GPU); the
+# gateway takes its GATEWAY_* settings from the environment (e.g. GATEWAY_MODEL_INSTANCES, GATEWAY_ENGINE_LANES).
 # For a dry run without a GPU: SUITE_DEVICE=cpu SUITE_MODEL=tiny SUITE_PY=.venv/bin/python
 # SUITE_STREAMS=32 SUITE_LABEL=cpu-dry (fp32, no strict device; figures meaningless, plumbing real).
 set -u -o pipefail
@@ -66,6 +68,8 @@ RUNS=${SUITE_RUNS:-single completions topp streams guidellm penalty seed} # with
 RUNS_ONE=${SUITE_RUNS_ONE:-completions}                                   # with one gateway process
 LOAD_PROCS=${SUITE_LOAD_PROCESSES:-8} # load-generator processes for the many-user runs (one could not keep up)
 SKIP=" ${SUITE_SKIP:-} "
+EXPORT_ARGS=${SUITE_EXPORT_ARGS:-}
+TRITON_ARGS=${SUITE_TRITON_ARGS:-}
 GW_PORT=8080
 if [ "$DEVICE" = cuda ]; then
   DTYPE=fp16 STRICT=(--strict-device) TEST_STRICT=1
@@ -192,7 +196,7 @@ fi
 stamp() {
   {
     find export step_model -name '*.py' 2> /dev/null | sort | xargs cat 2> /dev/null
-    echo "$MODEL $DTYPE $DEVICE ${STRICT[*]} 640 64"
+    echo "$MODEL $DTYPE $DEVICE ${STRICT[*]} 640 64 $EXPORT_ARGS"
   } | sha1sum | cut -c1-16
 }
 STAMP=$(stamp)
@@ -205,7 +209,7 @@ if [ -f "$REPO/gpt2/1/model.onnx" ] && [ "${SUITE_FRESH_EXPORT:-0}" != 1 ] &&
 else
   case "$REPO" in /tmp/?* | /root/?* | ./?* | /work/?*) rm -rf "$REPO" ;; esac
   run_stage export 240 "$R/export.log" "$PY" -m export --random-config "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
-    "${STRICT[@]}" --kv-capacity 640 --kv-partitions 2 --default-window 64 --repository "$REPO" --name gpt2 &&
+    "${STRICT[@]}" --kv-capacity 640 --kv-partitions 2 --default-window 64 --repository "$REPO" --name gpt2 $EXPORT_ARGS &&
     echo "$STAMP" > "$REPO/.suite_stamp"
 fi
 VDIR=$(ls -d "$REPO"/gpt2/[0-9]* 2> /dev/null | awk -F/ '{print $NF, $0}' | sort -n | tail -n 1 | cut -d' ' -f2-)
@@ -386,7 +390,7 @@ if ! wanted stack; then
 elif [ -n "$VDIR" ] && (($(left_s) >= 60)); then
   note "[stack] starting Triton on $REPO"
   t=$SECONDS
-  $SETSID "$PY" -m embedded_triton --repository "$REPO" > "$R/triton.log" 2>&1 &
+  $SETSID "$PY" -m embedded_triton --repository "$REPO" $TRITON_ARGS > "$R/triton.log" 2>&1 &
   TRITON=$!
   if wait_ready localhost:8000/v2/health/ready "$TRITON" 150; then
     record triton_start ok 0 $((SECONDS - t)) 150
