@@ -73,6 +73,8 @@ def main() -> None:
     for m in (int(r) for r in args.rows.split(",")):
         r = _row_count(m)
         print(f"[tail] rows={m} " + " ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+    if not kernels._checked:
+        print(f"[tail] the fused log-sum-exp is not used: {kernels.unavailable_reason}", flush=True)
 
 
 if __name__ == "__main__":

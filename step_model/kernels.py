@@ -37,6 +37,7 @@ _HOST_ROWS_PER_THREAD = 4  # fewer rows than this per thread: one thread does th
 _host_pool: ThreadPoolExecutor | None = None
 _kernel: Any = None
 _checked: bool | None = None  # None: not tried yet; then whether the kernel is used
+unavailable_reason = ""  # why the kernel is not used, once tried (the benchmarks print it)
 
 
 def _build() -> Any:
@@ -68,7 +69,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _usable(x: torch.Tensor) -> bool:
-    global _kernel, _checked
+    global _kernel, _checked, unavailable_reason
     if _checked is None:
         _checked = False
         try:
@@ -80,9 +81,11 @@ def _usable(x: torch.Tensor) -> bool:
             _launch(probe, got)
             _checked = bool(torch.allclose(got, torch.logsumexp(probe, dim=-1), rtol=1e-5, atol=1e-5))
             if not _checked:
+                unavailable_reason = "its probe disagrees with torch.logsumexp"
                 log.warning("fused log-sum-exp disagrees with torch: using torch.logsumexp")
         except Exception as err:  # no Triton, no compiler, an old GPU: torch's kernels serve
-            log.info("fused log-sum-exp unavailable (%s): using torch.logsumexp", err)
+            unavailable_reason = f"{type(err).__name__}: {err}"[:300]
+            log.warning("fused log-sum-exp unavailable (%s): using torch.logsumexp", unavailable_reason)
     return _checked
 
 
