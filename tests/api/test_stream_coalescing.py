@@ -116,18 +116,24 @@ async def test_completions_n_choices_merge_each_on_its_own(client: httpx.AsyncCl
         assert {**merged, "chunks": 0} == {**per_token, "chunks": 0}
 
 
-async def test_a_stop_string_spanning_a_merged_chunk_cuts_exactly(
-    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel
-) -> None:
-    """The stop string begins in one token and ends in the next, both inside one merged chunk."""
+def _stop_across_tokens(fake: FakeEngine, served_model: ServedModel) -> tuple[dict[str, Any], str]:
+    """A greedy /v1/completions body whose stop string begins in token 6 and ends in token 7, and
+    the text it must return (everything before the stop)."""
     ids = list(served_model.tokenizer("Hello world")["input_ids"])
     tokens = fake.expected_tokens(ids, SamplingParams(temperature=0.0), TOKENS, None)
     pieces = [served_model.tokenizer.decode([t]) for t in tokens]
     stop = pieces[5][-1] + pieces[6][0]
     full = "".join(pieces)
-    expected = full[: full.index(stop)]
     body = {"model": MODEL, "prompt": "Hello world", "max_tokens": TOKENS, "temperature": 0, "stop": [stop]}
     body["stream_options"] = {"include_usage": True}
+    return body, full[: full.index(stop)]
+
+
+async def test_a_stop_string_spanning_a_merged_chunk_cuts_exactly(
+    client: httpx.AsyncClient, fake: FakeEngine, served_model: ServedModel
+) -> None:
+    """The stop string begins in one token and ends in the next, both inside one merged chunk."""
+    body, expected = _stop_across_tokens(fake, served_model)
     fast, slow = await _paced_and_slow(client, fake, "/v1/completions", body, TOKENS)
     per_token, merged = _completion_choice(fast), _completion_choice(slow)
     assert merged["text"] == per_token["text"] == expected
@@ -245,16 +251,10 @@ async def test_completions_coalesce_when_the_process_falls_behind(
 async def test_a_stop_string_across_tokens_coalesced_by_the_process_cuts_exactly(
     client: httpx.AsyncClient, app: FastAPI, fake: FakeEngine, served_model: ServedModel
 ) -> None:
-    ids = list(served_model.tokenizer("Hello world")["input_ids"])
-    tokens = fake.expected_tokens(ids, SamplingParams(temperature=0.0), TOKENS, None)
-    pieces = [served_model.tokenizer.decode([t]) for t in tokens]
-    stop = pieces[5][-1] + pieces[6][0]
-    full = "".join(pieces)
-    body = {"model": MODEL, "prompt": "Hello world", "max_tokens": TOKENS, "temperature": 0, "stop": [stop]}
-    body["stream_options"] = {"include_usage": True}
+    body, expected = _stop_across_tokens(fake, served_model)
     fast, slow = await _fast_then_slow_process(client, app, fake, "/v1/completions", body)
     per_token = _completion_choice(fast)
-    assert per_token["text"] == full[: full.index(stop)] and per_token["finish_reason"] == ["stop"]
+    assert per_token["text"] == expected and per_token["finish_reason"] == ["stop"]
     assert fast[-1]["usage"]["completion_tokens"] == 7  # up to the token that completed the stop
     for chunks in slow:
         merged = _completion_choice(chunks)
