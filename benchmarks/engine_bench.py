@@ -272,6 +272,62 @@ def measure(
     return results
 
 
+def measure_prefills(
+    engine: Any,
+    vocab_size: int,
+    batches: Sequence[int],
+    *,
+    prompt_tokens: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[int, tuple[float, ...]]:
+    """Per B in `batches`: wall times (s) of `steps` steps that each start B new sequences with
+    `prompt_tokens`-token prompts (one prefill run; the sequences are freed after each, untimed),
+    after `warmup` untimed ones: what a start row adds to the step it joins."""
+    import torch
+
+    cuda = torch.cuda.is_available() and str(getattr(engine, "device", "cpu")).startswith("cuda")
+    rng = np.random.default_rng(seed + 1)
+    out: dict[int, tuple[float, ...]] = {}
+    next_id = 10**9  # away from measure()'s ids
+    for b in batches:
+        times = []
+        for i in range(warmup + steps):
+            ids = list(range(next_id, next_id + b))
+            next_id += b
+            request = prefill_request(ids, rng.integers(0, vocab_size, (b, prompt_tokens)))
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = engine.step([request])
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            check_step(res)
+            check_step(engine.step([release_request(ids)]))
+            if i >= warmup:
+                times.append(elapsed)
+        out[b] = tuple(times)
+        p50 = percentile(times, 50) or 0.0
+        low = min(times) * 1e3
+        log(f"[engine] prefill B={b:3d} x {prompt_tokens} tokens: step p50 {p50 * 1e3:7.3f} ms min {low:7.3f} ms")
+    return out
+
+
+def prefill_summary(prefills: dict[int, tuple[float, ...]]) -> dict[str, dict[str, float]]:
+    """JSON-ready: per B, p50 / min / p95 ms of a prefill step."""
+    return {
+        str(b): {
+            "step_p50_ms": (percentile(t, 50) or 0.0) * 1e3,
+            "step_min_ms": min(t) * 1e3,
+            "step_p95_ms": (percentile(t, 95) or 0.0) * 1e3,
+        }
+        for b, t in prefills.items()
+    }
+
+
 def write_profile(step: Callable[[], float], n: int, out: Path, cuda: bool, steps: int = 5) -> None:
     """torch.profiler tables of `steps` decode steps: by device time (profile_N<n>.txt) and host time."""
     from torch.profiler import ProfilerActivity, profile
@@ -325,13 +381,30 @@ def results_table(results: Sequence[RowsResult]) -> str:
     return markdown_table(TABLE_HEADERS, rows)
 
 
-def render_markdown(results: Sequence[RowsResult], info: RunInfo, extra: dict[str, Any]) -> str:
+def render_markdown(
+    results: Sequence[RowsResult],
+    info: RunInfo,
+    extra: dict[str, Any],
+    prefills: dict[int, tuple[float, ...]] | None = None,
+    prompt_tokens: int = 0,
+) -> str:
     """The full markdown report."""
     parts = [
         "## Step engine alone (StepEngine called directly; no Triton, no gateway)\n",
         results_table(results),
         "\nAll N sequences step together; tok/s = N / p50 step time. Times are wall time of `engine.step` "
         "(synchronized on CUDA), after the warm-up steps.\n",
+    ]
+    if prefills:
+        rows = [
+            [b, prompt_tokens, len(t), fmt(s["step_p50_ms"], 3), fmt(s["step_min_ms"], 3), fmt(s["step_p95_ms"], 3)]
+            for (b, t), s in zip(prefills.items(), prefill_summary(prefills).values(), strict=True)
+        ]
+        parts += [
+            "\n### Prefill steps (B new sequences, nothing else in the step)\n",
+            markdown_table(["B", "prompt tok", "steps", "step p50 ms", "step min ms", "step p95 ms"], rows),
+        ]
+    parts += [
         "\n### Provenance\n",
         info.markdown(),
     ]
@@ -368,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first K sequences of each N are flagged batch-invariant (with --engine-kw invariant_slots=R: "
         "they take reserved slots, are prefilled alone and decode in the reserved range's own run of R rows)",
     )
+    p.add_argument(
+        "--prefill-rows",
+        default="",
+        help="also time steps that only start B new sequences, for each B listed (e.g. 1,2,4,8; default none)",
+    )
     return p
 
 
@@ -384,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = parse_rows(args.profile)
         extra_kw = parse_engine_kw(args.engine_kw)
         draw = parse_draw(args.draw)
+        prefill_rows = parse_rows(args.prefill_rows)
     except ValueError as err:
         parser.error(str(err))
     if not rows:
@@ -394,9 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.version_dir} has no metadata.json (not an exported version)")
     import torch
 
-    capacity = args.capacity or max(rows)
-    if capacity < max(rows):
-        parser.error(f"--capacity {capacity} < largest N {max(rows)}")
+    capacity = args.capacity or max(rows + prefill_rows)
+    if capacity < max(rows + prefill_rows):
+        parser.error(f"--capacity {capacity} < largest N or B {max(rows + prefill_rows)}")
     t0 = time.perf_counter()
     engine, meta = make_engine(
         args.version_dir, capacity=capacity, device=args.device, strict_device=args.strict_device, extra=extra_kw
@@ -420,6 +499,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_log,
         draw=draw,
         invariant_rows=args.invariant_rows,
+    )
+    prefills = measure_prefills(
+        engine,
+        meta.vocab_size,
+        prefill_rows,
+        prompt_tokens=args.prompt_tokens,
+        steps=args.steps,
+        warmup=max(args.warmup, 2),
+        seed=args.seed,
+        log=_log,
     )
     cuda = device.startswith("cuda")
     extra = {
@@ -447,9 +536,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = RunInfo.collect(
         params, argv=["python -m benchmarks.engine_bench", *(sys.argv[1:] if argv is None else argv)]
     )
-    markdown = render_markdown(results, info, extra)
+    markdown = render_markdown(results, info, extra, prefills, args.prompt_tokens)
     sys.stdout.write(markdown)
-    summary = {"rows": {str(r.rows): r.summary() for r in results}, "run": info.to_dict(), "environment": extra}
+    summary = {
+        "rows": {str(r.rows): r.summary() for r in results},
+        "prefill": prefill_summary(prefills),
+        "run": info.to_dict(),
+        "environment": extra,
+    }
     csv_rows = [
         {"rows": r.rows, "step": i, "seconds": round(t, 7)} for r in results for i, t in enumerate(r.step_times_s)
     ]

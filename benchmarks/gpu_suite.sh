@@ -225,7 +225,8 @@ ENGINE=("$PY" -m benchmarks.engine_bench "$VDIR" --capacity 640 --device "$DEVIC
 if ! wanted engine; then
   :
 elif [ -n "$VDIR" ]; then
-  run_stage engine 150 "$R/engine/engine_bench.log" "${ENGINE[@]}" --rows "1,64,$STREAMS" --profile "1,$STREAMS"
+  run_stage engine 150 "$R/engine/engine_bench.log" "${ENGINE[@]}" --rows "1,64,192,$STREAMS" --profile "1,$STREAMS" \
+    --prefill-rows 1,2,4,8
   # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
   run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
     --draw "top_p=0.9" --tag draw

@@ -102,6 +102,13 @@ class EngineStats:
     graph_replays_total: int = 0
     drawn_rows_total: int = 0  # rows drawn on the device (DRAW), their window short of their cut
     replayed_tokens_total: int = 0  # generated tokens replayed into a rebuilt cache (PARAM_REPLAY_FROM)
+    # Where a step's wall time goes (microseconds, summed over steps; the GPU work is inside,
+    # every phase ends with its results on the host): prompts prefilled (prefill_runs_total
+    # eager passes), decode runs, and the answers (fetches, draws, extra logits, full rows).
+    prefill_runs_total: int = 0
+    prefill_us_total: int = 0
+    decode_us_total: int = 0
+    finish_us_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,10 +366,18 @@ class StepEngine:
             return outcomes
         self.stats.live_at_step_total += len(self._slot_of)  # before this step's prefills
         window = max(req.window for req, _, _ in parts)
+        clock = time.perf_counter_ns
+        t0 = clock()
         self._prompt_logprobs(parts)  # before the prefill: it reads the requests only
         self._run_prefills(parts, window, now)
+        t1 = clock()
         self._run_decodes(parts, window, now)
+        t2 = clock()
         self._finish(parts, now)
+        stats = self.stats
+        stats.prefill_us_total += (t1 - t0) // 1000
+        stats.decode_us_total += (t2 - t1) // 1000
+        stats.finish_us_total += (clock() - t2) // 1000
         self.stats.steps_total += 1
         self.stats.rows_total += sum(int(r.status.shape[0]) for _, _, r in parts)
         return outcomes
@@ -416,6 +431,7 @@ class StepEngine:
         for group in groups:
             if group.size:
                 out = self._prefill(input_ids[group], prompt[group], temperature[group], new_slots[group], window)
+                self.stats.prefill_runs_total += 1
                 topk_logits[group], topk_ids[group], lse[group] = out
         self._length[new_slots] = prompt
         self._last_used[new_slots] = now

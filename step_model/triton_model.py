@@ -126,8 +126,16 @@ class TritonPythonModel:
                     "replayed_tokens_total",
                     "Generated tokens replayed, one decode run each, into a rebuilt sequence's cache",
                 ),
+                ("prefill_runs_total", "Eager prefill passes (one per step with start rows, one per reserved row)"),
+                ("prefill_us_total", "Microseconds of engine steps spent prefilling prompts"),
+                ("decode_us_total", "Microseconds of engine steps spent in decode runs"),
+                ("finish_us_total", "Microseconds of engine steps spent answering (fetches, draws, full rows)"),
+                ("execute_us_total", "Microseconds inside the model's execute (Triton's compute minus this: IPC)"),
+                ("parse_us_total", "Microseconds of execute spent reading the requests"),
+                ("respond_us_total", "Microseconds of execute spent building the responses"),
             )
         }
+        self._glue = {"execute_us_total": 0, "parse_us_total": 0, "respond_us_total": 0}  # the stub's own phases
         self._published: dict[str, int] = dict.fromkeys(self._counters, 0)
         self._gauge_values: dict[str, float] = {}
         self._metrics_lock = threading.Lock()
@@ -155,6 +163,7 @@ class TritonPythonModel:
 
     def _publish(self) -> None:
         stats = self.engine.snapshot()
+        glue = dict(self._glue)  # a copy: execute adds to it meanwhile
         with self._metrics_lock:
             for name, metric in self._gauges.items():
                 value = float(getattr(stats, name))
@@ -162,12 +171,21 @@ class TritonPythonModel:
                     metric.set(value)
                     self._gauge_values[name] = value
             for name, metric in self._counters.items():
-                value = getattr(stats, name)
+                value = glue[name] if name in glue else getattr(stats, name)
                 if value > self._published[name]:
                     metric.increment(float(value - self._published[name]))
                     self._published[name] = value
 
     def execute(self, requests: list) -> list:
+        clock = time.perf_counter_ns
+        t0 = clock()
+        responses = self._execute(requests, clock)
+        glue = self._glue
+        glue["execute_us_total"] += (clock() - t0) // 1000
+        return responses
+
+    def _execute(self, requests: list, clock: Any) -> list:
+        t0 = clock()
         parsed: list[StepRequest | None] = []
         errors: dict[int, str] = {}
         for r, request in enumerate(requests):
@@ -177,6 +195,7 @@ class TritonPythonModel:
                 parsed.append(None)
                 errors[r] = f"malformed request: {err}"
         valid = [p for p in parsed if p is not None]
+        self._glue["parse_us_total"] += (clock() - t0) // 1000
         try:
             results = iter(self.engine.step(valid)) if valid else iter(())
         except Exception as err:  # a failed run must answer every caller, not hang them
@@ -184,6 +203,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"engine step failed: {err!r}; gateway requests: {', '.join(named) or '-'}")
             message = f"step failed inside the model: {err}"
             return [self._error(message, contract.ErrorCode.INTERNAL) for _ in requests]
+        t1 = clock()
         responses = []
         for r, step in enumerate(parsed):
             if step is None:
@@ -218,6 +238,7 @@ class TritonPythonModel:
                 tensors.append(_output(contract.PROMPT_TOP_IDS, result.prompt_top_ids))
                 tensors.append(_output(contract.PROMPT_TOP_LOGPROBS, result.prompt_top_logprobs))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        self._glue["respond_us_total"] += (clock() - t1) // 1000
         return responses
 
     def _parse(self, request: object) -> StepRequest:

@@ -25,7 +25,7 @@ from benchmarks.gpu_summary.metrics import (
     ratio,
     run_counters,
 )
-from benchmarks.gpu_summary.render import counters_table, main, render, to_json
+from benchmarks.gpu_summary.render import counters_table, main, phases_table, render, to_json
 from benchmarks.gpu_summary.rows import issue_targets, target_rows
 from benchmarks.gpu_summary.targets import MET, MISSED, NOT_RUN, REFERENCE, REPORT, STREAMS, Row, judge, stack_rate
 
@@ -52,6 +52,7 @@ __all__ = [
     "main",
     "metric_sum",
     "parse_prometheus",
+    "phases_table",
     "ratio",
     "render",
     "run_counters",

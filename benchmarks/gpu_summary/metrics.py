@@ -98,6 +98,14 @@ class Counters:
     engine_decode_rows: float | None = None  # gpt2_decode_tokens_total
     engine_live_at_step: float | None = None  # gpt2_live_at_step_total
     drawn_rows: float | None = None  # gpt2_drawn_rows_total: rows the step model drew on the device (DRAW)
+    # The step model's phases (microseconds summed over executions; step_model.triton_model).
+    execute_us: float | None = None  # gpt2_execute_us_total: inside execute
+    parse_us: float | None = None  # gpt2_parse_us_total
+    respond_us: float | None = None  # gpt2_respond_us_total
+    prefill_us: float | None = None  # gpt2_prefill_us_total (engine)
+    prefill_runs: float | None = None  # gpt2_prefill_runs_total
+    decode_us: float | None = None  # gpt2_decode_us_total (engine)
+    finish_us: float | None = None  # gpt2_finish_us_total (engine)
     gateway_scraped: bool = False  # both gateway scrapes held samples (a fetch counter absent from them = 0)
 
     @property
@@ -134,6 +142,13 @@ COUNTER_METRICS = {
     "engine_decode_rows": ("triton", "gpt2_decode_tokens_total"),
     "engine_live_at_step": ("triton", "gpt2_live_at_step_total"),
     "drawn_rows": ("triton", "gpt2_drawn_rows_total"),
+    "execute_us": ("triton", "gpt2_execute_us_total"),
+    "parse_us": ("triton", "gpt2_parse_us_total"),
+    "respond_us": ("triton", "gpt2_respond_us_total"),
+    "prefill_us": ("triton", "gpt2_prefill_us_total"),
+    "prefill_runs": ("triton", "gpt2_prefill_runs_total"),
+    "decode_us": ("triton", "gpt2_decode_us_total"),
+    "finish_us": ("triton", "gpt2_finish_us_total"),
 }
 FULL_ROW_FETCHES = "gateway_full_row_fetches_total"
 

@@ -43,7 +43,7 @@ def _counter_cells(workers: int, tag: str, c: Counters) -> list[Any]:
         f0(c.executions),
         f2(c.rows_per_exec),
         f0(c.requests),
-        f3(None if (r := ratio(c.compute_infer_us, c.executions)) is None else r / 1e3),
+        f3(None if (r := ratio(c.compute_infer_us, c.requests)) is None else r / 1e3),  # each request: its exec's
         f3(None if (q := ratio(c.queue_us, c.requests)) is None else q / 1e3),
         f2(ratio(c.engine_rows, c.engine_steps)),
         f0(c.graph_replays),
@@ -54,15 +54,64 @@ def _counter_cells(workers: int, tag: str, c: Counters) -> list[Any]:
     ]
 
 
-def counters_table(data: SuiteData) -> str:
-    rows = []
+PHASE_HEADERS = [
+    "workers",
+    "run",
+    "Triton compute",
+    "inside execute",
+    "outside execute (IPC)",
+    "parse",
+    "prefill",
+    "prefill runs/exec",
+    "decode",
+    "answers",
+    "respond",
+]
+
+
+def _per_exec_ms(us: float | None, c: Counters) -> str:
+    return f3(None if (r := ratio(us, c.engine_steps)) is None else r / 1e3)
+
+
+def _phase_cells(workers: int, tag: str, c: Counters) -> list[Any]:
+    # Triton adds an execution's whole compute time to each of its requests.
+    compute = None if (r := ratio(c.compute_infer_us, c.requests)) is None else r * (c.executions or 0)
+    outside = None if compute is None or c.execute_us is None else compute - c.execute_us
+    return [
+        workers,
+        tag,
+        _per_exec_ms(compute, c),
+        _per_exec_ms(c.execute_us, c),
+        _per_exec_ms(outside, c),
+        _per_exec_ms(c.parse_us, c),
+        _per_exec_ms(c.prefill_us, c),
+        f2(ratio(c.prefill_runs, c.engine_steps)),
+        _per_exec_ms(c.decode_us, c),
+        _per_exec_ms(c.finish_us, c),
+        _per_exec_ms(c.respond_us, c),
+    ]
+
+
+def _runs(data: SuiteData) -> list[tuple[int, str, Counters]]:
+    out = []
     for s in data.stacks:
         for tag in RUN_TAGS:
             c = s.counters.get(tag)
             if c is None or c == Counters():
                 continue  # the run (or both its scrapes) did not happen
-            rows.append(_counter_cells(s.workers, tag, c))
+            out.append((s.workers, tag, c))
+    return out
+
+
+def counters_table(data: SuiteData) -> str:
+    rows = [_counter_cells(w, tag, c) for w, tag, c in _runs(data)]
     return markdown_table(COUNTER_HEADERS, rows) if rows else "no counters (the stack did not run)\n"
+
+
+def phases_table(data: SuiteData) -> str:
+    """Where a Triton execution's time goes, ms per execution (the step model's own counters)."""
+    rows = [_phase_cells(w, tag, c) for w, tag, c in _runs(data) if c.execute_us is not None]
+    return markdown_table(PHASE_HEADERS, rows) if rows else "no phase counters (a step model without them)\n"
 
 
 def tests_table(data: SuiteData) -> str:
@@ -131,6 +180,10 @@ def render(data: SuiteData, streams: int = STREAMS) -> str:
         HOW,
         "\n## Triton and gateway counters per run\n\n",
         counters_table(data),
+        "\nWhere an execution's time goes, ms per execution (the step model's own counters; Triton's compute is "
+        "its per-request compute time, which every request of an execution carries whole; outside execute = Triton's "
+        "compute minus the time inside the model's execute: the Python backend's messages and tensor copies):\n\n",
+        phases_table(data),
         "\nTriton columns are whole-server counters. The gateway columns come from the process that answered "
         "each scrape (with several workers and no shared registry, n/a when the two scrapes disagree). Engine "
         "rows/step = delta(gpt2_rows_total) / delta(gpt2_steps_total), the step model's own count; device-drawn "

@@ -45,11 +45,15 @@ def ref_logits(model: GPT2LMHeadModel, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0, -1].numpy()
 
 
-def live_sequences(triton: TritonServer, version: str = "1") -> float:
+def metric_value(triton: TritonServer, name: str, version: str = "1") -> float:
     text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
-    match = re.search(rf'gpt2_kv_live_sequences{{model="{TINY}",version="{version}"}} (\S+)', text)
-    assert match, "gpt2_kv_live_sequences missing from Triton's metrics"
+    match = re.search(rf'{name}{{model="{TINY}",version="{version}"}} (\S+)', text)
+    assert match, f"{name} missing from Triton's metrics"
     return float(match.group(1))
+
+
+def live_sequences(triton: TritonServer, version: str = "1") -> float:
+    return metric_value(triton, "gpt2_kv_live_sequences", version)
 
 
 def test_logits_equal_transformers_for_staggered_sequences(client, reference) -> None:
@@ -118,6 +122,26 @@ def test_ended_and_idle_sequences_are_freed(client, triton) -> None:
         time.sleep(0.25)
     assert live_sequences(triton) == 0
     assert statuses(step(client, TINY, [Row(idle[0], [5])], version="1")) == [RowStatus.NOT_FOUND]
+
+
+def test_where_an_execution_goes_is_published(client, triton) -> None:
+    """The step model's phase counters (benchmarks/gpu_summary's 'where an execution's time goes'):
+    a prefill run per step with start rows, and the stub's own phases inside its execute time."""
+    names = ("execute", "parse", "respond", "prefill", "decode", "finish")
+    before = {n: metric_value(triton, f"gpt2_{n}_us_total") for n in names}
+    runs_before = metric_value(triton, "gpt2_prefill_runs_total")
+    ids = [new_id() for _ in range(3)]
+    step(client, TINY, [Row(s, [1, 2, 3], start=True) for s in ids], version="1")
+    step(client, TINY, [Row(s, [4], end=True) for s in ids], version="1")
+    deadline = time.monotonic() + 2
+    while metric_value(triton, "gpt2_prefill_runs_total") < runs_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.25)  # both steps published
+    after = {n: metric_value(triton, f"gpt2_{n}_us_total") for n in names}
+    assert metric_value(triton, "gpt2_prefill_runs_total") == runs_before + 1  # one pass for the three prompts
+    grew = {n: after[n] - before[n] for n in names}
+    assert grew["execute"] > 0 and grew["prefill"] > 0 and grew["decode"] > 0
+    assert grew["execute"] >= grew["parse"] + grew["respond"] + grew["prefill"] + grew["decode"] + grew["finish"]
 
 
 def test_two_versions_serve_side_by_side(client) -> None:

@@ -57,6 +57,7 @@ def test_cpu_smoke_run(tmp_path: Path) -> None:
     argv = [str(repo / "tiny" / "1"), "--rows", "1,3", "--steps", "4", "--warmup", "1", "--prompt-tokens", "8"]
     argv += ["--profile", "3", "--capacity", "4", "--device", "cpu", "--out", str(out), "--tag", "smoke"]
     argv += ["--draw", "top_p=0.9"]  # every decode row asks for a device draw (the seed's request)
+    argv += ["--prefill-rows", "1,2"]  # steps that only start sequences
     assert engine_bench.main(argv) == 0
     report = json.loads((out / "engine_bench-smoke.json").read_text())
     assert set(report["rows"]) == {"1", "3"}
@@ -65,6 +66,9 @@ def test_cpu_smoke_run(tmp_path: Path) -> None:
         assert 0 < row["decode_step_min_ms"] <= row["decode_step_p50_ms"]
         assert row["tok_per_s_at_p50"] == pytest.approx(int(n) / (row["decode_step_p50_ms"] / 1e3))
     assert report["run"]["parameters"]["rows"] == "1,3"
+    assert set(report["prefill"]) == {"1", "2"}
+    assert all(0 < p["step_min_ms"] <= p["step_p50_ms"] for p in report["prefill"].values())
+    assert "### Prefill steps" in (out / "engine_bench-smoke.md").read_text()
     assert (out / "profile_N3.txt").stat().st_size > 0 and not (out / "profile_N1.txt").exists()
     assert "| 3 | 8 |" in (out / "engine_bench-smoke.md").read_text()
     assert len((out / "engine_bench-smoke.csv").read_text().splitlines()) == 1 + 2 * 4

@@ -132,6 +132,9 @@ def _w8(root: Path) -> Path:
     after |= {"gpt2_rows_total": 1000 + 128 * 480, "gpt2_steps_total": 228, "gpt2_graph_replays_total": 210}
     after |= {"gpt2_decode_tokens_total": 500 + 128 * 470, "gpt2_live_at_step_total": 500 + 128 * 480}
     after |= {"gpt2_drawn_rows_total": 7}
+    phases = {"execute": 96_000, "parse": 6_400, "respond": 3_200, "prefill": 12_800, "decode": 64_000, "finish": 6_400}
+    before |= {f"gpt2_{k}_us_total": 0 for k in phases} | {"gpt2_prefill_runs_total": 0}
+    after |= {f"gpt2_{k}_us_total": v for k, v in phases.items()} | {"gpt2_prefill_runs_total": 64}
     fetches = 'gateway_full_row_fetches_total{reason="top_k"}'
     gw_before = f"gateway_step_rows_sum 10.0\ngateway_step_rows_count 5.0\n{fetches} 2.0\n"
     gw_after = f"gateway_step_rows_sum 61450.0\ngateway_step_rows_count 133.0\n{fetches} 5.0\n"
@@ -284,9 +287,12 @@ def test_counters_arithmetic(tmp_path: Path) -> None:
     table = gpu_summary.counters_table(data)
     assert "\n| 1 |" not in table  # runs without scrapes are left out
     assert (
-        "| 8 | completions | 61,440 | 128 | 480.00 | 300 | 2.000 | 0.100 | 480.00 | 120 | 0 | 480.00 | top_k: 3 | 0 |"
+        "| 8 | completions | 61,440 | 128 | 480.00 | 300 | 0.853 | 0.100 | 480.00 | 120 | 0 | 480.00 | top_k: 3 | 0 |"
         in table
     )
+    # 300 requests each carrying their execution's time: 256,000 us / 300 per execution, 128 executions.
+    phases = gpu_summary.phases_table(data)
+    assert "| 8 | completions | 0.853 | 0.750 | 0.103 | 0.050 | 0.100 | 0.50 | 0.500 | 0.050 | 0.025 |" in phases
 
 
 def test_render_and_main_write_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
