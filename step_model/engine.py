@@ -15,7 +15,8 @@ first, so b tracks the live count; on the GPU b is rounded up to a bucket so tha
 graph can be replayed). Rows in that range that are not stepping run a harmless dummy token at
 their own next position: GroupQueryAttention writes it just past the row's cached length, which
 the row's next real step overwrites, and nothing reads it before. A prefill runs in a scratch
-buffer (rows of different lengths, right-padded) and is copied into the new sequences' slots.
+buffer (rows of different lengths, right-padded; on the GPU in bucketed shapes, small ones
+replayed as CUDA graphs: `step_model.prefill`) and is copied into the new sequences' slots.
 
 Batch invariance (docs/architecture.md): a row's outputs are a function of its own tokens (on the
 CPU the log-sum-exp is computed per row, `step_model.kernels`). With `invariant_slots` R > 0 the
@@ -55,17 +56,16 @@ import numpy as np
 import torch
 
 from step_model import contract
-from step_model.contract import RowStatus, graph_io
+from step_model.contract import RowStatus
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
 from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import (
     DecodeBuffers,
     available_device,
-    bind_kv,
-    bind_tensor,
     make_session,
 )
+from step_model.prefill import PrefillRunner, prompt_feeds
 from step_model.row_outputs import fill_draws, fill_extra_logits, fill_prompt_logprobs, rows_to_draw
 from step_model.rows import EngineError, InvalidRequest, StepRequest, StepResult, check_shapes, row_status
 from step_model.slots import SlotPool
@@ -83,6 +83,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_WARM_PREFILL_ROWS = 64  # warm_up runs prefill shapes of up to this many rows
 
 
 @dataclass
@@ -106,6 +108,7 @@ class EngineStats:
     # every phase ends with its results on the host): prompts prefilled (prefill_runs_total
     # eager passes), decode runs, and the answers (fetches, draws, extra logits, full rows).
     prefill_runs_total: int = 0
+    prefill_graph_replays_total: int = 0  # prefill passes replayed from a captured CUDA graph
     prefill_us_total: int = 0
     decode_us_total: int = 0
     finish_us_total: int = 0
@@ -147,23 +150,6 @@ def _own_stream(device: torch.device) -> Any:
     return stream
 
 
-def _prompt_feeds(
-    input_ids: np.ndarray, lengths: np.ndarray, *, gather_index: np.ndarray, temperature: np.ndarray, window: int
-) -> dict[str, np.ndarray]:
-    """The graph's inputs for an eager pass over right-padded prompts [b, s] (GroupQueryAttention's
-    first-prompt mode: total_sequence_length == s); logits come out at `gather_index`."""
-    b, s = input_ids.shape
-    return {
-        graph_io.INPUT_IDS: input_ids,
-        graph_io.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        graph_io.SEQLENS_K: (lengths - 1).astype(np.int32),
-        graph_io.TOTAL_SEQUENCE_LENGTH: np.array(s, dtype=np.int32),
-        graph_io.GATHER_INDEX: gather_index,
-        graph_io.TEMPERATURE: temperature,
-        graph_io.WINDOW: np.array([window], dtype=np.int64),
-    }
-
-
 class StepEngine:
     """Runs decoding steps for many sequences at once; see the module docstring."""
 
@@ -184,6 +170,7 @@ class StepEngine:
         graph_window: int = 64,
         torch_tail: bool | None = None,
         xqa_max_rows: int = 64,
+        prefill_buckets: bool | None = None,
         threads: int = 0,
         clock: Any = time.monotonic,
     ) -> None:
@@ -240,6 +227,19 @@ class StepEngine:
             xqa_max_rows=xqa_max_rows,
             on_evict=lambda evicted: self._save_rows(evicted, np.flatnonzero(self._home == evicted.key)),
         )
+        self.prefiller = PrefillRunner(
+            self.session,
+            self._prefill_graph_session(model_path, strict_device, threads) if self.decoder.cuda_graphs else None,
+            device=self.device,
+            device_id=device_id,
+            dtype=self.dtype,
+            n_layer=meta.n_layer,
+            kv_dims=(meta.n_head, meta.head_dim),
+            vocab_size=meta.vocab_size,
+            max_context=meta.max_context,
+            graph_window=graph_window,
+            bucketed=prefill_buckets,
+        )
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the
@@ -249,8 +249,27 @@ class StepEngine:
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
     # ----------------------------------------------------------------------------- set-up
+    def _prefill_graph_session(self, model_path: Path, strict_device: bool, threads: int) -> Any:
+        """A session of the full graph with CUDA graphs on for prefill passes, or None."""
+        try:
+            return make_session(
+                model_path,
+                device_kind=self.device_kind,
+                device_id=self._device_id,
+                cuda_stream=self._stream.cuda_stream if self._stream is not None else None,
+                strict_device=strict_device,
+                threads=threads,
+                cuda_graphs=True,
+            )
+        except Exception as err:  # e.g. a node the graph cannot hold: eager prefills serve
+            log.warning("prefill CUDA graphs off, the session failed: %s", err)
+            return None
+
     def warm_up(self) -> None:
-        """Capture every decode bucket's CUDA graph now instead of at its first use."""
+        """Capture every decode bucket's CUDA graph and run every common prefill shape now, instead
+        of at their first use (a first run of a shape costs tens of ms on the GPU)."""
+        with self._lock, self._on_stream():
+            self.prefiller.warm_up(min(self.capacity, _WARM_PREFILL_ROWS))
         decoder = self.decoder
         if not decoder.cuda_graphs:
             return
@@ -292,6 +311,7 @@ class StepEngine:
         with self._lock:
             self.stats.live_sequences = len(self._slot_of)
             self.stats.cached_tokens = int(self._length.sum())
+            self.stats.prefill_graph_replays_total = self.prefiller.graph_replays
             return replace(self.stats)
 
     def evict_idle(self) -> int:
@@ -459,26 +479,15 @@ class StepEngine:
     def _prefill(
         self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray, slots: np.ndarray, window: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One eager pass over right-padded prompts into `slots`: (top-K logits, ids, log-sum-exp)."""
-        b, s = int(lengths.shape[0]), int(lengths.max())
-        input_ids = input_ids[:, :s].copy()
-        input_ids[np.arange(s)[None, :] >= lengths[:, None]] = 0  # padding (or tokens to replay)
-        feeds = _prompt_feeds(
-            input_ids,
-            lengths,
-            gather_index=np.arange(b, dtype=np.int64) * s + lengths - 1,  # each row's last position
-            temperature=temperature,
-            window=window,
-        )
-        scratch = self._scratch_kv(b, s)
-        logits, topk_logits, topk_ids, lse = self._run_eager(feeds, scratch, b)
+        """One pass over right-padded prompts into `slots`: (top-K logits, ids, log-sum-exp)."""
+        out = self.prefiller.run(input_ids, lengths, temperature, window)
         index = torch.from_numpy(slots).to(self.device)
         # Copy the prompts' keys/values into their slots (positions past a row's length are
         # padding; they are overwritten by the row's next steps before anything reads them).
-        self.pool[:, :, index, :, :s, :] = scratch
-        self.last_logits.index_copy_(0, index, logits)
+        self.pool[:, :, index, :, : out.kv.shape[4], :] = out.kv
+        self.last_logits.index_copy_(0, index, out.logits)
         self._home[slots] = -1
-        return topk_logits, topk_ids, lse
+        return out.topk_logits, out.topk_ids, out.lse
 
     def _prompt_logprobs(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]]) -> None:
         """OpenAI's `echo` logprobs: one extra eager pass over the prompts of the start rows that ask,
@@ -500,21 +509,15 @@ class StepEngine:
             b, s = int(rows.size), int(lengths.max())
             ids = req.input_ids[rows, :s].astype(np.int64).copy()
             ids[np.arange(s)[None, :] >= lengths[:, None]] = 0
-            feeds = _prompt_feeds(
+            feeds = prompt_feeds(
                 ids,
                 lengths,
                 gather_index=np.arange(b * s, dtype=np.int64),  # every position of every row
                 temperature=np.ones(b * s, dtype=np.float32),
                 window=k,
             )
-            outputs = self._run_eager(feeds, self._scratch_kv(b, s), b * s)
+            outputs = self.prefiller.eager(feeds, self.prefiller.kv_block(b, s), b * s)
             fill_prompt_logprobs(res, rows, ids, lengths, *outputs)
-
-    def _scratch_kv(self, rows: int, length: int) -> torch.Tensor:
-        """Throw-away keys/values [L, 2, rows, H, length, D] for an eager pass over prompts."""
-        meta = self.meta
-        shape = (meta.n_layer, 2, rows, meta.n_head, length, meta.head_dim)
-        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def _run_decodes(self, parts: list[tuple[StepRequest, np.ndarray, StepResult]], window: int, now: float) -> None:
         chosen = [
@@ -599,32 +602,6 @@ class StepEngine:
         for key in np.unique(homes[homes >= 0]).tolist():
             self._save_rows(self.decoder.buffers[key], slots[homes == key])
         return self.last_logits.index_select(0, torch.from_numpy(slots).to(self.device))
-
-    # ----------------------------------------------------------------------------- ORT plumbing
-    def _bind(self, binding: Any, name: str, tensor: torch.Tensor, *, output: bool) -> None:
-        bind_tensor(binding, name, tensor, self.device_kind, self._device_id, output=output)
-
-    def _bind_kv(self, binding: Any, kv: torch.Tensor) -> None:
-        bind_kv(binding, kv, self.device_kind, self._device_id, self.meta.n_layer)
-
-    def _run_eager(
-        self, feeds: dict[str, np.ndarray], kv: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-        """One ORT run with past/present bound to `kv` [L, 2, batch, H, S, D] in place."""
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        self._bind_kv(binding, kv)
-        logits = torch.empty((batch, self.meta.vocab_size), dtype=torch.float32, device=self.device)
-        self._bind(binding, graph_io.LOGITS, logits, output=True)
-        for name in graph_io.TAIL_OUTPUTS:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        topk_logits, topk_ids = (v.numpy() for v in binding.get_outputs()[-3:-1])
-        # The graph's own log-sum-exp depends on the row count on the CPU (step_model.kernels).
-        top = torch.from_numpy(topk_logits[:, 0].copy()) if self.device_kind != "cuda" else None
-        lse = row_logsumexp(logits, self._lse_out(batch), top).cpu().numpy()
-        return logits, topk_logits, topk_ids, lse
 
     def _lse_out(self, rows: int) -> torch.Tensor:
         return torch.empty(rows, dtype=torch.float32, device=self.device)

@@ -102,6 +102,9 @@ def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
     claimed |= unique
 
 
+_OK = int(RowStatus.OK)
+
+
 def row_status(
     req: StepRequest,
     known: np.ndarray,
@@ -122,14 +125,14 @@ def row_status(
     n, width = req.input_ids.shape
     lengths = req.lengths.astype(np.int64)
     start = req.start.astype(bool)
-    status = np.zeros(n, dtype=np.int32)
-    messages: dict[int, str] = {}
+    # Each check is a mask over the rows; a row gets the status of the FIRST check it fails. The
+    # masks are combined once at the end (one pass per check, no per-row Python: host time per
+    # step is a cost the GPU waits on), and messages are written for refused rows only.
+    checks: list[tuple[np.ndarray, int, str]] = []
 
     def refuse(mask: np.ndarray, code: RowStatus, why: str) -> None:
-        rows = np.flatnonzero(mask & (status == RowStatus.OK))
-        status[rows] = code
-        for i in rows.tolist():  # refused rows only
-            messages[i] = f"sequence {int(req.sequence_ids[i])}: {why}"
+        if mask.any():
+            checks.append((mask, int(code), why))
 
     in_row = np.arange(width)[None, :] < lengths[:, None]
     bad_token = ((req.input_ids < 0) | (req.input_ids >= vocab_size)) & in_row
@@ -164,15 +167,23 @@ def row_status(
         RowStatus.INVALID,
         f"would exceed the context of {max_context} tokens",
     )
+    status = np.zeros(n, dtype=np.int32)
+    for mask, code, _ in reversed(checks):  # the first failed check is written last
+        status[mask] = code
     # Start rows take the free slots in row order (reserved rows the reserved ones); the rest wait
     # for a later step.
     in_reserved = reserved if reserved is not None else np.zeros(n, dtype=bool)
     refused_full = 0
     for mine, left in ((~in_reserved, free_left), (in_reserved, reserved_left)):
-        starting = np.flatnonzero(start & mine & (status == RowStatus.OK))
+        starting = np.flatnonzero(start & mine & (status == _OK))
         if starting.size > left:
             over = np.zeros(n, dtype=bool)
             over[starting[max(left, 0) :]] = True
             refused_full += int(over.sum())
-            refuse(over, RowStatus.CACHE_FULL, "KV cache full")
+            status[over] = RowStatus.CACHE_FULL
+            checks.append((over, int(RowStatus.CACHE_FULL), "KV cache full"))
+    messages: dict[int, str] = {}
+    for mask, _, why in checks:  # refused rows only, each with its first failed check's reason
+        for i in np.flatnonzero(mask).tolist():
+            messages.setdefault(i, f"sequence {int(req.sequence_ids[i])}: {why}")
     return status, messages, refused_full

@@ -127,6 +127,7 @@ class TritonPythonModel:
                     "Generated tokens replayed, one decode run each, into a rebuilt sequence's cache",
                 ),
                 ("prefill_runs_total", "Eager prefill passes (one per step with start rows, one per reserved row)"),
+                ("prefill_graph_replays_total", "Prefill passes replayed from a captured CUDA graph"),
                 ("prefill_us_total", "Microseconds of engine steps spent prefilling prompts"),
                 ("decode_us_total", "Microseconds of engine steps spent in decode runs"),
                 ("finish_us_total", "Microseconds of engine steps spent answering (fetches, draws, full rows)"),
@@ -147,8 +148,13 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"gpt2 step model ready: device={self.engine.device_kind} dtype={meta.dtype} "
             f"capacity={self.engine.capacity} context={meta.max_context} cuda_graphs={self.engine.cuda_graphs} "
-            f"invariant_slots={self.engine.invariant_slots}"
+            f"invariant_slots={self.engine.invariant_slots} "
+            f"prefill_graphs={self.engine.prefiller.graph_tokens > 0}{self._prefill_note()}"
         )
+
+    def _prefill_note(self) -> str:
+        reason = self.engine.prefiller.unavailable_reason
+        return f" ({reason})" if reason and self.engine.device_kind == "cuda" else ""
 
     def _sweep(self) -> None:
         # Metrics are published from here, every _PUBLISH_PERIOD_S, never from `execute`: each

@@ -104,6 +104,7 @@ class Counters:
     respond_us: float | None = None  # gpt2_respond_us_total
     prefill_us: float | None = None  # gpt2_prefill_us_total (engine)
     prefill_runs: float | None = None  # gpt2_prefill_runs_total
+    prefill_graph_replays: float | None = None  # gpt2_prefill_graph_replays_total
     decode_us: float | None = None  # gpt2_decode_us_total (engine)
     finish_us: float | None = None  # gpt2_finish_us_total (engine)
     gateway_scraped: bool = False  # both gateway scrapes held samples (a fetch counter absent from them = 0)
@@ -147,6 +148,7 @@ COUNTER_METRICS = {
     "respond_us": ("triton", "gpt2_respond_us_total"),
     "prefill_us": ("triton", "gpt2_prefill_us_total"),
     "prefill_runs": ("triton", "gpt2_prefill_runs_total"),
+    "prefill_graph_replays": ("triton", "gpt2_prefill_graph_replays_total"),
     "decode_us": ("triton", "gpt2_decode_us_total"),
     "finish_us": ("triton", "gpt2_finish_us_total"),
 }

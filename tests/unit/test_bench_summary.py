@@ -292,7 +292,7 @@ def test_counters_arithmetic(tmp_path: Path) -> None:
     )
     # 300 requests each carrying their execution's time: 256,000 us / 300 per execution, 128 executions.
     phases = gpu_summary.phases_table(data)
-    assert "| 8 | completions | 0.853 | 0.750 | 0.103 | 0.050 | 0.100 | 0.50 | 0.500 | 0.050 | 0.025 |" in phases
+    assert "| 8 | completions | 0.853 | 0.750 | 0.103 | 0.050 | 0.100 | 0.50 | n/a | 0.500 | 0.050 | 0.025 |" in phases
 
 
 def test_render_and_main_write_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

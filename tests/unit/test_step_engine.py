@@ -201,3 +201,32 @@ def test_a_malformed_draw_refuses_its_row_or_the_request(version_dir: Path) -> N
     bad = request([(3, [5], True, False)])
     bad.draw = np.zeros((1, 3))
     assert isinstance(eng.step([bad])[0], InvalidRequest)
+
+
+def test_bucketed_prefills_give_the_exact_shapes_results(version_dir: Path) -> None:
+    """The GPU's prefill shapes (rows and prompt tokens rounded up: padding rows and positions,
+    step_model.prefill) change no real row's results: the same prompts prefilled exactly and in
+    buckets, then decoded, give the same windows (the KV copied into the slots is the same)."""
+    prompts = {1: [5, 6, 7], 2: list(range(20, 39)), 3: [8]}  # 3 rows -> 4; 19 tokens -> 32
+    outs = []
+    for buckets in (False, True):
+        eng = engine(version_dir, prefill_buckets=buckets)
+        assert eng.prefiller.shape(3, 19) == ((4, 32) if buckets else (3, 19))
+        steps = [eng.step([request([(sid, toks, True, False) for sid, toks in prompts.items()])])[0]]
+        for t in range(4):
+            steps.append(eng.step([request([(sid, [30 + t], False, False) for sid in prompts])])[0])
+        assert not any(isinstance(s, Exception) for s in steps)
+        outs.append(steps)
+    for exact, bucketed in zip(*outs, strict=True):
+        assert exact.status.tolist() == bucketed.status.tolist() == [RowStatus.OK] * 3
+        np.testing.assert_allclose(bucketed.topk_logits, exact.topk_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bucketed.logsumexp, exact.logsumexp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(bucketed.topk_ids, exact.topk_ids)
+
+
+def test_warm_up_runs_the_bucketed_prefill_shapes_and_frees_nothing(version_dir: Path) -> None:
+    eng = engine(version_dir, prefill_buckets=True)
+    eng.warm_up()
+    assert eng.live_sequences() == 0 and eng.stats.prefill_runs_total == 0  # warm-up passes are not steps
+    res = eng.step([request([(1, [5, 6, 7], True, False)])])[0]
+    assert not isinstance(res, Exception) and res.status.tolist() == [RowStatus.OK]
