@@ -57,18 +57,22 @@ def needs_draw(draw: np.ndarray, topk_logits: np.ndarray, logsumexp: np.ndarray)
         logsumexp: float32 [N], each row's log-sum-exp.
     """
     u, top_p, top_k, min_p = (draw[:, i] for i in range(DRAW_COLUMNS))
-    asked = u >= 0.0
     window = topk_logits.shape[1]
-    z = topk_logits.astype(np.float64)
-    mass = np.exp(z - logsumexp.astype(np.float64)[:, None]).sum(axis=1)
     k_inside = (top_k > 0) & (top_k < window)  # top-k's cut, and so every later cut, is inside
+    result = (u >= 0.0) & ~k_inside
+    rows = np.flatnonzero(result)  # only these need their window's mass (none in a top-k step)
+    if not rows.size:
+        return result
+    u, top_p, top_k, min_p = u[rows], top_p[rows], top_k[rows], min_p[rows]
+    z = topk_logits[rows].astype(np.float64)
+    mass = np.exp(z - logsumexp[rows].astype(np.float64)[:, None]).sum(axis=1)
     wide_k = top_k >= window
     p_outside = (top_p < 1.0) & (mass < top_p + _MARGIN)
     with np.errstate(divide="ignore"):
         m_outside = (min_p > 0.0) & (z[:, -1] >= z[:, 0] + np.log(np.maximum(min_p, 1e-300)))
     untruncated = (top_k <= 0) & (top_p >= 1.0) & (min_p <= 0.0)
     beyond = untruncated & (u >= mass - _MARGIN)  # the draw lands past the window's mass
-    result: np.ndarray = asked & ~k_inside & (wide_k | p_outside | m_outside | beyond)
+    result[rows] = wide_k | p_outside | m_outside | beyond
     return result
 
 
