@@ -248,8 +248,11 @@ class TritonPythonModel:
         return responses
 
     def _parse(self, request: object) -> StepRequest:
+        # One pass over the inputs (pb_utils.get_input_tensor_by_name lists them all per call).
+        inputs = {t.name(): t for t in request.inputs()}  # type: ignore[attr-defined]
+
         def tensor(name: str) -> np.ndarray:
-            t = pb_utils.get_input_tensor_by_name(request, name)
+            t = inputs.get(name)
             if t is None:
                 raise KeyError(f"input {name} is missing")
             return _to_numpy(t)
@@ -260,8 +263,8 @@ class TritonPythonModel:
                 raise ValueError(f"{name} must be [N, 1], got {list(value.shape)}")
             return value.reshape(-1).astype(dtype, copy=False)
 
-        extra = pb_utils.get_input_tensor_by_name(request, contract.EXTRA_IDS)  # optional
-        draw = pb_utils.get_input_tensor_by_name(request, contract.DRAW)  # optional
+        extra = inputs.get(contract.EXTRA_IDS)  # optional
+        draw = inputs.get(contract.DRAW)  # optional
         raw = request.parameters()  # type: ignore[attr-defined]
         params = json.loads(raw) if raw else {}
         window = int(params.get(contract.PARAM_LOGITS_WINDOW, self.default_window))
