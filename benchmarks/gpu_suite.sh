@@ -36,7 +36,7 @@
 # the report-only runs and plain transformers in what is left.
 #
 # Knobs: OUT (/tmp/out), SUITE_LABEL (the card, from nvidia-smi), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S
-# (540), SUITE_WORKERS ("8 1": gateway worker counts, in order; 1 = one process), SUITE_FRESH_EXPORT=1
+# (540), SUITE_TESTS (the correctness suites, default "triton_model gateway_seeded instances"), SUITE_WORKERS ("8 1": gateway worker counts, in order; 1 = one process), SUITE_FRESH_EXPORT=1
 # (export again even when SUITE_REPO has a model), SUITE_SKIP (stages to leave out, any of "tests engine hf
 # stack hf_plain"; recorded), SUITE_RUNS (the runs with several workers, default "single completions topp
 # streams guidellm penalty seed"), SUITE_RUNS_ONE (with one process, default "completions"),
@@ -176,17 +176,18 @@ record environment ok 0 $((SECONDS - T0)) -
 TEST_ENV=(env "GPT2_TEST_DTYPE=$DTYPE" "GPT2_TEST_DEVICE=$DEVICE" "GPT2_TEST_STRICT=$TEST_STRICT")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning)
 BG1="" BG2="" BG3=""
+test_wanted() { [[ " ${SUITE_TESTS:-triton_model gateway_seeded instances} " == *" $1 "* ]]; }
 if wanted tests; then
-  run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+  test_wanted triton_model && run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_triton_model.py tests/unit/test_kernels.py tests/unit/test_batch_invariance.py \
     --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
-  run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+  test_wanted gateway_seeded && run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_gateway.py -k "seeded or two_gateways or penalt" --junitxml "$R/tests/gateway_seeded.xml" &
   BG2=$!
   # Issue 18 on one GPU: two instances of the test model (placement, stickiness, a crashed stub's
   # streams finishing on the other) and the gateway's lanes over KV partitions.
-  run_stage tests_instances 150 "$R/tests/instances.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
+  test_wanted instances && run_stage tests_instances 150 "$R/tests/instances.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_instances.py tests/integration/test_lanes.py --junitxml "$R/tests/instances.xml" &
   BG3=$!
 fi
