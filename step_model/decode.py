@@ -29,7 +29,15 @@ import torch
 
 from step_model.contract import graph_io
 from step_model.kernels import row_logsumexp
-from step_model.ort_runtime import DecodeBuffers, bind_kv, bind_tensor, env_var, make_session, pruned_to_logits
+from step_model.ort_runtime import (
+    DecodeBuffers,
+    bind_kv,
+    bind_tensor,
+    env_var,
+    input_block,
+    make_session,
+    pruned_to_logits,
+)
 
 __all__ = ["DecodeRunner", "DecodeSetup"]
 
@@ -143,13 +151,18 @@ class DecodeRunner:
 
     def _new_buffers(self, first: int, b: int, session: Any, *, torch_tail: bool) -> DecodeBuffers:
         dev, setup = self.setup.device, self.setup
+        block, staging, views = input_block(b, dev, pin=setup.device_kind == "cuda")
+        inputs = views["device"]
+        inputs["temperature"].fill_(1.0)
         decode = DecodeBuffers(
             rows=b,
             binding=session.io_binding(),
-            input_ids=torch.zeros((b, 1), dtype=torch.int64, device=dev),
-            positions=torch.zeros((b, 1), dtype=torch.int64, device=dev),
-            seqlens_k=torch.zeros(b, dtype=torch.int32, device=dev),
-            temperature=torch.ones(b, dtype=torch.float32, device=dev),
+            input_ids=inputs["input_ids"],
+            positions=inputs["positions"],
+            seqlens_k=inputs["seqlens_k"],
+            temperature=inputs["temperature"],
+            inputs=block,
+            staging=staging,
             total_length=np.array(setup.max_context, dtype=np.int32),
             window=np.array([1], dtype=np.int64),
             logits=torch.empty((b, setup.vocab_size), dtype=torch.float32, device=dev),
@@ -235,15 +248,18 @@ class DecodeRunner:
         the pool's whole context, as a graph does, not as far as its longest row."""
         b, first = decode.rows, decode.first
         positions = np.minimum(lengths[first : first + b], self.setup.max_context - 1)
-        input_ids = np.zeros(b, dtype=np.int64)
-        input_ids[slots - first] = tokens
-        temps = np.ones(b, dtype=np.float32)
+        # The host block is written in place and copied whole: the previous run's copy must be done
+        # (the stream synchronises at the end of every run, so it is).
+        host = decode.staging.numpy()
+        host[0] = 0
+        host[0, slots - first] = tokens
+        host[1] = positions
+        last = host[2]
+        last.view(np.int32)[:b] = positions
+        temps = last.view(np.float32)[b:]
+        temps[:] = 1.0
         temps[slots - first] = temperature
-        staged = np.concatenate((input_ids, positions)).reshape(2, b, 1)
-        decode.input_ids.copy_(torch.from_numpy(staged[0]), non_blocking=True)
-        decode.positions.copy_(torch.from_numpy(staged[1]), non_blocking=True)
-        decode.seqlens_k.copy_(torch.from_numpy(positions.astype(np.int32)), non_blocking=True)
-        decode.temperature.copy_(torch.from_numpy(temps), non_blocking=True)
+        decode.inputs.copy_(decode.staging, non_blocking=True)
         if decode.graph_id < 0:  # eager runs attend exactly as far as the longest row
             decode.total_length[...] = self.setup.max_context if fixed else int(positions.max()) + 1
             decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)

@@ -25,6 +25,7 @@ __all__ = [
     "bind_kv",
     "bind_tensor",
     "env_var",
+    "input_block",
     "make_session",
     "pruned_to_logits",
 ]
@@ -94,10 +95,14 @@ class DecodeBuffers:
 
     rows: int
     binding: Any
+    # The four inputs are views of ONE device block [3, b] int64 (ids, positions, then b int32
+    # lengths and b float32 temperatures), so a step stages them with one copy from `staging`.
     input_ids: torch.Tensor  # [b, 1] int64
     positions: torch.Tensor  # [b, 1] int64
     seqlens_k: torch.Tensor  # [b] int32
     temperature: torch.Tensor  # [b] float32
+    inputs: torch.Tensor  # [3, b] int64, the block the four views share
+    staging: torch.Tensor  # [3, b] int64 on the host (pinned on the GPU), laid out as `inputs`
     total_length: np.ndarray  # [] int32 (host input)
     window: np.ndarray  # [1] int64 (host input)
     logits: torch.Tensor  # [b, V] float32
@@ -112,6 +117,25 @@ class DecodeBuffers:
     session: Any = None  # the ONNX Runtime session this binding belongs to
     torch_tail: bool = False  # top-K / log-sum-exp by torch (the session runs the pruned graph)
     first: int = 0  # the first slot of the range
+
+
+def input_block(rows: int, device: torch.device, *, pin: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(device block [3, rows] int64, host staging block of the same layout, the views of each by
+    name: input_ids [rows, 1] int64, positions [rows, 1] int64, seqlens_k [rows] int32, temperature
+    [rows] float32). One copy of the host block stages a decode run's four inputs."""
+    block = torch.zeros((3, rows), dtype=torch.int64, device=device)
+    staging = torch.zeros((3, rows), dtype=torch.int64, pin_memory=pin)
+
+    def views(t: torch.Tensor) -> dict[str, Any]:
+        last = t[2]
+        return {
+            "input_ids": t[0].view(rows, 1),
+            "positions": t[1].view(rows, 1),
+            "seqlens_k": last.view(torch.int32)[:rows],
+            "temperature": last.view(torch.float32)[rows:],
+        }
+
+    return block, staging, {"device": views(block), "host": views(staging)}
 
 
 def make_session(
