@@ -24,7 +24,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -185,6 +185,23 @@ class StepClient:
         ]
         return sorted((v for v in versions if v), key=int, reverse=True)
 
+    async def _infer(
+        self, inputs: list[Any], outputs: list[Any], parameters: dict[str, int | str], request_id: str
+    ) -> Any:
+        """One Infer call; Triton's and the channel's errors classified (`_classify`)."""
+        try:
+            return await self._client.infer(
+                self.model,
+                inputs,
+                model_version=self.version,
+                outputs=outputs,
+                parameters=parameters,
+                request_id=request_id,
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as err:
+            raise _classify(err) from err
+
     async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         """One step: `rows` (a composed request, or a few rows) go to Triton as the contract's
         input tensors, `window` as its `logits_window` parameter, `want_logits` as the request
@@ -240,27 +257,19 @@ class StepClient:
         # Safe to send again only when no row has produced a token: start rows (a prefill that was
         # not served) and release rows (idempotent). A decode row never is.
         retryable = self.connect_retries > 0 and not bool((batch.lengths[~batch.start] > 0).any())
-        attempts = AsyncRetrying(
-            retry=retry_if_exception_type(ConnectFailed),
-            wait=wait_random_exponential(multiplier=0.05, max=0.5),
-            stop=stop_after_attempt(1 + (self.connect_retries if retryable else 0)),
-            before_sleep=before_sleep_log(log, logging.INFO),
-            reraise=True,
-        )
-        async for attempt in attempts:
-            with attempt:
-                try:
-                    result = await self._client.infer(
-                        self.model,
-                        inputs,
-                        model_version=self.version,
-                        outputs=outputs,
-                        parameters=parameters,
-                        request_id=request_id,
-                        client_timeout=self.timeout_s,
-                    )
-                except InferenceServerException as err:
-                    raise _classify(err) from err
+        if retryable:
+            attempts = AsyncRetrying(
+                retry=retry_if_exception_type(ConnectFailed),
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                stop=stop_after_attempt(1 + self.connect_retries),
+                before_sleep=before_sleep_log(log, logging.INFO),
+                reraise=True,
+            )
+            async for attempt in attempts:
+                with attempt:
+                    result = await self._infer(inputs, outputs, parameters, request_id)
+        else:  # a step with decode rows: one attempt, without the retry machinery's cost per step
+            result = await self._infer(inputs, outputs, parameters, request_id)
         return StepResult(
             status=result.as_numpy(contract.STATUS).reshape(-1),
             topk_logits=result.as_numpy(contract.TOPK_LOGITS),
