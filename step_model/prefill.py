@@ -97,8 +97,9 @@ class _GraphBuffers:
 
 
 class PrefillRunner:
-    """Runs prefill passes (see the module docstring). `graph_session`: a session built with CUDA
-    graphs on, or None for eager passes only; `kv_shape(b, s)`: a scratch block's shape."""
+    """Runs prefill passes (see the module docstring). `session`: the engine's eager session;
+    `graph_session`: one built with CUDA graphs on, or None for eager passes only; `bucketed`:
+    round shapes up (default: on the GPU only)."""
 
     def __init__(
         self,
