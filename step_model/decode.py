@@ -163,6 +163,7 @@ class DecodeRunner:
             temperature=inputs["temperature"],
             inputs=block,
             staging=staging,
+            staged=views["host"],
             total_length=np.array(setup.max_context, dtype=np.int32),
             window=np.array([1], dtype=np.int64),
             logits=torch.empty((b, setup.vocab_size), dtype=torch.float32, device=dev),
@@ -250,15 +251,13 @@ class DecodeRunner:
         positions = np.minimum(lengths[first : first + b], self.setup.max_context - 1)
         # The host block is written in place and copied whole: the previous run's copy must be done
         # (the stream synchronises at the end of every run, so it is).
-        host = decode.staging.numpy()
-        host[0] = 0
-        host[0, slots - first] = tokens
-        host[1] = positions
-        last = host[2]
-        last.view(np.int32)[:b] = positions
-        temps = last.view(np.float32)[b:]
-        temps[:] = 1.0
-        temps[slots - first] = temperature
+        host, mine = decode.staged, slots - first
+        host["input_ids"][:] = 0
+        host["input_ids"][mine, 0] = tokens
+        host["positions"][:, 0] = positions
+        host["seqlens_k"][:] = positions
+        host["temperature"][:] = 1.0
+        host["temperature"][mine] = temperature
         decode.inputs.copy_(decode.staging, non_blocking=True)
         if decode.graph_id < 0:  # eager runs attend exactly as far as the longest row
             decode.total_length[...] = self.setup.max_context if fixed else int(positions.max()) + 1

@@ -184,14 +184,7 @@ class StepEngine:
         self._device_id = device_id
         self.dtype = torch.float16 if meta.dtype == "fp16" else torch.float32
         self._stream: Any = _own_stream(self.device) if self.device_kind == "cuda" else None
-        self.session = make_session(
-            model_path,
-            device_kind=self.device_kind,
-            device_id=device_id,
-            cuda_stream=self._stream.cuda_stream if self._stream is not None else None,
-            strict_device=strict_device,
-            threads=threads,
-        )
+        self.session = self._open_session(model_path, strict_device=strict_device, threads=threads)
         shape = (meta.n_layer, 2, capacity, meta.n_head, meta.max_context, meta.head_dim)
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # Last step's logits per slot, so a caller whose top-K window fell short can fetch the row.
@@ -249,18 +242,22 @@ class StepEngine:
         self.stats = EngineStats(capacity=capacity, max_context=meta.max_context)
 
     # ----------------------------------------------------------------------------- set-up
+    def _open_session(self, model_path: Path, *, strict_device: bool, threads: int, cuda_graphs: bool = False) -> Any:
+        """A session of `model_path` on the engine's device, sharing its stream."""
+        return make_session(
+            model_path,
+            device_kind=self.device_kind,
+            device_id=self._device_id,
+            cuda_stream=self._stream.cuda_stream if self._stream is not None else None,
+            strict_device=strict_device,
+            threads=threads,
+            cuda_graphs=cuda_graphs,
+        )
+
     def _prefill_graph_session(self, model_path: Path, strict_device: bool, threads: int) -> Any:
         """A session of the full graph with CUDA graphs on for prefill passes, or None."""
         try:
-            return make_session(
-                model_path,
-                device_kind=self.device_kind,
-                device_id=self._device_id,
-                cuda_stream=self._stream.cuda_stream if self._stream is not None else None,
-                strict_device=strict_device,
-                threads=threads,
-                cuda_graphs=True,
-            )
+            return self._open_session(model_path, strict_device=strict_device, threads=threads, cuda_graphs=True)
         except Exception as err:  # e.g. a node the graph cannot hold: eager prefills serve
             log.warning("prefill CUDA graphs off, the session failed: %s", err)
             return None
@@ -398,8 +395,8 @@ class StepEngine:
         stats.prefill_us_total += (t1 - t0) // 1000
         stats.decode_us_total += (t2 - t1) // 1000
         stats.finish_us_total += (clock() - t2) // 1000
-        self.stats.steps_total += 1
-        self.stats.rows_total += sum(int(r.status.shape[0]) for _, _, r in parts)
+        stats.steps_total += 1
+        stats.rows_total += sum(int(r.status.shape[0]) for _, _, r in parts)
         return outcomes
 
     def _in_reserved(self, req: StepRequest) -> np.ndarray:

@@ -103,6 +103,7 @@ class DecodeBuffers:
     temperature: torch.Tensor  # [b] float32
     inputs: torch.Tensor  # [3, b] int64, the block the four views share
     staging: torch.Tensor  # [3, b] int64 on the host (pinned on the GPU), laid out as `inputs`
+    staged: dict[str, np.ndarray]  # numpy views of `staging` by input name (`input_block`)
     total_length: np.ndarray  # [] int32 (host input)
     window: np.ndarray  # [1] int64 (host input)
     logits: torch.Tensor  # [b, V] float32
@@ -120,13 +121,14 @@ class DecodeBuffers:
 
 
 def input_block(rows: int, device: torch.device, *, pin: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(device block [3, rows] int64, host staging block of the same layout, the views of each by
-    name: input_ids [rows, 1] int64, positions [rows, 1] int64, seqlens_k [rows] int32, temperature
-    [rows] float32). One copy of the host block stages a decode run's four inputs."""
+    """(device block [3, rows] int64, host staging block of the same layout, the views by name:
+    "device" torch views of the block, "host" numpy views of the staging block: input_ids [rows, 1]
+    int64, positions [rows, 1] int64, seqlens_k [rows] int32, temperature [rows] float32). One copy
+    of the host block stages a decode run's four inputs."""
     block = torch.zeros((3, rows), dtype=torch.int64, device=device)
     staging = torch.zeros((3, rows), dtype=torch.int64, pin_memory=pin)
 
-    def views(t: torch.Tensor) -> dict[str, Any]:
+    def views(t: torch.Tensor) -> dict[str, torch.Tensor]:
         last = t[2]
         return {
             "input_ids": t[0].view(rows, 1),
@@ -135,7 +137,8 @@ def input_block(rows: int, device: torch.device, *, pin: bool) -> tuple[torch.Te
             "temperature": last.view(torch.float32)[rows:],
         }
 
-    return block, staging, {"device": views(block), "host": views(staging)}
+    host = {name: view.numpy() for name, view in views(staging).items()}
+    return block, staging, {"device": views(block), "host": host}
 
 
 def make_session(
