@@ -198,6 +198,27 @@ def parse_engine_kw(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _syncer(engine: Any) -> tuple[bool, Callable[[], None]]:
+    """(whether the engine runs on CUDA, a function that waits for its device: a no-op off CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and str(getattr(engine, "device", "cpu")).startswith("cuda"):
+        return True, torch.cuda.synchronize
+    return False, lambda: None
+
+
+def timed_step(engine: Any, request: Any, sync: Callable[[], None]) -> float:
+    """Wall time (s) of one `engine.step([request])`, the device synchronised on both sides;
+    raises when the engine refused the request or a row."""
+    sync()
+    t0 = time.perf_counter()
+    res = engine.step([request])
+    sync()
+    elapsed = time.perf_counter() - t0
+    check_step(res)
+    return elapsed
+
+
 def measure(
     engine: Any,
     vocab_size: int,
@@ -216,14 +237,7 @@ def measure(
 ) -> list[RowsResult]:
     """Prefill, warm up, time and (optionally) profile every N in `rows`; see the module docstring.
     `invariant_rows`: the first that many sequences of each N are flagged batch-invariant."""
-    import torch
-
-    cuda = torch.cuda.is_available() and str(getattr(engine, "device", "cpu")).startswith("cuda")
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
+    cuda, sync = _syncer(engine)
     rng = np.random.default_rng(seed)
     results = []
     next_id = 1
@@ -245,13 +259,7 @@ def measure(
             if draw is not None:  # every row asks: a fresh uniform each step, the same cuts
                 columns = np.column_stack((rng.random(n), np.tile(np.asarray(draw), (n, 1))))
             request = decode_request(ids, rng.integers(0, vocab_size, (n, 1)), draw=columns)
-            sync()
-            t0 = time.perf_counter()
-            res = engine.step([request])
-            sync()
-            elapsed = time.perf_counter() - t0
-            check_step(res)
-            return elapsed
+            return timed_step(engine, request, sync)
 
         try:
             for _ in range(warmup):
@@ -286,9 +294,7 @@ def measure_prefills(
     """Per B in `batches`: wall times (s) of `steps` steps that each start B new sequences with
     `prompt_tokens`-token prompts (one prefill run; the sequences are freed after each, untimed),
     after `warmup` untimed ones: what a start row adds to the step it joins."""
-    import torch
-
-    cuda = torch.cuda.is_available() and str(getattr(engine, "device", "cpu")).startswith("cuda")
+    _, sync = _syncer(engine)
     rng = np.random.default_rng(seed + 1)
     out: dict[int, tuple[float, ...]] = {}
     next_id = 10**9  # away from measure()'s ids
@@ -297,15 +303,7 @@ def measure_prefills(
         for i in range(warmup + steps):
             ids = list(range(next_id, next_id + b))
             next_id += b
-            request = prefill_request(ids, rng.integers(0, vocab_size, (b, prompt_tokens)))
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = engine.step([request])
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            check_step(res)
+            elapsed = timed_step(engine, prefill_request(ids, rng.integers(0, vocab_size, (b, prompt_tokens))), sync)
             check_step(engine.step([release_request(ids)]))
             if i >= warmup:
                 times.append(elapsed)
