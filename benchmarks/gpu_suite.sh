@@ -179,7 +179,7 @@ BG1="" BG2="" BG3=""
 test_wanted() { [[ " ${SUITE_TESTS:-triton_model gateway_seeded instances} " == *" $1 "* ]]; }
 if wanted tests; then
   test_wanted triton_model && run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
-    tests/integration/test_triton_model.py tests/unit/test_kernels.py tests/unit/test_batch_invariance.py \
+    tests/integration/test_triton_model.py tests/unit/test_kernels.py tests/unit/test_batch_invariance.py tests/unit/test_device_draw.py \
     --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
   test_wanted gateway_seeded && run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
@@ -236,7 +236,7 @@ elif [ -n "$VDIR" ]; then
   run_stage engine_invariant 120 "$R/engine/engine_bench-invariant.log" "${ENGINE[@]}" --rows "64,$STREAMS" \
     --engine-kw invariant_slots=64 --invariant-rows 16 --tag invariant
   # The tail's kernels and the draw methods alone (report only: benchmarks/tail_bench.py).
-  run_stage tail 60 "$R/engine/tail_bench.log" "$PY" -m benchmarks.tail_bench --rows "1,64,$STREAMS"
+  run_stage tail 60 "$R/engine/tail_bench.log" "$PY" -m benchmarks.tail_bench --rows "1,64,192,$STREAMS"
 else
   note "no exported model in $REPO: the engine and stack stages cannot run"
   record engine skipped - 0 -

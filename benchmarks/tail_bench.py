@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from step_model import kernels
-from step_model.draw import draw_rows, draw_rows_sorted
+from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted
+from step_model.draw_graphs import GraphedDraw
 
 VOCAB = 50257  # GPT-2's
 
@@ -45,6 +46,7 @@ def _row_count(m: int) -> dict[str, float]:
     lse = torch.logsumexp(z, 1)
     out = torch.empty(m, device="cuda")
     asks = torch.tensor([[0.5, 0.9, 0.0, 0.0]] * m, dtype=torch.float64, device="cuda")
+    graphed = GraphedDraw(draw_rows_searched, VOCAB, torch.device("cuda"), max_rows=m)
     r = {
         "topk64_f32": _ms(lambda: torch.topk(z, 64, 1), 30),
         "topk64_f16": _ms(lambda: torch.topk(z.half(), 64, 1), 30),
@@ -53,12 +55,16 @@ def _row_count(m: int) -> dict[str, float]:
         "lse_fused": _ms(lambda: kernels.row_logsumexp(z, out), 30),
         "draw_bins": _ms(lambda: draw_rows(z, lse, asks), 10),
         "draw_sort": _ms(lambda: draw_rows_sorted(z, lse, asks), 10),
+        "draw_searched": _ms(lambda: draw_rows_searched(z, lse, asks), 10),
+        "draw_graphed": _ms(lambda: graphed(z, lse, asks), 10),
         "sort_stable": _ms(lambda: torch.sort(z, dim=1, descending=True, stable=True), 10),
     }
     r["lse_fused_used"] = float(bool(kernels._checked))
     r["lse_fused_max_err"] = float((kernels.row_logsumexp(z, out) - lse).abs().max())
     r["two_stage_equal"] = float(torch.equal(torch.topk(z, 64, 1).values, _topk_two_stage(z)[0]))
-    r["draws_agree"] = float((draw_rows(z, lse, asks)[0] == draw_rows_sorted(z, lse, asks)[0]).float().mean())
+    reference = draw_rows_sorted(z, lse, asks)[0]
+    r["draws_agree"] = float((draw_rows(z, lse, asks)[0] == reference).float().mean())
+    r["graphed_agree"] = float((graphed(z, lse, asks)[0] == reference).float().mean())
     return r
 
 

@@ -59,6 +59,8 @@ from step_model import contract
 from step_model.contract import RowStatus
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
+from step_model.draw import draw_rows_searched
+from step_model.draw_graphs import GraphedDraw
 from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import (
     DecodeBuffers,
@@ -233,6 +235,8 @@ class StepEngine:
             graph_window=graph_window,
             bucketed=prefill_buckets,
         )
+        if self.decoder.cuda_graphs and self._draw is draw_rows_searched:  # launch-bound: replay it
+            self._draw = GraphedDraw(self._draw, meta.vocab_size, self.device, capacity)
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the
@@ -267,6 +271,8 @@ class StepEngine:
         of at their first use (a first run of a shape costs tens of ms on the GPU)."""
         with self._lock, self._on_stream():
             self.prefiller.warm_up(min(self.capacity, _WARM_PREFILL_ROWS))
+            if isinstance(self._draw, GraphedDraw):
+                self._draw.warm_up()
         decoder = self.decoder
         if not decoder.cuda_graphs:
             return

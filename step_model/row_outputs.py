@@ -7,16 +7,12 @@ into the `StepResult`; the engine finds the rows and their logits, these decide 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from step_model.draw import draw_rows, needs_draw
+from step_model.draw import DrawFunction, draw_rows, needs_draw
 from step_model.kernels import row_logsumexp
 from step_model.rows import StepRequest, StepResult
-
-DrawFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = ["fill_draws", "fill_extra_logits", "fill_prompt_logprobs", "rows_to_draw"]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from frontend.sampling import NeedFullRow, SamplingParams, StepLogits, sample
-from step_model.draw import draw_rows, draw_rows_sorted, needs_draw
+from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted, needs_draw
 
 pytestmark = pytest.mark.unit
 
@@ -56,7 +56,9 @@ def _columns(params: SamplingParams, u: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("spread", "fp16"), [(1.0, True), (4.0, True), (1.0, False)], ids=["flat16", "peaked16", "flat32"]
 )
-@pytest.mark.parametrize("draw_rows", [draw_rows, draw_rows_sorted], ids=["binned", "sorted"])
+@pytest.mark.parametrize(
+    "draw_rows", [draw_rows, draw_rows_sorted, draw_rows_searched], ids=["binned", "sorted", "searched"]
+)
 def test_the_device_draw_picks_the_gateways_full_row_token(
     params: SamplingParams, spread: float, fp16: bool, draw_rows: Any
 ) -> None:
@@ -160,7 +162,36 @@ def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
     assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
 
 
-@pytest.mark.parametrize("draw_rows", [draw_rows, draw_rows_sorted], ids=["binned", "sorted"])
+def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
+    """The GPU's draw (counts by binary search over the sorted row) is the reference's selection
+    itself: on the CPU, where the cumulative sums are sequential, equal on every row, the boundary
+    rows (constant rows, u = 0, u = 1 - 2**-53) and min-p thresholds between float32 values included."""
+    rng = np.random.default_rng(8)
+    n = 2000
+    spread = rng.choice([0.3, 1.0, 3.0, 10.0], size=n)
+    z = (rng.normal(0.0, 1.0, size=(n, 500)) * spread[:, None]).astype(np.float32)
+    z[::3] = z[::3].astype(np.float16).astype(np.float32)
+    z[::97] = 1.5
+    z[1::50, :7] = float("-inf")  # banned tokens: zero mass
+    columns = np.column_stack(
+        (
+            rng.random(n),
+            rng.choice([1.0, 0.9, 0.5, 0.999, 0.01], size=n),
+            rng.choice([0.0, 0.0, 1.0, 5.0, 300.0, 500.0, 800.0], size=n),
+            rng.choice([0.0, 0.0, 0.05, 0.5, 1.0], size=n),
+        )
+    )
+    columns[::11, 0] = 0.0
+    columns[5::11, 0] = 1.0 - 2**-53
+    zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
+    lse = torch.logsumexp(zt, dim=1)
+    searched, reference = draw_rows_searched(zt, lse, ct), draw_rows_sorted(zt, lse, ct)
+    assert torch.equal(searched[0], reference[0]) and torch.equal(searched[1], reference[1])
+
+
+@pytest.mark.parametrize(
+    "draw_rows", [draw_rows, draw_rows_sorted, draw_rows_searched], ids=["binned", "sorted", "searched"]
+)
 def test_a_rows_draw_does_not_depend_on_the_rows_beside_it(draw_rows: Any) -> None:
     """Batch invariance (issue 15): each row drawn alone gives the token it gets among 24 others, on
     GPT-2's vocabulary with the seed's request (every sum
@@ -175,3 +206,33 @@ def test_a_rows_draw_does_not_depend_on_the_rows_beside_it(draw_rows: Any) -> No
     for i in range(24):
         alone = draw_rows(zt[i : i + 1], lt[i : i + 1], ct[i : i + 1])
         assert int(alone[0][0]) == int(together[0][i]) and float(alone[1][0]) == float(together[1][i]), f"row {i}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA draw: the GPU suite runs it")
+def test_on_the_gpu_the_graphed_draw_picks_the_cpu_references_tokens() -> None:
+    """On the card: GPT-2's vocabulary, fp16-tied rows, mixed settings; the searched draw replayed
+    from CUDA graphs (padded row buckets, eager past the largest) equals the CPU reference row for
+    row, at row counts inside, across and past the buckets."""
+    from step_model.draw_graphs import GraphedDraw
+
+    rng = np.random.default_rng(23)
+    n = 300
+    z = (rng.normal(0.0, 1.0, size=(n, 50257)) / 0.7).astype(np.float16).astype(np.float32)
+    columns = np.column_stack(
+        (
+            rng.random(n),
+            rng.choice([1.0, 0.9, 0.5, 0.95], size=n),
+            rng.choice([0.0, 0.0, 50.0, 1000.0], size=n),
+            rng.choice([0.0, 0.0, 0.05], size=n),
+        )
+    )
+    zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
+    lse = torch.logsumexp(zt, dim=1)
+    want = draw_rows_sorted(zt, lse, ct)
+    dev = torch.device("cuda")
+    graphed = GraphedDraw(draw_rows_searched, 50257, dev, max_rows=192)
+    for a, b in [(0, 1), (1, 4), (4, 68), (68, 300)]:  # 1, 3, 64 and 232 rows (past 192: eager)
+        ids, logits = graphed(zt[a:b].to(dev), lse[a:b].to(dev), ct[a:b].to(dev))
+        np.testing.assert_array_equal(ids.cpu().numpy(), want[0][a:b].numpy())
+        np.testing.assert_array_equal(logits.cpu().numpy(), want[1][a:b].numpy())
+    assert graphed.replays == 3
