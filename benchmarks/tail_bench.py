@@ -15,8 +15,7 @@ import torch
 
 from step_model import kernels
 from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted
-from step_model.draw_coarse import draw_rows_coarse, draw_rows_coarse_flagged
-from step_model.draw_graphs import GraphedDraw, never_flagged
+from step_model.draw_graphs import GraphedDraw
 
 VOCAB = 50257  # GPT-2's
 
@@ -47,9 +46,7 @@ def _row_count(m: int) -> dict[str, float]:
     lse = torch.logsumexp(z, 1)
     out = torch.empty(m, device="cuda")
     asks = torch.tensor([[0.5, 0.9, 0.0, 0.0]] * m, dtype=torch.float64, device="cuda")
-    dev = torch.device("cuda")
-    graphed = GraphedDraw(never_flagged(draw_rows_searched), draw_rows_searched, VOCAB, dev, max_rows=m)
-    coarse = GraphedDraw(draw_rows_coarse_flagged, draw_rows_searched, VOCAB, dev, max_rows=m)
+    graphed = GraphedDraw(draw_rows_searched, VOCAB, torch.device("cuda"), max_rows=m)
     r = {
         "topk64_f32": _ms(lambda: torch.topk(z, 64, 1), 30),
         "topk64_f16": _ms(lambda: torch.topk(z.half(), 64, 1), 30),
@@ -60,9 +57,6 @@ def _row_count(m: int) -> dict[str, float]:
         "draw_sort": _ms(lambda: draw_rows_sorted(z, lse, asks), 10),
         "draw_searched": _ms(lambda: draw_rows_searched(z, lse, asks), 10),
         "draw_graphed": _ms(lambda: graphed(z, lse, asks), 10),
-        "draw_coarse": _ms(lambda: draw_rows_coarse(z, lse, asks), 10),
-        "draw_coarse_graphed": _ms(lambda: coarse(z, lse, asks), 10),
-        "sort_f16": _ms(lambda: torch.sort(z.half(), dim=1, descending=True, stable=True), 10),
         "sort_stable": _ms(lambda: torch.sort(z, dim=1, descending=True, stable=True), 10),
     }
     r["lse_fused_used"] = float(bool(kernels._checked))
@@ -71,7 +65,6 @@ def _row_count(m: int) -> dict[str, float]:
     reference = draw_rows_sorted(z, lse, asks)[0]
     r["draws_agree"] = float((draw_rows(z, lse, asks)[0] == reference).float().mean())
     r["graphed_agree"] = float((graphed(z, lse, asks)[0] == reference).float().mean())
-    r["coarse_agree"] = float((coarse(z, lse, asks)[0] == reference).float().mean())
     return r
 
 

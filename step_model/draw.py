@@ -22,11 +22,8 @@ exactly on a boundary). `draw_rows` does it without sorting whole rows (the mass
 value bins once, then one bin sorted per cut and for the draw): for 16 rows of GPT-2's vocabulary
 on one CPU core, top-p 0.9, about 3x faster than `draw_rows_sorted`, which stays as the
 line-for-line reference (docs/benchmarks.md). On the GPU an earlier binned version cost 6.4 ms for
-512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks a sort
-there ("coarse": step_model.draw_coarse, a half-width sort whose queries sort one bucket exactly;
-"sort": `draw_rows_searched`, the full sort with binary-search counts), both replayed from CUDA
-graphs (step_model.draw_graphs), and the bins on the CPU ("bins"); the config parameter
-`draw_method` overrides it. The caller gets
+512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks the sort
+there ("sort") and the bins on the CPU ("bins"); the config parameter `draw_method` overrides it. The caller gets
 the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
 on every other path.
 
@@ -42,8 +39,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from step_model.draw_coarse import draw_rows_coarse
 
 __all__ = [
     "DRAW_COLUMNS",
@@ -179,9 +174,9 @@ def draw_rows_searched(
 
 
 def draw_method(name: str, device_kind: str) -> DrawFunction:
-    """The draw function for `name` ("coarse", "sort", "bins", or "auto": coarse on CUDA, bins on the CPU)."""
+    """The draw function for `name` ("sort", "bins", or "auto": sort on CUDA, bins on the CPU)."""
     if name == "auto":
-        name = "coarse" if device_kind == "cuda" else "bins"
+        name = "sort" if device_kind == "cuda" else "bins"
     try:
         return DRAW_METHODS[name]
     except KeyError:
@@ -245,7 +240,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
     return token_id, token_z
 
 
-DRAW_METHODS = {"coarse": draw_rows_coarse, "sort": draw_rows_searched, "bins": draw_rows}
+DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows}
 
 
 class _Members(NamedTuple):

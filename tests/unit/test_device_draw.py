@@ -18,7 +18,6 @@ import torch
 
 from frontend.sampling import NeedFullRow, SamplingParams, StepLogits, sample
 from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted, needs_draw
-from step_model.draw_coarse import draw_rows_coarse, draw_rows_coarse_flagged
 
 pytestmark = pytest.mark.unit
 
@@ -59,8 +58,8 @@ def _columns(params: SamplingParams, u: np.ndarray) -> np.ndarray:
 )
 @pytest.mark.parametrize(
     "draw_rows",
-    [draw_rows, draw_rows_sorted, draw_rows_searched, draw_rows_coarse],
-    ids=["binned", "sorted", "searched", "coarse"],
+    [draw_rows, draw_rows_sorted, draw_rows_searched],
+    ids=["binned", "sorted", "searched"],
 )
 def test_the_device_draw_picks_the_gateways_full_row_token(
     params: SamplingParams, spread: float, fp16: bool, draw_rows: Any
@@ -165,45 +164,6 @@ def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
     assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
 
 
-def test_the_coarse_draw_equals_the_sorted_one_on_many_rows() -> None:
-    """The GPU's half-width sort (float16 buckets, each query's bucket sorted exactly) against the
-    full sort, on rows of every shape: exact but for sums that land on a boundary by construction
-    (as for the binned draw); rows of more equal values than a window holds are flagged and drawn
-    again by the full sort."""
-    rng = np.random.default_rng(6)
-    n = 3000
-    spread = rng.choice([0.03, 0.3, 1.0, 3.0, 10.0, 100.0], size=n)
-    z = (rng.normal(0.0, 1.0, size=(n, 700)) * spread[:, None]).astype(np.float32)
-    z[::3] = z[::3].astype(np.float16).astype(np.float32)  # ties
-    z[1::50, :7] = float("-inf")  # banned tokens: zero mass
-    z[2::50, :300] = 0.25  # one value, 300 times: more than a window
-    constant = np.zeros(n, dtype=bool)
-    constant[::97] = True
-    z[constant] = 1.5
-    columns = np.column_stack(
-        (
-            rng.random(n),
-            rng.choice([1.0, 0.9, 0.5, 0.999, 0.01], size=n),
-            rng.choice([0.0, 0.0, 1.0, 5.0, 300.0, 700.0, 800.0], size=n),
-            rng.choice([0.0, 0.0, 0.05, 0.5, 1.0], size=n),
-        )
-    )
-    columns[::11, 0] = 0.0
-    columns[5::11, 0] = 1.0 - 2**-53
-    zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
-    lse = torch.logsumexp(zt, dim=1)
-    coarse = draw_rows_coarse(zt, lse, ct)
-    reference = draw_rows_sorted(zt, lse, ct)
-    flagged = draw_rows_coarse_flagged(zt, lse, ct)[2].numpy()
-    assert flagged[2::50].any() and not flagged[3::50].any()
-    exact = ~constant & (columns[:, 0] < 0.5 + 0.5 * (1.0 - 2**-40))
-    np.testing.assert_array_equal(coarse[0].numpy()[exact], reference[0].numpy()[exact])
-    np.testing.assert_array_equal(coarse[1].numpy()[exact], reference[1].numpy()[exact])
-    assert exact.sum() > 2600
-    rows = np.flatnonzero(~exact)
-    assert (z[rows, coarse[0].numpy()[rows]] == coarse[1].numpy()[rows]).all()
-
-
 def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
     """The GPU's draw (counts by binary search over the sorted row) is the reference's selection
     itself: on the CPU, where the cumulative sums are sequential, equal on every row, the boundary
@@ -233,8 +193,8 @@ def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
 
 @pytest.mark.parametrize(
     "draw_rows",
-    [draw_rows, draw_rows_sorted, draw_rows_searched, draw_rows_coarse],
-    ids=["binned", "sorted", "searched", "coarse"],
+    [draw_rows, draw_rows_sorted, draw_rows_searched],
+    ids=["binned", "sorted", "searched"],
 )
 def test_a_rows_draw_does_not_depend_on_the_rows_beside_it(draw_rows: Any) -> None:
     """Batch invariance (issue 15): each row drawn alone gives the token it gets among 24 others, on
@@ -257,12 +217,11 @@ def test_on_the_gpu_the_graphed_draw_picks_the_cpu_references_tokens() -> None:
     """On the card: GPT-2's vocabulary, fp16-tied rows, mixed settings; the searched draw replayed
     from CUDA graphs (padded row buckets, eager past the largest) equals the CPU reference row for
     row, at row counts inside, across and past the buckets."""
-    from step_model.draw_graphs import GraphedDraw, never_flagged
+    from step_model.draw_graphs import GraphedDraw
 
     rng = np.random.default_rng(23)
     n = 300
     z = (rng.normal(0.0, 1.0, size=(n, 50257)) / 0.7).astype(np.float16).astype(np.float32)
-    z[7::40, :5000] = 0.5  # a bucket wider than the coarse draw's window: drawn again by the sort
     columns = np.column_stack(
         (
             rng.random(n),
@@ -275,10 +234,9 @@ def test_on_the_gpu_the_graphed_draw_picks_the_cpu_references_tokens() -> None:
     lse = torch.logsumexp(zt, dim=1)
     want = draw_rows_sorted(zt, lse, ct)
     dev = torch.device("cuda")
-    for fn in (draw_rows_coarse_flagged, never_flagged(draw_rows_searched)):
-        graphed = GraphedDraw(fn, draw_rows_searched, 50257, dev, max_rows=192)
-        for a, b in [(0, 1), (1, 4), (4, 68), (68, 300)]:  # 1, 3, 64 and 232 rows (past 192: eager)
-            ids, logits = graphed(zt[a:b].to(dev), lse[a:b].to(dev), ct[a:b].to(dev))
-            np.testing.assert_array_equal(ids.cpu().numpy(), want[0][a:b].numpy())
-            np.testing.assert_array_equal(logits.cpu().numpy(), want[1][a:b].numpy())
-        assert graphed.replays == 3
+    graphed = GraphedDraw(draw_rows_searched, 50257, dev, max_rows=192)
+    for a, b in [(0, 1), (1, 4), (4, 68), (68, 300)]:  # 1, 3, 64 and 232 rows (past 192: eager)
+        ids, logits = graphed(zt[a:b].to(dev), lse[a:b].to(dev), ct[a:b].to(dev))
+        np.testing.assert_array_equal(ids.cpu().numpy(), want[0][a:b].numpy())
+        np.testing.assert_array_equal(logits.cpu().numpy(), want[1][a:b].numpy())
+    assert graphed.replays == 3
