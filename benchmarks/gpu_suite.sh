@@ -231,6 +231,9 @@ elif [ -n "$VDIR" ]; then
   # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
   run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
     --draw "top_p=0.9" --tag draw
+  # The same with the draw that searches rows instead of sorting them (step_model/draw_kernel.py).
+  run_stage engine_draw_kernel 90 "$R/engine/engine_bench-draw-kernel.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
+    --draw "top_p=0.9" --engine-kw draw_method=kernel --tag draw-kernel
   # Batch invariance's cost (issue 15): 16 sequences flagged, decoded in a reserved range of 64 slots
   # in a run of their own (docs/architecture.md); compare with the engine stage's rows.
   run_stage engine_invariant 120 "$R/engine/engine_bench-invariant.log" "${ENGINE[@]}" --rows "64,$STREAMS" \

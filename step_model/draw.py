@@ -23,7 +23,10 @@ value bins once, then one bin sorted per cut and for the draw): for 16 rows of G
 on one CPU core, top-p 0.9, about 3x faster than `draw_rows_sorted`, which stays as the
 line-for-line reference (docs/benchmarks.md). On the GPU an earlier binned version cost 6.4 ms for
 512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks the sort
-there ("sort") and the bins on the CPU ("bins"); the config parameter `draw_method` overrides it. The caller gets
+there ("sort": `draw_rows_searched`, counts by binary search, replayed from CUDA graphs by
+step_model.draw_graphs) and the bins on the CPU ("bins"); "kernel" (step_model.draw_kernel) finds
+each row's cuts by search without sorting, one Triton program per row; the config parameter
+`draw_method` overrides the choice. The caller gets
 the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
 on every other path.
 
@@ -39,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from step_model.draw_kernel import kernel_available, kernel_draw, unavailable_reason
 
 __all__ = [
     "DRAW_COLUMNS",
@@ -174,13 +179,15 @@ def draw_rows_searched(
 
 
 def draw_method(name: str, device_kind: str) -> DrawFunction:
-    """The draw function for `name` ("sort", "bins", or "auto": sort on CUDA, bins on the CPU)."""
+    """The draw function for `name` ("sort", "bins", "kernel", or "auto": sort on CUDA, bins on
+    the CPU). "kernel" (step_model.draw_kernel) needs Triton and a GPU."""
     if name == "auto":
         name = "sort" if device_kind == "cuda" else "bins"
-    try:
-        return DRAW_METHODS[name]
-    except KeyError:
-        raise ValueError(f"draw_method must be auto, {' or '.join(DRAW_METHODS)}; got {name!r}") from None
+    if name not in DRAW_METHODS:
+        raise ValueError(f"draw_method must be auto, {', '.join(DRAW_METHODS)}; got {name!r}")
+    if name == "kernel" and not kernel_available(torch.device(device_kind)):
+        raise ValueError(f"draw_method kernel: the Triton draw kernel is unavailable here ({unavailable_reason()})")
+    return DRAW_METHODS[name]
 
 
 _BINS = 2048  # value bins per row: a cut or a draw sorts only the tokens of one bin
@@ -240,7 +247,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
     return token_id, token_z
 
 
-DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows}
+DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows, "kernel": kernel_draw}
 
 
 class _Members(NamedTuple):

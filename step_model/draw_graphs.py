@@ -8,13 +8,16 @@ than the window. Replayed from a graph it is one launch plus the kernels' own ti
 Rows are rounded up to a bucket (powers of two up to 64, then multiples of 64); a padding row keeps
 whatever the bucket's buffers last held (any finite row draws; its answer is dropped). The graphs
 share one memory pool: they never run at once. More rows than the largest bucket, or a bucket whose
-capture failed, run the draw eagerly: the same function, so the same tokens.
+capture failed, run the draw eagerly: the same function, so the same tokens. The captured function
+also flags the rows it could not settle (step_model.draw_kernel: a band wider than it holds); those
+are drawn again by the fallback, eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +25,10 @@ import torch
 
 from step_model.draw import DRAW_COLUMNS, DrawFunction
 
-__all__ = ["GraphedDraw", "draw_buckets"]
+# (z, log-sum-exp, DRAW columns) -> (token ids, their z, bool [M]: not answered, draw again)
+FlaggedDraw = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+__all__ = ["FlaggedDraw", "GraphedDraw", "draw_buckets", "never_flagged"]
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +51,34 @@ class _Captured:
     draw: torch.Tensor  # float64 [B, DRAW_COLUMNS]
     ids: torch.Tensor  # int64 [B], the graph's outputs
     logits: torch.Tensor  # float32 [B]
+    again: torch.Tensor  # bool [B]
+
+
+def never_flagged(fn: DrawFunction) -> FlaggedDraw:
+    """A draw that answers every row, as a `FlaggedDraw`."""
+
+    def flagged(
+        z: torch.Tensor, lse: torch.Tensor, draw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, logits = fn(z, lse, draw)
+        return ids, logits, torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+
+    return flagged
 
 
 class GraphedDraw:
-    """A `DrawFunction` that replays `fn` (sync-free: no host reads) from per-bucket CUDA graphs.
+    """A `DrawFunction` that replays `fn` (sync-free: no host reads) from per-bucket CUDA graphs
+    and draws the rows it flags again with `fallback`.
 
     Its results are views of the bucket's output buffers, valid until the next call: the caller
     copies them to the host at once (step_model.row_outputs.fill_draws does).
     """
 
-    def __init__(self, fn: DrawFunction, vocab_size: int, device: torch.device, max_rows: int) -> None:
+    def __init__(
+        self, fn: FlaggedDraw, fallback: DrawFunction, vocab_size: int, device: torch.device, max_rows: int
+    ) -> None:
         self.fn = fn
+        self.fallback = fallback
         self.vocab_size = vocab_size
         self.device = device
         self.buckets = draw_buckets(max(1, max_rows))
@@ -70,16 +93,22 @@ class GraphedDraw:
 
     def __call__(self, z: torch.Tensor, lse: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = z.shape[0]
-        rows = next((b for b in self.buckets if b >= m), None)
-        captured = self._graph(rows) if rows is not None else None
+        bucket = next((b for b in self.buckets if b >= m), None)
+        captured = self._graph(bucket) if bucket is not None else None
         if captured is None:
-            return self.fn(z, lse, draw)
-        captured.z[:m].copy_(z)
-        captured.lse[:m].copy_(lse)
-        captured.draw[:m].copy_(draw)
-        captured.graph.replay()
-        self.replays += 1
-        return captured.ids[:m], captured.logits[:m]
+            ids, logits, again = self.fn(z, lse, draw)
+        else:
+            captured.z[:m].copy_(z)
+            captured.lse[:m].copy_(lse)
+            captured.draw[:m].copy_(draw)
+            captured.graph.replay()
+            self.replays += 1
+            ids, logits, again = captured.ids[:m], captured.logits[:m], captured.again[:m]
+        if bool(again.any()):  # the caller reads the results on the host next anyway
+            redo = again.nonzero().squeeze(1)
+            ids, logits = ids.clone(), logits.clone()
+            ids[redo], logits[redo] = self.fallback(z[redo], lse[redo], draw[redo])
+        return ids, logits
 
     def _graph(self, rows: int) -> _Captured | None:
         if rows in self._graphs:
@@ -107,7 +136,7 @@ class GraphedDraw:
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            ids, logits = self.fn(z, lse, draw)
+            ids, logits, again = self.fn(z, lse, draw)
         if self._pool is None:
             self._pool = graph.pool()
-        return _Captured(graph, z, lse, draw, ids, logits)
+        return _Captured(graph, z, lse, draw, ids, logits, again)

@@ -60,7 +60,8 @@ from step_model.contract import RowStatus
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
 from step_model.draw import draw_rows_searched
-from step_model.draw_graphs import GraphedDraw
+from step_model.draw_graphs import GraphedDraw, never_flagged
+from step_model.draw_kernel import kernel_draw, kernel_draw_flagged
 from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import (
     DecodeBuffers,
@@ -87,6 +88,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _WARM_PREFILL_ROWS = 64  # warm_up runs prefill shapes of up to this many rows
+# Device draws replayed from CUDA graphs: the captured (flagging) function and its fallback.
+_GRAPHED_DRAWS = {
+    draw_rows_searched: (never_flagged(draw_rows_searched), draw_rows_searched),
+    kernel_draw: (kernel_draw_flagged, draw_rows_searched),
+}
 
 
 @dataclass
@@ -235,8 +241,9 @@ class StepEngine:
             graph_window=graph_window,
             bucketed=prefill_buckets,
         )
-        if self.decoder.cuda_graphs and self._draw is draw_rows_searched:  # launch-bound: replay it
-            self._draw = GraphedDraw(self._draw, meta.vocab_size, self.device, capacity)
+        if self.decoder.cuda_graphs and self._draw in _GRAPHED_DRAWS:  # launch-bound: replay it
+            fn, fallback = _GRAPHED_DRAWS[self._draw]
+            self._draw = GraphedDraw(fn, fallback, meta.vocab_size, self.device, capacity)
         # Where each slot's latest logits live: -1 = `last_logits`, else the key of the decode
         # buffer that produced them. Decode runs leave their rows in their own buffer; rows are
         # copied into `last_logits` only when that buffer is about to be overwritten while the

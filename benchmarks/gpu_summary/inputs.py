@@ -154,6 +154,7 @@ class SuiteData:
     env: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)  # the export's metadata.json
     engine_draw: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine_bench --draw top_p=0.9
+    engine_draw_kernel: dict[str, dict[str, Any]] = field(default_factory=dict)  # the same, draw_method=kernel
     # engine_bench --invariant-rows 16 --engine-kw invariant_slots=64 (batch invariance's cost)
     engine_invariant: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -188,5 +189,6 @@ def collect(root: Path) -> SuiteData:
         env=env if isinstance(env, dict) else {},
         model=metas[0] if metas else {},
         engine_draw=engine_rows(root / "engine" / "engine_bench-draw.json"),
+        engine_draw_kernel=engine_rows(root / "engine" / "engine_bench-draw-kernel.json"),
         engine_invariant=engine_rows(root / "engine" / "engine_bench-invariant.json"),
     )

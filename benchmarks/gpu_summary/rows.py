@@ -36,15 +36,19 @@ def engine_draw_rows(data: SuiteData, streams: int) -> list[Row]:
     rows = []
     for n in dict.fromkeys((1, streams)):
         plain_ms = num(data.engine.get(str(n)), "decode_step_p50_ms")
-        drawn_ms = num(data.engine_draw.get(str(n)), "decode_step_p50_ms")
-        rows.append(
-            Row(
-                f"step engine alone, {n} row{'s' if n != 1 else ''}, every row drawn on the device (top-p 0.9)",
-                "report only (beside the plain figure)",
-                f"{f3(drawn_ms)} ms/step / {f3(plain_ms)} ms/step plain = {f2(ratio(drawn_ms, plain_ms))}x",
-                _seen(drawn_ms),
+        for how, runs in (("", data.engine_draw), (" by the search kernel", data.engine_draw_kernel)):
+            drawn_ms = num(runs.get(str(n)), "decode_step_p50_ms")
+            if how and drawn_ms is None:
+                continue  # a suite from before the kernel
+            rows.append(
+                Row(
+                    f"step engine alone, {n} row{'s' if n != 1 else ''}, every row drawn on the device{how}"
+                    " (top-p 0.9)",
+                    "report only (beside the plain figure)",
+                    f"{f3(drawn_ms)} ms/step / {f3(plain_ms)} ms/step plain = {f2(ratio(drawn_ms, plain_ms))}x",
+                    _seen(drawn_ms),
+                )
             )
-        )
     return rows
 
 
