@@ -211,9 +211,9 @@ def _slow_triton_hook(engine: Any) -> None:
     client = engine.scheduler.client
     step = client.step
 
-    async def step_(*args: Any, **kwargs: Any) -> Any:
-        out = await step(*args, **kwargs)
-        mark("step_done")
+    async def step_(rows: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await step(rows, *args, **kwargs)
+        mark("step_done" if bool(rows.start.any()) else "other_step_done")
         return out
 
     client.step = step_
@@ -277,6 +277,11 @@ def serve_core(address: str, step_ms: float, marks: str) -> None:
     _dump_at_exit(marks)
     _hook_engine()
     model = _model()
+
+    from frontend.engine import core as core_mod
+
+    if hasattr(core_mod, "core_scheduling"):  # as the engine-core process does (absent in older trees)
+        core_mod.core_scheduling()
 
     async def main() -> None:
         metrics = GatewayMetrics()
@@ -355,47 +360,65 @@ def client(port: int, requests: int, warmup: int, max_tokens: int, prompt: str, 
     return windows
 
 
+# The chain of points a first token passes, in order; each is the first mark of its name after the
+# previous point (so a step of the previous request, still in flight, is not taken for this one's).
 STAGES = [
-    "asgi",
-    "handler",
+    "asgi",  # the request reached the app (uvicorn parsed the head)
+    "handler",  # the route's function runs: middleware, body, validation and auth done
     "tokenize",
     "tokenized",
-    "prepared",
-    "generate",
-    "submit",
-    "core_received",
-    "submitted",
-    "step_sent",
+    "prepared",  # the request checked and built
+    "generate",  # the service's stream runs (result-cache lookup done)
+    "submit",  # Engine.submit called
+    "core_received",  # (split) the engine core has the submission
+    "step_sent",  # the step with its start row goes to Triton
     "step_done",
-    "core_event",
-    "core_flush",
-    "worker_received",
-    "sink_event",
-    "first_item",
-    "response_made",
-    "response_start",
-    "first_frame",
-    "first_body_sent",
+    "core_event",  # (split) the first token's event in the core's outbox
+    "core_flush",  # (split) the outbox leaves for the worker
+    "worker_received",  # (split)
+    "sink_event",  # the event in the stream's sink
+    "first_item",  # the service yields the first text
+    "response_made",  # the route returned its EventSourceResponse
+    "response_start",  # the response's head is sent
+    "first_frame",  # the first SSE frame is made
+    "first_body_sent",  # ... and handed to uvicorn
 ]
 
 
 def report(windows: list[tuple[int, int]], marks: list[tuple[str, int]]) -> dict[str, Any]:
+    """Per stage (consecutive points of STAGES that were reached), the medians over the requests;
+    also how often, and how long, a request's start waited for a step already in flight (a step
+    that ended between the submission reaching the scheduler and the start row being sent)."""
     marks.sort(key=lambda m: m[1])
     per_stage: dict[str, list[float]] = {}
-    releases_in_window = 0
+    blocked: list[float] = []
+    submit_side: dict[str, list[float]] = {}
+    other_steps = 0
     for t0, t1 in windows:
-        seen: dict[str, int] = {"client_send": t0}
-        for name, t in marks:
-            if t0 <= t <= t1 and name not in seen:
-                seen[name] = t
-            if name == "other_step_sent" and t0 <= t <= t1:
-                releases_in_window += 1
-        seen["client_first"] = t1
-        order = ["client_send", *[s for s in STAGES if s in seen], "client_first"]
-        # the core's "submitted" comes back in the worker, after core_received: keep time order
-        order.sort(key=lambda s: seen[s])
-        for a, b in itertools.pairwise(order):
-            per_stage.setdefault(f"{a} -> {b}", []).append((seen[b] - seen[a]) / 1e6)
+        inside = [(name, t) for name, t in marks if t0 <= t <= t1]
+        other_steps += sum(1 for name, _ in inside if name == "other_step_sent")
+        chain = [("client_send", t0)]
+        for stage in STAGES:
+            at = next((t for name, t in inside if name == stage and t >= chain[-1][1]), None)
+            if at is not None:
+                chain.append((stage, at))
+        chain.append(("client_first", t1))
+        for (a, ta), (b, tb) in itertools.pairwise(chain):
+            per_stage.setdefault(f"{a} -> {b}", []).append((tb - ta) / 1e6)
+        points = dict(chain)
+        admitted = points.get("core_received", points.get("submit"))
+        sent = points.get("step_sent")
+        if admitted is not None and sent is not None:
+            ended = [t for name, t in inside if name in ("step_done", "other_step_done") and admitted <= t <= sent]
+            if ended:
+                blocked.append((ended[0] - admitted) / 1e6)
+        sub = [t for name, t in inside if name in ("submit", "submitted")]
+        if len(sub) == 2:
+            submit_side.setdefault("Engine.submit call", []).append((sub[1] - sub[0]) / 1e6)
+    for name, values in submit_side.items():
+        per_stage[f"(aside) {name}"] = values
+    if blocked:
+        per_stage["(aside) start waited for a step in flight"] = blocked
     n = len(windows)
     rows = {k: (statistics.median(v), statistics.mean(v), len(v)) for k, v in per_stage.items()}
     ttft = sorted((t1 - t0) / 1e6 for t0, t1 in windows)
@@ -404,7 +427,8 @@ def report(windows: list[tuple[int, int]], marks: list[tuple[str, int]]) -> dict
         "ttft_p50_ms": statistics.median(ttft),
         "ttft_mean_ms": statistics.mean(ttft),
         "ttft_p90_ms": ttft[int(0.9 * (n - 1))],
-        "release_steps_in_ttft": releases_in_window,
+        "release_steps_in_ttft": other_steps,
+        "blocked_by_step_in_flight": len(blocked),
         "stages": rows,
     }
 
@@ -414,9 +438,10 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ttft-"))
     me = [sys.executable, "-m", "benchmarks.ttft_stages"]
     cwd = None
-    if args.code:  # another tree's packages, with this tree's benchmarks
+    here = Path(__file__).parent
+    if args.code and Path(args.code).resolve() != here.parent.resolve():  # another tree, this tree's benchmarks
         cwd = args.code
-        shutil.copytree(Path(__file__).parent, Path(args.code) / "benchmarks", dirs_exist_ok=True)
+        shutil.copytree(here, Path(args.code) / "benchmarks", dirs_exist_ok=True)
     procs = []
     try:
         if args.mode == "inproc":
@@ -527,7 +552,7 @@ def main() -> int:
         f"code={out['code']} mode={out['mode']} step_ms={out['step_ms']} n={out['n']} "
         f"client TTFT p50 {out['ttft_p50_ms']:.2f} ms "
         f"mean {out['ttft_mean_ms']:.2f} p90 {out['ttft_p90_ms']:.2f}; steps without starts sent inside a TTFT window: "
-        f"{out['release_steps_in_ttft']}"
+        f"{out['release_steps_in_ttft']}; starts that waited for a step in flight: {out['blocked_by_step_in_flight']}"
     )
     for name, at in out.get("timeline", []):
         print(f"  {at:8.3f} ms  {name}")
