@@ -330,8 +330,9 @@ class EngineCore:
 
 # ---------------------------------------------------------------------- the process
 def core_scheduling() -> None:
-    """How the schedulers of the engine-core process step: each lane lets the loop run between a
-    step's outcome and its next plan, so the step's events leave (`EngineCore._flush`) first."""
+    """How the schedulers of the engine-core process step: each lane lets the loop run between the
+    outcome of a step that started sequences and its next plan, so their first tokens leave
+    (`EngineCore._flush`) first."""
     from frontend.engine.scheduler import Scheduler
 
     Scheduler.yield_between_steps = True

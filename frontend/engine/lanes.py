@@ -39,6 +39,7 @@ class Lane:
     # The ids of its request of releases alone on the wire, sent apart from its steps while it has no
     # sequence to step (Scheduler._release_apart), so a new sequence need not wait for it.
     releasing: set[int] = field(default_factory=set)
+    prefilled: bool = False  # its last step started sequences (Scheduler.yield_between_steps)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 

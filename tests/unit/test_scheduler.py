@@ -663,8 +663,9 @@ async def test_in_the_engine_core_a_steps_events_leave_before_the_next_step_is_s
     yields: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`Scheduler.yield_between_steps` (set in the engine-core process): the loop lets the event
-    loop run between a step's outcome and the next step, so the core's outbox flush goes first;
-    without it (a gateway process) the next step is sent first."""
+    loop run between the outcome of a step that started sequences and the next step, so the core's
+    outbox flush (the first token) goes first; decode steps follow each other as before. Without
+    it (a gateway process) the next step is sent first."""
     monkeypatch.setattr(Scheduler, "yield_between_steps", yields)
     log: list[str] = []
     sched = scheduler(_LoggingBackend(log))
@@ -676,8 +677,8 @@ async def test_in_the_engine_core_a_steps_events_leave_before_the_next_step_is_s
     await asyncio.sleep(0.01)
     await sched.close()
     # three steps of one token each, then the release
-    if yields:
-        assert log == ["step", "flush"] * 3 + ["step"]
+    if yields:  # the first token leaves before the next step; the two decode steps go back to back
+        assert log == ["step", "flush", "step", "step", "flush", "step"]
     else:  # nothing yields in between (the backend answers at once): one flush after them all, then
         # the release (a request apart: its task runs after the flush)
         assert log == ["step"] * 3 + ["flush", "step"]
