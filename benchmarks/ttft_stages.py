@@ -134,6 +134,9 @@ def _hook_worker(app: Any) -> Any:
 
     RemoteEngine._dispatch = dispatch_  # type: ignore[method-assign]
 
+    if os.environ.get("TTFT_LAYERS"):  # a mark as each ASGI layer is entered (diagnostics)
+        _mark_layers(app)
+
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/completions":
             await app(scope, receive, send)
@@ -152,6 +155,31 @@ def _hook_worker(app: Any) -> Any:
         await app(scope, receive, send_)
 
     return wrapped
+
+
+def _mark_layers(app: Any) -> None:
+    from fastapi import routing
+
+    layer = app.middleware_stack = app.build_middleware_stack()
+    while callable(child := getattr(layer, "app", None)):
+        name = f"layer:{type(child).__name__}"
+
+        async def marked(scope: Any, receive: Any, send: Any, _child: Any = child, _name: str = name) -> None:
+            if scope["type"] == "http":
+                mark(_name)
+            await _child(scope, receive, send)
+
+        layer.app = marked
+        layer = child
+    solve = routing.solve_dependencies
+
+    async def solve_(*args: Any, **kwargs: Any) -> Any:
+        mark("layer:solve_dependencies")
+        out = await solve(*args, **kwargs)
+        mark("layer:solved")
+        return out
+
+    routing.solve_dependencies = solve_  # type: ignore[assignment]
 
 
 class _SubmitMark:
@@ -387,8 +415,9 @@ STAGES = [
 
 def report(windows: list[tuple[int, int]], marks: list[tuple[str, int]]) -> dict[str, Any]:
     """Per stage (consecutive points of STAGES that were reached), the medians over the requests;
-    also how often, and how long, a request's start waited for a step already in flight (a step
-    that ended between the submission reaching the scheduler and the start row being sent)."""
+    also how often another step was answered between the submission reaching the scheduler and its
+    start row being sent, and how long after the submission (with one lane and no request of
+    releases apart, the start waited for that answer)."""
     marks.sort(key=lambda m: m[1])
     per_stage: dict[str, list[float]] = {}
     blocked: list[float] = []
@@ -418,7 +447,7 @@ def report(windows: list[tuple[int, int]], marks: list[tuple[str, int]]) -> dict
     for name, values in submit_side.items():
         per_stage[f"(aside) {name}"] = values
     if blocked:
-        per_stage["(aside) start waited for a step in flight"] = blocked
+        per_stage["(aside) submission -> a step in flight answered"] = blocked
     n = len(windows)
     rows = {k: (statistics.median(v), statistics.mean(v), len(v)) for k, v in per_stage.items()}
     ttft = sorted((t1 - t0) / 1e6 for t0, t1 in windows)
@@ -509,6 +538,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     for f in tmp.glob("*.json"):
         marks += [tuple(m) for m in json.loads(f.read_text())]  # type: ignore[misc]
     out = report(windows, marks)
+    if args.dump_marks:
+        Path(args.dump_marks).write_text(json.dumps({"windows": windows, "marks": marks}))
     if args.timeline:
         t0, t1 = windows[len(windows) // 2]
         out["timeline"] = [(n, round((t - t0) / 1e6, 3)) for n, t in marks if t0 - 8_000_000 <= t <= t1]
@@ -529,6 +560,7 @@ def main() -> int:
     p.add_argument("--gap-ms", type=float, default=0.0, help="pause between requests")
     p.add_argument("--code", help="run the servers from this tree's packages (e.g. `git archive` of a base)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dump-marks", help="write the client's windows and every mark to this JSON file")
     p.add_argument("--timeline", action="store_true", help="print every mark around one request (debugging)")
     p.add_argument("--serve", choices=["inproc", "core", "worker"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -552,7 +584,8 @@ def main() -> int:
         f"code={out['code']} mode={out['mode']} step_ms={out['step_ms']} n={out['n']} "
         f"client TTFT p50 {out['ttft_p50_ms']:.2f} ms "
         f"mean {out['ttft_mean_ms']:.2f} p90 {out['ttft_p90_ms']:.2f}; steps without starts sent inside a TTFT window: "
-        f"{out['release_steps_in_ttft']}; starts that waited for a step in flight: {out['blocked_by_step_in_flight']}"
+        f"{out['release_steps_in_ttft']}; another step answered before the start was sent: "
+        f"{out['blocked_by_step_in_flight']}"
     )
     for name, at in out.get("timeline", []):
         print(f"  {at:8.3f} ms  {name}")
