@@ -329,10 +329,21 @@ class EngineCore:
 
 
 # ---------------------------------------------------------------------- the process
+def core_scheduling() -> None:
+    """How the schedulers of the engine-core process step: each lane lets the loop run between the
+    outcome of a step that started sequences and its next plan, so their first tokens leave
+    (`EngineCore._flush`) first."""
+    from frontend.engine.scheduler import Scheduler
+
+    Scheduler.yield_between_steps = True
+
+
 async def _serve(settings: Settings, address: str, report: Callable[[str, str], None], gateway_child: bool) -> int:
     # Here, not at the top: the launcher imports this module too, and only the core talks gRPC.
     from frontend.engine.placement import engine_from_settings
     from frontend.observability import GatewayMetrics
+
+    core_scheduling()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

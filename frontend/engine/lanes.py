@@ -12,7 +12,8 @@ can run over its own contiguous slot range.
 Triton's dynamic batcher may run two lanes' requests in one execution, where a sequence named twice
 fails the later request as a whole: no id may be named by two requests on the wire at once. Lanes'
 decode and start rows never share an id; a release, which any lane may carry, waits while another
-lane's request in flight names its id (`sendable`).
+lane's request in flight names its id (`sendable`). A lane with nothing to step sends its releases in
+a request apart (`Lane.releasing`), and its next step does not wait for that request's answer.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class Lane:
     running: list[ActiveSequence] = field(default_factory=list)
     stepping: list[ActiveSequence] = field(default_factory=list)  # the sequences of its step under way
     in_flight: set[int] = field(default_factory=set)  # every id its request on the wire names
+    # The ids of its request of releases alone on the wire, sent apart from its steps while it has no
+    # sequence to step (Scheduler._release_apart), so a new sequence need not wait for it.
+    releasing: set[int] = field(default_factory=set)
+    prefilled: bool = False  # its last step started sequences (Scheduler.yield_between_steps)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -53,8 +58,9 @@ def fewest(lanes: Iterable[Lane]) -> Lane:
 
 def sendable(releases: set[int], lanes: Iterable[Lane], lane: Lane | None) -> list[int]:
     """The releases a request of `lane` (None: of no lane, a probe) may carry now, sorted: those
-    that no other lane's request in flight names."""
+    that no other lane's request in flight names (nor any request of releases sent apart)."""
     busy = [other.in_flight for other in lanes if other is not lane and other.in_flight]
+    busy += [other.releasing for other in lanes if other.releasing]
     if not busy:
         return sorted(releases)
     return sorted(r for r in releases if not any(r in ids for ids in busy))

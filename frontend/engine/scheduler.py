@@ -4,7 +4,8 @@ The running sequences are split into lanes (`frontend.engine.lanes`: several ste
 once, one lane per KV partition of the model by default). Each iteration of a lane's loop is ONE
 request to the step backend (Triton) carrying every row of the lane's step: the prefill of each
 newly admitted sequence, one decode row per running sequence, and a release row for each sequence
-that finished or was cancelled. The model answers each row with a status: a
+that finished or was cancelled (a lane with no sequence left sends its releases in a request apart,
+which a sequence admitted meanwhile does not wait for). The model answers each row with a status: a
 start row refused for lack of a KV slot stays queued and is retried at a later step (while the
 cache is full only as many new sequences are offered as slots were freed), a row the model
 refuses otherwise fails its own sequence only. (Hand-written: no library does continuous
@@ -189,6 +190,14 @@ class SchedulerConfig:
 class Scheduler(Recovery, StepSampling):
     """Owns the step loop of one model instance (per gateway process, or in the engine core)."""
 
+    # Whether a lane's loop lets the event loop run once between the outcome of a step that started
+    # sequences and its next plan: the engine core sets it (frontend.engine.core), whose outbox
+    # flushes (`call_soon`) then send the first tokens to the workers before the next step is
+    # planned and sent (~0.2 ms sooner on the CPU). Only after such steps: a decode step's successor
+    # still goes at once (the steady cadence is unchanged). Not in a gateway process, where the
+    # streams woken by the step would run first.
+    yield_between_steps = False
+
     def __init__(
         self,
         client: StepBackend,
@@ -234,6 +243,7 @@ class Scheduler(Recovery, StepSampling):
         # may offer (the slots freed since), so a full cache is not asked again and again.
         self._start_allowance: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._apart: set[asyncio.Task[None]] = set()  # requests of releases alone (_release_apart)
         self._closed = False
 
     # ------------------------------------------------------------------ public
@@ -267,7 +277,7 @@ class Scheduler(Recovery, StepSampling):
             self._finish(seq, ErrorEvent(Overloaded("the gateway is shutting down")))
         self._waiting.clear()
         self._wake_all()
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._apart], []
         if tasks:
             _, hung = await asyncio.wait(tasks, timeout=settle_s)  # a hung step (frozen server)
             for task in hung:
@@ -363,7 +373,11 @@ class Scheduler(Recovery, StepSampling):
                 await self._while_open(self.breaker)
                 continue
             self._admit()
-            if not (lane.running or sendable(self._releases, self._lanes, lane)):
+            if not lane.running:
+                # Releases alone go in a request apart: a sequence submitted meanwhile starts at once
+                # instead of waiting for that request's answer (its ids are disjoint from them).
+                if not lane.releasing and sendable(self._releases, self._lanes, lane):
+                    self._release_apart(lane)
                 lane.wake.clear()
                 await lane.wake.wait()
                 continue
@@ -375,6 +389,28 @@ class Scheduler(Recovery, StepSampling):
                 progressed = False
             if not progressed:
                 await asyncio.sleep(self.cache_full_backoff_s)
+            elif self.yield_between_steps and lane.prefilled:
+                await asyncio.sleep(0)
+
+    def _release_apart(self, lane: Lane) -> None:
+        """Send the releases `lane` may carry in a request of their own (the step `_step` would
+        send for a lane with no sequence), without holding the lane's loop until it is answered."""
+        _, rows, _, uniforms = self._plan(lane)
+        ids = rows.sequence_ids.tolist()
+        self._releases.difference_update(ids)
+        lane.releasing = set(ids)
+        task = asyncio.create_task(self._send_releases(lane, rows, uniforms), name=f"release-lane-{lane.index}")
+        self._apart.add(task)
+        task.add_done_callback(self._apart.discard)
+
+    async def _send_releases(self, lane: Lane, rows: StepRequest, uniforms: np.ndarray) -> None:
+        try:
+            await self._send(lane, [], rows, [], uniforms)
+        except Exception:  # as the loop would: logged, never retried forever
+            log.exception("sending releases failed")
+        finally:
+            lane.releasing = set()
+            self._wake_all()  # releases that waited for these ids, and the lane's own next ones
 
     def _admit(self) -> None:
         """Waiting sequences join the lanes (each the one with the fewest) up to max_running."""
@@ -479,6 +515,7 @@ class Scheduler(Recovery, StepSampling):
             return False
         self._releases.difference_update(rows.sequence_ids[len(seqs) :].tolist())
         lane.in_flight = set(rows.sequence_ids.tolist())
+        lane.prefilled = bool(rows.start.any())
         try:
             return await self._send(lane, seqs, rows, adjustments, uniforms)
         finally:
@@ -521,7 +558,8 @@ class Scheduler(Recovery, StepSampling):
         fetch = self._sample_rows(seqs, sampling, out, adjustments, uniforms)
         if fetch:
             await self._fetch_full_rows(fetch, lane.kv_partition)
-        lane.stepping = []
+        if seqs:  # (none: releases alone, maybe sent apart while the lane steps again)
+            lane.stepping = []
         return progressed
 
     def _step_failed(self, seqs: list[ActiveSequence], rows: StepRequest, err: StepError) -> bool:

@@ -628,3 +628,57 @@ async def test_the_scheduler_imports_neither_grpc_nor_the_model_runtime() -> Non
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=120)
+
+
+class _FlushingSink:
+    """An event sink that, like the engine core's, flushes what a step emitted in a callback the
+    event loop runs next (`loop.call_soon`), and logs when."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.scheduled = False
+
+    def put_nowait(self, event: Event, /) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        self.log.append("flush")
+
+
+class _LoggingBackend(ScriptedBackend):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
+        self.log.append("step")
+        return await super().step(rows, window=window, want_logits=want_logits)
+
+
+@pytest.mark.parametrize("yields", [False, True])
+async def test_in_the_engine_core_a_steps_events_leave_before_the_next_step_is_sent(
+    yields: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Scheduler.yield_between_steps` (set in the engine-core process): the loop lets the event
+    loop run between the outcome of a step that started sequences and the next step, so the core's
+    outbox flush (the first token) goes first; decode steps follow each other as before. Without
+    it (a gateway process) the next step is sent first."""
+    monkeypatch.setattr(Scheduler, "yield_between_steps", yields)
+    log: list[str] = []
+    sched = scheduler(_LoggingBackend(log))
+    seq = sched.submit(EngineRequest([1, 2], GREEDY, 3, seed=None), _FlushingSink(log))
+    sched.start()
+    async with asyncio.timeout(5):
+        while not seq.done:
+            await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    await sched.close()
+    # three steps of one token each, then the release
+    if yields:  # the first token leaves before the next step; the two decode steps go back to back
+        assert log == ["step", "flush", "step", "step", "flush", "step"]
+    else:  # nothing yields in between (the backend answers at once): one flush after them all, then
+        # the release (a request apart: its task runs after the flush)
+        assert log == ["step"] * 3 + ["flush", "step"]

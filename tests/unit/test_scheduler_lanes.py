@@ -322,3 +322,39 @@ async def test_lanes_come_from_the_setting_or_the_models_kv_partitions(
     sched = scheduler(backend, lanes=3, kv_partitions=2)
     assert [lane.kv_partition for lane in sched._lanes] == [0, 1, 0]
     assert scheduler(backend, lanes=0).lanes == 1
+
+
+class HeldReleasesBackend(WireBackend):
+    """Requests of releases alone wait on `releases` (once it is given)."""
+
+    releases: asyncio.Event | None = None
+
+    async def execute(self, arrival: int, batch: StepRequest, window: int, want_logits: bool) -> StepResult:
+        if self.releases is not None and not batch.lengths.any():
+            self.waiting.append(None)
+            await self.releases.wait()
+            self.waiting.remove(None)
+        return await super().execute(arrival, batch, window, want_logits)
+
+
+async def test_a_new_sequence_does_not_wait_for_a_request_of_releases_alone() -> None:
+    """One lane: a sequence that finished leaves a release; with nothing else to step it goes in a
+    request of its own, and a sequence submitted while that request is still unanswered starts in
+    a request sent at once beside it (no id on the wire twice), not after its answer."""
+    backend = HeldReleasesBackend()
+    held = backend.releases = asyncio.Event()
+    sched = scheduler(backend)
+    sched.start()
+    first = sched.submit(EngineRequest([1, 2], GREEDY, 2, seed=None))
+    assert tokens(await drain(first.events))  # type: ignore[arg-type]
+    await until(lambda: len(backend.waiting) == 1)  # its release, on the wire
+    ((_, release, ids),) = backend.wire
+    assert ids == {first.sequence_id} and release.end.all()
+    second = sched.submit(EngineRequest([3, 4], GREEDY, 2, seed=None))
+    events = await drain(second.events)  # type: ignore[arg-type]  # while the release is unanswered
+    assert [type(e) for e in events] == [TokenEvent] * 2 + [FinishEvent]
+    assert backend.waiting == [None] and backend.most_in_flight == 2
+    held.set()
+    await until(lambda: not backend.live and not backend.wire)  # both released
+    await sched.close()
+    assert not backend.overlaps
