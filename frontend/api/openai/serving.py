@@ -99,17 +99,22 @@ async def chunk_events(
     merged: AsyncIterator[tuple[int, StreamItem]],
     *,
     n: int,
+    streams: int,
     frames: ChunkFrames[C],
     choices: Callable[[int, StreamItem], Iterable[C | bytes]],
     opening: Iterable[C] = (),
 ) -> AsyncIterator[bytes]:
     """The frame of every OpenAI stream (completions and chat): one chunk per choice object,
     `opening`'s first, then those `choices(index, item)` makes of each item of the merged choice
-    streams, in arrival order (a choice object, or its chunk already written by `frames.text`);
-    with `frames.include_usage` a last chunk with no choices and the usage (each prompt counted
-    once: the `n` choices of a prompt share it); then `[DONE]`. A failure raises out of here, for
-    `openai_sse` to send as the last event; closing this cancels the choices still running."""
+    streams (`streams` of them), in arrival order (a choice object, or its chunk already written
+    by `frames.text`); with `frames.include_usage` a last chunk with no choices and the usage (each
+    prompt counted once: the `n` choices of a prompt share it); then `[DONE]`. The chunks of the
+    last choice's result, the usage and `[DONE]` are ready together and go out as one write (the
+    same bytes). A failure raises out of here, for `openai_sse` to send as the last event;
+    closing this cancels the choices still running."""
     prompt_tokens = completion_tokens = 0
+    ended = 0
+    tail: list[bytes] = []  # the last result's chunks, sent with the usage and [DONE]
     event = frames.event
     async with aclosing(merged):  # type: ignore[type-var]  # an async generator: closing cancels the choices
         for first in opening:
@@ -119,11 +124,16 @@ async def chunk_events(
                 if index % n == 0:  # a prompt shared by n choices counts once
                     prompt_tokens += item.prompt_tokens
                 completion_tokens += item.completion_tokens
+                ended += 1
+                if ended == streams:  # the last item of all: nothing comes between it and the end
+                    tail = [c if isinstance(c, bytes) else event([c]) for c in choices(index, item)]
+                    continue
             for choice in choices(index, item):
                 yield choice if isinstance(choice, bytes) else event([choice])
     if frames.include_usage:
-        yield event([], usage(prompt_tokens, completion_tokens))
-    yield _DONE
+        tail.append(event([], usage(prompt_tokens, completion_tokens)))
+    tail.append(_DONE)
+    yield b"".join(tail)
 
 
 _DONE = sse_frame("[DONE]")
@@ -312,6 +322,7 @@ def _completion_events(
     return chunk_events(
         merged,
         n=body.n,
+        streams=len(plan),
         frames=frames,
         choices=lambda index, item: choices[index].chunks(item),
     )

@@ -129,4 +129,4 @@ def _chat_events(
 
     # Every choice opens with the assistant's role (OpenAI's first chunk), once one has started.
     opening = [chat.ChatChunkChoice(index=index, delta=chat.Delta(role="assistant", content="")) for index in range(n)]
-    return chunk_events(merged, n=n, frames=frames, choices=choices, opening=opening)
+    return chunk_events(merged, n=n, streams=n, frames=frames, choices=choices, opening=opening)
