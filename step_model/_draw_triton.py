@@ -146,8 +146,9 @@ def first_reaching(
     lo, _ = search(row, band, n, lse, lo0, hi0, zero32, (target - DELTA_).to(tl.float32), False, 1, False, P, BLOCK)
     hi, _ = search(row, band, n, lse, lo0, hi0, zero32, (target + DELTA_).to(tl.float32), False, 1, False, P, BLOCK)
     count, below = gather_band(row, n, lse, lo, hi, band, BAND_, BLOCK)
-    x, base = search(row, band, tl.minimum(count, BAND_), lse, lo, hi, below, target, STRICT, 2, True, P, BLOCK)
-    tid, through, found = tie(row, band, tl.minimum(count, BAND_), lse, x, base, target, STRICT, BLOCK)
+    # The band is a few tokens to a few hundred: smaller blocks there (and float64 tiles 8x smaller).
+    x, base = search(row, band, tl.minimum(count, BAND_), lse, lo, hi, below, target, STRICT, 2, True, P, BLOCK // 8)
+    tid, through, found = tie(row, band, tl.minimum(count, BAND_), lse, x, base, target, STRICT, BLOCK // 8)
     return x, tid, through, found, count <= BAND_
 
 
