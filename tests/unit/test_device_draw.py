@@ -164,27 +164,37 @@ def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
     assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
 
 
-def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
-    """The GPU's draw (counts by binary search over the sorted row) is the reference's selection
-    itself: on the CPU, where the cumulative sums are sequential, equal on every row, the boundary
-    rows (constant rows, u = 0, u = 1 - 2**-53) and min-p thresholds between float32 values included."""
-    rng = np.random.default_rng(8)
-    n = 2000
-    spread = rng.choice([0.3, 1.0, 3.0, 10.0], size=n)
-    z = (rng.normal(0.0, 1.0, size=(n, 500)) * spread[:, None]).astype(np.float32)
-    z[::3] = z[::3].astype(np.float16).astype(np.float32)
-    z[::97] = 1.5
-    z[1::50, :7] = float("-inf")  # banned tokens: zero mass
+def _rows_of_every_shape(seed: int, n: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z [n, vocab], DRAW columns [n, 4], constant-row mask): flat, peaked and fp16-tied rows,
+    banned tokens, a value repeated 300 times, constant rows; every cut (top-k up to past the
+    vocabulary, top-p, min-p up to 1) and u at both ends of [0, 1)."""
+    rng = np.random.default_rng(seed)
+    spread = rng.choice([0.03, 0.3, 1.0, 3.0, 10.0, 100.0], size=n)
+    z = (rng.normal(0.0, 1.0, size=(n, vocab)) * spread[:, None]).astype(np.float32)
+    z[::3] = z[::3].astype(np.float16).astype(np.float32)  # ties
+    z[1::25, :7] = float("-inf")  # banned tokens: zero mass
+    z[2::25, :300] = 0.25  # one value, 300 times
+    constant = np.zeros(n, dtype=bool)
+    constant[::29] = True
+    z[constant] = 1.5
     columns = np.column_stack(
         (
             rng.random(n),
             rng.choice([1.0, 0.9, 0.5, 0.999, 0.01], size=n),
-            rng.choice([0.0, 0.0, 1.0, 5.0, 300.0, 500.0, 800.0], size=n),
+            rng.choice([0.0, 0.0, 1.0, 5.0, 300.0, float(vocab), vocab + 100.0], size=n),
             rng.choice([0.0, 0.0, 0.05, 0.5, 1.0], size=n),
         )
     )
     columns[::11, 0] = 0.0
     columns[5::11, 0] = 1.0 - 2**-53
+    return z, columns, constant
+
+
+def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
+    """The GPU's draw (counts by binary search over the sorted row) is the reference's selection
+    itself: on the CPU, where the cumulative sums are sequential, equal on every row, the boundary
+    rows (constant rows, u = 0, u = 1 - 2**-53) and min-p thresholds between float32 values included."""
+    z, columns, _ = _rows_of_every_shape(8, 2000, 500)
     zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
     lse = torch.logsumexp(zt, dim=1)
     searched, reference = draw_rows_searched(zt, lse, ct), draw_rows_sorted(zt, lse, ct)
@@ -272,26 +282,7 @@ def test_the_kernel_draw_equals_the_sorted_one_on_rows_of_every_shape(monkeypatc
 
     dev = _kernel_device(monkeypatch)
     assert kernel_available(dev)
-    rng = np.random.default_rng(9)
-    n = 3000 if dev.type == "cuda" else 90
-    spread = rng.choice([0.03, 0.3, 1.0, 3.0, 10.0, 100.0], size=n)
-    z = (rng.normal(0.0, 1.0, size=(n, 700)) * spread[:, None]).astype(np.float32)
-    z[::3] = z[::3].astype(np.float16).astype(np.float32)  # ties
-    z[1::25, :7] = float("-inf")  # banned tokens: zero mass
-    z[2::25, :300] = 0.25  # one value, 300 times
-    constant = np.zeros(n, dtype=bool)
-    constant[::29] = True
-    z[constant] = 1.5
-    columns = np.column_stack(
-        (
-            rng.random(n),
-            rng.choice([1.0, 0.9, 0.5, 0.999, 0.01], size=n),
-            rng.choice([0.0, 0.0, 1.0, 5.0, 300.0, 700.0, 800.0], size=n),
-            rng.choice([0.0, 0.0, 0.05, 0.5, 1.0], size=n),
-        )
-    )
-    columns[::11, 0] = 0.0
-    columns[5::11, 0] = 1.0 - 2**-53
+    z, columns, constant = _rows_of_every_shape(9, 3000 if dev.type == "cuda" else 90, 700)
     zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
     lse = torch.logsumexp(zt, dim=1)
     reference = draw_rows_sorted(zt, lse, ct)
@@ -300,7 +291,7 @@ def test_the_kernel_draw_equals_the_sorted_one_on_rows_of_every_shape(monkeypatc
     exact = ~constant & (columns[:, 0] < 0.5 + 0.5 * (1.0 - 2**-40))
     np.testing.assert_array_equal(got[0].numpy()[exact], reference[0].numpy()[exact])
     np.testing.assert_array_equal(got[1].numpy()[exact], reference[1].numpy()[exact])
-    assert exact.sum() > 0.85 * n and unsettled.mean() < 0.05
+    assert exact.sum() > 0.85 * len(z) and unsettled.mean() < 0.05
     rows = np.flatnonzero(~exact)
     assert (z[rows, got[0].numpy()[rows]] == got[1].numpy()[rows]).all()
 
