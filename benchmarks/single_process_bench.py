@@ -212,7 +212,6 @@ def _scheduler_engine(model: Any, step_ms: float, max_running: int, metrics: Any
 def serve(
     port: int, engine: str, step_ms: float, streams: int, profile_to: str | None, per_round: int | None = None
 ) -> None:
-    import uvicorn
 
     from frontend.app import create_app
     from frontend.cache import MemoryResultCache
@@ -240,7 +239,14 @@ def serve(
         return StepEngine(model, step_ms, streams)
 
     app = create_app(settings, engine_factory=factory, cache=MemoryResultCache(16, 60.0))
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=4096)
+    run_uvicorn(app, port, profile_to=profile_to, backlog=4096)
+
+
+def run_uvicorn(app: Any, port: int, *, profile_to: str | None = None, backlog: int = 2048) -> None:
+    """Serve `app` on 127.0.0.1:`port` until SIGTERM, under cProfile (stats to `profile_to`) when given."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=backlog)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]  # ours, below
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))

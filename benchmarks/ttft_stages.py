@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
 import itertools
 import json
 import os
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.single_process_bench import _free_port, _model, _scheduler_engine, _wait_up
+from benchmarks.single_process_bench import _free_port, _model, _scheduler_engine, _wait_up, run_uvicorn
 
 _MARKS: list[tuple[str, int]] = []
 _now = time.monotonic_ns
@@ -88,23 +87,8 @@ def _hook_worker(app: Any) -> Any:
 
     serving.openai_sse = openai_sse_  # type: ignore[assignment]
 
-    tokenize = GenerationService.tokenize
-
-    def tokenize_(self: Any, *args: Any, **kwargs: Any) -> Any:
-        mark("tokenize")
-        out = tokenize(self, *args, **kwargs)
-        mark("tokenized")
-        return out
-
-    GenerationService.tokenize = tokenize_  # type: ignore[method-assign]
-    prepare = GenerationService.prepare
-
-    def prepare_(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = prepare(self, *args, **kwargs)
-        mark("prepared")
-        return out
-
-    GenerationService.prepare = prepare_  # type: ignore[method-assign]
+    _mark_around(GenerationService, "tokenize", before="tokenize", after="tokenized")
+    _mark_around(GenerationService, "prepare", after="prepared")
     generate = stream_mod.generate
 
     async def generate_(engine: Any, *args: Any, **kwargs: Any) -> Any:
@@ -117,22 +101,10 @@ def _hook_worker(app: Any) -> Any:
             yield item
 
     service_mod.generate = generate_  # type: ignore[assignment]
-    put = StreamSink.put_nowait
-
-    def put_(self: Any, event: Any, /) -> None:
-        mark("sink_event")
-        put(self, event)
-
-    StreamSink.put_nowait = put_  # type: ignore[method-assign]
+    _mark_around(StreamSink, "put_nowait", before="sink_event")
     from frontend.engine.remote import RemoteEngine
 
-    dispatch = RemoteEngine._dispatch
-
-    def dispatch_(self: Any, items: Any) -> None:
-        mark("worker_received")
-        dispatch(self, items)
-
-    RemoteEngine._dispatch = dispatch_  # type: ignore[method-assign]
+    _mark_around(RemoteEngine, "_dispatch", before="worker_received")
 
     if os.environ.get("TTFT_LAYERS"):  # a mark as each ASGI layer is entered (diagnostics)
         _mark_layers(app)
@@ -182,6 +154,21 @@ def _mark_layers(app: Any) -> None:
     routing.solve_dependencies = solve_  # type: ignore[assignment]
 
 
+def _mark_around(owner: Any, name: str, *, before: str | None = None, after: str | None = None) -> None:
+    """Replace the (synchronous) method `owner.name` by one that marks `before` and `after` its call."""
+    method = getattr(owner, name)
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            mark(before)
+        out = method(*args, **kwargs)
+        if after:
+            mark(after)
+        return out
+
+    setattr(owner, name, marked)
+
+
 class _SubmitMark:
     """The engine, with marks around `submit`."""
 
@@ -218,13 +205,7 @@ def _hook_engine() -> None:
         handle(self, identity, msg)
 
     EngineCore._handle = handle_  # type: ignore[method-assign]
-    put = _Sink.put_nowait
-
-    def put_(self: Any, item: Any, /) -> None:
-        mark("core_event")
-        put(self, item)
-
-    _Sink.put_nowait = put_  # type: ignore[method-assign]
+    _mark_around(_Sink, "put_nowait", before="core_event")
     flush = EngineCore._flush
 
     def flush_(self: Any, worker: Any) -> None:
@@ -263,22 +244,7 @@ def _settings(**extra: Any) -> Any:
 
 
 def _run_uvicorn(app: Any, port: int) -> None:
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-    profile_to = os.environ.get("TTFT_PROFILE")
-    if profile_to:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    server.run()
-    if profile_to:
-        profiler.disable()
-        profiler.dump_stats(profile_to)
+    run_uvicorn(app, port, profile_to=os.environ.get("TTFT_PROFILE"))
 
 
 def serve_inproc(port: int, step_ms: float, marks: str) -> None:
