@@ -268,7 +268,9 @@ class _Bins:
     def __init__(self, z: torch.Tensor, p: torch.Tensor) -> None:
         rows = z.shape[0]
         self.z, self.p = z, p
-        zmin, zmax = torch.aminmax(z, dim=1)
+        zmax = z.amax(dim=1)
+        # The lowest finite value: a banned token's -inf would make the range infinite (its bin: the last).
+        zmin = torch.minimum(torch.where(torch.isinf(z), float("inf"), z).amin(dim=1), zmax)
         self.zmax = zmax
         self.scale = (_BINS - 1) / torch.clamp(zmax - zmin, min=1e-30)
         self.bins = self._bin_of(z)

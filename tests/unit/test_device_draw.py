@@ -127,43 +127,6 @@ def test_a_drawn_step_reports_what_the_full_row_path_reports() -> None:
         assert got == sample(full, params, float(u[i]))
 
 
-def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
-    """The binned draw (linear passes, one bin sorted per cut) against the full sort, on 3000 rows
-    of every shape (flat, peaked, fp16-tied), settings drawn at random, u = 0 among them. Both are
-    exact up to float rounding, which they meet in different orders of summation: so rows where a
-    sum lands on a boundary by construction are left out (constant rows, whose cumulative masses
-    hit top_p exactly; u = 1 - 2**-53, whose draw meets the kept total), and there the binned
-    token only has to be a kept token of the same value or a positive-mass one."""
-    rng = np.random.default_rng(5)
-    n = 3000
-    spread = rng.choice([0.3, 1.0, 3.0, 10.0], size=n)
-    z = (rng.normal(0.0, 1.0, size=(n, 700)) * spread[:, None]).astype(np.float32)
-    z[::3] = z[::3].astype(np.float16).astype(np.float32)  # ties
-    constant = np.zeros(n, dtype=bool)
-    constant[::97] = True
-    z[constant] = 1.5
-    columns = np.column_stack(
-        (
-            rng.random(n),
-            rng.choice([1.0, 0.9, 0.5, 0.999, 0.01], size=n),
-            rng.choice([0.0, 0.0, 5.0, 300.0, 700.0], size=n),
-            rng.choice([0.0, 0.0, 0.05, 0.5], size=n),
-        )
-    )
-    columns[::11, 0] = 0.0
-    columns[5::11, 0] = 1.0 - 2**-53
-    zt = torch.from_numpy(z)
-    lse = torch.logsumexp(zt, dim=1)
-    binned = draw_rows(zt, lse, torch.from_numpy(columns))
-    reference = draw_rows_sorted(zt, lse, torch.from_numpy(columns))
-    exact = ~constant & (columns[:, 0] < 0.5 + 0.5 * (1.0 - 2**-40))
-    np.testing.assert_array_equal(binned[0].numpy()[exact], reference[0].numpy()[exact])
-    np.testing.assert_array_equal(binned[1].numpy()[exact], reference[1].numpy()[exact])
-    assert exact.sum() > 2600
-    rows = np.flatnonzero(~exact)
-    assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
-
-
 def _rows_of_every_shape(seed: int, n: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z [n, vocab], DRAW columns [n, 4], constant-row mask): flat, peaked and fp16-tied rows,
     banned tokens, a value repeated 300 times, constant rows; every cut (top-k up to past the
@@ -188,6 +151,26 @@ def _rows_of_every_shape(seed: int, n: int, vocab: int) -> tuple[np.ndarray, np.
     columns[::11, 0] = 0.0
     columns[5::11, 0] = 1.0 - 2**-53
     return z, columns, constant
+
+
+def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
+    """The binned draw (linear passes, one bin sorted per cut) against the full sort, on 3000 rows
+    of every shape (`_rows_of_every_shape`), settings drawn at random, u = 0 among them. Both are
+    exact up to float rounding, which they meet in different orders of summation: so rows where a
+    sum lands on a boundary by construction are left out (constant rows, whose cumulative masses
+    hit top_p exactly; u = 1 - 2**-53, whose draw meets the kept total), and there the binned
+    token only has to be a kept token of the same value or a positive-mass one."""
+    z, columns, constant = _rows_of_every_shape(5, 3000, 700)
+    zt = torch.from_numpy(z)
+    lse = torch.logsumexp(zt, dim=1)
+    binned = draw_rows(zt, lse, torch.from_numpy(columns))
+    reference = draw_rows_sorted(zt, lse, torch.from_numpy(columns))
+    exact = ~constant & (columns[:, 0] < 0.5 + 0.5 * (1.0 - 2**-40))
+    np.testing.assert_array_equal(binned[0].numpy()[exact], reference[0].numpy()[exact])
+    np.testing.assert_array_equal(binned[1].numpy()[exact], reference[1].numpy()[exact])
+    assert exact.sum() > 2600
+    rows = np.flatnonzero(~exact)
+    assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
 
 
 def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
