@@ -211,9 +211,13 @@ def generate_in_slot(eng: StepEngine, below: int, neighbours: int) -> list[Answe
     held = [next(_ids) for _ in range(below)]
     beside = [next(_ids) for _ in range(neighbours)]
     if held:
-        step(eng, [Row(s, OTHER_PROMPTS[i], start=True, invariant=True) for i, s in enumerate(held)])
+        step(
+            eng, [Row(s, OTHER_PROMPTS[i % len(OTHER_PROMPTS)], start=True, invariant=True) for i, s in enumerate(held)]
+        )
     first = Row(me, PROMPT, start=True, temperature=0.7, draw=(LONG_UNIFORMS[0], 0.9, 0.0, 0.0), invariant=True)
-    rows = [first] + [Row(s, OTHER_PROMPTS[-1 - i], start=True, invariant=True) for i, s in enumerate(beside)]
+    rows = [first] + [
+        Row(s, OTHER_PROMPTS[-1 - i % len(OTHER_PROMPTS)], start=True, invariant=True) for i, s in enumerate(beside)
+    ]
     answers = [answer(step(eng, rows), 0)]
     others = held + beside
     for k, token in enumerate(LONG):
