@@ -263,9 +263,11 @@ class DecodeRunner:
             decode.total_length[...] = self.setup.max_context if fixed else int(positions.max()) + 1
             decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
 
-    def run(self, decode: DecodeBuffers, *, graphed: bool) -> bool:
-        """Run it; its window and log-sum-exp land in `decode.host`. Returns whether a captured
-        graph was replayed (ONNX Runtime runs a graph eagerly twice before it captures it)."""
+    def run(self, decode: DecodeBuffers, *, graphed: bool, collect: bool = True) -> bool:
+        """Run it; its window and log-sum-exp land in `decode.host` (`collect`; else they stay on
+        the device, unsynchronised: a run ahead reads them there, step_model.ahead). Returns
+        whether a captured graph was replayed (ONNX Runtime runs a graph eagerly twice before it
+        captures it)."""
         if graphed:
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(decode.graph_id))
@@ -283,6 +285,8 @@ class DecodeRunner:
             # On the CPU the graph's own log-sum-exp depends on the row count (step_model.kernels);
             # each row's maximum is its window's first entry.
             row_logsumexp(decode.logits, decode.lse, decode.topk_logits[:, 0])
+        if not collect:
+            return replayed
         for name, tensor in (("topk_logits", decode.topk_logits), ("topk_ids", decode.topk_ids), ("lse", decode.lse)):
             decode.host[name].copy_(tensor, non_blocking=True)
         if self.setup.stream is not None:

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from step_model import contract
-from step_model.contract import RowStatus
+from step_model.ahead import GREEDY, AheadAnswers, run_ahead
+from step_model.contract import RowStatus, graph_io
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
 from step_model.draw import draw_rows_searched
@@ -87,6 +88,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_NONE = np.zeros(1 << 16, dtype=np.int64)  # no row runs ahead (a view of its first n entries)
 _WARM_PREFILL_ROWS = 64  # warm_up runs prefill shapes of up to this many rows
 # Device draws replayed from CUDA graphs: the captured (flagging) function and its fallback.
 _GRAPHED_DRAWS = {
@@ -112,6 +114,7 @@ class EngineStats:
     graph_replays_total: int = 0
     drawn_rows_total: int = 0  # rows drawn on the device (DRAW), their window short of their cut
     replayed_tokens_total: int = 0  # generated tokens replayed into a rebuilt cache (PARAM_REPLAY_FROM)
+    ahead_tokens_total: int = 0  # tokens decoded ahead of their row's answer (PARAM_AHEAD)
     # Where a step's wall time goes (microseconds, summed over steps; the GPU work is inside,
     # every phase ends with its results on the host): prompts prefilled (prefill_runs_total
     # eager passes), decode runs, and the answers (fetches, draws, extra logits, full rows).
@@ -379,6 +382,9 @@ class StepEngine:
                 reserved_left=reserved_left,
             )
             self.stats.rejected_full_total += refused_full
+            if req.rewind is not None:  # tokens fed after a proposal the caller did not accept
+                back = (status == RowStatus.OK) & (req.rewind > 0)
+                self._length[slots[back]] -= req.rewind[back]
             started = req.start & (status == RowStatus.OK)
             free_left -= int((started & ~reserved).sum())
             reserved_left -= int((started & reserved).sum())
@@ -470,8 +476,8 @@ class StepEngine:
         for j in range(int((lengths - prompt).max())):
             stepping = np.flatnonzero(prompt + j < lengths)
             tokens = input_ids[stepping, prompt[stepping] + j]
-            out = self._decode(new_slots[stepping], tokens, temperature[stepping], window, now)
-            topk_logits[stepping], topk_ids[stepping], lse[stepping] = out
+            run = self._decode(new_slots[stepping], tokens, temperature[stepping], window, now, _NONE[: stepping.size])
+            topk_logits[stepping], topk_ids[stepping], lse[stepping] = run.topk_logits, run.topk_ids, run.logsumexp
             self.stats.replayed_tokens_total += int(stepping.size)
         at = 0
         for req, slots, res, rows in chosen:
@@ -540,27 +546,42 @@ class StepEngine:
         step_slots = np.concatenate([slots[rows] for _, slots, _, rows in chosen])
         tokens = np.concatenate([req.input_ids[rows, 0] for req, _, _, rows in chosen]).astype(np.int64)
         temperature = np.concatenate([req.temperature[rows] for req, _, _, rows in chosen]).astype(np.float32)
-        topk_logits, topk_ids, lse = self._decode(step_slots, tokens, temperature, window, now)
+        ahead = np.concatenate([req.ahead_of(rows) for req, _, _, rows in chosen])
+        depth = int(ahead.max())
+        draw = ahead_u = None
+        if depth:  # the rows' cuts and uniforms for the proposals (step_model.ahead)
+            draw = np.concatenate([_draw_columns(req, rows) for req, _, _, rows in chosen])
+            ahead_u = np.concatenate([_ahead_uniforms(req, rows, depth) for req, _, _, rows in chosen])
+        run = self._decode(step_slots, tokens, temperature, window, now, ahead, draw, ahead_u)
         at = 0
         for req, _, res, rows in chosen:
-            k = req.window
-            res.topk_logits[rows] = topk_logits[at : at + rows.size, :k]
-            res.topk_ids[rows] = topk_ids[at : at + rows.size, :k]
-            res.logsumexp[rows] = lse[at : at + rows.size]
-            at += rows.size
+            k, end = req.window, at + rows.size
+            res.topk_logits[rows] = run.topk_logits[at:end, :k]
+            res.topk_ids[rows] = run.topk_ids[at:end, :k]
+            res.logsumexp[rows] = run.logsumexp[at:end]
+            if depth and req.ahead is not None:
+                _answer_ahead(res, rows, run, at, k, int(req.ahead.max()))
+            at = end
 
     def _decode(
-        self, slots: np.ndarray, tokens: np.ndarray, temperature: np.ndarray, window: int, now: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One token for each of `slots`: (top-K logits [n, window], ids, log-sum-exp [n]) in their
-        order. Slots outside the reserved range decode in one run over [start of the lowest one's
-        partition, highest + 1); reserved ones in the reserved range's own run, always over all of
-        it (a fixed row count, and on the CPU a fixed attention length: the pool's context)."""
+        self,
+        slots: np.ndarray,
+        tokens: np.ndarray,
+        temperature: np.ndarray,
+        window: int,
+        now: float,
+        ahead: np.ndarray,
+        draw: np.ndarray | None = None,
+        ahead_u: np.ndarray | None = None,
+    ) -> AheadAnswers:
+        """1 + ahead[i] tokens for each of `slots` (step_model.ahead): each row's last decode's
+        window and log-sum-exp in their order, and the ahead decodes'. Slots outside the reserved
+        range decode in one run over [start of the lowest one's partition, highest + 1); reserved
+        ones in the reserved range's own run, always over all of it (a fixed row count, and on the
+        CPU a fixed attention length: the pool's context)."""
         pool = self._free_slots
-        n = int(slots.shape[0])
-        topk_logits = np.zeros((n, window), dtype=np.float32)
-        topk_ids = np.zeros((n, window), dtype=np.int64)
-        lse = np.zeros(n, dtype=np.float32)
+        n, depth = int(slots.shape[0]), int(ahead.max())
+        out = AheadAnswers.empty(n, depth, window)
         reserved = slots >= pool.reserved_start
         for group, fixed in ((np.flatnonzero(~reserved), False), (np.flatnonzero(reserved), True)):
             if not group.size:
@@ -573,22 +594,74 @@ class StepEngine:
             decode, graphed = self.decoder.buffers_for(first, hi, window, end=end, fixed=fixed)
             self.decoder.fill(decode, self._length, mine_slots, tokens[group], temperature[group], fixed=fixed)
             self._save_bystanders(decode, mine_slots)
+            mine = mine_slots - decode.first
+            if int(ahead[group].max()):
+                self._decode_ahead(decode, graphed, fixed, mine, group, ahead, draw, ahead_u, window, out)
+                self._home[mine_slots[ahead[group] == int(ahead[group].max())]] = decode.key
+                continue
             self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed))
             host = decode.host
-            mine = mine_slots - decode.first
             if host["topk_logits"].shape[1] >= window:
-                topk_logits[group] = host["topk_logits"].numpy()[mine, :window]
-                topk_ids[group] = host["topk_ids"].numpy()[mine, :window]
+                out.topk_logits[group] = host["topk_logits"].numpy()[mine, :window]
+                out.topk_ids[group] = host["topk_ids"].numpy()[mine, :window]
             else:  # a graph of the reserved range, narrower than this step's window
                 rows = decode.logits.index_select(0, torch.from_numpy(mine).to(self.device))
                 values, ids = torch.topk(rows, window, dim=-1)
-                topk_logits[group], topk_ids[group] = values.cpu().numpy(), ids.cpu().numpy()
-            lse[group] = host["lse"].numpy()[mine]
+                out.topk_logits[group], out.topk_ids[group] = values.cpu().numpy(), ids.cpu().numpy()
+            out.logsumexp[group] = host["lse"].numpy()[mine]
             self._home[mine_slots] = decode.key
-        self._length[slots] += 1
+        self._length[slots] += 1 + ahead
         self._last_used[slots] = now
-        self.stats.decode_tokens_total += n
-        return topk_logits, topk_ids, lse
+        self.stats.decode_tokens_total += n + int(ahead.sum())
+        self.stats.ahead_tokens_total += int(ahead.sum())
+        return out
+
+    def _decode_ahead(
+        self,
+        decode: DecodeBuffers,
+        graphed: bool,
+        fixed: bool,
+        mine: np.ndarray,
+        group: np.ndarray,
+        ahead: np.ndarray,
+        draw: np.ndarray | None,
+        ahead_u: np.ndarray | None,
+        window: int,
+        out: AheadAnswers,
+    ) -> None:
+        """`_decode`'s run of one slot range whose rows run ahead (step_model.ahead)."""
+
+        def run() -> None:
+            self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed, collect=False))
+
+        def save(buffer_rows: np.ndarray, buffer_rows_t: torch.Tensor) -> None:
+            slots = buffer_rows + decode.first
+            index = buffer_rows_t + decode.first
+            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, buffer_rows_t))
+            self._home[slots] = -1
+
+        total_length = None
+        if not graphed:  # an eager run attends as far as its longest row, which grows by one a decode
+            longest = int(self._length[decode.first : decode.first + decode.rows].max())
+
+            def total_length(s: int) -> None:
+                reach = self.meta.max_context if fixed else min(self.meta.max_context, longest + 1 + s)
+                decode.total_length[...] = reach
+                decode.binding.bind_cpu_input(graph_io.TOTAL_SEQUENCE_LENGTH, decode.total_length)
+
+        answers = run_ahead(
+            decode,
+            run,
+            mine,
+            ahead[group],
+            draw[group] if draw is not None else None,
+            ahead_u[group] if ahead_u is not None else None,
+            window,
+            self._draw,
+            save,
+            total_length,
+        )
+        out.put(group, answers)
 
     # ----------------------------------------------------------------------------- stored logits
     def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray) -> None:
@@ -657,3 +730,36 @@ class StepEngine:
             if ending.any():
                 self._free_slots_of(slots[ending])
                 self.stats.ended_total += int(ending.sum())
+
+
+def _draw_columns(req: StepRequest, rows: np.ndarray) -> np.ndarray:
+    """The rows' DRAW columns; an argmax's where the request carries none."""
+    if req.draw is not None:
+        return req.draw[rows]
+    return np.tile(GREEDY, (rows.size, 1))
+
+
+def _ahead_uniforms(req: StepRequest, rows: np.ndarray, depth: int) -> np.ndarray:
+    """The rows' AHEAD_U, `depth` wide (zeros where the request carries fewer)."""
+    u = np.zeros((rows.size, depth), dtype=np.float64)
+    if req.ahead_u is not None:
+        width = min(depth, req.ahead_u.shape[1])
+        u[:, :width] = req.ahead_u[rows, :width]
+    return u
+
+
+def _answer_ahead(res: StepResult, rows: np.ndarray, run: AheadAnswers, at: int, window: int, depth: int) -> None:
+    """A request's ahead answers (contract.AHEAD_OUTPUTS), `depth` wide: its rows' share of `run`."""
+    n, end = res.status.shape[0], at + rows.size
+    res.ahead_topk_logits = np.zeros((n, depth, window), dtype=np.float32)
+    res.ahead_topk_ids = np.zeros((n, depth, window), dtype=np.int64)
+    res.ahead_logsumexp = np.zeros((n, depth), dtype=np.float32)
+    res.ahead_ids = np.full((n, depth), -1, dtype=np.int64)
+    res.ahead_logits = np.zeros((n, depth), dtype=np.float32)
+    res.ahead_drawn = np.zeros((n, depth), dtype=bool)
+    res.ahead_topk_logits[rows] = run.ahead_topk_logits[at:end, :depth, :window]
+    res.ahead_topk_ids[rows] = run.ahead_topk_ids[at:end, :depth, :window]
+    res.ahead_logsumexp[rows] = run.ahead_logsumexp[at:end, :depth]
+    res.ahead_ids[rows] = run.ahead_ids[at:end, :depth]
+    res.ahead_logits[rows] = run.ahead_logits[at:end, :depth]
+    res.ahead_drawn[rows] = run.ahead_drawn[at:end, :depth]

@@ -46,6 +46,13 @@ class StepRequest:
     )
     invariant: np.ndarray | None = None  # bool [N]: batch-invariant rows (contract.PARAM_INVARIANT_ROWS)
     replay_from: np.ndarray | None = None  # int32 [N]: -1, or a start row's prompt length (PARAM_REPLAY_FROM)
+    ahead: np.ndarray | None = None  # int32 [N]: decodes run ahead of the row's answer (PARAM_AHEAD)
+    ahead_u: np.ndarray | None = None  # float64 [N, A]: their uniforms (contract.AHEAD_U)
+    rewind: np.ndarray | None = None  # int32 [N]: cached tokens to drop before the row's input (PARAM_REWIND)
+
+    def ahead_of(self, rows: np.ndarray) -> np.ndarray:
+        """The rows' ahead counts (0 where the request names none)."""
+        return self.ahead[rows].astype(np.int64) if self.ahead is not None else np.zeros(rows.shape[0], np.int64)
 
 
 @dataclass
@@ -66,6 +73,13 @@ class StepResult:
     # When the request carried DRAW: int64 [N] (-1 where not drawn), float32 [N]
     drawn_ids: np.ndarray | None = None
     drawn_logits: np.ndarray | None = None
+    # When rows ran ahead (contract.AHEAD_OUTPUTS): [N, A, K], [N, A, K], [N, A], [N, A], [N, A], [N, A]
+    ahead_topk_logits: np.ndarray | None = None
+    ahead_topk_ids: np.ndarray | None = None
+    ahead_logsumexp: np.ndarray | None = None
+    ahead_ids: np.ndarray | None = None
+    ahead_logits: np.ndarray | None = None
+    ahead_drawn: np.ndarray | None = None
 
 
 def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
@@ -89,11 +103,21 @@ def check_shapes(req: StepRequest, claimed: set[int], vocab_size: int) -> None:
     for name, per_row in (
         (contract.PARAM_INVARIANT_ROWS, req.invariant),
         (contract.PARAM_REPLAY_FROM, req.replay_from),
+        (contract.PARAM_AHEAD, req.ahead),
+        (contract.PARAM_REWIND, req.rewind),
     ):
         if per_row is not None and per_row.shape != (n,):
             raise InvalidRequest(f"{name} names {per_row.shape[0] if per_row.ndim else 0} rows, the request has {n}")
     if req.draw is not None and req.draw.shape != (n, 4):
         raise InvalidRequest(f"{contract.DRAW} must be [{n}, 4], got {list(req.draw.shape)}")
+    if req.ahead_u is not None and (req.ahead_u.ndim != 2 or req.ahead_u.shape[0] != n):
+        raise InvalidRequest(f"{contract.AHEAD_U} must be [{n}, A], got {list(req.ahead_u.shape)}")
+    if req.ahead is not None and req.ahead.size and int(req.ahead.max()) > 0:
+        sampled = req.draw[:, 0] >= 0 if req.draw is not None else np.zeros(n, dtype=bool)
+        wanted = int(req.ahead[sampled].max()) if sampled.any() else 0
+        have = req.ahead_u.shape[1] if req.ahead_u is not None else 0
+        if wanted > have:
+            raise InvalidRequest(f"rows run {wanted} decodes ahead, {contract.AHEAD_U} holds {have} uniforms")
     if not 1 <= req.window <= vocab_size:
         raise InvalidRequest(f"logits_window must be in [1, {vocab_size}], got {req.window}")
     unique = set(req.sequence_ids.tolist())
@@ -169,8 +193,19 @@ def row_status(
         asked = replay >= 0
         refuse(asked & ~start, _INVALID, "only a start row replays tokens")
         refuse(asked & ((replay < 1) | (replay > lengths)), _INVALID, "replay_from must be in [1, LENGTH]")
+    ahead = req.ahead.astype(np.int64) if req.ahead is not None else np.zeros(n, dtype=np.int64)
+    rewind = req.rewind.astype(np.int64) if req.rewind is not None else np.zeros(n, dtype=np.int64)
+    decode_row = ~start & (lengths == 1)
+    refuse((ahead < 0) | (rewind < 0), _INVALID, f"{contract.PARAM_AHEAD} and {contract.PARAM_REWIND} must be >= 0")
+    refuse(((ahead > 0) | (rewind > 0)) & ~decode_row, _INVALID, "only a decode row runs ahead or rewinds")
+    refuse(known & (rewind >= cached), _INVALID, "rewind must leave at least one cached token")
+    if req.ahead_u is not None and req.draw is not None and (ahead > 0).any():
+        used = np.arange(req.ahead_u.shape[1])[None, :] < ahead[:, None]
+        u = req.ahead_u
+        bad_u = (used & (req.draw[:, :1] >= 0) & ~((u >= 0) & (u < 1))).any(axis=1)
+        refuse(bad_u, _INVALID, f"{contract.AHEAD_U} must be in [0, 1)")
     refuse(
-        ~start & known & (cached + lengths > max_context),
+        ~start & known & (cached - rewind + lengths + ahead > max_context),
         _INVALID,
         f"would exceed the context of {max_context} tokens",
     )

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from step_model import contract  # noqa: E402
+from step_model.ahead import AHEAD_FIELDS  # noqa: E402
 from step_model.contract.model_config import setting  # noqa: E402
 from step_model.engine import EngineError, ModelMeta, StepEngine, StepRequest  # noqa: E402
 
@@ -60,7 +61,9 @@ def _per_row_ints(value: object, n: int, name: str = contract.PARAM_PROMPT_LOGPR
 
 
 def _output(name: str, array: np.ndarray) -> Any:
-    """A response tensor built through DLPack (see _to_numpy)."""
+    """A response tensor built through DLPack (see _to_numpy); booleans as numpy arrays."""
+    if array.dtype == np.bool_:
+        return pb_utils.Tensor(name, np.ascontiguousarray(array))
     contiguous = torch.from_numpy(np.ascontiguousarray(array))
     return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(contiguous))
 
@@ -238,6 +241,11 @@ class TritonPythonModel:
             if result.extra_logits is not None and result.rest_logsumexp is not None:
                 tensors.append(_output(contract.EXTRA_LOGITS, result.extra_logits))
                 tensors.append(_output(contract.REST_LOGSUMEXP, result.rest_logsumexp.reshape(-1, 1)))
+            if result.ahead_ids is not None:
+                tensors.extend(
+                    _output(name, getattr(result, field))
+                    for name, field in zip(contract.AHEAD_OUTPUTS, AHEAD_FIELDS, strict=True)
+                )
             if result.prompt_logprobs is not None:
                 assert result.prompt_top_ids is not None and result.prompt_top_logprobs is not None
                 tensors.append(_output(contract.PROMPT_LOGPROBS, result.prompt_logprobs))
@@ -265,6 +273,7 @@ class TritonPythonModel:
 
         extra = inputs.get(contract.EXTRA_IDS)  # optional
         draw = inputs.get(contract.DRAW)  # optional
+        ahead_u = inputs.get(contract.AHEAD_U)  # optional
         raw = request.parameters()  # type: ignore[attr-defined]
         params = json.loads(raw) if raw else {}
         window = int(params.get(contract.PARAM_LOGITS_WINDOW, self.default_window))
@@ -296,6 +305,13 @@ class TritonPythonModel:
             else None,
             extra_ids=_to_numpy(extra).astype(np.int64, copy=False) if extra is not None else None,
             draw=_to_numpy(draw).astype(np.float64, copy=False) if draw is not None else None,
+            ahead=_per_row_ints(params.get(contract.PARAM_AHEAD), n, contract.PARAM_AHEAD)
+            if params.get(contract.PARAM_AHEAD)
+            else None,
+            ahead_u=_to_numpy(ahead_u).astype(np.float64, copy=False) if ahead_u is not None else None,
+            rewind=_per_row_ints(params.get(contract.PARAM_REWIND), n, contract.PARAM_REWIND)
+            if params.get(contract.PARAM_REWIND)
+            else None,
             kv_partition=int(params[contract.PARAM_KV_PARTITION]) if contract.PARAM_KV_PARTITION in params else None,
         )
 

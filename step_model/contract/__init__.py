@@ -26,6 +26,8 @@ A step request carries N rows (the batch dimension), one per sequence:
   DRAW        fp64   [N,4]  optional: per row (u, top_p, top_k, min_p): the caller's uniform and
                             cuts, for a draw on the device when the window cannot hold the cut
                             (step_model/draw.py); u < 0: not asked
+  AHEAD_U     fp64   [N,A]  optional, with PARAM_AHEAD: per row, the uniforms of the decodes it runs
+                            ahead of its answer (below; entries past the row's own count ignored)
 
 and answers, per row:
 
@@ -43,6 +45,26 @@ and answers, per row:
   REST_LOGSUMEXP fp32 [N,1] with EXTRA_IDS: log-sum-exp of the scaled row WITHOUT those ids (computed
                             by masking them, not by subtraction: no cancellation), so the caller
                             can renormalise a row whose EXTRA_IDS logits it changed exactly
+
+Running ahead (PARAM_AHEAD, docs/architecture.md "Multi-token steps"): a decode row may run a >= 0
+more decodes in the same execution, each fed the token the model proposes for the one before (from
+the window, exactly the caller's selection for that row's cuts and uniform: DRAW's cuts, AHEAD_U's
+uniform, u < 0 in DRAW the argmax; drawn from the whole row where the cut is not inside the window).
+The answers above (TOPK_*, LOGSUMEXP, DRAWN_*, LOGITS) are then those of the row's LAST decode, and
+the a decodes before it answer in
+
+  AHEAD_TOPK_LOGITS fp32 [N,A,K]  each ahead decode's window (A = the request's largest a)
+  AHEAD_TOPK_IDS int64  [N,A,K]
+  AHEAD_LOGSUMEXP fp32  [N,A]
+  AHEAD_IDS   int64  [N,A]  the token the model proposed there and fed to the next decode (-1 past
+                            the row's a)
+  AHEAD_LOGITS fp32  [N,A]  its scaled logit
+  AHEAD_DRAWN bool   [N,A]  it was drawn from the whole row (as DRAWN_IDS: the caller's full-row
+                            sampler's token for that uniform), not from the window
+
+The caller keeps its own sampler as the judge: it samples each ahead window with its own uniform and
+accepts the proposals up to the first that differs (a drawn one it takes as drawn); the tokens fed
+after that are wrong, so its next decode row names PARAM_REWIND, the cached tokens to drop first.
 
 Request parameter `logits_window` (int) sets K. A malformed request (wrong shapes, a sequence
 twice) fails as a whole with a Triton error and changes nothing.
@@ -66,6 +88,7 @@ END: Final = "END"
 TEMPERATURE: Final = "TEMPERATURE"
 EXTRA_IDS: Final = "EXTRA_IDS"
 DRAW: Final = "DRAW"
+AHEAD_U: Final = "AHEAD_U"
 
 STATUS: Final = "STATUS"
 TOPK_LOGITS: Final = "TOPK_LOGITS"
@@ -79,6 +102,12 @@ DRAWN_LOGITS: Final = "DRAWN_LOGITS"
 # Prompt logprobs (OpenAI's `echo` with `logprobs`), for start rows that ask (PARAM_PROMPT_LOGPROBS):
 # [N, T]: position t holds log p(token t | tokens < t) of the row's prompt, unscaled (temperature
 # 1); position 0 and positions past the prompt hold 0. [N, T, K]: the K most likely tokens there.
+AHEAD_TOPK_LOGITS: Final = "AHEAD_TOPK_LOGITS"
+AHEAD_TOPK_IDS: Final = "AHEAD_TOPK_IDS"
+AHEAD_LOGSUMEXP: Final = "AHEAD_LOGSUMEXP"
+AHEAD_IDS: Final = "AHEAD_IDS"
+AHEAD_LOGITS: Final = "AHEAD_LOGITS"
+AHEAD_DRAWN: Final = "AHEAD_DRAWN"
 PROMPT_LOGPROBS: Final = "PROMPT_LOGPROBS"
 PROMPT_TOP_IDS: Final = "PROMPT_TOP_IDS"
 PROMPT_TOP_LOGPROBS: Final = "PROMPT_TOP_LOGPROBS"
@@ -93,8 +122,9 @@ INPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     TEMPERATURE: ("FP32", [1]),
     EXTRA_IDS: ("INT64", [-1]),
     DRAW: ("FP64", [4]),
+    AHEAD_U: ("FP64", [-1]),
 }
-OPTIONAL_INPUTS: Final = frozenset({EXTRA_IDS, DRAW})
+OPTIONAL_INPUTS: Final = frozenset({EXTRA_IDS, DRAW, AHEAD_U})
 OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     STATUS: ("INT32", [1]),
     TOPK_LOGITS: ("FP32", [-1]),
@@ -108,12 +138,20 @@ OUTPUTS: Final[dict[str, tuple[str, list[int]]]] = {
     PROMPT_LOGPROBS: ("FP32", [-1]),
     PROMPT_TOP_IDS: ("INT64", [-1, -1]),
     PROMPT_TOP_LOGPROBS: ("FP32", [-1, -1]),
+    AHEAD_TOPK_LOGITS: ("FP32", [-1, -1]),
+    AHEAD_TOPK_IDS: ("INT64", [-1, -1]),
+    AHEAD_LOGSUMEXP: ("FP32", [-1]),
+    AHEAD_IDS: ("INT64", [-1]),
+    AHEAD_LOGITS: ("FP32", [-1]),
+    AHEAD_DRAWN: ("BOOL", [-1]),
 }
 PROMPT_OUTPUTS: Final = (PROMPT_LOGPROBS, PROMPT_TOP_IDS, PROMPT_TOP_LOGPROBS)
 # Outputs of a step that carries EXTRA_IDS.
 EXTRA_OUTPUTS: Final = (EXTRA_LOGITS, REST_LOGSUMEXP)
 # Outputs of a step that carries DRAW.
 DRAW_OUTPUTS: Final = (DRAWN_IDS, DRAWN_LOGITS)
+# Outputs of a step whose rows run ahead (PARAM_AHEAD).
+AHEAD_OUTPUTS: Final = (AHEAD_TOPK_LOGITS, AHEAD_TOPK_IDS, AHEAD_LOGSUMEXP, AHEAD_IDS, AHEAD_LOGITS, AHEAD_DRAWN)
 # Outputs every step asks for; LOGITS only when full rows are needed.
 STEP_OUTPUTS: Final = (STATUS, TOPK_LOGITS, TOPK_IDS, LOGSUMEXP)
 
@@ -140,6 +178,12 @@ PARAM_INVARIANT_ROWS: Final = "invariant_rows"
 # decode run each, teacher-forced, so the rebuilt cache is the lost one bit for bit. The row's
 # answer is the step after its last token.
 PARAM_REPLAY_FROM: Final = "replay_from"
+# Per row, comma-separated: a >= 0 on a decode row: decodes it runs ahead of its answer, each fed the
+# model's proposal (AHEAD_U, AHEAD_OUTPUTS); the row caches 1 + a tokens. 0 elsewhere.
+PARAM_AHEAD: Final = "ahead"
+# Per row, comma-separated: r >= 0 on a decode row: drop the row's last r cached tokens before its
+# input (the tokens fed after a proposal the caller did not accept). 0 elsewhere.
+PARAM_REWIND: Final = "rewind"
 
 
 class RowStatus(IntEnum):
