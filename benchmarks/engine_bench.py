@@ -101,12 +101,22 @@ def prefill_request(
 
 
 def decode_request(
-    ids: Sequence[int], tokens: np.ndarray, temperature: float = 0.8, window: int = 64, draw: np.ndarray | None = None
+    ids: Sequence[int],
+    tokens: np.ndarray,
+    temperature: float = 0.8,
+    window: int = 64,
+    draw: np.ndarray | None = None,
+    ahead: int = 0,
+    ahead_u: np.ndarray | None = None,
 ) -> Any:
     """One decode step for live sequences `ids`, one new token each (tokens [N, 1]); `draw`: the
-    rows' DRAW columns [N, 4] (u, top_p, top_k, min_p), a device draw where the window falls short."""
+    rows' DRAW columns [N, 4] (u, top_p, top_k, min_p), a device draw where the window falls short;
+    `ahead`: decodes every row runs ahead (contract.PARAM_AHEAD), `ahead_u` [N, ahead] their uniforms."""
     request = _rows_request(ids, tokens, start=False, end=False, temperature=temperature, window=window)
     request.draw = draw
+    if ahead:
+        request.ahead = np.full(len(ids), ahead, dtype=np.int32)
+        request.ahead_u = ahead_u
     return request
 
 
@@ -150,6 +160,7 @@ class RowsResult:
     prompt_tokens: int
     prefill_s: float
     step_times_s: tuple[float, ...]
+    ahead: int = 0  # decodes each row ran ahead per step: 1 + ahead tokens per row per step
 
     @property
     def p50_s(self) -> float:
@@ -169,7 +180,9 @@ class RowsResult:
             "decode_step_min_ms": min(times) * 1e3,
             "decode_step_mean_ms": statistics.fmean(times) * 1e3,
             "decode_step_p95_ms": (percentile(times, 95) or 0.0) * 1e3,
-            "tok_per_s_at_p50": self.rows / self.p50_s,
+            "tok_per_s_at_p50": self.rows * (1 + self.ahead) / self.p50_s,
+            "ahead": self.ahead,
+            "ms_per_decode_at_p50": self.p50_s * 1e3 / (1 + self.ahead),
         }
 
 
@@ -234,6 +247,7 @@ def measure(
     log: Callable[[str], None],
     draw: tuple[float, float, float] | None = None,
     invariant_rows: int = 0,
+    ahead: int = 0,
 ) -> list[RowsResult]:
     """Prefill, warm up, time and (optionally) profile every N in `rows`; see the module docstring.
     `invariant_rows`: the first that many sequences of each N are flagged batch-invariant."""
@@ -258,14 +272,17 @@ def measure(
             columns = None
             if draw is not None:  # every row asks: a fresh uniform each step, the same cuts
                 columns = np.column_stack((rng.random(n), np.tile(np.asarray(draw), (n, 1))))
-            request = decode_request(ids, rng.integers(0, vocab_size, (n, 1)), draw=columns)
+            uniforms = rng.random((n, ahead)) if ahead else None
+            request = decode_request(
+                ids, rng.integers(0, vocab_size, (n, 1)), draw=columns, ahead=ahead, ahead_u=uniforms
+            )
             return timed_step(engine, request, sync)
 
         try:
             for _ in range(warmup):
                 one_step()
             times = tuple(one_step() for _ in range(steps))
-            result = RowsResult(n, prompt_tokens, prefill_s, times)
+            result = RowsResult(n, prompt_tokens, prefill_s, times, ahead)
             s = result.summary()
             log(
                 f"[engine] N={n:4d} prefill {prefill_s * 1e3:8.1f} ms  step p50 {s['decode_step_p50_ms']:7.3f} ms "
@@ -390,8 +407,8 @@ def render_markdown(
     parts = [
         "## Step engine alone (StepEngine called directly; no Triton, no gateway)\n",
         results_table(results),
-        "\nAll N sequences step together; tok/s = N / p50 step time. Times are wall time of `engine.step` "
-        "(synchronized on CUDA), after the warm-up steps.\n",
+        "\nAll N sequences step together; tok/s = N x (1 + decodes run ahead) / p50 step time. Times are wall "
+        "time of `engine.step` (synchronized on CUDA), after the warm-up steps.\n",
     ]
     if prefills:
         rows = [
@@ -440,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         "they take reserved slots, are prefilled alone and decode in the reserved range's own run of R rows)",
     )
     p.add_argument(
+        "--ahead",
+        type=int,
+        default=0,
+        help="every decode row runs this many decodes ahead per step (contract.PARAM_AHEAD; tokens fed from the "
+        "model's own proposals: greedy, or --draw's cuts)",
+    )
+    p.add_argument(
         "--prefill-rows",
         default="",
         help="also time steps that only start B new sequences, for each B listed (e.g. 1,2,4,8; default none)",
@@ -479,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.version_dir, capacity=capacity, device=args.device, strict_device=args.strict_device, extra=extra_kw
     )
     setup_s = time.perf_counter() - t0
-    if args.prompt_tokens + args.warmup + args.steps + 5 > meta.max_context:
+    if args.prompt_tokens + (args.warmup + args.steps) * (1 + args.ahead) + 5 > meta.max_context:
         parser.error(f"prompt + steps exceed the model's context of {meta.max_context}")
     device = str(getattr(engine, "device", args.device))
     _log(f"[engine] {engine_module().__name__}.StepEngine on {device}, capacity {capacity}, set-up {setup_s:.1f} s")
@@ -497,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=_log,
         draw=draw,
         invariant_rows=args.invariant_rows,
+        ahead=args.ahead,
     )
     prefills = measure_prefills(
         engine,
@@ -517,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine arguments": extra_kw or "defaults",
         "device draws": args.draw or "none",
         "invariant rows": args.invariant_rows,
+        "decodes run ahead per step": args.ahead,
         "drawn rows": getattr(getattr(engine, "stats", None), "drawn_rows_total", "n/a"),
         "cuda graphs": getattr(engine, "cuda_graphs", "n/a"),
         "engine set-up s": round(setup_s, 2),

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         ge=0,
         description="steps in flight at once, each for its own share of the sequences; 0 = the model's kv_partitions",
     )
+    decode_ahead: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="decodes a sampled or greedy row runs ahead per step on the model, each fed the model's "
+        "proposal, every one judged by the gateway's own sampler (tokens refused are rewound): 1 + this many "
+        "tokens per step and round trip; 0 = one token per step",
+    )
     batch_invariant: Literal["auto", "on", "off"] = Field(
         "auto",
         description="rows whose tokens must not depend on the rest of the batch: auto = greedy and seeded "

@@ -100,6 +100,9 @@ class ActiveSequence:
     # cannot hold the cut: sampled sequences without an adjustment; None for the others.
     draw_cuts: tuple[float, float, float] | None = None
     lane: int = 0  # the index of the lane it steps in, from its admission on
+    # Cached tokens its next decode row drops first (contract.PARAM_REWIND): those fed after a
+    # proposal of its last step that its sampler refused (step_sampling._accept_ahead).
+    rewind: int = 0
 
     def context(self) -> list[int]:
         """The tokens a start row carries: the prompt, plus what was generated when resuming."""
@@ -171,6 +174,9 @@ class SchedulerConfig:
     # Which generations are batch-invariant (ActiveSequence.invariant): "auto" greedy and seeded
     # ones, "on" all, "off" none.
     batch_invariant: str = "auto"
+    # Decodes a row runs ahead of its answer per step (contract.PARAM_AHEAD; step_sampling judges
+    # each proposal with the sequence's own sampler): 1 + this many tokens per step; 0 = one.
+    decode_ahead: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchedulerConfig:
@@ -184,6 +190,7 @@ class SchedulerConfig:
             resume_timeout_s=settings.resume_timeout_s,
             lanes=settings.engine_lanes,
             batch_invariant=settings.batch_invariant,
+            decode_ahead=settings.decode_ahead,
         )
 
 
@@ -229,6 +236,9 @@ class Scheduler(Recovery, StepSampling):
         # The step model draws rows whose window falls short on the device (contract.DRAW): a wide
         # top-p nucleus then costs no full row. False for a model version exported before it.
         self.device_draws = True
+        # Decodes a row may run ahead (SchedulerConfig.decode_ahead); TritonEngine sets 0 for a
+        # model version exported before contract.AHEAD_OUTPUTS.
+        self.decode_ahead = config.decode_ahead
         self._parked: list[ActiveSequence] = []
         self.observer: StepObserver = observer or _NullObserver()
         self._waiting: deque[ActiveSequence] = deque()
@@ -461,7 +471,16 @@ class Scheduler(Recovery, StepSampling):
         adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
         keys = np.fromiter((s.rng_key for s in seqs), dtype=np.uint64, count=len(seqs))
         counts = np.fromiter((len(s.generated) for s in seqs), dtype=np.uint64, count=len(seqs))
+        ahead = self._ahead_counts(seqs[:n], adjustments[:n])
+        ahead_u = None
+        if ahead is not None:  # the ahead decodes' uniforms: the next of each stream, in order
+            depth = int(ahead.max())
+            ahead_u = np.column_stack([step_uniforms(keys[:n], counts[:n] + np.uint64(s)) for s in range(depth)])
+            counts[:n] += ahead.astype(np.uint64)  # the answer's uniform comes after them
         uniforms = step_uniforms(keys, counts)
+        rewind = np.fromiter((s.rewind for s in seqs[:n]), dtype=np.int32, count=n)
+        for s in seqs[:n]:
+            s.rewind = 0
         batch = compose(
             decode_ids,
             decode_tokens,
@@ -478,8 +497,29 @@ class Scheduler(Recovery, StepSampling):
             # Started again: an invariant sequence replays the tokens it generated (one decode run
             # each on the model) after its prompt's prefill, as they were computed the first time.
             start_replay_from=[len(s.prompt_ids) if s.generated and s.invariant else -1 for s in seqs[n:]],
+            decode_ahead=ahead,
+            decode_ahead_u=ahead_u,
+            decode_rewind=rewind,
         )
         return seqs, batch, adjustments, uniforms
+
+    def _ahead_counts(self, seqs: list[ActiveSequence], adjustments: list[LogitAdjustment | None]) -> np.ndarray | None:
+        """Decodes each decode row runs ahead (None when none does): `decode_ahead`, capped by the
+        tokens the sequence still may generate; 0 for a sequence whose logits are adjusted (the
+        adjustment changes with every token) or whose last window did not decide its token."""
+        if not self.decode_ahead or not seqs:
+            return None
+        ahead = np.fromiter(
+            (
+                0
+                if a is not None or s.needed_full_row or s.adjuster is not None
+                else max(0, min(self.decode_ahead, s.max_new_tokens - len(s.generated) - 1))
+                for s, a in zip(seqs, adjustments, strict=True)
+            ),
+            dtype=np.int32,
+            count=len(seqs),
+        )
+        return ahead if ahead.any() else None
 
     @staticmethod
     def _draw_columns(seqs: list[ActiveSequence], uniforms: np.ndarray) -> np.ndarray | None:
@@ -555,6 +595,8 @@ class Scheduler(Recovery, StepSampling):
         sampling = self._settle_rows(seqs, status, out)
         if out.prompt_logprobs is not None:
             sampling = self._emit_prompt_logprobs(seqs, sampling, out)
+        if rows.ahead is not None and rows.ahead_u is not None and out.ahead_ids is not None:
+            sampling = self._accept_ahead(seqs, sampling, out, rows.ahead, rows.ahead_u)
         fetch = self._sample_rows(seqs, sampling, out, adjustments, uniforms)
         if fetch:
             await self._fetch_full_rows(fetch, lane.kv_partition)

@@ -63,6 +63,9 @@ def compose(
     *,
     start_invariant: Sequence[bool] = (),
     start_replay_from: Sequence[int] = (),
+    decode_ahead: np.ndarray | None = None,
+    decode_ahead_u: np.ndarray | None = None,
+    decode_rewind: np.ndarray | None = None,
 ) -> StepRequest:
     """Decode rows (one token each, given as arrays), then start rows (id, prompt,
     temperature), then release rows (ids): the layout of a scheduler step. `request_ids` are
@@ -72,7 +75,10 @@ def compose(
     Each is kept only when some row has one (an id, a k >= 0, an extra id, a u >= 0).
     `kv_partition`: the KV partition of the step's lane (None: one lane, the parameter unsent).
     `start_invariant` / `start_replay_from`: the start rows' batch-invariance flags and replay
-    points (contract.PARAM_INVARIANT_ROWS, PARAM_REPLAY_FROM; -1: none), kept when one is set."""
+    points (contract.PARAM_INVARIANT_ROWS, PARAM_REPLAY_FROM; -1: none), kept when one is set.
+    `decode_ahead` / `decode_ahead_u` / `decode_rewind`: the decode rows' decodes run ahead, their
+    uniforms [d, A] and the cached tokens each drops first (contract.PARAM_AHEAD, AHEAD_U,
+    PARAM_REWIND), kept when a row has one."""
     d, s, r = int(decode_ids.shape[0]), len(starts), len(releases)
     n = d + s + r
     width = max([1, *(len(p) for _, p, _ in starts)])
@@ -111,6 +117,16 @@ def compose(
     if draw is not None and bool((draw[:, 0] >= 0).any()):
         columns = np.full((n, 4), -1.0)
         columns[: draw.shape[0]] = draw
+    ahead = ahead_u = rewind = None
+    if decode_ahead is not None and bool(decode_ahead.any()):
+        ahead = np.zeros(n, dtype=np.int32)
+        ahead[:d] = decode_ahead
+        if decode_ahead_u is not None:
+            ahead_u = np.zeros((n, decode_ahead_u.shape[1]), dtype=np.float64)
+            ahead_u[:d] = decode_ahead_u
+    if decode_rewind is not None and bool(decode_rewind.any()):
+        rewind = np.zeros(n, dtype=np.int32)
+        rewind[:d] = decode_rewind
     return StepRequest(
         sequence_ids,
         ids,
@@ -118,6 +134,9 @@ def compose(
         start,
         end,
         temperature,
+        ahead=ahead,
+        ahead_u=ahead_u,
+        rewind=rewind,
         request_ids=row_ids,
         prompt_logprobs=echo,
         extra_ids=_pad_rows(extra_ids, n),

@@ -110,6 +110,65 @@ class StepSampling:
             self._fail_row(seqs[rows[0]], err)
             return []
 
+    def _accept_ahead(
+        self, seqs: list[ActiveSequence], sampling: list[int], out: StepResult, ahead: np.ndarray, ahead_u: np.ndarray
+    ) -> list[int]:
+        """Judge the decodes rows ran ahead (contract.PARAM_AHEAD), in order: each ahead decode's
+        token is the sequence's own sampler's for that decode's window and uniform (a proposal the
+        model drew from the whole row is taken as drawn, as DRAWN_IDS); it is emitted, and while it
+        equals the model's proposal (the token the model fed to the next decode) the next decode
+        is valid too. At the first that differs (or a window that cannot decide: the full row of
+        an ahead decode is gone) the row stops there and its next decode row drops the cached
+        tokens fed after it (`rewind`). Returns the rows whose answer (their last decode) is still
+        to be sampled: every proposal accepted and the sequence not finished."""
+        going = [i for i in sampling if ahead[i] > 0]
+        if not going:
+            return sampling
+        assert out.ahead_topk_logits is not None and out.ahead_topk_ids is not None and out.ahead_ids is not None
+        assert out.ahead_logsumexp is not None and out.ahead_logits is not None and out.ahead_drawn is not None
+        stopped: set[int] = set()
+        for s in range(int(ahead[going].max())):
+            rows = [i for i in going if ahead[i] > s and i not in stopped]
+            if not rows:
+                break
+            index = np.asarray(rows, dtype=np.int64)
+            z, ids, lse = out.ahead_topk_logits[index, s], out.ahead_topk_ids[index, s], out.ahead_logsumexp[index, s]
+            u, proposed, drawn_whole = ahead_u[index, s], out.ahead_ids[index, s], out.ahead_drawn[index, s]
+            try:
+                batch = sample_window_batch(z, ids, lse, BatchParams.from_params([seqs[i].params for i in rows]), u)
+                decided, tokens, logprobs, tops = batch.decided, batch.token_ids, batch.logprobs, batch.top_logprobs
+            except Exception:  # a row the vectorized pass cannot take: each through the reference sampler
+                decided = np.zeros(len(rows), dtype=bool)
+                tokens, logprobs, tops = np.zeros(len(rows), np.int64), np.zeros(len(rows)), [()] * len(rows)
+            for j, i in enumerate(rows):
+                seq = seqs[i]
+                window = StepLogits(z[j], ids[j], float(lse[j]))
+                try:
+                    if drawn_whole[j]:
+                        token = int(proposed[j])
+                        picked = drawn(window, seq.params, token, float(out.ahead_logits[i, s]))
+                    elif decided[j]:
+                        picked = Sampled(int(tokens[j]), float(logprobs[j]), tops[j])
+                    else:
+                        picked = sample(window, seq.params, float(u[j]))
+                except NeedFullRow as why:  # this decode's full row is gone: step again from it
+                    self.observer.full_row_fetched(why.reason)
+                    seq.needed_full_row = True
+                    seq.rewind = int(ahead[i]) + 1 - s
+                    stopped.add(i)
+                    continue
+                except Exception as err:
+                    self._fail_row(seq, err)
+                    stopped.add(i)
+                    continue
+                self._emit(seq, picked)
+                if seq.done:
+                    stopped.add(i)
+                elif picked.token_id != int(proposed[j]):
+                    seq.rewind = int(ahead[i]) - s
+                    stopped.add(i)
+        return [i for i in sampling if i not in stopped and not seqs[i].done]
+
     def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:
         log.warning("generation %s failed in sampling: %s: %s", seq.request_id or "-", type(err).__name__, err)
         self._finish(seq, ErrorEvent(SamplingFailed(f"this generation's logits could not be sampled ({err})")))

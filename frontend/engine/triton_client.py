@@ -222,6 +222,8 @@ class StepClient:
             arrays[contract.EXTRA_IDS] = batch.extra_ids
         if batch.draw is not None:
             arrays[contract.DRAW] = batch.draw
+        if batch.ahead_u is not None:
+            arrays[contract.AHEAD_U] = batch.ahead_u
         inputs = []
         for name, value in arrays.items():
             dtype, _ = contract.INPUTS[name]
@@ -236,6 +238,8 @@ class StepClient:
         names += list(contract.EXTRA_OUTPUTS) if extra else []
         draws = batch.draw is not None
         names += list(contract.DRAW_OUTPUTS) if draws else []
+        ahead = batch.ahead is not None
+        names += list(contract.AHEAD_OUTPUTS) if ahead else []
         outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         parameters: dict[str, int | str] = {contract.PARAM_LOGITS_WINDOW: int(window)}
         named = [rid for rid in batch.request_ids if rid]
@@ -252,6 +256,10 @@ class StepClient:
             parameters[contract.PARAM_INVARIANT_ROWS] = ",".join("1" if v else "0" for v in batch.invariant.tolist())
         if batch.replay_from is not None:
             parameters[contract.PARAM_REPLAY_FROM] = ",".join(map(str, batch.replay_from.tolist()))
+        if batch.ahead is not None:
+            parameters[contract.PARAM_AHEAD] = ",".join(map(str, batch.ahead.tolist()))
+        if batch.rewind is not None:
+            parameters[contract.PARAM_REWIND] = ",".join(map(str, batch.rewind.tolist()))
         # Triton's request id names the step: the generation's own id when it is the only one.
         request_id = named[0] if len(set(named)) == 1 else (f"step:{len(named)}-requests" if named else "")
         # Safe to send again only when no row has produced a token: start rows (a prefill that was
@@ -283,4 +291,10 @@ class StepClient:
             rest_logsumexp=result.as_numpy(contract.REST_LOGSUMEXP).reshape(-1) if extra else None,
             drawn_ids=result.as_numpy(contract.DRAWN_IDS).reshape(-1) if draws else None,
             drawn_logits=result.as_numpy(contract.DRAWN_LOGITS).reshape(-1) if draws else None,
+            ahead_topk_logits=result.as_numpy(contract.AHEAD_TOPK_LOGITS) if ahead else None,
+            ahead_topk_ids=result.as_numpy(contract.AHEAD_TOPK_IDS) if ahead else None,
+            ahead_logsumexp=result.as_numpy(contract.AHEAD_LOGSUMEXP) if ahead else None,
+            ahead_ids=result.as_numpy(contract.AHEAD_IDS) if ahead else None,
+            ahead_logits=result.as_numpy(contract.AHEAD_LOGITS) if ahead else None,
+            ahead_drawn=result.as_numpy(contract.AHEAD_DRAWN) if ahead else None,
         )

@@ -185,6 +185,9 @@ class TritonEngine:
         self._scheduler.extra_logits = set(contract.EXTRA_OUTPUTS) <= outputs
         # ... and those exported before DRAW send rows whose window falls short for their full row.
         self._scheduler.device_draws = set(contract.DRAW_OUTPUTS) <= outputs
+        # ... and those exported before AHEAD_OUTPUTS step one token per row per step.
+        if not set(contract.AHEAD_OUTPUTS) <= outputs:
+            self._scheduler.decode_ahead = 0
         log.info(
             "max_running %d (setting %d, model KV capacity %s), %d lanes (model KV partitions %d)",
             max_running,
