@@ -180,6 +180,7 @@ test_wanted() { [[ " ${SUITE_TESTS:-triton_model gateway_seeded instances} " == 
 if wanted tests; then
   test_wanted triton_model && run_stage tests_triton_model 150 "$R/tests/triton_model.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
     tests/integration/test_triton_model.py tests/unit/test_kernels.py tests/unit/test_batch_invariance.py tests/unit/test_device_draw.py \
+    tests/unit/test_ahead.py tests/unit/test_scheduler_ahead.py tests/integration/test_ahead_triton.py \
     --junitxml "$R/tests/triton_model.xml" &
   BG1=$!
   test_wanted gateway_seeded && run_stage tests_gateway_seeded 150 "$R/tests/gateway_seeded.log" "${TEST_ENV[@]}" "${PYTEST[@]}" \
@@ -231,9 +232,13 @@ elif [ -n "$VDIR" ]; then
   # The engine's cost of the device draw: every decode row asks for it, with the seed's top-p.
   run_stage engine_draw 90 "$R/engine/engine_bench-draw.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
     --draw "top_p=0.9" --tag draw
-  # The same with the draw that searches rows instead of sorting them (step_model/draw_kernel.py).
-  run_stage engine_draw_kernel 90 "$R/engine/engine_bench-draw-kernel.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
-    --draw "top_p=0.9" --engine-kw draw_method=kernel --tag draw-kernel
+  # Decodes run ahead (step_model/ahead.py): 1 + A tokens per row per step, fed the model's own proposals,
+  # with the load's top-k 50 / top-p 0.95 cuts (the proposal from the window) and the seed's top-p 0.9
+  # (drawn from the whole row); tok/s counts every decoded token.
+  run_stage engine_ahead 90 "$R/engine/engine_bench-ahead.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
+    --draw "top_p=0.95,top_k=50" --ahead "${SUITE_AHEAD:-3}" --tag ahead
+  run_stage engine_ahead_topp 90 "$R/engine/engine_bench-ahead-topp.log" "${ENGINE[@]}" --rows "1,$STREAMS" \
+    --draw "top_p=0.9" --ahead "${SUITE_AHEAD:-3}" --tag ahead-topp
   # Batch invariance's cost (issue 15): 16 sequences flagged, decoded in a reserved range of 64 slots
   # in a run of their own (docs/architecture.md); compare with the engine stage's rows.
   run_stage engine_invariant 120 "$R/engine/engine_bench-invariant.log" "${ENGINE[@]}" --rows "64,$STREAMS" \

@@ -154,7 +154,9 @@ class SuiteData:
     env: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)  # the export's metadata.json
     engine_draw: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine_bench --draw top_p=0.9
-    engine_draw_kernel: dict[str, dict[str, Any]] = field(default_factory=dict)  # the same, draw_method=kernel
+    # engine_bench --ahead A: every row runs A decodes ahead per step (top-k 50 + top-p 0.95; top-p 0.9)
+    engine_ahead: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine_ahead_topp: dict[str, dict[str, Any]] = field(default_factory=dict)
     # engine_bench --invariant-rows 16 --engine-kw invariant_slots=64 (batch invariance's cost)
     engine_invariant: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -189,6 +191,7 @@ def collect(root: Path) -> SuiteData:
         env=env if isinstance(env, dict) else {},
         model=metas[0] if metas else {},
         engine_draw=engine_rows(root / "engine" / "engine_bench-draw.json"),
-        engine_draw_kernel=engine_rows(root / "engine" / "engine_bench-draw-kernel.json"),
+        engine_ahead=engine_rows(root / "engine" / "engine_bench-ahead.json"),
+        engine_ahead_topp=engine_rows(root / "engine" / "engine_bench-ahead-topp.json"),
         engine_invariant=engine_rows(root / "engine" / "engine_bench-invariant.json"),
     )

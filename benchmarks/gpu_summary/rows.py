@@ -36,17 +36,38 @@ def engine_draw_rows(data: SuiteData, streams: int) -> list[Row]:
     rows = []
     for n in dict.fromkeys((1, streams)):
         plain_ms = num(data.engine.get(str(n)), "decode_step_p50_ms")
-        for how, runs in (("", data.engine_draw), (" by the search kernel", data.engine_draw_kernel)):
-            drawn_ms = num(runs.get(str(n)), "decode_step_p50_ms")
-            if how and drawn_ms is None:
-                continue  # a suite from before the kernel
+        drawn_ms = num(data.engine_draw.get(str(n)), "decode_step_p50_ms")
+        rows.append(
+            Row(
+                f"step engine alone, {n} row{'s' if n != 1 else ''}, every row drawn on the device (top-p 0.9)",
+                "report only (beside the plain figure)",
+                f"{f3(drawn_ms)} ms/step / {f3(plain_ms)} ms/step plain = {f2(ratio(drawn_ms, plain_ms))}x",
+                _seen(drawn_ms),
+            )
+        )
+    return rows
+
+
+def engine_ahead_rows(data: SuiteData, streams: int) -> list[Row]:
+    """Decodes run ahead on the step engine (step_model/ahead.py): its time per decoded token beside
+    one token per step (the plain figure), with the load's cuts and with the seed's top-p."""
+    rows = []
+    runs_by_cuts = (("top-k 50, top-p 0.95", data.engine_ahead), ("top-p 0.9, drawn whole", data.engine_ahead_topp))
+    for label, runs in runs_by_cuts:
+        for n in dict.fromkeys((1, streams)):
+            run = runs.get(str(n))
+            if run is None:
+                continue  # a suite from before the stage
+            plain_ms = num(data.engine.get(str(n)), "decode_step_p50_ms")
+            per_token_ms = num(run, "ms_per_decode_at_p50")
+            ahead = run.get("ahead", "?")
             rows.append(
                 Row(
-                    f"step engine alone, {n} row{'s' if n != 1 else ''}, every row drawn on the device{how}"
-                    " (top-p 0.9)",
-                    "report only (beside the plain figure)",
-                    f"{f3(drawn_ms)} ms/step / {f3(plain_ms)} ms/step plain = {f2(ratio(drawn_ms, plain_ms))}x",
-                    _seen(drawn_ms),
+                    f"step engine alone, {n} row{'s' if n != 1 else ''}, {ahead} decodes ahead per step ({label})",
+                    "report only (target 4's figures are one token per step)",
+                    f"{f3(per_token_ms)} ms/token / {f3(plain_ms)} ms/step plain = "
+                    f"{f2(ratio(per_token_ms, plain_ms))}x; {num(run, 'tok_per_s_at_p50') or 0:,.0f} tok/s",
+                    _seen(per_token_ms),
                 )
             )
     return rows
@@ -177,6 +198,7 @@ def target_rows(data: SuiteData, streams: int = STREAMS) -> list[Row]:
     rows = (
         targets[:after_engine]
         + engine_draw_rows(data, streams)
+        + engine_ahead_rows(data, streams)
         + engine_invariant_rows(data, streams)
         + targets[after_engine:]
     )

@@ -375,6 +375,7 @@ class _InstanceObserver:
         metrics = board.metrics
         self.step_finished = metrics.step_finished
         self.full_row_fetched = metrics.full_row_fetched
+        self.ahead_judged = metrics.ahead_judged
         self.sequence_admitted = metrics.sequence_admitted
 
     def queue_changed(self, waiting: int, running: int) -> None:

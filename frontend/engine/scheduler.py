@@ -121,6 +121,7 @@ class StepObserver(Protocol):
 
     def step_finished(self, rows: int, duration_s: float) -> None: ...
     def full_row_fetched(self, reason: str) -> None: ...
+    def ahead_judged(self, accepted: int, refused: int) -> None: ...
     def queue_changed(self, waiting: int, running: int) -> None: ...
     def sequence_admitted(self, queue_s: float) -> None: ...
 
@@ -130,6 +131,9 @@ class _NullObserver:
         pass
 
     def full_row_fetched(self, reason: str) -> None:
+        pass
+
+    def ahead_judged(self, accepted: int, refused: int) -> None:
         pass
 
     def queue_changed(self, waiting: int, running: int) -> None:

@@ -127,6 +127,7 @@ class StepSampling:
         assert out.ahead_topk_logits is not None and out.ahead_topk_ids is not None and out.ahead_ids is not None
         assert out.ahead_logsumexp is not None and out.ahead_logits is not None and out.ahead_drawn is not None
         stopped: set[int] = set()
+        accepted = refused = 0
         for s in range(int(ahead[going].max())):
             rows = [i for i in going if ahead[i] > s and i not in stopped]
             if not rows:
@@ -162,11 +163,15 @@ class StepSampling:
                     stopped.add(i)
                     continue
                 self._emit(seq, picked)
-                if seq.done:
-                    stopped.add(i)
-                elif picked.token_id != int(proposed[j]):
+                if picked.token_id != int(proposed[j]):
+                    refused += 1
                     seq.rewind = int(ahead[i]) - s
                     stopped.add(i)
+                else:
+                    accepted += 1
+                    if seq.done:
+                        stopped.add(i)
+        self.observer.ahead_judged(accepted, refused)
         return [i for i in sampling if i not in stopped and not seqs[i].done]
 
     def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:

@@ -182,6 +182,12 @@ class GatewayMetrics:
         self.full_row_fetches = Counter(
             "gateway_full_row_fetches", "Steps whose top-K window did not decide the sample", ["reason"], registry=r
         )
+        self.ahead_proposals = Counter(
+            "gateway_ahead_proposals",
+            "Tokens the model proposed in decodes run ahead (GATEWAY_DECODE_AHEAD), by the gateway's verdict",
+            ["outcome"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state",
             "Circuit breaker around Triton steps: 0 closed, 1 half-open, 2 open",
@@ -282,6 +288,12 @@ class GatewayMetrics:
 
     def full_row_fetched(self, reason: str) -> None:
         self.full_row_fetches.labels(reason).inc()
+
+    def ahead_judged(self, accepted: int, refused: int) -> None:
+        if accepted:
+            self.ahead_proposals.labels("accepted").inc(accepted)
+        if refused:
+            self.ahead_proposals.labels("refused").inc(refused)
 
     def queue_changed(self, waiting: int, running: int) -> None:
         self.waiting.set(waiting)
