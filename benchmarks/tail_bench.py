@@ -16,7 +16,6 @@ import torch
 from step_model import kernels
 from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted
 from step_model.draw_graphs import GraphedDraw, never_flagged
-from step_model.draw_kernel import kernel_available, kernel_draw, kernel_draw_flagged
 
 VOCAB = 50257  # GPT-2's
 
@@ -49,7 +48,6 @@ def _row_count(m: int) -> dict[str, float]:
     asks = torch.tensor([[0.5, 0.9, 0.0, 0.0]] * m, dtype=torch.float64, device="cuda")
     dev = torch.device("cuda")
     graphed = GraphedDraw(never_flagged(draw_rows_searched), draw_rows_searched, VOCAB, dev, max_rows=m)
-    kernel = GraphedDraw(kernel_draw_flagged, draw_rows_searched, VOCAB, dev, max_rows=m)
     r = {
         "topk64_f32": _ms(lambda: torch.topk(z, 64, 1), 30),
         "topk64_f16": _ms(lambda: torch.topk(z.half(), 64, 1), 30),
@@ -68,11 +66,6 @@ def _row_count(m: int) -> dict[str, float]:
     reference = draw_rows_sorted(z, lse, asks)[0]
     r["draws_agree"] = float((draw_rows(z, lse, asks)[0] == reference).float().mean())
     r["graphed_agree"] = float((graphed(z, lse, asks)[0] == reference).float().mean())
-    if kernel_available(dev):  # the draw that searches instead of sorting (step_model.draw_kernel)
-        r["draw_kernel"] = _ms(lambda: kernel_draw(z, lse, asks), 10)
-        r["draw_kernel_graphed"] = _ms(lambda: kernel(z, lse, asks), 10)
-        r["kernel_agree"] = float((kernel(z, lse, asks)[0] == reference).float().mean())
-        r["kernel_unsettled"] = float(kernel_draw_flagged(z, lse, asks)[2].sum())
     return r
 
 
@@ -87,10 +80,6 @@ def main() -> None:
     for m in (int(r) for r in args.rows.split(",")):
         r = _row_count(m)
         print(f"[tail] rows={m} " + " ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
-    if not kernel_available(torch.device("cuda")):
-        from step_model.draw_kernel import unavailable_reason
-
-        print(f"[tail] the draw kernel is not used: {unavailable_reason()}", flush=True)
     if not kernels._checked:
         print(f"[tail] the fused log-sum-exp is not used: {kernels.unavailable_reason}", flush=True)
 

@@ -24,9 +24,9 @@ on one CPU core, top-p 0.9, about 3x faster than `draw_rows_sorted`, which stays
 line-for-line reference (docs/benchmarks.md). On the GPU an earlier binned version cost 6.4 ms for
 512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks the sort
 there ("sort": `draw_rows_searched`, counts by binary search, replayed from CUDA graphs by
-step_model.draw_graphs) and the bins on the CPU ("bins"); "kernel" (step_model.draw_kernel) finds
-each row's cuts by search without sorting, one Triton program per row; the config parameter
-`draw_method` overrides the choice. The caller gets
+step_model.draw_graphs) and the bins on the CPU ("bins"); the config parameter `draw_method`
+overrides the choice. (A Triton kernel that searched each row's cuts without sorting was measured
+and removed: 9.8 vs 3.1 ms for 512 rows on an H100, and 1 token in 2,632 off; docs/benchmarks.md.) The caller gets
 the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
 on every other path.
 
@@ -42,8 +42,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from step_model.draw_kernel import kernel_available, kernel_draw, unavailable_reason
 
 __all__ = [
     "DRAW_COLUMNS",
@@ -179,14 +177,11 @@ def draw_rows_searched(
 
 
 def draw_method(name: str, device_kind: str) -> DrawFunction:
-    """The draw function for `name` ("sort", "bins", "kernel", or "auto": sort on CUDA, bins on
-    the CPU). "kernel" (step_model.draw_kernel) needs Triton and a GPU."""
+    """The draw function for `name` ("sort", "bins", or "auto": sort on CUDA, bins on the CPU)."""
     if name == "auto":
         name = "sort" if device_kind == "cuda" else "bins"
     if name not in DRAW_METHODS:
         raise ValueError(f"draw_method must be auto, {', '.join(DRAW_METHODS)}; got {name!r}")
-    if name == "kernel" and not kernel_available(torch.device(device_kind)):
-        raise ValueError(f"draw_method kernel: the Triton draw kernel is unavailable here ({unavailable_reason()})")
     return DRAW_METHODS[name]
 
 
@@ -247,7 +242,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
     return token_id, token_z
 
 
-DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows, "kernel": kernel_draw}
+DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows}
 
 
 class _Members(NamedTuple):

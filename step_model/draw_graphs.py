@@ -9,8 +9,8 @@ Rows are rounded up to a bucket (powers of two up to 64, then multiples of 64); 
 whatever the bucket's buffers last held (any finite row draws; its answer is dropped). The graphs
 share one memory pool: they never run at once. More rows than the largest bucket, or a bucket whose
 capture failed, run the draw eagerly: the same function, so the same tokens. The captured function
-also flags the rows it could not settle (step_model.draw_kernel: a band wider than it holds); those
-are drawn again by the fallback, eagerly.
+may also flag rows it could not settle; those are drawn again by the fallback, eagerly (the
+searched draw settles every row: `never_flagged`).
 """
 
 from __future__ import annotations

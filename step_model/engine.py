@@ -62,7 +62,6 @@ from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
 from step_model.draw import draw_rows_searched
 from step_model.draw_graphs import GraphedDraw, never_flagged
-from step_model.draw_kernel import kernel_draw, kernel_draw_flagged
 from step_model.kernels import row_logsumexp
 from step_model.ort_runtime import (
     DecodeBuffers,
@@ -93,7 +92,6 @@ _WARM_PREFILL_ROWS = 64  # warm_up runs prefill shapes of up to this many rows
 # Device draws replayed from CUDA graphs: the captured (flagging) function and its fallback.
 _GRAPHED_DRAWS = {
     draw_rows_searched: (never_flagged(draw_rows_searched), draw_rows_searched),
-    kernel_draw: (kernel_draw_flagged, draw_rows_searched),
 }
 
 

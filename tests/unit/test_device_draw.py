@@ -211,7 +211,6 @@ def test_on_the_gpu_the_graphed_draw_picks_the_cpu_references_tokens() -> None:
     from CUDA graphs (padded row buckets, eager past the largest) equals the CPU reference row for
     row, at row counts inside, across and past the buckets."""
     from step_model.draw_graphs import GraphedDraw, never_flagged
-    from step_model.draw_kernel import kernel_available, kernel_draw_flagged
 
     rng = np.random.default_rng(23)
     n = 300
@@ -228,67 +227,9 @@ def test_on_the_gpu_the_graphed_draw_picks_the_cpu_references_tokens() -> None:
     lse = torch.logsumexp(zt, dim=1)
     want = draw_rows_sorted(zt, lse, ct)
     dev = torch.device("cuda")
-    assert kernel_available(dev)  # Triton comes with torch's CUDA builds
-    for fn in (never_flagged(draw_rows_searched), kernel_draw_flagged):
-        graphed = GraphedDraw(fn, draw_rows_searched, 50257, dev, max_rows=192)
-        for a, b in [(0, 1), (1, 4), (4, 68), (68, 300)]:  # 1, 3, 64 and 232 rows (past 192: eager)
-            ids, logits = graphed(zt[a:b].to(dev), lse[a:b].to(dev), ct[a:b].to(dev))
-            np.testing.assert_array_equal(ids.cpu().numpy(), want[0][a:b].numpy())
-            np.testing.assert_array_equal(logits.cpu().numpy(), want[1][a:b].numpy())
-        assert graphed.replays == 3
-
-
-def _kernel_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """The GPU; or, with TRITON_INTERPRET=1 set before the run (Triton reads it at import) and Triton
-    installed (it is not among the CPU requirements: 600 MB), Triton's interpreter on the CPU, slowly."""
-    import os
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton draw kernel: the GPU suite runs it (on the CPU: TRITON_INTERPRET=1 with Triton)")
-    pytest.importorskip("triton")
-    from step_model import draw_kernel
-
-    monkeypatch.setattr(draw_kernel, "_kernel", None)
-    monkeypatch.setattr(draw_kernel, "_unavailable", "")
-    return torch.device("cpu")
-
-
-@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")  # Triton's interpreter
-def test_the_kernel_draw_equals_the_sorted_one_on_rows_of_every_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The draw that searches instead of sorting (step_model.draw_kernel), against the full sort:
-    flat, peaked and fp16-tied rows, banned tokens, a value repeated 300 times, constant rows, every
-    cut and u at both ends. Exact but for sums that land on a boundary by construction (as for the
-    binned draw); rows it cannot settle are flagged and drawn again by the sort."""
-    from step_model.draw_kernel import kernel_available, kernel_draw, kernel_draw_flagged
-
-    dev = _kernel_device(monkeypatch)
-    assert kernel_available(dev)
-    z, columns, constant = _rows_of_every_shape(9, 3000 if dev.type == "cuda" else 90, 700)
-    zt, ct = torch.from_numpy(z), torch.from_numpy(columns)
-    lse = torch.logsumexp(zt, dim=1)
-    reference = draw_rows_sorted(zt, lse, ct)
-    got = [t.cpu() for t in kernel_draw(zt.to(dev), lse.to(dev), ct.to(dev))]
-    unsettled = kernel_draw_flagged(zt.to(dev), lse.to(dev), ct.to(dev))[2].cpu().numpy()
-    exact = ~constant & (columns[:, 0] < 0.5 + 0.5 * (1.0 - 2**-40))
-    np.testing.assert_array_equal(got[0].numpy()[exact], reference[0].numpy()[exact])
-    np.testing.assert_array_equal(got[1].numpy()[exact], reference[1].numpy()[exact])
-    assert exact.sum() > 0.85 * len(z) and unsettled.mean() < 0.05
-    rows = np.flatnonzero(~exact)
-    assert (z[rows, got[0].numpy()[rows]] == got[1].numpy()[rows]).all()
-
-
-def test_the_kernel_draw_is_refused_where_it_cannot_run() -> None:
-    from step_model import draw_kernel
-    from step_model.draw import draw_method
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine can run it")
-    state = (draw_kernel._kernel, draw_kernel._unavailable)
-    try:
-        draw_kernel._kernel, draw_kernel._unavailable = None, ""
-        with pytest.raises(ValueError, match="kernel"):
-            draw_method("kernel", "cpu")
-    finally:
-        draw_kernel._kernel, draw_kernel._unavailable = state
+    graphed = GraphedDraw(never_flagged(draw_rows_searched), draw_rows_searched, 50257, dev, max_rows=192)
+    for a, b in [(0, 1), (1, 4), (4, 68), (68, 300)]:  # 1, 3, 64 and 232 rows (past 192: eager)
+        ids, logits = graphed(zt[a:b].to(dev), lse[a:b].to(dev), ct[a:b].to(dev))
+        np.testing.assert_array_equal(ids.cpu().numpy(), want[0][a:b].numpy())
+        np.testing.assert_array_equal(logits.cpu().numpy(), want[1][a:b].numpy())
+    assert graphed.replays == 3
