@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -133,9 +134,6 @@ def run_ahead(
     assert decode.topk_logits is not None and decode.topk_ids is not None
     width = decode.topk_logits.shape[1]
 
-    def on_device(array: np.ndarray) -> torch.Tensor:  # made before the first run: no sync midway
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
-
     cuts = np.array(draw, dtype=np.float64) if draw is not None else np.tile(GREEDY, (n, 1))
     sampled = cuts[:, 0] >= 0
     cuts[~sampled] = GREEDY
@@ -144,17 +142,20 @@ def run_ahead(
         uniforms[sampled] = ahead_u[sampled, :depth]
     top_k = cuts[:, 2]
     in_window = ~sampled | ((top_k > 0) & (top_k <= max(width, window)))  # the proposals' window
-    rows_t = on_device(rows.astype(np.int64))
-    last = on_device(ahead.astype(np.int64))
-    cuts_t = on_device(cuts)
-    uniforms_t = on_device(uniforms)
     # Per decode s: the rows that decode a proposal (ahead >= s), those just done (ahead == s - 1),
     # the rows drawn whole at s (ahead > s, cut outside the window).
-    going = [on_device(np.flatnonzero(ahead >= s)) for s in range(depth + 1)]
+    going = [np.flatnonzero(ahead >= s) for s in range(depth + 1)]
     done = [np.flatnonzero(ahead == s - 1) for s in range(depth + 1)]
-    done_t = [on_device(d) for d in done]
     whole = [np.flatnonzero((ahead > s) & ~in_window) for s in range(depth)]
-    whole_t = [on_device(w) for w in whole]
+    # Everything the loop indexes with goes to the device in two copies, before the first decode
+    # (a copy from pageable memory waits for the stream: none may come between the decodes).
+    ints = [rows.astype(np.int64), ahead.astype(np.int64), *going, *done, *whole]
+    ints_t = torch.from_numpy(np.concatenate(ints)).to(device)
+    bounds = np.cumsum([0, *(a.size for a in ints)]).tolist()
+    rows_t, last, *lists = (ints_t[a:b] for a, b in pairwise(bounds))
+    going_t, done_t, whole_t = lists[: depth + 1], lists[depth + 1 : 2 * depth + 2], lists[2 * depth + 2 :]
+    floats_t = torch.from_numpy(np.concatenate((cuts, uniforms), axis=1)).to(device)
+    cuts_t, uniforms_t = floats_t[:, :4], floats_t[:, 4:]
     acc_logits = torch.empty((depth + 1, n, window), dtype=torch.float32, device=device)
     acc_ids = torch.empty((depth + 1, n, window), dtype=torch.int64, device=device)
     acc_lse = torch.empty((depth + 1, n), dtype=torch.float32, device=device)
@@ -166,12 +167,11 @@ def run_ahead(
         if s:
             if done[s].size:  # their last decode was s - 1: keep it, then they step as bystanders
                 save_rows(rows[done[s]], rows_t[done_t[s]])
-            moved = torch.cat((going[s], done_t[s]))
-            at = rows_t[moved]
+            at = rows_t[torch.cat((going_t[s], done_t[s]))]
             decode.positions[at] += 1
             decode.seqlens_k[at] += 1
             decode.input_ids[rows_t[done_t[s]], 0] = 0  # a dummy at its next position (engine.py)
-            decode.input_ids[rows_t[going[s]], 0] = proposal[going[s]]
+            decode.input_ids[rows_t[going_t[s]], 0] = proposal[going_t[s]]
             if total_length is not None:
                 total_length(s)
         run()
@@ -194,7 +194,7 @@ def run_ahead(
             token[w] = drawn_ids
             logit[w] = drawn_logits
             prop_drawn[s, w] = True
-        asking = going[s + 1]
+        asking = going_t[s + 1]
         prop_ids[s, asking] = token[asking]
         prop_logits[s, asking] = logit[asking]
         proposal = token
