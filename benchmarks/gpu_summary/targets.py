@@ -162,17 +162,22 @@ def single_stream_rows(data: SuiteData) -> list[Row]:
     many = _many(data)
     load = many.loads.get("single")
     itl_ms = None if (itl := dist(load, "itl", "p50")) is None else itl * 1e3
+    tpot_ms = None if (tpot := dist(load, "tpot", "p50")) is None else tpot * 1e3
+    # Judged on the larger of the two: with decodes run ahead a stream's tokens come in bursts, the
+    # gaps between chunks inside a burst are tiny, and only the time per token compares with
+    # transformers' ms/token.
+    judged_ms = max((v for v in (itl_ms, tpot_ms) if v is not None), default=None)
     ttft_ms = None if (ttft := dist(load, "ttft", "p50")) is None else ttft * 1e3
     hf_ms = num(data.hf_static.get(1), "ms_per_token")
-    itl_ratio = ratio(itl_ms, hf_ms)
+    itl_ratio = ratio(judged_ms, hf_ms)
     prompt = num(load, "prompt_tokens_mean")
     workers = workers_label(many.workers)
     return [
         Row(
             f"3. single stream ITL p50, /v1/completions SSE, {workers}, vs transformers static cache at batch 1 "
-            "(ms/token)",
+            "(ms/token; judged on the larger of ITL p50 and time per output token p50)",
             f"<= {GOAL_ITL_VS_HF_B1:g}x",
-            f"{f2(itl_ms)} ms / {f2(hf_ms)} ms = {f2(itl_ratio)}x",
+            f"ITL {f2(itl_ms)} ms, TPOT {f2(tpot_ms)} ms / {f2(hf_ms)} ms = {f2(itl_ratio)}x",
             judge(itl_ratio, GOAL_ITL_VS_HF_B1, False),
         ),
         Row(

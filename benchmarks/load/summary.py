@@ -47,6 +47,11 @@ class LoadSummary:
     latency: Distribution
     ttft: Distribution
     itl: Distribution
+    # Time per output token of each streamed request: (latency - TTFT) / (tokens - 1). Equal to the
+    # ITL when every chunk carries one token; the honest per-token figure when a server sends tokens
+    # in bursts (several per chunk, or several chunks at once: decodes run ahead), where ITLs are
+    # the gaps between chunks. transformers' ms/token is this.
+    tpot: Distribution
     dispatch_lag: Distribution
     offered_rate: float | None
     max_in_flight: int
@@ -97,6 +102,11 @@ def summarize(run: RunResult) -> LoadSummary:
         latency=Distribution.of(r.latency_s for r in ok if r.latency_s is not None),
         ttft=Distribution.of(r.ttft_s for r in ok if r.ttft_s is not None),
         itl=Distribution.of(x for r in ok for x in r.itl_s),
+        tpot=Distribution.of(
+            (r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
+            for r in ok
+            if r.ttft_s is not None and r.latency_s is not None and r.completion_tokens > 1
+        ),
         dispatch_lag=Distribution.of(r.dispatch_lag_s for r in results if r.dispatch_lag_s is not None),
         offered_rate=ratio(len(results), cfg.duration_s) if cfg.mode == "open" else None,
         max_in_flight=run.max_in_flight,
