@@ -20,6 +20,7 @@ from tests.integration.redis_server import REDIS_SERVER, RedisServer
 TINY = "tiny"
 IDLE_TIMEOUT_S = 3.0
 KV_CAPACITY = 8
+TRACE_FILE = "trace.json"  # in the session tritonserver's work directory
 
 # The same suite runs on the GPU machine with GPT2_TEST_DTYPE=fp16 GPT2_TEST_DEVICE=cuda
 # GPT2_TEST_STRICT=1 (every node on the GPU); tolerances follow the dtype (export.parity).
@@ -107,7 +108,12 @@ def gpt2_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     work = tmp_path_factory.mktemp("triton")
-    server = TritonServer(model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log")
+    # Tracing set up but off (Triton's default level): test_request_id turns it on for `tiny` alone
+    # through Triton's trace API and off again, instead of a tracing server of its own (~10 s).
+    tracing = [f"--trace-config=triton,file={work / TRACE_FILE}", "--trace-config=level=OFF"]
+    server = TritonServer(
+        model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=tracing
+    )
     with server:
         yield server
 
