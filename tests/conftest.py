@@ -105,14 +105,35 @@ def gpt2_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+# The tiny checkpoint exported with `--kv-partitions 2` (test_lanes), under a name of its own.
+TINY_LANES = "tiny_lanes"
+
+
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def lanes_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository of its own (servers started on `model_repository` do not load it) with
+    TINY_LANES: the tiny checkpoint with its KV pool in 2 partitions."""
+    repo = tmp_path_factory.mktemp("repo_lanes")
+    args = ["--model", str(tiny_checkpoint), "--name", TINY_LANES, "--repository", str(repo), "--kv-partitions", "2"]
+    args += ["--kv-capacity", str(KV_CAPACITY), "--idle-timeout-s", str(IDLE_TIMEOUT_S), "--default-window", "16"]
+    args += ["--dtype", DTYPE, "--device", DEVICE] + (["--strict-device"] if STRICT else [])
+    assert export_main(args) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(
+    model_repository: Path, lanes_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """tiny (versions 1 and 2) and, from a second repository, TINY_LANES: one tritonserver for the
+    integration tier (each of its own cost ~9 s to start and stop on 2 cores)."""
     work = tmp_path_factory.mktemp("triton")
+    extra = [f"--model-repository={lanes_repository}"]
     # Tracing set up but off (Triton's default level): test_request_id turns it on for `tiny` alone
     # through Triton's trace API and off again, instead of a tracing server of its own (~10 s).
-    tracing = [f"--trace-config=triton,file={work / TRACE_FILE}", "--trace-config=level=OFF"]
+    extra += [f"--trace-config=triton,file={work / TRACE_FILE}", "--trace-config=level=OFF"]
     server = TritonServer(
-        model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=tracing
+        model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=extra
     )
     with server:
         yield server
