@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,20 @@ def assert_logits_close(got: np.ndarray, ref: np.ndarray) -> float:
     bound = ATOL + RTOL * float(np.abs(ref).max())
     assert err <= bound, f"max abs logit error {err:.3g} > {bound:.3g} ({DTYPE})"
     return err
+
+
+@contextlib.contextmanager
+def killed_at_exit(server: TritonServer) -> Iterator[TritonServer]:
+    """`server` started, and at the end killed: SIGKILL to its process group (server and stubs),
+    its /dev/shm regions removed (`cleanup`). A graceful stop costs 2.5-3 s a server (Triton polls
+    its unloading models once a second; the stubs finalize) and no test of these fixtures' users
+    checks how their server stops: test_stack_ctrl_c and the fault tier check Triton's own stop."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        server.stop()  # nothing left running: closes the log file
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +150,7 @@ def triton(
     server = TritonServer(
         model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=extra
     )
-    with server:
+    with killed_at_exit(server):
         yield server
 
 
