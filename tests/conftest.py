@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.integration.redis_server import REDIS_SERVER, RedisServer
 TINY = "tiny"
 IDLE_TIMEOUT_S = 3.0
 KV_CAPACITY = 8
+TRACE_FILE = "trace.json"  # in the session tritonserver's work directory
 
 # The same suite runs on the GPU machine with GPT2_TEST_DTYPE=fp16 GPT2_TEST_DEVICE=cuda
 # GPT2_TEST_STRICT=1 (every node on the GPU); tolerances follow the dtype (export.parity).
@@ -58,6 +60,20 @@ def assert_logits_close(got: np.ndarray, ref: np.ndarray) -> float:
     bound = ATOL + RTOL * float(np.abs(ref).max())
     assert err <= bound, f"max abs logit error {err:.3g} > {bound:.3g} ({DTYPE})"
     return err
+
+
+@contextlib.contextmanager
+def killed_at_exit(server: TritonServer) -> Iterator[TritonServer]:
+    """`server` started, and at the end killed: SIGKILL to its process group (server and stubs),
+    its /dev/shm regions removed (`cleanup`). A graceful stop costs 2.5-3 s a server (Triton polls
+    its unloading models once a second; the stubs finalize) and no test of these fixtures' users
+    checks how their server stops: test_stack_ctrl_c and the fault tier check Triton's own stop."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        server.stop()  # nothing left running: closes the log file
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +120,37 @@ def gpt2_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+# The tiny checkpoint exported with `--kv-partitions 2` (test_lanes), under a name of its own.
+TINY_LANES = "tiny_lanes"
+
+
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def lanes_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository of its own (servers started on `model_repository` do not load it) with
+    TINY_LANES: the tiny checkpoint with its KV pool in 2 partitions."""
+    repo = tmp_path_factory.mktemp("repo_lanes")
+    args = ["--model", str(tiny_checkpoint), "--name", TINY_LANES, "--repository", str(repo), "--kv-partitions", "2"]
+    args += ["--kv-capacity", str(KV_CAPACITY), "--idle-timeout-s", str(IDLE_TIMEOUT_S), "--default-window", "16"]
+    args += ["--dtype", DTYPE, "--device", DEVICE] + (["--strict-device"] if STRICT else [])
+    assert export_main(args) == 0
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(
+    model_repository: Path, lanes_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """tiny (versions 1 and 2) and, from a second repository, TINY_LANES: one tritonserver for the
+    integration tier (each of its own cost ~9 s to start and stop on 2 cores)."""
     work = tmp_path_factory.mktemp("triton")
-    server = TritonServer(model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log")
-    with server:
+    extra = [f"--model-repository={lanes_repository}"]
+    # Tracing set up but off (Triton's default level): test_request_id turns it on for `tiny` alone
+    # through Triton's trace API and off again, instead of a tracing server of its own (~10 s).
+    extra += [f"--trace-config=triton,file={work / TRACE_FILE}", "--trace-config=level=OFF"]
+    server = TritonServer(
+        model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=extra
+    )
+    with killed_at_exit(server):
         yield server
 
 

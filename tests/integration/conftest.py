@@ -91,7 +91,7 @@ def serve_workers(
                 break
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     yield url, proc, log
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)

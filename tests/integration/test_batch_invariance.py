@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from embedded_triton import TritonPorts, TritonServer
-from tests.conftest import GPT2_SHAPE
+from tests.conftest import GPT2_SHAPE, killed_at_exit
 from tests.integration.conftest import serve_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,7 +26,7 @@ NEW_TOKENS = 16
 def gpt2_triton(gpt2_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     work = tmp_path_factory.mktemp("gpt2_triton")
     server = TritonServer(gpt2_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log")
-    with server:
+    with killed_at_exit(server):
         yield server
 
 

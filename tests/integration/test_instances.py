@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from embedded_triton import TritonPorts, TritonServer
 from embedded_triton.instances import write_instances
 from step_model.contract import model_config
-from tests.conftest import TINY, hf_greedy
+from tests.conftest import TINY, hf_greedy, killed_at_exit
 from tests.integration.conftest import serve_gateway, serve_workers
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def instances_triton(instances_repository: Path, tmp_path_factory: pytest.TempPa
         model_control=True,  # one instance can be loaded again alone
         extra_args=["--exit-timeout-secs=2"],  # at the end nothing runs that must finish (else 20 s)
     )
-    with server:
+    with killed_at_exit(server):
         assert server.ready_models() == NAMES
         yield server
 

@@ -1,20 +1,19 @@
-"""Lanes against the real tritonserver: the tiny model exported with 2 KV partitions, the gateway's
-engine with one lane per partition (its default) keeps two steps in flight, and concurrent greedy
-generations come out token for token as with one lane and as transformers' own. The outputs must
-not depend on whether the model honours `kv_partition` (only the speed does)."""
+"""Lanes against the real tritonserver: the tiny model exported with 2 KV partitions (TINY_LANES,
+served by the session tritonserver from a second repository), the gateway's engine with one lane
+per partition (its default) keeps two steps in flight, and concurrent greedy generations come out
+token for token as with one lane and as transformers' own. The outputs must not depend on whether
+the model honours `kv_partition` (only the speed does)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from transformers import GPT2LMHeadModel
 
-from embedded_triton import TritonPorts, TritonServer
-from export.cli import main as export_main
+from embedded_triton import TritonServer
 from frontend.engine.protocol import EngineRequest, Event, FinishEvent, TokenEvent
 from frontend.engine.scheduler import ActiveSequence
 from frontend.engine.step_rows import StepRequest
@@ -23,7 +22,7 @@ from frontend.sampling import SamplingParams
 from frontend.settings import Settings
 from step_model import contract
 from step_model.contract import model_config
-from tests.conftest import DEVICE, DTYPE, IDLE_TIMEOUT_S, KV_CAPACITY, STRICT, TINY, hf_greedy
+from tests.conftest import TINY_LANES, hf_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +31,12 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def partitioned(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServer, Path]]:
-    """The tiny checkpoint exported with `--kv-partitions 2`, served by a tritonserver of its own."""
-    repo = tmp_path_factory.mktemp("repo_lanes")
-    args = ["--model", str(tiny_checkpoint), "--name", TINY, "--repository", str(repo), "--kv-partitions", "2"]
-    args += ["--kv-capacity", str(KV_CAPACITY), "--idle-timeout-s", str(IDLE_TIMEOUT_S), "--default-window", "16"]
-    args += ["--dtype", DTYPE, "--device", DEVICE] + (["--strict-device"] if STRICT else [])
-    assert export_main(args) == 0
-    assert model_config.read_parameters(repo / TINY / "config.pbtxt")[contract.CONFIG_KV_PARTITIONS] == "2"
-    work = tmp_path_factory.mktemp("triton_lanes")
-    with TritonServer(repo, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log") as server:
-        yield server, repo
+def partitioned(triton: TritonServer, lanes_repository: Path) -> tuple[TritonServer, Path]:
+    """The tiny checkpoint exported with `--kv-partitions 2` (TINY_LANES), served by the session
+    tritonserver from its second repository."""
+    config = lanes_repository / TINY_LANES / "config.pbtxt"
+    assert model_config.read_parameters(config)[contract.CONFIG_KV_PARTITIONS] == "2"
+    return triton, lanes_repository
 
 
 async def generate(triton: TritonServer, repo: Path, engine_lanes: int) -> tuple[list[list[int]], int, set[Any]]:
@@ -51,7 +45,7 @@ async def generate(triton: TritonServer, repo: Path, engine_lanes: int) -> tuple
     settings = Settings(
         environment="test",
         triton_url=triton.grpc_url,
-        model=TINY,
+        model=TINY_LANES,
         model_version="1",
         repository=repo,
         engine_lanes=engine_lanes,

@@ -1,7 +1,8 @@
-"""`python -m frontend --workers 2`: one scrape shows the whole gateway (prometheus-client's
-multiprocess mode in a per-run directory). Exactly 1,000 requests, and every scrape, whichever
-worker answers it, reads 1,000. Cheap on purpose: greedy requests with one prompt, so after each
-worker's first generations its result cache answers (the counters do not care)."""
+"""`python -m frontend --workers 2` end to end: one engine-core process, two uvicorn workers, a
+real tritonserver; one scrape shows the whole gateway (prometheus-client's multiprocess mode in a
+per-run directory); Ctrl-C stops every process, removes that directory and leaves no KV slot
+behind. One launch serves the module (each launch costs ~10 s of make test): the tests run in file
+order, the exact-count one first."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +20,35 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_triton import TritonServer
 from tests.integration.conftest import serve_workers
+from tests.integration.test_gateway import triton_metric
 
 pytestmark = pytest.mark.integration
 
 REQUESTS = 1000
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
-def two_workers(
+def launched(
     triton: TritonServer, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    log = tmp_path_factory.mktemp("metrics-workers") / "gateway.log"
-    # 1,000 requests from one address; no access log lines for them.
-    yield from serve_workers(triton, model_repository, log, GATEWAY_IP_RPM="0", GATEWAY_ACCESS_LOG="false")
+    log = tmp_path_factory.mktemp("workers") / "gateway.log"
+    # 1,000 requests from one address (test_every_scrape_counts_every_worker); no access log lines.
+    yield from serve_workers(
+        triton,
+        model_repository,
+        log,
+        GATEWAY_DEFAULT_WINDOW="16",
+        GATEWAY_IP_RPM="0",
+        GATEWAY_ACCESS_LOG="false",
+    )
 
 
 def _scrape(client: httpx.Client) -> dict[str, float]:
@@ -53,8 +71,11 @@ def _scrape(client: httpx.Client) -> dict[str, float]:
     return out
 
 
-def test_every_scrape_counts_every_worker(two_workers: tuple[str, subprocess.Popen[bytes], Path]) -> None:
-    url, proc, log = two_workers
+def test_every_scrape_counts_every_worker(launched: tuple[str, subprocess.Popen[bytes], Path]) -> None:
+    """Exactly 1,000 requests, and every scrape, whichever worker answers it, reads 1,000 (so this
+    test runs first on the module's launch). Cheap on purpose: greedy requests with one prompt, so
+    after each worker's first generations its result cache answers (the counters do not care)."""
+    url, proc, _ = launched
     body = {"prompt": "count me", "max_new_tokens": 2, "temperature": 0}
 
     refusals: list[str] = []
@@ -88,9 +109,68 @@ def test_every_scrape_counts_every_worker(two_workers: tuple[str, subprocess.Pop
     assert len(dirs) == 1, dirs  # both workers share one directory
     (directory,) = dirs
     assert directory.is_dir() and any(directory.glob("*.db"))
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-    assert proc.wait(60) == 0, log.read_text()
-    assert not directory.exists(), "the per-run metrics directory outlived the gateway"
+    # Ctrl-C and the directory's removal: test_ctrl_c_stops_every_process_and_frees_the_kv_cache.
+
+
+def test_workers_share_the_engine_core(
+    launched: tuple[str, subprocess.Popen[bytes], Path], triton: TritonServer
+) -> None:
+    url, _, _ = launched
+    body = {"prompt": "many workers", "max_new_tokens": 20, "temperature": 0.9, "top_k": 30}
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            calls = [
+                client.post("/generate", json={**body, "seed": 5 + i % 3, "stop": [f"never-{i}"]}) for i in range(12)
+            ]
+            responses = await asyncio.gather(*calls)
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    results = asyncio.run(run())
+    by_seed: dict[int, set[str]] = {}
+    for i, r in enumerate(results):
+        assert r["completion_tokens"] >= 1
+        by_seed.setdefault(i % 3, set()).add(r["generated_text"])
+    assert all(len(texts) == 1 for texts in by_seed.values())  # whichever worker served it
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(families) == len(set(families))
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    assert samples["gateway_step_rows_count"] > 0  # the core's series, through a worker
+    assert samples["gateway_step_rows_sum"] >= 12 * 20 * 0.5  # every token of every request was a row somewhere
+
+    deadline = time.monotonic() + 2.0
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
+
+
+def test_ctrl_c_stops_every_process_and_frees_the_kv_cache(
+    launched: tuple[str, subprocess.Popen[bytes], Path], triton: TritonServer
+) -> None:
+    url, proc, log = launched
+    (metrics_dir,) = _multiproc_dirs(proc.pid)  # the workers' per-run metrics directory
+    body = {"prompt": "a long story", "max_new_tokens": 240, "temperature": 0.7, "top_k": 20}
+    with httpx.stream("POST", f"{url}/generate/stream", json=body, timeout=30) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # a generation is running in the core
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert proc.wait(60) == 0, log.read_text()
+    deadline = time.monotonic() + 5
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a process of the gateway outlived it"
+    output = log.read_text()
+    assert "Traceback" not in output, output
+    assert "engine core stopped" in output
+    assert not metrics_dir.exists(), "the per-run metrics directory outlived the gateway"
+    deadline = time.monotonic() + 3  # the model publishes its gauges every 0.1 s
+    while triton_metric(triton, "gpt2_kv_live_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton_metric(triton, "gpt2_kv_live_sequences") == 0
 
 
 def _multiproc_dirs(launcher: int) -> set[Path]:

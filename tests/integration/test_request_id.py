@@ -1,7 +1,7 @@
 """The gateway's request id reaches Triton.
 
 A step that carries one generation goes to Triton under that generation's request id (what
-Triton's trace records, checked here with a tritonserver started with tracing on); every step
+Triton's trace records, checked here with the session tritonserver's tracing turned on); every step
 also names its rows' request ids in the `request_ids` parameter (`step_model.contract`), which
 the step model quotes in its log lines about a row.
 """
@@ -16,24 +16,33 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedded_triton import TritonPorts, TritonServer
-from tests.conftest import TINY
+from embedded_triton import TritonServer
+from tests.conftest import TINY, TRACE_FILE
 from tests.integration.conftest import serve_gateway
 
 pytestmark = pytest.mark.integration
 
 
+def _trace_setting(triton: TritonServer, setting: dict[str, object]) -> dict:
+    """Triton's trace extension for the `tiny` model alone (HTTP)."""
+    r = httpx.post(f"{triton.http_url}/v2/models/{TINY}/trace/setting", json=setting, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 @pytest.fixture(scope="module")
-def traced(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonServer, Path]]:
-    work = tmp_path_factory.mktemp("triton-traced")
-    trace = work / "trace.json"
-    tracing = [f"--trace-config=triton,file={trace}", "--trace-config=level=TIMESTAMPS", "--trace-config=rate=1"]
-    tracing += ["--trace-config=triton,log-frequency=1"]  # write each trace as it completes
-    server = TritonServer(
-        model_repository, ports=TritonPorts.free(), work_dir=work, log_path=work / "triton.log", extra_args=tracing
-    )
-    with server:
-        yield server, trace
+def traced(triton: TritonServer) -> Iterator[tuple[TritonServer, Path]]:
+    """The session tritonserver (started with a trace file, tracing off) tracing every request of
+    `tiny` while this module runs, each trace written as it completes (log frequency 1); the
+    model's own settings are cleared afterwards (back to the server's: off)."""
+    trace = triton.work_dir / TRACE_FILE
+    got = _trace_setting(triton, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    assert got["trace_level"] == ["TIMESTAMPS"] and got["trace_file"] == str(trace), got
+    try:
+        yield triton, trace
+    finally:
+        off = _trace_setting(triton, {"trace_level": None, "trace_rate": None, "log_frequency": None})
+        assert off["trace_level"] == ["OFF"], off
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ gateway must shut down cleanly (no `CancelledError`, no traceback) and no proces
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,11 +37,16 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 def test_ctrl_c_stops_the_stack_cleanly(model_repository: Path, tmp_path: Path) -> None:
+    # tiny's newest version alone (what the stack serves): one Python-backend stub to start and
+    # stop instead of two, ~3 s of this test on 2 cores; nothing here is about several versions.
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository / TINY / "2", repository / TINY / "2")
+    shutil.copy2(model_repository / TINY / "config.pbtxt", repository / TINY / "config.pbtxt")
     port, http, grpc, metrics = (free_port() for _ in range(4))
     log = tmp_path / "stack.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GATEWAY_ENVIRONMENT": "test"}
     cmd = [
-        sys.executable, "-m", "embedded_triton.stack", "--model", TINY, "--repository", str(model_repository),
+        sys.executable, "-m", "embedded_triton.stack", "--model", TINY, "--repository", str(repository),
         "--port", str(port), "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
         "--triton-metrics-port", str(metrics),
     ]  # fmt: skip
