@@ -38,25 +38,29 @@ class Row:
     replay_from: int = -1
 
 
-def step(eng: StepEngine, rows: list[Row], *, check: bool = True, kv_partition: int | None = None) -> StepResult:
+def request(rows: list[Row], *, kv_partition: int | None = None, window: int = WINDOW) -> StepRequest:
     width = max(1, max(len(r.tokens) for r in rows))
     ids = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         ids[i, : len(r.tokens)] = r.tokens
-    req = StepRequest(
+    return StepRequest(
         sequence_ids=np.array([r.sequence_id for r in rows], dtype=np.uint64),
         input_ids=ids,
         lengths=np.array([len(r.tokens) for r in rows], dtype=np.int32),
         start=np.array([r.start for r in rows]),
         end=np.array([r.end for r in rows]),
         temperature=np.array([r.temperature for r in rows], dtype=np.float32),
-        window=WINDOW,
+        window=window,
         want_logits=True,
         draw=np.array([r.draw for r in rows], dtype=np.float64),
         invariant=np.array([r.invariant for r in rows]),
         replay_from=np.array([r.replay_from for r in rows], dtype=np.int32),
         kv_partition=kv_partition,
     )
+
+
+def step(eng: StepEngine, rows: list[Row], *, check: bool = True, kv_partition: int | None = None) -> StepResult:
+    req = request(rows, kv_partition=kv_partition)
     res = eng.step([req])[0]
     assert isinstance(res, StepResult)
     assert not check or (res.status == RowStatus.OK).all(), res.messages
@@ -68,13 +72,14 @@ def gpt2_dir(gpt2_repository: Path) -> Path:
     return gpt2_repository / GPT2_SHAPE / "1"
 
 
-def make_engine(version_dir: Path, reserved: int, capacity: int = GPT2_CAPACITY) -> StepEngine:
+def make_engine(version_dir: Path, reserved: int, capacity: int = GPT2_CAPACITY, partitions: int = 1) -> StepEngine:
     """As the Triton model builds it (on the GPU suite's machine: CUDA, fp16, CUDA graphs)."""
     meta = ModelMeta.load(version_dir)
     eng = StepEngine(
         version_dir / "model.onnx",
         meta,
         capacity=capacity,
+        partitions=partitions,
         invariant_slots=reserved,
         device=DEVICE,
         strict_device=STRICT,
@@ -256,6 +261,57 @@ def test_a_flagged_rows_outputs_do_not_depend_on_its_slot_or_its_neighbours(
     for below, neighbours in placements:
         got = generate_in_slot(eng, below, neighbours)
         assert_same(got, alone, f"{below} flagged rows below it, {neighbours} beside it, {reserved} reserved slots")
+
+
+STACK_RESERVED, STACK_WINDOW = 128, 64  # the GPU check's export (--invariant-slots 128), the gateway's window
+
+
+def _stack_run(eng: StepEngine, others: int) -> list[Answer]:
+    """The seeded flagged row's answers over 33 steps as the stack steps it: each execution carries
+    two lanes' requests (Triton batches them; kv_partition 0 and 1), window 64, the flagged row in
+    lane 0 beside `others` unflagged rows of both lanes that decode with device draws of their own
+    (top-p 0.9 over a wide nucleus, their own uniforms) and come and go."""
+    me, rng_others = next(_ids), np.random.default_rng(5)
+    lanes = [[next(_ids) for _ in range(others // 2)], [next(_ids) for _ in range(others - others // 2)]]
+
+    def execute(rows_by_lane: list[list[Row]]) -> StepResult:
+        reqs = [request(rows, kv_partition=p, window=STACK_WINDOW) for p, rows in enumerate(rows_by_lane) if rows]
+        out = eng.step(reqs)
+        assert all(isinstance(r, StepResult) and (r.status == RowStatus.OK).all() for r in out), out
+        return out[0]  # type: ignore[return-value]
+
+    def other(sid: int, tokens: list[int], start: bool = False) -> Row:
+        return Row(sid, tokens, start=start, temperature=0.9, draw=(float(rng_others.random()), 0.9, 0.0, 0.0))
+
+    first = Row(me, PROMPT, start=True, temperature=0.7, draw=(LONG_UNIFORMS[0], 0.9, 0.0, 0.0), invariant=True)
+    starts = [[first] + [other(s, OTHER_PROMPTS[i % len(OTHER_PROMPTS)], True) for i, s in enumerate(lanes[0])]]
+    starts.append([other(s, OTHER_PROMPTS[-1 - i % len(OTHER_PROMPTS)], True) for i, s in enumerate(lanes[1])])
+    answers = [answer(execute(starts), 0)]
+    for k, token in enumerate(LONG):
+        mine = Row(me, [token], temperature=0.7, draw=(LONG_UNIFORMS[k + 1], 0.9, 0.0, 0.0))
+        lane0 = [mine] + [other(s, [(k * 13 + i) % VOCAB]) for i, s in enumerate(lanes[0]) if (i + k) % 3]
+        lane1 = [other(s, [(k * 7 + i) % VOCAB]) for i, s in enumerate(lanes[1]) if (i + k) % 5]
+        answers.append(answer(execute([lane0, lane1] if k % 2 else [lane0]), 0))
+    execute([[Row(s, [], end=True) for s in [me, *lanes[0]]], [Row(s, [], end=True) for s in lanes[1]]])
+    assert eng.live_sequences() == 0
+    return answers
+
+
+@pytest.mark.slow
+def test_a_flagged_row_beside_the_stacks_traffic_answers_as_alone(
+    gpt2_dir: Path, engines: dict[int, StepEngine]
+) -> None:
+    """The whole-stack check on the GPU (2026-12-07: 12/100 seeded streams identical, 128 reserved
+    slots) in the engine: two lanes' requests per execution over two KV partitions, a 64-wide window,
+    unflagged neighbours drawing on the device in the same draw call. Every answer of the flagged row
+    (logits, log-sum-exp, window, device draw) bitwise those of its run alone. GPU only: the reserved
+    range of 128 rows of the 124M shape would take most of this machine's memory in fp32."""
+    if engines[RESERVED].device_kind != "cuda":
+        pytest.skip("the stack's reserved range of 128: GPU only")
+    eng = make_engine(gpt2_dir, STACK_RESERVED, capacity=STACK_RESERVED + 96, partitions=2)
+    alone = _stack_run(eng, 0)
+    for others in (6, 60):
+        assert_same(_stack_run(eng, others), alone, f"beside {others} unflagged rows of two lanes")
 
 
 # ------------------------------------------------------------------------- the reserved range (tiny model)
