@@ -483,7 +483,7 @@ class Scheduler(Recovery, StepSampling):
             counts[:n] += ahead.astype(np.uint64)  # the answer's uniform comes after them
         uniforms = step_uniforms(keys, counts)
         rewind = np.fromiter((s.rewind for s in seqs[:n]), dtype=np.int32, count=n)
-        for s in seqs[:n]:
+        for s in seqs:  # sent; a sequence starting (again) has no cache to rewind
             s.rewind = 0
         batch = compose(
             decode_ids,

@@ -8,7 +8,7 @@ ahead ends the generation there."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,16 +36,20 @@ REQUESTS = [
 
 
 class EngineBackend:
-    """The scheduler's StepBackend over a StepEngine in this process."""
+    """The scheduler's StepBackend over a StepEngine in this process; `restart_at`: before that step
+    the engine is replaced by a fresh one (a Triton restart: every sequence lost)."""
 
-    def __init__(self, engine: StepEngine) -> None:
+    def __init__(self, engine: StepEngine, restart_at: int = 0, fresh: Callable[[], StepEngine] | None = None) -> None:
         self.engine = engine
         self.batches: list[StepRequest] = []
+        self.restart_at, self.fresh = restart_at, fresh
 
     async def step(self, rows: StepRequest | Sequence[Row], *, window: int, want_logits: bool = False) -> StepResult:
         batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
         batch = replace(batch, window=window, want_logits=want_logits)
         self.batches.append(batch)
+        if self.fresh is not None and len(self.batches) == self.restart_at:
+            self.engine = self.fresh()
         out = self.engine.step([batch])[0]
         assert isinstance(out, StepResult), out
         return out
@@ -66,10 +70,15 @@ def make_engine(version_dir: Path) -> StepEngine:
 
 
 async def generate(
-    version_dir: Path, ahead: int, *, max_new_tokens: int = 24, stop_token_ids: Sequence[int] = ()
+    version_dir: Path,
+    ahead: int,
+    *,
+    max_new_tokens: int = 24,
+    stop_token_ids: Sequence[int] = (),
+    restart_at: int = 0,
 ) -> tuple[list[list[tuple[int, float, tuple[tuple[int, float], ...]]]], list[str], EngineBackend]:
     engine = make_engine(version_dir)
-    backend = EngineBackend(engine)
+    backend = EngineBackend(engine, restart_at, lambda: make_engine(version_dir))
     meta = engine.meta
     config = SchedulerConfig(default_window=16, max_running=8, decode_ahead=ahead, prefill_hold_s=0.0)
     sched = Scheduler(backend, config, eos_token_id=meta.eos_token_id, vocab_size=meta.vocab_size)
@@ -89,7 +98,7 @@ async def generate(
         assert isinstance(last, FinishEvent)
         finishes.append(last.reason)
     await sched.close()
-    assert engine.live_sequences() == 0  # every slot released
+    assert backend.engine.live_sequences() == 0  # every slot released
     return tokens, finishes, backend
 
 
@@ -155,3 +164,15 @@ async def test_max_tokens_caps_the_decodes_run_ahead(version_dir: Path) -> None:
     for b in backend.batches:
         if b.ahead is not None:
             assert int(np.max(b.ahead)) <= 4
+
+
+async def test_sequences_running_ahead_survive_a_triton_restart(
+    version_dir: Path, one_per_step: tuple[list, list[str]], wrong_proposals: None
+) -> None:
+    """Triton restarts while rows run ahead and some proposals are refused: the sequences start
+    again (prompt, then their tokens replayed: they are seeded or greedy), run ahead again, and
+    finish token for token as one token per step does."""
+    tokens, finishes, backend = await generate(version_dir, 3, restart_at=4)
+    assert tokens == one_per_step[0] and finishes == one_per_step[1]
+    restarted = backend.batches[4:]
+    assert any(b.replay_from is not None and (b.replay_from > 0).any() for b in restarted)
