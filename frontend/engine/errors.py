@@ -64,6 +64,12 @@ class UpstreamTimeout(StepError):
     """The step call did not finish within its deadline."""
 
 
+class IncompleteAnswer(UpstreamTimeout):
+    """Triton answered a step without some of the outputs it asked for (seen in the fault tier right
+    after a frozen server resumed and answered its timed-out steps): what the step did to its
+    sequences is unknown, as after a timeout, and it is handled as one (its sequences start again)."""
+
+
 class BreakerOpen(UpstreamUnavailable):
     """Refused without calling Triton: its recent steps failed (retry after `retry_after_s`)."""
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from frontend.engine.errors import SamplingFailed, StepError, StepRejected
 from frontend.engine.events import ErrorEvent, Event, FinishEvent, PromptLogprobsEvent, TokenEvent
-from frontend.engine.step_rows import ROW_REFUSALS, Row, StepResult, from_rows
+from frontend.engine.step_rows import ROW_REFUSALS, Row, StepRequest, StepResult, from_rows
 from frontend.sampling import (
     BatchParams,
     LogitAdjustment,
@@ -56,6 +56,9 @@ class StepSampling:
         raise NotImplementedError  # the scheduler's
 
     def _fail(self, seqs: list[ActiveSequence], error: BaseException) -> None:
+        raise NotImplementedError  # the scheduler's
+
+    def _step_failed(self, seqs: list[ActiveSequence], rows: StepRequest, err: StepError) -> bool:
         raise NotImplementedError  # the scheduler's
 
     def _emit_prompt_logprobs(self, seqs: list[ActiveSequence], sampling: list[int], out: StepResult) -> list[int]:
@@ -263,8 +266,8 @@ class StepSampling:
         )
         try:
             out = await self.client.step(rows, window=1, want_logits=True)
-        except StepError as err:
-            self._fail([seq for seq, _, _, _ in fetch], err)
+        except StepError as err:  # as a failed step: the server away or in doubt, they start again
+            self._step_failed([seq for seq, _, _, _ in fetch], rows, err)
             return
         assert out.logits is not None
         for i, (seq, u, step, adjustment) in enumerate(fetch):

@@ -38,7 +38,14 @@ from tenacity import (
 from tritonclient.grpc import KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
-from frontend.engine.errors import ConnectFailed, StepError, StepRejected, UpstreamTimeout, UpstreamUnavailable
+from frontend.engine.errors import (
+    ConnectFailed,
+    IncompleteAnswer,
+    StepError,
+    StepRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from frontend.engine.step_rows import Row, StepRequest, StepResult, from_rows
 from step_model import contract
 
@@ -278,23 +285,31 @@ class StepClient:
                     result = await self._infer(inputs, outputs, parameters, request_id)
         else:  # a step with decode rows: one attempt, without the retry machinery's cost per step
             result = await self._infer(inputs, outputs, parameters, request_id)
+        got = {name: result.as_numpy(name) for name in names}
+        missing = [name for name, value in got.items() if value is None]
+        if missing:
+            raise IncompleteAnswer(f"Triton answered the step without {', '.join(missing)}")
+
+        def flat(name: str) -> np.ndarray:
+            return got[name].reshape(-1)
+
         return StepResult(
-            status=result.as_numpy(contract.STATUS).reshape(-1),
-            topk_logits=result.as_numpy(contract.TOPK_LOGITS),
-            topk_ids=result.as_numpy(contract.TOPK_IDS),
-            logsumexp=result.as_numpy(contract.LOGSUMEXP).reshape(-1),
-            logits=result.as_numpy(contract.LOGITS) if want_logits else None,
-            prompt_logprobs=result.as_numpy(contract.PROMPT_LOGPROBS) if echo else None,
-            prompt_top_ids=result.as_numpy(contract.PROMPT_TOP_IDS) if echo else None,
-            prompt_top_logprobs=result.as_numpy(contract.PROMPT_TOP_LOGPROBS) if echo else None,
-            extra_logits=result.as_numpy(contract.EXTRA_LOGITS) if extra else None,
-            rest_logsumexp=result.as_numpy(contract.REST_LOGSUMEXP).reshape(-1) if extra else None,
-            drawn_ids=result.as_numpy(contract.DRAWN_IDS).reshape(-1) if draws else None,
-            drawn_logits=result.as_numpy(contract.DRAWN_LOGITS).reshape(-1) if draws else None,
-            ahead_topk_logits=result.as_numpy(contract.AHEAD_TOPK_LOGITS) if ahead else None,
-            ahead_topk_ids=result.as_numpy(contract.AHEAD_TOPK_IDS) if ahead else None,
-            ahead_logsumexp=result.as_numpy(contract.AHEAD_LOGSUMEXP) if ahead else None,
-            ahead_ids=result.as_numpy(contract.AHEAD_IDS) if ahead else None,
-            ahead_logits=result.as_numpy(contract.AHEAD_LOGITS) if ahead else None,
-            ahead_drawn=result.as_numpy(contract.AHEAD_DRAWN) if ahead else None,
+            status=flat(contract.STATUS),
+            topk_logits=got[contract.TOPK_LOGITS],
+            topk_ids=got[contract.TOPK_IDS],
+            logsumexp=flat(contract.LOGSUMEXP),
+            logits=got.get(contract.LOGITS),
+            prompt_logprobs=got.get(contract.PROMPT_LOGPROBS),
+            prompt_top_ids=got.get(contract.PROMPT_TOP_IDS),
+            prompt_top_logprobs=got.get(contract.PROMPT_TOP_LOGPROBS),
+            extra_logits=got.get(contract.EXTRA_LOGITS),
+            rest_logsumexp=flat(contract.REST_LOGSUMEXP) if extra else None,
+            drawn_ids=flat(contract.DRAWN_IDS) if draws else None,
+            drawn_logits=flat(contract.DRAWN_LOGITS) if draws else None,
+            ahead_topk_logits=got.get(contract.AHEAD_TOPK_LOGITS),
+            ahead_topk_ids=got.get(contract.AHEAD_TOPK_IDS),
+            ahead_logsumexp=got.get(contract.AHEAD_LOGSUMEXP),
+            ahead_ids=got.get(contract.AHEAD_IDS),
+            ahead_logits=got.get(contract.AHEAD_LOGITS),
+            ahead_drawn=got.get(contract.AHEAD_DRAWN),
         )

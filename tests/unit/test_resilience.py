@@ -14,6 +14,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from frontend.engine.breaker import BreakerState, CircuitBreaker
+from frontend.engine.errors import IncompleteAnswer
 from frontend.engine.protocol import (
     BreakerOpen,
     ConnectFailed,
@@ -187,13 +188,14 @@ class FakeGrpc:
         self.status = status
         self.calls = 0
         self.timeouts: list[float | None] = []
+        self.result = _Result()
 
     async def infer(self, *_: Any, client_timeout: float | None = None, **__: Any) -> Any:
         self.calls += 1
         self.timeouts.append(client_timeout)
         if self.calls <= self.failures:
             raise InferenceServerException("connection refused", status=self.status)
-        return _Result()
+        return self.result
 
     async def is_model_ready(self, *_: Any, client_timeout: float | None = None, **__: Any) -> bool:
         self.timeouts.append(client_timeout)
@@ -202,8 +204,11 @@ class FakeGrpc:
 
 
 class _Result:
-    def as_numpy(self, name: str) -> np.ndarray:
-        return np.zeros((1, 1), dtype=np.float32)
+    def __init__(self, missing: str = "") -> None:
+        self.missing = missing
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return None if name == self.missing else np.zeros((1, 1), dtype=np.float32)
 
 
 def client_with(fake: FakeGrpc, retries: int = 2) -> StepClient:
@@ -225,6 +230,19 @@ async def test_a_step_with_a_decode_row_is_never_retried() -> None:
     with pytest.raises(ConnectFailed):
         await client_with(fake).step([Row(1, [5], start=True), Row(2, [7])], window=4)
     assert fake.calls == 1
+
+
+@pytest.mark.asyncio
+async def test_an_answer_without_an_asked_output_is_an_in_doubt_step_error() -> None:
+    """Seen in the fault tier (tests/resilience/test_triton_stall.py, about one run in five, before
+    this): right after a frozen Triton resumed, a step came back without LOGSUMEXP and the client's
+    parsing failed the lane's generations as an internal error. Now the step is in doubt, as after a
+    timeout (IncompleteAnswer is an UpstreamTimeout): its sequences start again."""
+    fake = FakeGrpc(failures=0)
+    fake.result = _Result(missing="LOGSUMEXP")
+    with pytest.raises(IncompleteAnswer, match="LOGSUMEXP") as caught:
+        await client_with(fake).step([Row(1, [5])], window=4)
+    assert isinstance(caught.value, UpstreamTimeout)
 
 
 @pytest.mark.asyncio

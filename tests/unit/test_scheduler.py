@@ -29,6 +29,7 @@ from frontend.engine.protocol import (
     Overloaded,
     StepRejected,
     TokenEvent,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from frontend.engine.scheduler import Scheduler, SchedulerConfig
@@ -281,6 +282,42 @@ async def test_rows_whose_window_never_decides_get_their_full_row_in_the_step_it
     assert fetches and carried  # the first undecided step fetched; later ones carried their rows
     assert all(not calls[i - 1][1] for i in fetches)  # never a fetch after a step that had the rows
     assert tokens == (await run())[0]  # deterministic for a seed
+
+
+async def test_a_full_row_fetch_that_times_out_starts_its_sequence_again() -> None:
+    """The fetch of an undecided row's full row is a step like any: when it times out (Triton
+    frozen), the sequence starts again as after a timed-out step and finishes; before, it failed with
+    the timeout (seen in the fault tier's stall test)."""
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+
+    class TimeoutOnFirstFetch(ScriptedBackend):
+        failed = False
+
+        async def step(self, rows: Any, *, window: int, want_logits: bool = False) -> StepResult:
+            batch = rows if isinstance(rows, StepRequest) else from_rows(rows)
+            fetch = not batch.lengths.any() and not batch.end.any()
+            if fetch and not self.failed:
+                self.failed = True
+                self.batches.append(batch)
+                self.wanted_logits.append(want_logits)
+                raise UpstreamTimeout("Deadline Exceeded")
+            return await super().step(rows, window=window, want_logits=want_logits)
+
+    async def run(backend: ScriptedBackend) -> list[int]:
+        backend.by_content = True  # a sequence started again under a new id continues as before
+        sched = scheduler(backend)
+        sched.start()
+        seq = sched.submit(EngineRequest([1, 2], params, 6, seed=11))
+        events = await drain(seq.events)  # type: ignore[arg-type]
+        await sched.close()
+        assert isinstance(events[-1], FinishEvent), events[-1]
+        return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+    failing = TimeoutOnFirstFetch(capacity=4)
+    # (the scripted full rows follow the sequence id, which a restart changes, so the tokens after
+    # it are not compared here; test_scheduler_ahead's restart test compares them on the real engine)
+    assert len(await run(failing)) == 6
+    assert failing.failed and sum(int(b.start.sum()) for b in failing.batches) == 2  # started again once
 
 
 async def test_rows_the_model_draws_on_the_device_fetch_no_full_row_and_get_the_full_rows_tokens() -> None:
