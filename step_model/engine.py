@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from step_model import contract
-from step_model.ahead import GREEDY, AheadAnswers, run_ahead
+from step_model.ahead import AHEAD_FIELDS, GREEDY, AheadAnswers, run_ahead
 from step_model.contract import RowStatus, graph_io
 from step_model.decode import DecodeRunner, DecodeSetup
 from step_model.draw import draw_method as draw_method_for
@@ -87,7 +87,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_NONE = np.zeros(1 << 16, dtype=np.int64)  # no row runs ahead (a view of its first n entries)
 _WARM_PREFILL_ROWS = 64  # warm_up runs prefill shapes of up to this many rows
 # Device draws replayed from CUDA graphs: the captured (flagging) function and its fallback.
 _GRAPHED_DRAWS = {
@@ -474,7 +473,8 @@ class StepEngine:
         for j in range(int((lengths - prompt).max())):
             stepping = np.flatnonzero(prompt + j < lengths)
             tokens = input_ids[stepping, prompt[stepping] + j]
-            run = self._decode(new_slots[stepping], tokens, temperature[stepping], window, now, _NONE[: stepping.size])
+            none_ahead = np.zeros(stepping.size, dtype=np.int64)
+            run = self._decode(new_slots[stepping], tokens, temperature[stepping], window, now, none_ahead)
             topk_logits[stepping], topk_ids[stepping], lse[stepping] = run.topk_logits, run.topk_ids, run.logsumexp
             self.stats.replayed_tokens_total += int(stepping.size)
         at = 0
@@ -633,10 +633,7 @@ class StepEngine:
             self.stats.graph_replays_total += int(self.decoder.run(decode, graphed=graphed, collect=False))
 
         def save(buffer_rows: np.ndarray, buffer_rows_t: torch.Tensor) -> None:
-            slots = buffer_rows + decode.first
-            index = buffer_rows_t + decode.first
-            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, buffer_rows_t))
-            self._home[slots] = -1
+            self._save_rows(decode, buffer_rows + decode.first, buffer_rows_t)
 
         total_length = None
         if not graphed:  # an eager run attends as far as its longest row, which grows by one a decode
@@ -662,12 +659,14 @@ class StepEngine:
         out.put(group, answers)
 
     # ----------------------------------------------------------------------------- stored logits
-    def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray) -> None:
-        """Copy rows whose latest logits live in `decode`'s buffer into `last_logits`."""
+    def _save_rows(self, decode: DecodeBuffers, slots: np.ndarray, rows: torch.Tensor | None = None) -> None:
+        """Copy rows whose latest logits live in `decode`'s buffer into `last_logits`. `rows`: their
+        buffer rows already on the device (a run ahead made them before its first decode, so that
+        no host-to-device copy waits for the stream between its decodes)."""
         if slots.size:
-            index = torch.from_numpy(slots).to(self.device)
-            rows = torch.from_numpy(slots - decode.first).to(self.device)
-            self.last_logits.index_copy_(0, index, decode.logits.index_select(0, rows))
+            if rows is None:
+                rows = torch.from_numpy(slots - decode.first).to(self.device)
+            self.last_logits.index_copy_(0, rows + decode.first, decode.logits.index_select(0, rows))
             self._home[slots] = -1
 
     def _save_bystanders(self, decode: DecodeBuffers, stepping: np.ndarray) -> None:
@@ -748,16 +747,8 @@ def _ahead_uniforms(req: StepRequest, rows: np.ndarray, depth: int) -> np.ndarra
 
 def _answer_ahead(res: StepResult, rows: np.ndarray, run: AheadAnswers, at: int, window: int, depth: int) -> None:
     """A request's ahead answers (contract.AHEAD_OUTPUTS), `depth` wide: its rows' share of `run`."""
-    n, end = res.status.shape[0], at + rows.size
-    res.ahead_topk_logits = np.zeros((n, depth, window), dtype=np.float32)
-    res.ahead_topk_ids = np.zeros((n, depth, window), dtype=np.int64)
-    res.ahead_logsumexp = np.zeros((n, depth), dtype=np.float32)
-    res.ahead_ids = np.full((n, depth), -1, dtype=np.int64)
-    res.ahead_logits = np.zeros((n, depth), dtype=np.float32)
-    res.ahead_drawn = np.zeros((n, depth), dtype=bool)
-    res.ahead_topk_logits[rows] = run.ahead_topk_logits[at:end, :depth, :window]
-    res.ahead_topk_ids[rows] = run.ahead_topk_ids[at:end, :depth, :window]
-    res.ahead_logsumexp[rows] = run.ahead_logsumexp[at:end, :depth]
-    res.ahead_ids[rows] = run.ahead_ids[at:end, :depth]
-    res.ahead_logits[rows] = run.ahead_logits[at:end, :depth]
-    res.ahead_drawn[rows] = run.ahead_drawn[at:end, :depth]
+    answers = AheadAnswers.empty(res.status.shape[0], depth, window)  # unanswered rows as in AheadAnswers
+    for name in AHEAD_FIELDS:
+        share = getattr(run, name)[at : at + rows.size, :depth]
+        getattr(answers, name)[rows] = share[..., :window] if share.ndim == 3 else share
+        setattr(res, name, getattr(answers, name))

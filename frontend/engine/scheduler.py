@@ -475,7 +475,7 @@ class Scheduler(Recovery, StepSampling):
         adjustments = [s.adjuster.current() if s.adjuster is not None else None for s in seqs]
         keys = np.fromiter((s.rng_key for s in seqs), dtype=np.uint64, count=len(seqs))
         counts = np.fromiter((len(s.generated) for s in seqs), dtype=np.uint64, count=len(seqs))
-        ahead = self._ahead_counts(seqs[:n], adjustments[:n])
+        ahead = self._ahead_counts(seqs[:n])
         ahead_u = None
         if ahead is not None:  # the ahead decodes' uniforms: the next of each stream, in order
             depth = int(ahead.max())
@@ -507,7 +507,7 @@ class Scheduler(Recovery, StepSampling):
         )
         return seqs, batch, adjustments, uniforms
 
-    def _ahead_counts(self, seqs: list[ActiveSequence], adjustments: list[LogitAdjustment | None]) -> np.ndarray | None:
+    def _ahead_counts(self, seqs: list[ActiveSequence]) -> np.ndarray | None:
         """Decodes each decode row runs ahead (None when none does): `decode_ahead`, capped by the
         tokens the sequence still may generate; 0 for a sequence whose logits are adjusted (the
         adjustment changes with every token) or whose last window did not decide its token."""
@@ -516,9 +516,9 @@ class Scheduler(Recovery, StepSampling):
         ahead = np.fromiter(
             (
                 0
-                if a is not None or s.needed_full_row or s.adjuster is not None
+                if s.adjuster is not None or s.needed_full_row
                 else max(0, min(self.decode_ahead, s.max_new_tokens - len(s.generated) - 1))
-                for s, a in zip(seqs, adjustments, strict=True)
+                for s in seqs
             ),
             dtype=np.int32,
             count=len(seqs),
