@@ -372,6 +372,11 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)  # the group id is the server's pid (own session)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
+            # SIGKILL is delivered at once but a stub holding GBs takes a while to exit: wait for
+            # it, so that whoever follows (a restart, the caller's exit) finds the memory freed.
+            deadline = time.monotonic() + 10
+            while _live_group_members(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
         for region in self.shm_regions():
             with contextlib.suppress(OSError):
                 region.unlink()
@@ -393,6 +398,24 @@ class TritonServer:
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
         self.stop()
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that have not exited yet (zombies are gone for our purposes:
+    their reaper is their parent's business). Linux's /proc; elsewhere an empty list."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
 
 
 class ModelHealth:
