@@ -7,7 +7,10 @@ On the GPU the pass's shape is rounded up to a bucket (rows: powers of two; prom
 at 512 streams every prefill met a new (rows, tokens), a quarter of each execution; a known shape
 costs 2.4 ms, launch-bound (H100, 2026-12-07, docs/results/2026-12-07-h100-phases). Buckets of up
 to `graph_tokens` rows x tokens are replayed as CUDA graphs (fixed buffers per bucket, their own
-session), the rest run eagerly. Padding rows are one token long and their outputs are dropped; a
+session), the rest run eagerly. Whether a pass replays depends on its shape alone, never on the
+step's window (a graph's window is `graph_window` wide; a wider one is taken from its logits):
+the two sessions need not give the same bits, and a batch-invariant row's prefill must not move
+with a neighbour's top_k. Padding rows are one token long and their outputs are dropped; a
 real row's positions past its length are padding the row's next steps overwrite before anything
 reads them. On the CPU shapes are exact: there a padded row or position costs real compute.
 
@@ -137,8 +140,8 @@ class PrefillRunner:
             return rows, tokens
         return _round_up(rows), min(_round_up(tokens, _MIN_TOKENS), self.max_context)
 
-    def _graphed(self, rows: int, tokens: int, window: int) -> bool:
-        return rows * tokens <= self.graph_tokens and window <= self.graph_window
+    def _graphed(self, rows: int, tokens: int) -> bool:
+        return rows * tokens <= self.graph_tokens
 
     def kv_block(self, rows: int, tokens: int) -> torch.Tensor:
         """Throw-away keys/values [L, 2, rows, H, tokens, D] for an eager pass."""
@@ -160,7 +163,7 @@ class PrefillRunner:
         temps = np.ones(rows, dtype=np.float32)
         temps[:b] = temperature
         gather = np.arange(rows, dtype=np.int64) * tokens + padded_lengths - 1  # each row's last position
-        if self._graphed(rows, tokens, window):
+        if self._graphed(rows, tokens):
             buffers = self._graphs.get((rows, tokens)) or self._capture(rows, tokens)
             if buffers is not None:
                 try:
@@ -204,7 +207,7 @@ class PrefillRunner:
             tokens = _MIN_TOKENS
             while tokens <= self.max_context and (tokens <= _WARM_TOKENS or rows * tokens <= self.graph_tokens):
                 lengths = np.full(rows, tokens, dtype=np.int64)
-                for _ in range(3 if self._graphed(rows, tokens, self.graph_window) else 1):
+                for _ in range(3 if self._graphed(rows, tokens) else 1):
                     self.run(np.zeros((rows, tokens), dtype=np.int64), lengths, np.ones(rows, np.float32), 1)
                 tokens *= 2
             rows *= 2
@@ -278,12 +281,12 @@ class PrefillRunner:
         buffers.runs += 1
         logits = buffers.logits[:b]
         lse = row_logsumexp(logits, torch.empty(b, dtype=torch.float32, device=self.device))
+        if window <= self.graph_window:
+            topk_logits, topk_ids = buffers.topk_logits[:b, :window], buffers.topk_ids[:b, :window]
+        else:  # wider than the graph's window: from the logits (ties in another order, as any window's)
+            topk_logits, topk_ids = torch.topk(logits, window, dim=-1)
         return PrefillOutput(
-            buffers.kv[:, :, :b, :, :s],
-            logits,
-            buffers.topk_logits[:b, :window].cpu().numpy(),
-            buffers.topk_ids[:b, :window].cpu().numpy(),
-            lse.cpu().numpy(),
+            buffers.kv[:, :, :b, :, :s], logits, topk_logits.cpu().numpy(), topk_ids.cpu().numpy(), lse.cpu().numpy()
         )
 
     def _disable(self, reason: str) -> None:

@@ -264,18 +264,21 @@ def test_a_flagged_rows_outputs_do_not_depend_on_its_slot_or_its_neighbours(
 
 
 STACK_RESERVED, STACK_WINDOW = 128, 64  # the GPU check's export (--invariant-slots 128), the gateway's window
+STACK_WIDE = 104  # a step's window when a top_k 100 request shares it (the check's mix has them)
 
 
-def _stack_run(eng: StepEngine, others: int) -> list[Answer]:
+def _stack_run(eng: StepEngine, others: int, wide: bool = False) -> list[Answer]:
     """The seeded flagged row's answers over 33 steps as the stack steps it: each execution carries
     two lanes' requests (Triton batches them; kv_partition 0 and 1), window 64, the flagged row in
     lane 0 beside `others` unflagged rows of both lanes that decode with device draws of their own
-    (top-p 0.9 over a wide nucleus, their own uniforms) and come and go."""
+    (top-p 0.9 over a wide nucleus, their own uniforms) and come and go. `wide`: every other
+    execution (its first, the flagged row's prefill, among them) is 104 wide, as when a top_k 100
+    request shares the step."""
     me, rng_others = next(_ids), np.random.default_rng(5)
     lanes = [[next(_ids) for _ in range(others // 2)], [next(_ids) for _ in range(others - others // 2)]]
 
-    def execute(rows_by_lane: list[list[Row]]) -> StepResult:
-        reqs = [request(rows, kv_partition=p, window=STACK_WINDOW) for p, rows in enumerate(rows_by_lane) if rows]
+    def execute(rows_by_lane: list[list[Row]], window: int = STACK_WINDOW) -> StepResult:
+        reqs = [request(rows, kv_partition=p, window=window) for p, rows in enumerate(rows_by_lane) if rows]
         out = eng.step(reqs)
         assert all(isinstance(r, StepResult) and (r.status == RowStatus.OK).all() for r in out), out
         return out[0]  # type: ignore[return-value]
@@ -286,12 +289,13 @@ def _stack_run(eng: StepEngine, others: int) -> list[Answer]:
     first = Row(me, PROMPT, start=True, temperature=0.7, draw=(LONG_UNIFORMS[0], 0.9, 0.0, 0.0), invariant=True)
     starts = [[first] + [other(s, OTHER_PROMPTS[i % len(OTHER_PROMPTS)], True) for i, s in enumerate(lanes[0])]]
     starts.append([other(s, OTHER_PROMPTS[-1 - i % len(OTHER_PROMPTS)], True) for i, s in enumerate(lanes[1])])
-    answers = [answer(execute(starts), 0)]
+    answers = [answer(execute(starts, STACK_WIDE if wide else STACK_WINDOW), 0)]
     for k, token in enumerate(LONG):
         mine = Row(me, [token], temperature=0.7, draw=(LONG_UNIFORMS[k + 1], 0.9, 0.0, 0.0))
         lane0 = [mine] + [other(s, [(k * 13 + i) % VOCAB]) for i, s in enumerate(lanes[0]) if (i + k) % 3]
         lane1 = [other(s, [(k * 7 + i) % VOCAB]) for i, s in enumerate(lanes[1]) if (i + k) % 5]
-        answers.append(answer(execute([lane0, lane1] if k % 2 else [lane0]), 0))
+        width = STACK_WIDE if wide and k % 2 else STACK_WINDOW
+        answers.append(answer(execute([lane0, lane1] if k % 2 else [lane0], width), 0))
     execute([[Row(s, [], end=True) for s in [me, *lanes[0]]], [Row(s, [], end=True) for s in lanes[1]]])
     assert eng.live_sequences() == 0
     return answers
@@ -312,6 +316,15 @@ def test_a_flagged_row_beside_the_stacks_traffic_answers_as_alone(
     alone = _stack_run(eng, 0)
     for others in (6, 60):
         assert_same(_stack_run(eng, others), alone, f"beside {others} unflagged rows of two lanes")
+    # A wider window in some steps (a top_k 100 neighbour): the prefill and the reserved run are the
+    # same passes (the window is cut from the logits), so the numbers are the same; ties inside a
+    # window may come in another order (every window's may), so its values are compared, not ids.
+    wide = _stack_run(eng, 6, wide=True)
+    for i, (g, e) in enumerate(zip(wide, alone, strict=True)):
+        what = f"a 104-wide window in every other step: step {i}"
+        np.testing.assert_array_equal(g[0], e[0], err_msg=f"{what}: logits")
+        assert (g[1], g[4:]) == (e[1], e[4:]), f"{what}: log-sum-exp, device draw"
+        np.testing.assert_array_equal(g[3][:STACK_WINDOW], e[3], err_msg=f"{what}: window logits")
 
 
 # ------------------------------------------------------------------------- the reserved range (tiny model)
