@@ -23,22 +23,44 @@ from frontend.engine.scheduler import Scheduler, SchedulerConfig
 from frontend.engine.step_rows import StepRequest, StepResult
 from frontend.generation.service import GenerationService
 from frontend.observability import GatewayMetrics
+from frontend.sampling import BatchParams, SamplingParams, sample_window_batch
 from frontend.settings import Settings
 
 
 class InstantTriton:
-    """Answers every step at once with a plausible descending window of random token ids."""
+    """Answers every step at once with a plausible descending window of random token ids. Rows that
+    run decodes ahead get a window per ahead decode and, as proposals, the tokens the gateway's
+    sampler picks for them (`params`, every request's, and the row's uniform): a model whose every
+    proposal is accepted, so the figure is the judging's own cost."""
 
-    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, params: SamplingParams, seed: int = 0) -> None:
         self.vocab_size = vocab_size
+        self.params = params
         self.rng = np.random.default_rng(seed)
+
+    def _windows(self, shape: tuple[int, ...], window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = -np.sort(-self.rng.normal(0, 3, (*shape, window)).astype(np.float32), axis=-1)
+        ids = self.rng.choice(self.vocab_size - 1, window, replace=False)  # distinct, as a real window's
+        ids = np.broadcast_to(ids, values.shape).astype(np.int64)
+        return values, ids, (values[..., 0] + 2.0).astype(np.float32)
 
     async def step(self, rows: StepRequest, *, window: int, want_logits: bool = False) -> StepResult:
         n = int(rows.sequence_ids.shape[0])
-        values = np.sort(self.rng.normal(0, 3, (n, window)).astype(np.float32), axis=1)[:, ::-1].copy()
-        ids = self.rng.integers(0, self.vocab_size - 1, (n, window)).astype(np.int64)
-        status = np.zeros(n, dtype=np.int32)  # every row OK
-        return StepResult(status, values, ids, (values[:, 0] + 2.0).astype(np.float32), None)
+        values, ids, lse = self._windows((n,), window)
+        out = StepResult(np.zeros(n, dtype=np.int32), values, ids, lse, None)  # every row OK
+        if rows.ahead is not None and rows.ahead_u is not None:
+            depth = int(rows.ahead.max())
+            z, zi, zl = self._windows((n, depth), window)
+            proposed = np.zeros((n, depth), dtype=np.int64)
+            for s in range(depth):
+                batch = sample_window_batch(
+                    z[:, s], zi[:, s], zl[:, s], BatchParams.from_params([self.params] * n), rows.ahead_u[:, s]
+                )
+                proposed[:, s] = np.where(batch.decided, batch.token_ids, zi[:, s, 0])
+            out.ahead_topk_logits, out.ahead_topk_ids, out.ahead_logsumexp = z, zi, zl
+            out.ahead_ids, out.ahead_logits = proposed, np.zeros((n, depth), dtype=np.float32)
+            out.ahead_drawn = np.zeros((n, depth), dtype=bool)
+        return out
 
 
 class _Engine:
@@ -53,11 +75,12 @@ class _Engine:
         self.scheduler.cancel(handle)  # type: ignore[arg-type]
 
 
-async def measure(model: ServedModel, concurrency: int, new_tokens: int, top_k: int) -> float:
+async def measure(model: ServedModel, concurrency: int, new_tokens: int, top_k: int, ahead: int = 0) -> float:
     metrics = GatewayMetrics()
+    params = SamplingParams(temperature=0.8, top_k=top_k)
     scheduler = Scheduler(
-        InstantTriton(model.vocab_size),  # type: ignore[arg-type]
-        SchedulerConfig(max_running=concurrency),
+        InstantTriton(model.vocab_size, params),  # type: ignore[arg-type]
+        SchedulerConfig(max_running=concurrency, decode_ahead=ahead),
         eos_token_id=model.eos_token_id,
         vocab_size=model.vocab_size,
         observer=metrics,
@@ -100,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default="1")
     p.add_argument("--concurrency", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=int, default=50, help="1 or more: the fake's windows hold no full rows")
+    p.add_argument("--ahead", type=int, default=0, help="decodes run ahead per step (GATEWAY_DECODE_AHEAD)")
     args = p.parse_args(argv)
+    if args.top_k < 1:
+        p.error("--top-k must be 1 or more (the instant Triton answers no full rows)")
     model = ServedModel.load(args.repository, args.model, args.version)
-    rate = asyncio.run(measure(model, args.concurrency, args.new_tokens, args.top_k))
+    rate = asyncio.run(measure(model, args.concurrency, args.new_tokens, args.top_k, args.ahead))
     print(
         f"gateway overhead ({platform.node()}, {time.strftime('%Y-%m-%d')}): {args.concurrency} concurrent x "
-        f"{args.new_tokens} tokens, top-k {args.top_k}: {rate:,.0f} tokens/s per process = "
+        f"{args.new_tokens} tokens, top-k {args.top_k}, {args.ahead} ahead: {rate:,.0f} tokens/s per process = "
         f"{1e6 / rate:.1f} us per token"
     )
     return 0

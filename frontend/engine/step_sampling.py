@@ -124,57 +124,65 @@ class StepSampling:
         an ahead decode is gone) the row stops there and its next decode row drops the cached
         tokens fed after it (`rewind`). Returns the rows whose answer (their last decode) is still
         to be sampled: every proposal accepted and the sequence not finished."""
-        going = [i for i in sampling if ahead[i] > 0]
-        if not going:
+        rows = np.asarray(sampling, dtype=np.int64)
+        going = rows[ahead[rows] > 0] if rows.size else rows
+        if not going.size:
             return sampling
         assert out.ahead_topk_logits is not None and out.ahead_topk_ids is not None and out.ahead_ids is not None
         assert out.ahead_logsumexp is not None and out.ahead_logits is not None and out.ahead_drawn is not None
-        stopped: set[int] = set()
+        depth = ahead[going]  # ahead decodes each going row ran
+        live = np.ones(going.size, dtype=bool)  # not stopped yet
+        params = BatchParams.from_params([seqs[i].params for i in going.tolist()])
         accepted = refused = 0
-        for s in range(int(ahead[going].max())):
-            rows = [i for i in going if ahead[i] > s and i not in stopped]
-            if not rows:
+        for s in range(int(depth.max())):
+            at = np.flatnonzero(live & (depth > s))  # positions in `going`
+            if not at.size:
                 break
-            index = np.asarray(rows, dtype=np.int64)
+            index = going[at]
             z, ids, lse = out.ahead_topk_logits[index, s], out.ahead_topk_ids[index, s], out.ahead_logsumexp[index, s]
             u, proposed, drawn_whole = ahead_u[index, s], out.ahead_ids[index, s], out.ahead_drawn[index, s]
             try:
-                batch = sample_window_batch(z, ids, lse, BatchParams.from_params([seqs[i].params for i in rows]), u)
+                batch = sample_window_batch(z, ids, lse, params.subset(at), u)
                 decided, tokens, logprobs, tops = batch.decided, batch.token_ids, batch.logprobs, batch.top_logprobs
             except Exception:  # a row the vectorized pass cannot take: each through the reference sampler
-                decided = np.zeros(len(rows), dtype=bool)
-                tokens, logprobs, tops = np.zeros(len(rows), np.int64), np.zeros(len(rows)), [()] * len(rows)
-            for j, i in enumerate(rows):
+                decided = np.zeros(at.size, dtype=bool)
+                tokens, logprobs, tops = np.zeros(at.size, np.int64), np.zeros(at.size), [()] * at.size
+            fast = (decided & ~drawn_whole).tolist()  # the common case: the window decided, emit as is
+            token_list, logprob_list, proposed_list = tokens.tolist(), logprobs.tolist(), proposed.tolist()
+            for j, (k, i) in enumerate(zip(at.tolist(), index.tolist(), strict=True)):
                 seq = seqs[i]
-                window = StepLogits(z[j], ids[j], float(lse[j]))
-                try:
-                    if drawn_whole[j]:
-                        token = int(proposed[j])
-                        picked = drawn(window, seq.params, token, float(out.ahead_logits[i, s]))
-                    elif decided[j]:
-                        picked = Sampled(int(tokens[j]), float(logprobs[j]), tops[j])
-                    else:
-                        picked = sample(window, seq.params, float(u[j]))
-                except NeedFullRow as why:  # this decode's full row is gone: step again from it
-                    self.observer.full_row_fetched(why.reason)
-                    seq.needed_full_row = True
-                    seq.rewind = int(ahead[i]) + 1 - s
-                    stopped.add(i)
-                    continue
-                except Exception as err:
-                    self._fail_row(seq, err)
-                    stopped.add(i)
-                    continue
-                self._emit(seq, picked)
-                if picked.token_id != int(proposed[j]):
+                if fast[j]:
+                    token = token_list[j]
+                    self._emit_token(seq, token, logprob_list[j], tops[j])
+                else:
+                    window = StepLogits(z[j], ids[j], float(lse[j]))
+                    try:
+                        if drawn_whole[j]:
+                            picked = drawn(window, seq.params, proposed_list[j], float(out.ahead_logits[i, s]))
+                        else:
+                            picked = sample(window, seq.params, float(u[j]))
+                    except NeedFullRow as why:  # this decode's full row is gone: step again from it
+                        self.observer.full_row_fetched(why.reason)
+                        seq.needed_full_row = True
+                        seq.rewind = int(depth[k]) + 1 - s
+                        live[k] = False
+                        continue
+                    except Exception as err:
+                        self._fail_row(seq, err)
+                        live[k] = False
+                        continue
+                    token = picked.token_id
+                    self._emit(seq, picked)
+                if token != proposed_list[j]:
                     refused += 1
-                    seq.rewind = int(ahead[i]) - s
-                    stopped.add(i)
+                    seq.rewind = int(depth[k]) - s
+                    live[k] = False
                 else:
                     accepted += 1
                     if seq.done:
-                        stopped.add(i)
+                        live[k] = False
         self.observer.ahead_judged(accepted, refused)
+        stopped = set(going[~live].tolist())
         return [i for i in sampling if i not in stopped and not seqs[i].done]
 
     def _fail_row(self, seq: ActiveSequence, err: Exception) -> None:

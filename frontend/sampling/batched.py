@@ -132,6 +132,18 @@ class BatchParams:
     def __len__(self) -> int:
         return int(self.temperature.shape[0])
 
+    def subset(self, index: np.ndarray) -> BatchParams:
+        """The rows at `index`, in that order."""
+        return BatchParams(
+            self.temperature[index],
+            self.top_k[index],
+            self.top_p[index],
+            self.min_p[index],
+            self.logprobs[index],
+            self.repetition_penalty[index],
+            self.log_min_p[index],
+        )
+
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams]) -> BatchParams:
         """One row per entry of ``params`` (cheap when the same objects recur across steps)."""

@@ -8,7 +8,9 @@ those ids wait until a later step has succeeded, and the streams finish token fo
 This tritonserver (2.51) mostly drops a queued request whose client gave up before it batches it,
 so the race is rare here (the old code passed 8 stalls of this test in a row, 2026-12-07); the
 mechanism is pinned down in tests/unit/test_resilience.py (`StallingBackend`), and this test
-checks the whole path against a real server: the streams resume, every KV slot is released."""
+checks the whole path against a real server: the streams resume, every KV slot is released. When
+tritonserver itself dies after SIGCONT (its own bug, most runs here) it is restarted as a
+supervisor would, and the streams must still finish token for token: the test never skips."""
 
 from __future__ import annotations
 
@@ -57,9 +59,10 @@ def test_a_stall_longer_than_the_step_deadline_does_not_end_live_streams(
     try:
         gateway.wait_ready(30)
         expected = undisturbed_token_ids(gateway.url, LONG_STREAM)
-        assert fault_triton.process is not None
-        group = fault_triton.process.pid
+        crashes = []
         for round_ in range(ROUNDS):
+            assert fault_triton.process is not None
+            group = fault_triton.process.pid
             streams = [StreamReader(gateway.url, LONG_STREAM) for _ in range(STREAMS)]
             if round_ % 2:  # frozen mid-stream: decode steps time out
                 assert wait_for(lambda: all(s.tokens() >= 3 or s.done.is_set() for s in streams), 20)  # noqa: B023
@@ -69,14 +72,30 @@ def test_a_stall_longer_than_the_step_deadline_does_not_end_live_streams(
                 time.sleep(STALL_S)
             finally:
                 os.killpg(group, signal.SIGCONT)
+
+            def settled() -> bool:
+                assert fault_triton.process is not None
+                return all(s.done.is_set() for s in streams) or fault_triton.process.poll() is not None  # noqa: B023
+
+            assert wait_for(settled, 60, 0.1), f"streams did not end: {[s.events[-1:] for s in streams]}"
+            if fault_triton.process.poll() is not None:
+                # tritonserver 2.51 does not always survive SIGCONT (its Python backend aborts on a
+                # boost::interprocess::lock_exception, about 3 runs in 4 here): restarted, as
+                # embedded_triton's supervisor does, and the streams must still finish token for
+                # token (resumed on the new server).
+                crashes.append(fault_triton.process.returncode)
+                fault_triton.stop()
+                fault_triton.start(120)
             if not wait_for(lambda: all(s.done.is_set() for s in streams), 60, 0.1):  # noqa: B023
                 pytest.fail(f"streams did not end: {[s.events[-1:] for s in streams]}\n{fault_triton.log_tail()}")
-            if fault_triton.process.poll() is not None:  # tritonserver 2.51 may not survive SIGCONT
-                pytest.skip(f"tritonserver died after SIGCONT ({fault_triton.process.returncode})")
             for s in streams:
                 assert s.error is None and s.events[-1][0] == "done", (round_, s.events[-2:])
                 assert s.token_ids() == expected
-        report(f"{ROUNDS} Triton stalls of {STALL_S} s (step deadline 1 s): {STREAMS} streams finished token for token")
+        survived = ROUNDS - len(crashes)
+        report(
+            f"{ROUNDS} Triton stalls of {STALL_S} s (step deadline 1 s): {STREAMS} streams finished token for token "
+            f"(tritonserver survived SIGCONT {survived} of {ROUNDS} times; restarted after exits {crashes})"
+        )
     finally:
         gateway.stop()
     assert_kv_released(fault_triton, within_s=5)

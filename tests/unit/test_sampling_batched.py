@@ -413,3 +413,15 @@ def test_shapes_and_dtypes() -> None:
         sample_window_batch(batch.logits, batch.ids, batch.lse[:3], bp, batch.u)
     with pytest.raises(ValueError):
         sample_window_batch(batch.logits[:, :0], batch.ids[:, :0], batch.lse, bp, batch.u)
+
+
+def test_a_subset_of_batch_params_is_the_params_of_those_rows() -> None:
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=40, min_p=0.05, repetition_penalty=1.2),
+    ]
+    index = np.array([2, 0, 2])
+    got, expected = BatchParams.from_params(params).subset(index), BatchParams.from_params([params[i] for i in index])
+    for name in ("temperature", "top_k", "top_p", "min_p", "logprobs", "repetition_penalty", "log_min_p"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
