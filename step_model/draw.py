@@ -24,11 +24,13 @@ on one CPU core, top-p 0.9, about 3x faster than `draw_rows_sorted`, which stays
 line-for-line reference (docs/benchmarks.md). On the GPU an earlier binned version cost 6.4 ms for
 512 rows (H100, 2026-12-07) where one segmented sort is a few kernels: `draw_method` picks the sort
 there ("sort": `draw_rows_searched`, counts by binary search, replayed from CUDA graphs by
-step_model.draw_graphs) and the bins on the CPU ("bins"); the config parameter `draw_method`
-overrides the choice. (A Triton kernel that searched each row's cuts without sorting was measured
-and removed: 9.8 vs 3.1 ms for 512 rows on an H100, and 1 token in 2,632 off; docs/benchmarks.md.) The caller gets
-the token and its scaled logit; the logprob is ``logit - logsumexp``, computed by the gateway as
-on every other path.
+step_model.draw_graphs) and the bins on the CPU, there in numpy a row at a time ("host",
+`step_model.draw_host`: 0.8 ms for one row of GPT-2's vocabulary and 7.3 ms for 16 on 2 cores,
+against 2.3 and 16 ms for the same bins in torch's ~100 small operations, "bins"); the config
+parameter `draw_method` overrides the choice. (A Triton kernel that searched each row's cuts
+without sorting was measured and removed: 9.8 vs 3.1 ms for 512 rows on an H100, and 1 token in
+2,632 off; docs/benchmarks.md.) The caller gets the token and its scaled logit; the logprob is
+``logit - logsumexp``, computed by the gateway as on every other path.
 
 Which rows need it (`needs_draw`) is decided from the window already on the host: the draw costs
 a sort of the row, so rows whose window holds the cut (or whose ``u`` lands inside it, without
@@ -42,6 +44,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from step_model.draw_host import draw_rows_host
 
 __all__ = [
     "DRAW_COLUMNS",
@@ -177,9 +181,9 @@ def draw_rows_searched(
 
 
 def draw_method(name: str, device_kind: str) -> DrawFunction:
-    """The draw function for `name` ("sort", "bins", or "auto": sort on CUDA, bins on the CPU)."""
+    """The draw function for `name` ("sort", "bins", "host", or "auto": sort on CUDA, host on the CPU)."""
     if name == "auto":
-        name = "sort" if device_kind == "cuda" else "bins"
+        name = "sort" if device_kind == "cuda" else "host"
     if name not in DRAW_METHODS:
         raise ValueError(f"draw_method must be auto, {', '.join(DRAW_METHODS)}; got {name!r}")
     return DRAW_METHODS[name]
@@ -242,7 +246,7 @@ def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> t
     return token_id, token_z
 
 
-DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows}
+DRAW_METHODS = {"sort": draw_rows_searched, "bins": draw_rows, "host": draw_rows_host}
 
 
 class _Members(NamedTuple):

@@ -216,8 +216,8 @@ CONFIG_STRICT_DEVICE: Final = "strict_device"
 CONFIG_CUDA_GRAPHS: Final = "cuda_graphs"
 # The KV pool is cut into this many equal contiguous slot ranges (PARAM_KV_PARTITION); default 1.
 CONFIG_KV_PARTITIONS: Final = "kv_partitions"
-# How rows are drawn on the device (step_model.draw): "auto" (a sort on CUDA, value bins on the CPU),
-# "sort" or "bins".
+# How rows are drawn on the device (step_model.draw): "auto" (a sort on CUDA, value bins in numpy on
+# the CPU), "sort", "bins" (value bins in torch) or "host" (value bins in numpy).
 CONFIG_DRAW_METHOD: Final = "draw_method"
 # KV slots reserved at the top of the pool for rows flagged invariant (PARAM_INVARIANT_ROWS); 0 = none
 # (default). Their decode runs over exactly this many rows whatever the number of live ones.

@@ -18,6 +18,7 @@ import torch
 
 from frontend.sampling import NeedFullRow, SamplingParams, StepLogits, sample
 from step_model.draw import draw_rows, draw_rows_searched, draw_rows_sorted, needs_draw
+from step_model.draw_host import draw_rows_host
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +59,8 @@ def _columns(params: SamplingParams, u: np.ndarray) -> np.ndarray:
 )
 @pytest.mark.parametrize(
     "draw_rows",
-    [draw_rows, draw_rows_sorted, draw_rows_searched],
-    ids=["binned", "sorted", "searched"],
+    [draw_rows, draw_rows_host, draw_rows_sorted, draw_rows_searched],
+    ids=["binned", "host", "sorted", "searched"],
 )
 def test_the_device_draw_picks_the_gateways_full_row_token(
     params: SamplingParams, spread: float, fp16: bool, draw_rows: Any
@@ -171,6 +172,10 @@ def test_the_binned_draw_equals_the_sorted_one_on_many_rows() -> None:
     assert exact.sum() > 2600
     rows = np.flatnonzero(~exact)
     assert (z[rows, binned[0].numpy()[rows]] == binned[1].numpy()[rows]).all()
+    # The host's binned draw (numpy, a row at a time) is the same binning and the same queries:
+    # bitwise the torch version's token on every row, the boundary rows included.
+    host = draw_rows_host(zt, lse, torch.from_numpy(columns))
+    assert torch.equal(host[0], binned[0]) and torch.equal(host[1], binned[1])
 
 
 def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
@@ -186,8 +191,8 @@ def test_the_searched_draw_is_the_sorted_one_on_every_row() -> None:
 
 @pytest.mark.parametrize(
     "draw_rows",
-    [draw_rows, draw_rows_sorted, draw_rows_searched],
-    ids=["binned", "sorted", "searched"],
+    [draw_rows, draw_rows_host, draw_rows_sorted, draw_rows_searched],
+    ids=["binned", "host", "sorted", "searched"],
 )
 def test_a_rows_draw_does_not_depend_on_the_rows_beside_it(draw_rows: Any) -> None:
     """Batch invariance (issue 15): each row drawn alone gives the token it gets among 24 others, on

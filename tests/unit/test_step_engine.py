@@ -156,12 +156,12 @@ def test_extra_ids_return_their_logits_and_the_rest_of_the_rows_logsumexp(versio
     assert not isinstance(res, Exception) and res.status[0] == RowStatus.INVALID
 
 
-@pytest.mark.parametrize("method", ["bins", "sort"])
+@pytest.mark.parametrize("method", ["host", "bins", "sort"])
 def test_draw_rows_get_the_gateways_full_row_token_and_the_others_none(version_dir: Path, method: str) -> None:
     """DRAW: rows whose window cannot hold their cut are drawn on the device, exactly as the
     gateway's full-row sampler would draw them (same u); rows that do not ask, whose window
     holds the cut (top-k inside it), or that carry EXTRA_IDS get -1. Start, decode and fetch rows
-    alike. Both draw methods (value bins, the CPU's default; a sort, the GPU's)."""
+    alike. Every draw method (value bins in numpy, the CPU's default; in torch; a sort, the GPU's)."""
     from frontend.sampling import SamplingParams, StepLogits, sample
 
     eng = engine(version_dir, draw_method=method)
