@@ -6,8 +6,8 @@ version is ~100 small tensor operations per call whatever the row count, launch-
 few microseconds on the host, so on 2 cores it cost 2.5 ms for one row of GPT-2's vocabulary and
 18 ms for 16 (2026-12-07), a quarter of a 16-row top-p step. Here the whole-block passes (masses,
 bins, the binned sums) are one operation each for all rows and the queries are a few numpy calls
-per row. A row's numbers depend on that row alone: its bins' masses are summed in ascending id
-(`np.bincount`), every row with the same operations.
+per row. A row's numbers depend on that row alone: its masses are one exp call of its own, its
+bins' sums are taken in ascending id (`np.bincount`), every row with the same operations.
 
 Written by hand because no library draws with the gateway's exact cut semantics (stable
 descending order, ties by id, top-k keeping every tie, float64 masses).
@@ -79,9 +79,12 @@ def draw_rows_host(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor)
     device = z.device
     zn = z.detach().to("cpu", torch.float32).numpy()
     rows, vocab = zn.shape
-    # Masses in float64 (torch's exp: vectorised on the host, elementwise so a row's own).
+    # Masses in float64 (torch's vectorised exp), one call per row: a call's last few elements take
+    # the scalar exp, which may differ in the last bit, so a row must be its own call to stay its own.
     masses = torch.from_numpy(zn).double()
-    masses.sub_(logsumexp.detach().to("cpu", torch.float64)[:, None]).exp_()
+    lse = logsumexp.detach().to("cpu", torch.float64).tolist()
+    for r in range(rows):
+        masses[r].sub_(lse[r]).exp_()
     p = masses.numpy()
     zmax, zmin = zn.max(axis=1), zn.min(axis=1)
     banned = np.flatnonzero(np.isneginf(zmin))  # a banned token's -inf would make the range infinite
