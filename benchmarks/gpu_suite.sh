@@ -36,7 +36,7 @@
 # the report-only runs and plain transformers in what is left.
 #
 # Knobs: OUT (/tmp/out), SUITE_LABEL (the card, from nvidia-smi), SUITE_REPO (/tmp/repo), SUITE_BUDGET_S
-# (540), SUITE_TESTS (the correctness suites, default "triton_model gateway_seeded instances"), SUITE_WORKERS ("8 1": gateway worker counts, in order; 1 = one process), SUITE_FRESH_EXPORT=1
+# (540), SUITE_CHECKPOINT (a checkpoint directory to export instead of random weights), SUITE_TESTS (the correctness suites, default "triton_model gateway_seeded instances"), SUITE_WORKERS ("8 1": gateway worker counts, in order; 1 = one process), SUITE_FRESH_EXPORT=1
 # (export again even when SUITE_REPO has a model), SUITE_SKIP (stages to leave out, any of "tests engine hf
 # stack hf_plain"; recorded), SUITE_RUNS (the runs with several workers, default "single completions topp
 # streams guidellm penalty seed"), SUITE_RUNS_ONE (with one process, default "completions"),
@@ -62,6 +62,11 @@ RESERVE_S=25 # kept for the summary and the archive
 WORKER_COUNTS=${SUITE_WORKERS:-8 1}
 DEVICE=${SUITE_DEVICE:-cuda}
 MODEL=${SUITE_MODEL:-gpt2} # --random-config shape; served under the name gpt2 either way
+# A checkpoint directory to export instead of random weights (e.g. `python -m benchmarks.trained_checkpoint`'s,
+# GPT-2's shape with realistic entropy: the top-p run's nucleus is then a trained model's, not the worst case).
+CHECKPOINT=${SUITE_CHECKPOINT:-}
+SOURCE=(--random-config "$MODEL")
+[ -n "$CHECKPOINT" ] && SOURCE=(--model "$CHECKPOINT")
 STREAMS=${SUITE_STREAMS:-512}
 STREAM_REQUESTS=${SUITE_STREAM_REQUESTS:-6} # per user in the many-stream runs: 2 is mostly ramp-up and tail
 RUNS=${SUITE_RUNS:-single completions topp streams guidellm penalty seed} # with several gateway workers
@@ -133,7 +138,8 @@ cleanup() {
 trap cleanup EXIT
 
 # ------------------------------------------------------------------------------ 0. environment
-note "results in $R (budget ${BUDGET_S}s, $DEVICE, $MODEL, $DTYPE)"
+note "results in $R (budget ${BUDGET_S}s, $DEVICE, ${CHECKPOINT:-$MODEL}, $DTYPE)"
+[ -n "$CHECKPOINT" ] && cp "$CHECKPOINT"/training.md "$R"/ 2> /dev/null
 {
   nvidia-smi
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv
@@ -198,7 +204,7 @@ fi
 stamp() {
   {
     find export step_model -name '*.py' 2> /dev/null | sort | xargs cat 2> /dev/null
-    echo "$MODEL $DTYPE $DEVICE ${STRICT[*]} 640 64 $EXPORT_ARGS"
+    echo "${SOURCE[*]} $DTYPE $DEVICE ${STRICT[*]} 640 64 $EXPORT_ARGS"
   } | sha1sum | cut -c1-16
 }
 STAMP=$(stamp)
@@ -210,7 +216,7 @@ if [ -f "$REPO/gpt2/1/model.onnx" ] && [ "${SUITE_FRESH_EXPORT:-0}" != 1 ] &&
   record export kept 0 0 -
 else
   case "$REPO" in /tmp/?* | /root/?* | ./?* | /work/?*) rm -rf "$REPO" ;; esac
-  run_stage export 240 "$R/export.log" "$PY" -m export --random-config "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
+  run_stage export 240 "$R/export.log" "$PY" -m export "${SOURCE[@]}" --dtype "$DTYPE" --device "$DEVICE" \
     "${STRICT[@]}" --kv-capacity 640 --kv-partitions 2 --default-window 64 --repository "$REPO" --name gpt2 $EXPORT_ARGS &&
     echo "$STAMP" > "$REPO/.suite_stamp"
 fi

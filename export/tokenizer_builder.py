@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -379,8 +379,9 @@ def _filler_tokens(trained: list[str], count: int, seed: int, taken: set[str]) -
     return out
 
 
-def _train(vocab_size: int, seed: int) -> Tokenizer:
-    """Train on the built-in corpus, pad to ``vocab_size - 1`` and append ``<|endoftext|>``."""
+def _train(vocab_size: int, seed: int, corpus: Sequence[str] | None = None) -> Tokenizer:
+    """Train on `corpus` (the built-in one by default), pad to ``vocab_size - 1`` and append
+    ``<|endoftext|>``."""
     n_regular = vocab_size - 1
     tok = _new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
@@ -390,7 +391,8 @@ def _train(vocab_size: int, seed: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    corpus = build_corpus(seed)
+    if corpus is None:
+        corpus = build_corpus(seed)
     tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
 
     state = json.loads(tok.to_str())
@@ -413,9 +415,17 @@ def _train(vocab_size: int, seed: int) -> Tokenizer:
 
 
 def build_tokenizer(
-    out_dir: Path, vocab_size: int, *, seed: int = 0, model_max_length: int = 1024
+    out_dir: Path,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    model_max_length: int = 1024,
+    corpus: Sequence[str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train, save to ``out_dir`` and return a GPT-2-style fast tokenizer of ``vocab_size`` ids.
+
+    ``corpus``: texts to train the merges on instead of the built-in corpus (e.g. the English of
+    ``benchmarks.trained_checkpoint``); the contract above holds either way.
 
     ``out_dir`` is created if needed; existing tokenizer files in it are overwritten. The
     returned object is what ``AutoTokenizer.from_pretrained(out_dir)`` gives, so callers see the
@@ -428,7 +438,7 @@ def build_tokenizer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    backend = _train(vocab_size, seed)
+    backend = _train(vocab_size, seed, corpus)
     # Called through an Any alias: transformers' constructor is untyped (mypy --strict).
     tokenizer_cls: Any = PreTrainedTokenizerFast
     hf_tok = tokenizer_cls(
