@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     prepared_s = time.time() - started
 
     config = GPT2Config(**dims, bos_token_id=eos, eos_token_id=eos)
-    model = GPT2LMHeadModel(config).to(device)
-    before = {"val_loss": evaluate(model, val, args.batch), "nucleus": summarise(nucleus_sizes(model, val, args.batch))}
+    model: Any = GPT2LMHeadModel(config)  # transformers' `.to` is typed loosely
+    model.to(device)
+    before: dict[str, Any] = {
+        "val_loss": evaluate(model, val, args.batch),
+        "nucleus": summarise(nucleus_sizes(model, val, args.batch)),
+    }
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
     )
@@ -172,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0:
             losses.append(float(loss))
     train_s = time.time() - train_started
-    after = {"val_loss": evaluate(model, val, args.batch), "nucleus": summarise(nucleus_sizes(model, val, args.batch))}
+    after: dict[str, Any] = {
+        "val_loss": evaluate(model, val, args.batch),
+        "nucleus": summarise(nucleus_sizes(model, val, args.batch)),
+    }
     model.cpu().save_pretrained(args.out_dir)
 
-    report = {
+    report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": platform.node(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
