@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         step += 1
         if step % 50 == 0:
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     train_s = time.time() - train_started
     after: dict[str, Any] = {
         "val_loss": evaluate(model, val, args.batch),
