@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--shape", choices=sorted(RANDOM_CONFIGS), default="gpt2")
     p.add_argument("--minutes", type=float, default=3.0, help="training time (default %(default)s)")
-    p.add_argument("--corpus-mb", type=float, default=40.0, help="English text to gather, MB (default %(default)s)")
+    p.add_argument("--corpus-mb", type=float, default=20.0, help="English text to gather, MB (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)
