@@ -2,8 +2,9 @@
 
 Batched: one uniform per row per step from the sequence's own generator, then the vectorized
 sampler over every row's window (`frontend.sampling.sample_window_batch`), adjusted rows through
-their own vectorized pass; the rows it leaves undecided go through the per-row reference sampler,
-and rows whose window does not decide the step are sampled again from their full row (one extra
+their own vectorized pass; the rows it leaves undecided go through the per-row reference sampler
+(a step of at most PER_ROW_MAX rows goes through it whole: the same tokens, for less), and rows
+whose window does not decide the step are sampled again from their full row (one extra
 request for all of them) with the same draw, so a seeded sequence gets the same tokens whatever
 shares its batch (`_sample_rows`, `_fetch_full_rows`). A started sequence that asked for its
 prompt's logprobs gets them first (`_emit_prompt_logprobs`). Tokens leave as events on the
