@@ -52,10 +52,9 @@ class InstantTriton:
             depth = int(rows.ahead.max())
             z, zi, zl = self._windows((n, depth), window)
             proposed = np.zeros((n, depth), dtype=np.int64)
+            params = BatchParams.from_params([self.params] * n)
             for s in range(depth):
-                batch = sample_window_batch(
-                    z[:, s], zi[:, s], zl[:, s], BatchParams.from_params([self.params] * n), rows.ahead_u[:, s]
-                )
+                batch = sample_window_batch(z[:, s], zi[:, s], zl[:, s], params, rows.ahead_u[:, s])
                 proposed[:, s] = np.where(batch.decided, batch.token_ids, zi[:, s, 0])
             out.ahead_topk_logits, out.ahead_topk_ids, out.ahead_logsumexp = z, zi, zl
             out.ahead_ids, out.ahead_logits = proposed, np.zeros((n, depth), dtype=np.float32)

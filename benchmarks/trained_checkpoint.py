@@ -71,18 +71,20 @@ def default_roots() -> list[Path]:
     return roots
 
 
-def nucleus_sizes(model: GPT2LMHeadModel, windows: torch.Tensor, batch: int) -> np.ndarray:
-    """Tokens in the top-p nucleus (temperature 0.7, top_p 0.9) at every position of `windows`."""
-    sizes = []
+def held_out(model: GPT2LMHeadModel, windows: torch.Tensor, batch: int) -> dict[str, Any]:
+    """The loss on `windows` and the tokens in the top-p nucleus (temperature 0.7, top_p 0.9) at
+    every position of them, from one forward pass per batch."""
+    losses, sizes = [], []
     model.eval()
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch):
-            logits = model(input_ids=windows[i : i + batch]).logits.float() / NUCLEUS_TEMPERATURE
-            probs = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values
+            out = model(input_ids=windows[i : i + batch], labels=windows[i : i + batch])
+            losses.append(float(out.loss))
+            probs = torch.softmax(out.logits.float() / NUCLEUS_TEMPERATURE, dim=-1).sort(dim=-1, descending=True).values
             before = torch.cumsum(probs, dim=-1) - probs  # mass before each token, in order
             sizes.append((before < NUCLEUS_TOP_P).sum(dim=-1).flatten().cpu().numpy())
     model.train()
-    return np.concatenate(sizes)
+    return {"val_loss": float(np.mean(losses)), "nucleus": summarise(np.concatenate(sizes))}
 
 
 def summarise(sizes: np.ndarray) -> dict[str, float]:
@@ -93,16 +95,6 @@ def summarise(sizes: np.ndarray) -> dict[str, float]:
         "mean": float(sizes.mean()),
         "wider_than_window": float((sizes > WINDOW).mean()),
     }
-
-
-def evaluate(model: GPT2LMHeadModel, windows: torch.Tensor, batch: int) -> float:
-    losses = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, windows.shape[0], batch):
-            losses.append(float(model(input_ids=windows[i : i + batch], labels=windows[i : i + batch]).loss))
-    model.train()
-    return float(np.mean(losses))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         flat.append(eos)  # documents apart, as GPT-2 was trained
     ids = np.array(flat, dtype=np.int64)
     seq = min(args.seq_len, dims["n_positions"])
-    held_out = min(len(ids) // 10, args.eval_windows * (seq + 1))
-    train_ids, val_ids = torch.from_numpy(ids[:-held_out]), torch.from_numpy(ids[-held_out:])
-    n_val = held_out // seq
+    n_held = min(len(ids) // 10, args.eval_windows * (seq + 1))
+    train_ids, val_ids = torch.from_numpy(ids[:-n_held]), torch.from_numpy(ids[-n_held:])
+    n_val = n_held // seq
     if n_val < 1 or len(train_ids) <= seq + 1:
         raise SystemExit(f"too little text: {len(ids)} tokens for windows of {seq}")
     val = val_ids[: n_val * seq].view(n_val, seq).to(device)
@@ -145,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GPT2Config(**dims, bos_token_id=eos, eos_token_id=eos)
     model: Any = GPT2LMHeadModel(config)  # transformers' `.to` is typed loosely
     model.to(device)
-    before: dict[str, Any] = {
-        "val_loss": evaluate(model, val, args.batch),
-        "nucleus": summarise(nucleus_sizes(model, val, args.batch)),
-    }
+    before = held_out(model, val, args.batch)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
     )
@@ -176,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % 50 == 0:
             losses.append(float(loss.detach()))
     train_s = time.time() - train_started
-    after: dict[str, Any] = {
-        "val_loss": evaluate(model, val, args.batch),
-        "nucleus": summarise(nucleus_sizes(model, val, args.batch)),
-    }
+    after = held_out(model, val, args.batch)
     model.cpu().save_pretrained(args.out_dir)
 
     report: dict[str, Any] = {

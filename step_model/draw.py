@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from step_model.draw_host import draw_rows_host
+from step_model.draw_host import VALUE_BINS, draw_rows_host
 
 __all__ = [
     "DRAW_COLUMNS",
@@ -189,7 +189,7 @@ def draw_method(name: str, device_kind: str) -> DrawFunction:
     return DRAW_METHODS[name]
 
 
-_BINS = 2048  # value bins per row: a cut or a draw sorts only the tokens of one bin
+_BINS = VALUE_BINS  # value bins per row (as the host's draw): a cut or a draw sorts only one bin's tokens
 
 
 def draw_rows(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

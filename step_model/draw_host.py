@@ -20,9 +20,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["draw_rows_host"]
+__all__ = ["VALUE_BINS", "draw_rows_host"]
 
-_BINS = 2048  # as step_model.draw: value bins per row
+VALUE_BINS = 2048  # value bins per row, step_model.draw's torch version's too: a query sorts one bin
 
 
 class _Row:
@@ -36,7 +36,7 @@ class _Row:
 
     def bin_of(self, value: np.float32) -> int:
         """The bin of a value of this row (the float32 operations that binned its tokens)."""
-        d = min(float(np.float32(self.zmax - value) * self.scale), _BINS - 1.0)  # a -inf value: the last bin
+        d = min(float(np.float32(self.zmax - value) * self.scale), VALUE_BINS - 1.0)  # a -inf value: the last bin
         return max(math.floor(d), 0)
 
     def members(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -52,7 +52,7 @@ class _Row:
     def first_reaching(self, target: float, *, inclusive: bool) -> tuple[float, int, bool, float]:
         """The first token whose cumulative mass reaches `target` (>= when inclusive, else >):
         (its value, its id, found, the cumulative mass through it)."""
-        b = min(int(np.searchsorted(self.cum, target, side="left" if inclusive else "right")), _BINS - 1)
+        b = min(int(np.searchsorted(self.cum, target, side="left" if inclusive else "right")), VALUE_BINS - 1)
         ids, values, running, before = self.members(b)
         if not ids.size:
             return float("-inf"), 0, False, before
@@ -92,16 +92,16 @@ def draw_rows_host(z: torch.Tensor, logsumexp: torch.Tensor, draw: torch.Tensor)
         finite = zn[r][np.isfinite(zn[r])]
         zmin[r] = finite.min() if finite.size else zmax[r]
     zmin = np.minimum(zmin, zmax)
-    scale = (np.float32(_BINS - 1) / np.maximum(zmax - zmin, np.float32(1e-30))).astype(np.float32)
+    scale = (np.float32(VALUE_BINS - 1) / np.maximum(zmax - zmin, np.float32(1e-30))).astype(np.float32)
     # floor((zmax - z) * scale) clamped to the last bin, in float32 as `_Row.bin_of`: the product is
     # >= 0, so truncation is the floor, and the clamp first turns a -inf token's inf into the last bin.
     d = zmax[:, None] - zn
     d *= scale[:, None]
-    np.minimum(d, np.float32(_BINS - 1), out=d)
+    np.minimum(d, np.float32(VALUE_BINS - 1), out=d)
     bins = d.astype(np.int64)
-    offsets = (np.arange(rows, dtype=np.int64) * _BINS)[:, None]
-    binned = np.bincount((bins + offsets).ravel(), weights=p.ravel(), minlength=rows * _BINS)
-    cum = np.cumsum(binned.reshape(rows, _BINS), axis=1)
+    offsets = (np.arange(rows, dtype=np.int64) * VALUE_BINS)[:, None]
+    binned = np.bincount((bins + offsets).ravel(), weights=p.ravel(), minlength=rows * VALUE_BINS)
+    cum = np.cumsum(binned.reshape(rows, VALUE_BINS), axis=1)
     columns = draw.detach().to("cpu", torch.float64).numpy()
     tokens = np.zeros(rows, dtype=np.int64)
     values = np.zeros(rows, dtype=np.float32)

@@ -7,17 +7,16 @@ threshold forcing each path and the default, token for token and logprob for log
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 import frontend.engine.step_sampling as step_sampling
-from frontend.engine.protocol import EngineRequest, Event, FinishEvent, TokenEvent
+from frontend.engine.protocol import EngineRequest
 from frontend.engine.scheduler import Scheduler, SchedulerConfig
 from frontend.sampling import SamplingParams
 from tests.conftest import TINY
-from tests.unit.test_scheduler_ahead import EngineBackend, make_engine
+from tests.unit.test_scheduler_ahead import EngineBackend, make_engine, until_finished
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
@@ -47,12 +46,7 @@ async def generate(version_dir: Path, mix: list[tuple[SamplingParams, int | None
         sched.submit(EngineRequest(p, params, 12, seed=seed, min_tokens=min_tokens))
         for p, (params, seed, min_tokens) in zip(PROMPTS, mix, strict=False)
     ]
-    got = []
-    for seq in seqs:
-        events: list[Event] = []
-        while not events or not isinstance(events[-1], FinishEvent):
-            events.append(await asyncio.wait_for(seq.events.get(), 30))
-        got.append([(e.token_id, e.logprob, e.top_logprobs) for e in events if isinstance(e, TokenEvent)])
+    got = [(await until_finished(seq))[0] for seq in seqs]
     await sched.close()
     assert engine.live_sequences() == 0
     return got

@@ -18,7 +18,7 @@ import torch
 
 import step_model.ahead as ahead_module
 from frontend.engine.protocol import EngineRequest, Event, FinishEvent, TokenEvent
-from frontend.engine.scheduler import Scheduler, SchedulerConfig
+from frontend.engine.scheduler import ActiveSequence, Scheduler, SchedulerConfig
 from frontend.engine.step_rows import Row, StepRequest, StepResult, from_rows
 from frontend.sampling import SamplingParams
 from step_model.engine import ModelMeta, StepEngine
@@ -69,6 +69,18 @@ def make_engine(version_dir: Path) -> StepEngine:
     return eng
 
 
+async def until_finished(
+    seq: ActiveSequence,
+) -> tuple[list[tuple[int, float, tuple[tuple[int, float], ...]]], FinishEvent]:
+    """A generation's tokens (id, logprob, alternatives) and the event that finished it."""
+    events: list[Event] = []
+    while not events or not isinstance(events[-1], FinishEvent):
+        events.append(await asyncio.wait_for(seq.events.get(), 30))
+    last = events[-1]
+    assert isinstance(last, FinishEvent)
+    return [(e.token_id, e.logprob, e.top_logprobs) for e in events if isinstance(e, TokenEvent)], last
+
+
 async def generate(
     version_dir: Path,
     ahead: int,
@@ -90,13 +102,9 @@ async def generate(
     tokens: list[list[tuple[int, float, tuple[tuple[int, float], ...]]]] = []
     finishes = []
     for seq in seqs:
-        events: list[Event] = []
-        while not events or not isinstance(events[-1], FinishEvent):
-            events.append(await asyncio.wait_for(seq.events.get(), 30))
-        tokens.append([(e.token_id, e.logprob, e.top_logprobs) for e in events if isinstance(e, TokenEvent)])
-        last = events[-1]
-        assert isinstance(last, FinishEvent)
-        finishes.append(last.reason)
+        got, finish = await until_finished(seq)
+        tokens.append(got)
+        finishes.append(finish.reason)
     await sched.close()
     assert backend.engine.live_sequences() == 0  # every slot released
     return tokens, finishes, backend
